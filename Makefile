@@ -1,0 +1,45 @@
+# Two commands for a fresh machine: `make demo` (real vLLM, real model, no GPU needed) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ENGINE := .engines/cpu
+STAMP := $(VENV)/.installed
+
+.PHONY: all venv engine test test-fast test-integration lint demo bench docs completions clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import sage_llm, typer, psutil, httpx, pytest"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# the CPU build of vLLM in its own venv (git-ignored), recorded for the tests through SAGE_LLM_ENGINE_DIR
+engine: $(STAMP)
+	SAGE_LLM_HOME=$(CURDIR)/.engines/state $(BIN)/sage llm engine install --cpu --path $(CURDIR)/$(ENGINE)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration" -q
+
+test-integration: engine
+	SAGE_LLM_ENGINE_DIR=$(CURDIR)/$(ENGINE) $(BIN)/python -m pytest -m integration -q
+
+test: engine
+	$(BIN)/ruff check src tests bench
+	SAGE_LLM_ENGINE_DIR=$(CURDIR)/$(ENGINE) $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+demo: engine
+	bash scripts/demo.sh
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .engines .demo .pytest_cache

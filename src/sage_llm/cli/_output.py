@@ -1,0 +1,68 @@
+"""Output: results on stdout, everything else (progress, warnings, errors, hints) on stderr.
+
+Rich consoles are built lazily (so CliRunner's swapped streams are the ones used) with markup, emoji and highlighting
+off: engine names and log lines with [brackets] are never read as markup.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+_consoles: dict[str, Any] = {}
+
+
+def console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    key = f"{'err' if stderr else 'out'}:{id(stream)}"
+    if key not in _consoles:
+        _consoles[key] = Console(file=stream, markup=False, emoji=False, highlight=False, soft_wrap=False)
+    return _consoles[key]
+
+
+def reset() -> None:
+    _consoles.clear()
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def result(msg: str) -> None:
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def info(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def warning(msg: str) -> None:
+    sys.stderr.write(f"Warning: {msg}\n")
+    sys.stderr.flush()
+
+
+def hint(msg: str) -> None:
+    sys.stderr.write(f"Hint: {msg}\n")
+    sys.stderr.flush()
+
+
+def error(msg: str, hint_text: str | None = None) -> None:
+    sys.stderr.write(f"Error: {msg}" + (f" (hint: {hint_text})" if hint_text else "") + "\n")
+    sys.stderr.flush()
+
+
+def human_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "n/a"
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(x) < 1024 or unit == "TiB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{x:.1f} TiB"

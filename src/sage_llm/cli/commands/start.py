@@ -1,0 +1,160 @@
+"""`sage llm start`: launch `vllm serve` detached and wait until it serves the model."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from sage_llm.cli import _output as out
+from sage_llm.cli._options import JsonOpt
+
+EPILOG = (
+    "Examples: sage llm start Qwen/Qwen2.5-1.5B-Instruct | "
+    "sage llm start ./my-model --name mine --port 8010 --max-model-len 4096 | "
+    "sage llm start Qwen/Qwen2.5-7B-Instruct-AWQ -q awq -- --enable-prefix-caching | "
+    "sage llm start MODEL --no-wait && sage llm status MODEL-NAME"
+)
+
+
+def start(
+    model: Annotated[str | None, typer.Argument(
+        help="Hugging Face repo id or local path. Default: $SAGE_LOCAL_ENGINE_DEFAULT_MODEL or "
+             "Qwen/Qwen2.5-7B-Instruct.", show_default=False)] = None,
+    vllm_args: Annotated[list[str] | None, typer.Argument(
+        help="Extra vLLM arguments after `--`, passed through verbatim.", show_default=False)] = None,
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Engine name (default: from the model).")] = None,
+    port: Annotated[int | None, typer.Option("--port", "-p", help="Port (default: $SAGE_LOCAL_ENGINE_PORT or 8001;"
+                                             " without --port the next free one is taken).")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind. Anything but loopback needs an API key.")]
+    = "127.0.0.1",
+    gpu_memory_utilization: Annotated[float | None, typer.Option(
+        "--gpu-memory-utilization", "-u", help="Fraction of GPU memory for the engine, in (0, 1]. "
+        "Default: $SAGE_LOCAL_ENGINE_GPU_UTIL or 0.9.")] = None,
+    quantization: Annotated[str | None, typer.Option("--quantization", "-q", help="awq, gptq, fp8, ...")] = None,
+    max_model_len: Annotated[str | None, typer.Option("--max-model-len", help="Context length, e.g. 4096 or 32k.")]
+    = None,
+    served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="Model name the API serves.")]
+    = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option("--tensor-parallel-size", "-tp")] = None,
+    pipeline_parallel_size: Annotated[int | None, typer.Option("--pipeline-parallel-size", "-pp")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="auto, half, float16, bfloat16, float, float32.")]
+    = None,
+    enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help="No torch.compile/CUDA graphs: faster "
+                                                "start, slower serving.")] = False,
+    download_dir: Annotated[str | None, typer.Option("--download-dir", help="Where to download weights.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    api_key_env: Annotated[str | None, typer.Option(
+        "--api-key-env", help="NAME of an environment variable holding the API key clients must send. The key "
+        "reaches vLLM as VLLM_API_KEY, never on a command line.")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the engine serves the model.")] = True,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait before giving up.")] = 900.0,
+    json_: JsonOpt = False,
+) -> None:
+    """Start a vLLM engine in the background (its own process group), recorded in the state directory."""
+    from sage_llm.config import (
+        DEFAULT_GPU_UTIL,
+        DEFAULT_MODEL,
+        DEFAULT_PORT,
+        EnvVars,
+        env_str,
+    )
+    from sage_llm.engine import manager
+    from sage_llm.engine.vllm import LaunchSpec
+    from sage_llm.errors import UsageError
+
+    extra = list(vllm_args or [])
+    if model is not None and model.startswith("-"):
+        extra.insert(0, model)
+        model = None
+    model = model or env_str(EnvVars.DEFAULT_MODEL, DEFAULT_MODEL)
+    port_explicit = port is not None
+    if port is None:
+        raw = env_str(EnvVars.LOCAL_PORT)
+        if raw is not None and not raw.isdigit():
+            raise UsageError(f"{EnvVars.LOCAL_PORT}={raw!r} is not a port number", hint="unset it or set e.g. 8001")
+        port = int(raw) if raw else DEFAULT_PORT
+    if gpu_memory_utilization is None:
+        raw = env_str(EnvVars.GPU_UTIL)
+        try:
+            gpu_memory_utilization = float(raw) if raw else DEFAULT_GPU_UTIL
+        except ValueError:
+            raise UsageError(f"{EnvVars.GPU_UTIL}={raw!r} is not a number", hint="set e.g. 0.9") from None
+    spec = LaunchSpec(
+        model=model or DEFAULT_MODEL, host=host, port=port, gpu_memory_utilization=gpu_memory_utilization,
+        served_model_name=served_model_name, quantization=quantization, max_model_len=max_model_len,
+        tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size, dtype=dtype,
+        enforce_eager=enforce_eager, download_dir=download_dir, trust_remote_code=trust_remote_code,
+        api_key_env=api_key_env, extra_args=extra,
+    )
+    progress = _Progress(enabled=wait)
+    try:
+        result = manager.start(spec, name=name, port_explicit=port_explicit, wait=wait, timeout=timeout,
+                               on_progress=progress.update)
+    finally:
+        progress.close()
+    rec = result.record
+    for w in result.warnings:
+        out.warning(w)
+    if result.port_note:
+        out.info(result.port_note)
+    if json_:
+        out.print_json({"name": rec.name, "state": "ready" if wait else "starting", "already_running":
+                        result.already_running, "model": rec.model, "served_model_name": rec.served_model_name,
+                        "host": rec.host, "port": rec.port, "base_url": rec.base_url, "pid": rec.pid,
+                        "log_file": rec.log_file, "ready_after_s": result.ready_after_s})
+        return
+    if result.already_running:
+        out.result(f"engine {rec.name!r} already serves {rec.served_model_name} at {rec.base_url} (pid {rec.pid})")
+        return
+    if wait:
+        took = f" in {result.ready_after_s:.1f} s" if result.ready_after_s is not None else ""
+        out.result(f"engine {rec.name!r} ready{took}: {rec.served_model_name} at {rec.base_url} (pid {rec.pid})")
+        out.hint(f"chat: sage llm chat {rec.name} | logs: sage llm logs {rec.name} -f | stop: sage llm stop {rec.name}")
+    else:
+        out.result(f"engine {rec.name!r} starting: {rec.served_model_name} on {rec.base_url} (pid {rec.pid})")
+        out.hint(f"check with `sage llm status {rec.name}` (exit 0 once ready); log: {rec.log_file}")
+
+
+class _Progress:
+    """Elapsed time and the latest log line on stderr: a live line in a terminal, plain lines otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+        self.live: Any = None
+        self.last_plain = 0.0
+        self.last_line: str | None = None
+
+    def update(self, info: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        elapsed = info.get("elapsed_s", 0.0)
+        rec = info.get("record")
+        line = (info.get("log_line") or "").strip()
+        name = getattr(rec, "name", "engine")
+        if self.tty:
+            from rich.live import Live
+            from rich.text import Text
+
+            text = Text(f"⏳ starting {name}: {elapsed:5.1f} s  ")
+            text.append(line[-140:], style="dim")
+            if self.live is None:
+                self.live = Live(text, console=out.console(stderr=True), refresh_per_second=8, transient=True)
+                self.live.start()
+            else:
+                self.live.update(text)
+        else:
+            now = time.monotonic()
+            if line != self.last_line or now - self.last_plain > 10:
+                self.last_line = line
+                self.last_plain = now
+                out.info(f"[{elapsed:6.1f}s] {name}: {line[-200:]}")
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None

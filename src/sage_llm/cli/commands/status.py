@@ -1,0 +1,70 @@
+"""`sage llm status`: every engine, managed or not, probed in parallel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from sage_llm.cli import _output as out
+from sage_llm.cli._options import EXIT_CODES_EPILOG, JsonOpt, QuietOpt
+
+EPILOG = ("Examples: sage llm status | sage llm status --json | sage llm status qwen && echo ready | "
+          "sage llm stop $(sage llm status -q). " + EXIT_CODES_EPILOG)
+
+STATE_STYLE = {"ready": "green", "starting": "yellow", "unhealthy": "red", "failed": "bold red", "stopped": "dim"}
+
+
+def status(
+    target: Annotated[str | None, typer.Argument(help="Engine name or port.", show_default=False)] = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Show engines: state (starting, ready, unhealthy, failed, stopped), model, port, pid, uptime, base URL.
+
+    With NAME or PORT, exit 3 unless that engine is ready.
+    """
+    from sage_llm.engine.manager import human_uptime
+    from sage_llm.status import build
+
+    doc, views, warnings = build(target)
+    for w in warnings:
+        out.warning(w)
+    if json_:
+        out.print_json(doc)
+    elif quiet:
+        for v in views:
+            if v.name:
+                out.result(v.name)
+    else:
+        if not views:
+            if target is None:
+                out.info("no engines. Start one: sage llm start MODEL")
+        else:
+            from rich.table import Table
+            from rich.text import Text
+
+            table = Table(box=None, pad_edge=False, header_style="bold")
+            show_gpu = bool(doc["gpus"])
+            cols = ["NAME", "STATE", "MODEL", "PORT", "PID", "UPTIME", "BASE URL"] + (["GPU MEM"] if show_gpu else [])
+            for c in cols:
+                table.add_column(c, overflow="fold")
+            for v in views:
+                state = Text(v.state + ("" if v.managed else " (external)"), style=STATE_STYLE.get(v.state, ""))
+                row = [v.name or "-", state, v.served_model_name or v.model or "-", str(v.port or "-"),
+                       str(v.pid or "-"), human_uptime(v.uptime_s) or "-", v.base_url or "-"]
+                if show_gpu:
+                    row.append(out.human_bytes(v.gpu_memory_bytes) if v.gpu_memory_bytes is not None else "-")
+                table.add_row(*row)
+            out.console().print(table)
+            for v in views:
+                if v.error and v.state in ("failed", "unhealthy", "stopped"):
+                    out.info(f"{v.name}: {v.error}")
+            if doc["gpu_error"] and not json_:
+                pass
+    if target is not None:
+        if not views:
+            out.error(f"no engine named or on port {target!r}", "see `sage llm status`")
+            raise typer.Exit(3)
+        if views[0].state != "ready":
+            raise typer.Exit(3)

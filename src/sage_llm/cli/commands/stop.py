@@ -1,0 +1,54 @@
+"""`sage llm stop`: SIGTERM the engine's process group, wait, SIGKILL what is left, confirm nothing survives."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from sage_llm.cli import _output as out
+from sage_llm.cli._options import JsonOpt
+
+EPILOG = "Examples: sage llm stop qwen2.5-7b-instruct | sage llm stop 8001 | sage llm stop --all | " \
+         "sage llm stop NAME --force"
+
+
+def stop(
+    targets: Annotated[list[str] | None, typer.Argument(help="Engine names or ports.", show_default=False)] = None,
+    all_: Annotated[bool, typer.Option("--all", "-a", help="Stop every engine this tool started.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait after SIGTERM before SIGKILL.")] = 30.0,
+    force: Annotated[bool, typer.Option("--force", "-f", help="SIGKILL at once (no grace period); also removes a "
+                                        "corrupt record.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Stop engines. Exit 0 when stopped or already gone, 1 when a process survived (it is named)."""
+    from sage_llm.engine import manager
+    from sage_llm.state import StateStore
+
+    store = StateStore()
+    names = manager.resolve_targets(list(targets or []), all_, store)
+    if not names:
+        if json_:
+            out.print_json({"stopped": []})
+        else:
+            out.info("no engines to stop")
+        return
+    outcomes = []
+    failed = False
+    for name in names:
+        outcome = manager.stop(name, timeout=timeout, force=force, store=store,
+                               on_escalate=lambda n: out.info(f"{n}: still running after {timeout:g} s; sending "
+                                                              "SIGKILL"))
+        outcomes.append(outcome)
+        if not outcome.stopped:
+            failed = True
+            out.error(outcome.message, f"inspect with `ps -o pid,stat,cmd -p {outcome.survivors[0][0]}`")
+        elif not json_:
+            out.result(outcome.message)
+    if json_:
+        out.print_json({"stopped": [
+            {"name": o.name, "stopped": o.stopped, "already_gone": o.already_gone, "escalated": o.escalated,
+             "survivors": [{"pid": p, "name": n} for p, n in o.survivors], "duration_s": round(o.duration_s, 3),
+             "port_free": o.port_free, "message": o.message} for o in outcomes]})
+    if failed:
+        raise typer.Exit(1)

@@ -1,0 +1,53 @@
+"""The `llm` command group. Import `llm_app` to mount it in another Typer app with `add_typer(llm_app, name="llm")`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from sage_llm import __version__
+from sage_llm.cli._options import EXIT_CODES_EPILOG
+
+ENV_EPILOG = (
+    "Environment: SAGE_LLM_HOME (state directory), SAGE_LLM_VLLM (command that runs vLLM), "
+    "SAGE_LOCAL_ENGINE_PORT (8001), SAGE_LOCAL_ENGINE_DEFAULT_MODEL (Qwen/Qwen2.5-7B-Instruct), "
+    "SAGE_LOCAL_ENGINE_GPU_UTIL (0.9), SAGE_LLM_DEBUG=1 (tracebacks). " + EXIT_CODES_EPILOG
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sage-llm {__version__}")
+        raise typer.Exit()
+
+
+llm_app = typer.Typer(
+    name="llm",
+    help="Run and watch local vLLM inference engines.",
+    epilog=ENV_EPILOG,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@llm_app.callback()
+def llm_root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")]
+    = False,
+) -> None:
+    """Run and watch local vLLM inference engines."""
+
+
+def _register() -> None:
+    from sage_llm.cli.commands import engine, start, status, stop
+
+    llm_app.command("start", epilog=start.EPILOG)(start.start)
+    llm_app.command("stop", epilog=stop.EPILOG)(stop.stop)
+    llm_app.command("status", epilog=status.EPILOG)(status.status)
+    llm_app.add_typer(engine.engine_app, name="engine")
+
+
+_register()

@@ -1,0 +1,164 @@
+"""Pure: launch options -> the `vllm serve` command line and environment. No processes here."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sage_llm.config import DEFAULT_CPU_KVCACHE_GIB, EnvVars
+from sage_llm.errors import UsageError
+
+# vLLM 0.33 `--quantization` choices (vllm/model_executor/layers/quantization/__init__.py). argparse does not check
+# them; vLLM fails minutes later with "Unknown quantization method", so we check before spawning.
+QUANTIZATION_METHODS = (
+    "awq", "auto_awq", "fp8", "fbgemm_fp8", "fp_quant", "modelopt", "modelopt_fp4", "modelopt_mxfp8",
+    "modelopt_mixed", "auto_gptq", "gptq", "gptq_marlin", "awq_marlin", "humming", "compressed-tensors",
+    "experts_int8", "quark", "moe_wna16", "torchao", "inc", "mxfp4", "gpt_oss_mxfp4", "deepseek_v4_fp8", "online",
+    "fp8_per_tensor", "fp8_per_block", "fp8_per_channel", "int8_per_channel_weight_only", "nvfp4_per_token", "mxfp8",
+    "bitsandbytes", "gguf",
+)
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+MAX_LEN_RE = re.compile(r"^(-1|auto|\d+(\.\d+)?[kKmM]?)$")
+# options that carry secrets and must never reach argv
+SECRET_FLAGS = ("--api-key", "--hf-token")
+
+
+@dataclass
+class LaunchSpec:
+    model: str
+    host: str
+    port: int
+    gpu_memory_utilization: float
+    served_model_name: str | None = None
+    quantization: str | None = None
+    max_model_len: str | None = None
+    tensor_parallel_size: int | None = None
+    pipeline_parallel_size: int | None = None
+    data_parallel_size: int | None = None
+    dtype: str | None = None
+    enforce_eager: bool = False
+    download_dir: str | None = None
+    trust_remote_code: bool = False
+    api_key_env: str | None = None  # name of the variable holding the key
+    extra_args: list[str] = field(default_factory=list)  # after `--`, verbatim
+
+    def settings(self) -> dict[str, Any]:
+        """Everything needed to start it again (no secret: only the key's variable name)."""
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or (os.sep in model and Path(model).expanduser().exists())
+
+
+def validate(spec: LaunchSpec) -> None:
+    """Raise UsageError (exit 2) for anything vLLM would reject later."""
+    if not spec.model or not spec.model.strip():
+        raise UsageError("MODEL is empty", hint="give a Hugging Face id like Qwen/Qwen2.5-1.5B-Instruct or a path")
+    if looks_like_path(spec.model):
+        p = Path(spec.model).expanduser()
+        if not p.exists():
+            raise UsageError(f"model path {spec.model} does not exist", hint="check the path, or give a hub id")
+        if p.is_dir() and not (p / "config.json").exists():
+            raise UsageError(f"model directory {spec.model} has no config.json",
+                             hint="point at a Hugging Face checkpoint directory")
+    elif spec.model.count("/") > 1 or spec.model.startswith("/") or " " in spec.model:
+        raise UsageError(f"model {spec.model!r} is neither an existing path nor a hub id (ORG/NAME)",
+                         hint="for example Qwen/Qwen2.5-1.5B-Instruct")
+    if not 1 <= spec.port <= 65535:
+        raise UsageError(f"port {spec.port} is out of range", hint="use a port between 1 and 65535, e.g. --port 8001")
+    if not 0.0 < spec.gpu_memory_utilization <= 1.0:
+        raise UsageError(
+            f"--gpu-memory-utilization {spec.gpu_memory_utilization} is out of range",
+            hint="give a fraction in (0, 1], e.g. 0.9",
+        )
+    if spec.quantization is not None and spec.quantization not in QUANTIZATION_METHODS:
+        raise UsageError(
+            f"unknown quantization method {spec.quantization!r}",
+            hint="use one of: " + ", ".join(QUANTIZATION_METHODS[:14]) + ", ... (or leave it out: vLLM reads it"
+            " from the model)",
+        )
+    if spec.max_model_len is not None and not MAX_LEN_RE.match(str(spec.max_model_len)):
+        raise UsageError(f"--max-model-len {spec.max_model_len!r} is not a length",
+                         hint="give tokens like 4096, 32k, or auto")
+    if spec.dtype is not None and spec.dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {spec.dtype!r}", hint="use one of: " + ", ".join(DTYPES))
+    for label, value in (("--tensor-parallel-size", spec.tensor_parallel_size),
+                         ("--pipeline-parallel-size", spec.pipeline_parallel_size),
+                         ("--data-parallel-size", spec.data_parallel_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{label} {value} must be 1 or more", hint=f"e.g. {label} 2")
+    if spec.served_model_name is not None and not spec.served_model_name.strip():
+        raise UsageError("--served-model-name is empty", hint="give a name or leave the option out")
+    if spec.api_key_env is not None:
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", spec.api_key_env):
+            raise UsageError(f"--api-key-env {spec.api_key_env!r} is not a variable name",
+                             hint="give the NAME of an environment variable holding the key, e.g. MY_VLLM_KEY")
+        if not os.environ.get(spec.api_key_env):
+            raise UsageError(f"--api-key-env names {spec.api_key_env}, which is not set or empty",
+                             hint=f"export {spec.api_key_env}=... first")
+    for arg in spec.extra_args:
+        flag = arg.split("=", 1)[0]
+        if flag in SECRET_FLAGS:
+            raise UsageError(
+                f"{flag} after `--` would put a secret on the command line",
+                hint="use --api-key-env VAR for the API key and HF_TOKEN in the environment for the hub token",
+            )
+
+
+def build_argv(prefix: list[str], spec: LaunchSpec) -> list[str]:
+    argv = [*prefix, "serve", spec.model, "--host", spec.host, "--port", str(spec.port),
+            "--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
+    if spec.served_model_name:
+        argv += ["--served-model-name", spec.served_model_name]
+    if spec.quantization:
+        argv += ["--quantization", spec.quantization]
+    if spec.max_model_len is not None:
+        argv += ["--max-model-len", str(spec.max_model_len)]
+    if spec.tensor_parallel_size is not None:
+        argv += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
+    if spec.pipeline_parallel_size is not None:
+        argv += ["--pipeline-parallel-size", str(spec.pipeline_parallel_size)]
+    if spec.data_parallel_size is not None:
+        argv += ["--data-parallel-size", str(spec.data_parallel_size)]
+    if spec.dtype:
+        argv += ["--dtype", spec.dtype]
+    if spec.enforce_eager:
+        argv.append("--enforce-eager")
+    if spec.download_dir:
+        argv += ["--download-dir", spec.download_dir]
+    if spec.trust_remote_code:
+        argv.append("--trust-remote-code")
+    argv += list(spec.extra_args)
+    return argv
+
+
+def build_env(
+    spec: LaunchSpec,
+    engine_id: str,
+    cpu_engine: bool,
+    base: dict[str, str] | None = None,
+    offline_ok: bool = False,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(full environment for the child, the variables we added, secrets redacted)."""
+    env = dict(os.environ if base is None else base)
+    added: dict[str, str] = {EnvVars.ENGINE_MARK: engine_id}
+    env[EnvVars.ENGINE_MARK] = engine_id
+    # a key the user exported for themselves must not silently turn on auth for an engine that did not ask for it
+    env.pop(EnvVars.API_KEY_CHILD, None)
+    if spec.api_key_env:
+        env[EnvVars.API_KEY_CHILD] = env.get(spec.api_key_env, "")
+        added[EnvVars.API_KEY_CHILD] = f"<from ${spec.api_key_env}>"
+    if cpu_engine and not env.get(EnvVars.CPU_KVCACHE):
+        env[EnvVars.CPU_KVCACHE] = DEFAULT_CPU_KVCACHE_GIB
+        added[EnvVars.CPU_KVCACHE] = DEFAULT_CPU_KVCACHE_GIB
+    if offline_ok and "HF_HUB_OFFLINE" not in env:
+        # the model is complete in the local cache: do not let vLLM stall on an unreachable hub
+        env["HF_HUB_OFFLINE"] = "1"
+        added["HF_HUB_OFFLINE"] = "1"
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env, added

@@ -1,0 +1,223 @@
+"""Engine records on disk: one JSON file per engine, atomic writes, one file lock for mutations.
+
+A record is the only memory this tool has of an engine. It is written before the engine is spawned (so a CLI killed
+mid-start leaves a record that `status` and `stop` can use) and removed only after `stop` has confirmed that no
+process of the engine is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sage_llm import paths
+from sage_llm.errors import StateError, UsageError
+
+SCHEMA_VERSION = 1
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def validate_name(name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise UsageError(
+            f"invalid engine name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            hint="for example --name qwen-7b",
+        )
+    return name
+
+
+@dataclass
+class EngineRecord:
+    """What we know about one managed engine. Secrets are never stored: only the *name* of the key variable."""
+
+    name: str
+    model: str
+    served_model_name: str
+    host: str
+    port: int
+    id: str = ""  # random id, also set as SAGE_LLM_ENGINE_ID in the engine's environment
+    pid: int | None = None  # the `vllm serve` process; also its process-group and session id
+    create_time: float | None = None  # psutil create_time of pid: guards against PID reuse
+    log_file: str = ""
+    started_at: str = ""  # ISO 8601, UTC
+    state: str = "launching"  # launching | running | failed (live state is computed by probing)
+    error: str | None = None
+    argv: list[str] = field(default_factory=list)  # the full command line (holds no secret)
+    settings: dict[str, Any] = field(default_factory=dict)  # launch options, enough to start it again
+    env: dict[str, str] = field(default_factory=dict)  # variables we set for the engine (no secrets)
+    engine_env: str | None = None  # path of the engine environment used, if any
+    api_key_env: str | None = None  # name of the variable holding the API key, never the key
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    foreground: bool = False  # started by `sage llm run`
+    owner_pid: int | None = None  # the `sage` process that owns a foreground engine
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> EngineRecord:
+        if not isinstance(data, dict):
+            raise ValueError("record is not a JSON object")
+        version = data.get("schema_version", 1)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise ValueError(f"record schema_version {version!r} is newer than this sage-llm understands")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for required in ("name", "model", "host", "port"):
+            if required not in kwargs:
+                raise ValueError(f"record has no {required!r}")
+        kwargs.setdefault("served_model_name", kwargs["model"])
+        if not isinstance(kwargs["port"], int):
+            raise ValueError("record port is not an integer")
+        return cls(**kwargs)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{connect_host(self.host)}:{self.port}/v1"
+
+
+def connect_host(host: str) -> str:
+    """Where to connect for a server bound to `host` (a wildcard bind is reached on loopback)."""
+    if host in ("", "0.0.0.0", "*"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]"
+    return host
+
+
+@dataclass
+class CorruptRecord:
+    """A record file that could not be read: reported, never acted upon."""
+
+    name: str
+    path: str
+    error: str
+
+
+class StateStore:
+    """The engines/ directory. Reads need no lock (files are replaced atomically); mutations hold `lock()`."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or paths.home()
+
+    @property
+    def engines(self) -> Path:
+        return paths.engines_dir(self.root)
+
+    @property
+    def logs(self) -> Path:
+        return paths.logs_dir(self.root)
+
+    def ensure(self) -> None:
+        paths.ensure_home(self.root)
+
+    def path_for(self, name: str) -> Path:
+        validate_name(name)
+        return self.engines / f"{name}.json"
+
+    def log_path(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive lock over all mutations of the state directory (fcntl.flock: released if we die)."""
+        self.ensure()
+        lock_path = self.root / ".lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StateError(f"cannot open lock file {lock_path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    # ---- reading ----
+    def names(self) -> list[str]:
+        try:
+            entries = sorted(self.engines.iterdir())
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StateError(f"cannot read {self.engines}: {exc.strerror}") from exc
+        return [p.stem for p in entries if p.suffix == ".json" and not p.name.startswith(".")]
+
+    def load(self, name: str) -> EngineRecord | CorruptRecord | None:
+        path = self.engines / f"{name}.json"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            return CorruptRecord(name, str(path), f"unreadable record: {exc}")
+        if not text.strip():
+            return CorruptRecord(name, str(path), "record file is empty")
+        try:
+            record = EngineRecord.from_json(json.loads(text))
+        except json.JSONDecodeError as exc:
+            return CorruptRecord(name, str(path), f"record is not valid JSON ({exc.msg} at line {exc.lineno})")
+        except (ValueError, TypeError) as exc:
+            return CorruptRecord(name, str(path), f"invalid record: {exc}")
+        if record.name != name:
+            return CorruptRecord(name, str(path), f"record names engine {record.name!r}, not {name!r}")
+        return record
+
+    def all(self) -> list[EngineRecord | CorruptRecord]:
+        out: list[EngineRecord | CorruptRecord] = []
+        for name in self.names():
+            rec = self.load(name)
+            if rec is not None:
+                out.append(rec)
+        return out
+
+    # ---- writing (call under lock) ----
+    def save(self, record: EngineRecord) -> None:
+        self.ensure()
+        atomic_write_json(self.path_for(record.name), record.to_json())
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.engines / f"{name}.json").unlink()
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON to a temp file in the same directory (0600), fsync, then rename over `path`."""
+    payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    tmp_name = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(payload)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp_name, path)
+        tmp_name = None
+    except OSError as exc:
+        reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise StateError(
+            f"cannot write {path}: {reason}",
+            hint="free some space or fix the permissions of the state directory; nothing was changed",
+        ) from exc
+    finally:
+        if tmp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)

@@ -1,0 +1,84 @@
+"""Shared fixtures: every test gets its own state directory, no colour, a wide terminal, and no GPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_VLLM = ROOT / "tests" / "fakes" / "fake_vllm.py"
+
+
+@pytest.fixture(autouse=True)
+def _isolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    home = tmp_path / "sage-home"
+    monkeypatch.setenv("SAGE_LLM_HOME", str(home))
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+    monkeypatch.setenv("SAGE_LOCAL_ENGINE_PORT", str(free_port()))
+    for var in ("SAGE_LLM_VLLM", "VLLM_API_KEY", "SAGE_LOCAL_ENGINE_DEFAULT_MODEL", "SAGE_LOCAL_ENGINE_GPU_UTIL",
+                "HF_TOKEN", "SAGE_CHAT_API_KEY", "OPENAI_API_KEY", "SAGE_CHAT_BASE_URL", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    from sage_llm import gpu
+    from sage_llm.cli import _output
+
+    gpu.reset()
+    _output.reset()
+    yield home
+    gpu.reset()
+
+
+@pytest.fixture
+def home(_isolation: Path) -> Path:
+    return _isolation
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point the launcher at the fake vLLM; returns the command prefix."""
+    cmd = f"{sys.executable} {FAKE_VLLM}"
+    monkeypatch.setenv("SAGE_LLM_VLLM", cmd)
+    monkeypatch.setenv("FAKE_VLLM_LOAD_S", os.environ.get("FAKE_VLLM_LOAD_S", "0.3"))
+    return cmd
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):
+    """Run the real CLI entry (`main.run`, with its error mapping) in-process: returns (code, stdout, stderr)."""
+    from sage_llm.cli import _output
+    from sage_llm.cli.main import run
+
+    def invoke(*args: str, prog: str = "sage-llm") -> tuple[int, str, str]:
+        capsys.readouterr()
+        _output.reset()
+        code = run(list(args), prog)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return invoke
+
+
+@pytest.fixture
+def stop_all():
+    """Stop every engine recorded in the test's state directory at teardown (so no test leaks a process)."""
+    yield
+    from sage_llm.engine import manager
+    from sage_llm.state import StateStore
+
+    store = StateStore()
+    for name in store.names():
+        try:
+            manager.stop(name, timeout=5, store=store)
+        except Exception:
+            manager.stop(name, timeout=0, force=True, store=store)

@@ -1,0 +1,379 @@
+#!/usr/bin/env python3
+"""A small fake of `vllm serve` for the fast test tier (stdlib only).
+
+Run it the way sage-llm runs vLLM:  SAGE_LLM_VLLM="python tests/fakes/fake_vllm.py"  then  `... serve MODEL --port P`.
+It prints vLLM-like log lines while it "loads", listens only once loaded (like vLLM), and answers /health,
+/v1/models, /version, /metrics and /v1/chat/completions (streamed SSE or not), checking VLLM_API_KEY on /v1 paths.
+
+Behaviour knobs (environment):
+  FAKE_VLLM_LOAD_S=0.5        seconds before the port listens
+  FAKE_VLLM_FAIL=load         exit 1 during load (log text from FAKE_VLLM_FAIL_TEXT)
+  FAKE_VLLM_FAIL=ready:2.5    crash 2.5 s after becoming ready
+  FAKE_VLLM_IGNORE_TERM=1     ignore SIGTERM (children too)
+  FAKE_VLLM_CHILDREN=2        spawn children like VLLM::EngineCore / VLLM::Worker that outlive a SIGKILLed parent
+  FAKE_VLLM_HANG=1            accept connections but never answer
+  FAKE_VLLM_REPLY=text        the chat reply
+  FAKE_VLLM_TOKEN_DELAY_S=0   delay between streamed tokens
+  FAKE_VLLM_MAX_MODEL_LEN=2048
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+STATE = {
+    "prompt_tokens": 0,
+    "generation_tokens": 0,
+    "success": 0,
+    "running": 0,
+    "ttft": [],
+}
+LOCK = threading.Lock()
+
+
+def log(msg: str, level: str = "INFO", proc: str = "APIServer") -> None:
+    stamp = time.strftime("%m-%d %H:%M:%S")
+    sys.stdout.write(f"({proc} pid={os.getpid()}) {level} {stamp} [fake_vllm.py:1] {msg}\n")
+    sys.stdout.flush()
+
+
+def parse(argv: list[str]) -> dict:
+    opts: dict = {"host": "", "port": 8000, "served": None, "model": None, "max_model_len": None}
+    if not argv or argv[0] != "serve":
+        if argv and argv[0] in ("--version", "-v"):
+            print("0.32.0+fake")
+            sys.exit(0)
+        print("usage: fake_vllm.py serve MODEL [options]", file=sys.stderr)
+        sys.exit(2)
+    i = 1
+    while i < len(argv):
+        a = argv[i]
+        if a == "--host":
+            opts["host"] = argv[i + 1]
+            i += 2
+        elif a == "--port":
+            opts["port"] = int(argv[i + 1])
+            i += 2
+        elif a == "--served-model-name":
+            opts["served"] = argv[i + 1]
+            i += 2
+        elif a == "--max-model-len":
+            opts["max_model_len"] = int(argv[i + 1])
+            i += 2
+        elif a.startswith("--") and "=" in a:
+            i += 1
+        elif a.startswith("-"):
+            # flag with a value unless the next token is another flag
+            i += 2 if i + 1 < len(argv) and not argv[i + 1].startswith("-") else 1
+        else:
+            if opts["model"] is None:
+                opts["model"] = a
+            i += 1
+    if opts["model"] is None:
+        opts["model"] = "Qwen/Qwen3-0.6B"
+    opts["served"] = opts["served"] or opts["model"]
+    return opts
+
+
+def child_main(title: str) -> None:
+    """A stand-in for VLLM::EngineCore / VLLM::Worker: lives until signalled, survives its parent."""
+    if os.environ.get("FAKE_VLLM_IGNORE_TERM") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while True:
+        time.sleep(3600)
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "fake-vllm"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args) -> None:  # uvicorn-like access log on stderr
+        sys.stderr.write(f'INFO:     127.0.0.1 - "{self.command} {self.path}" {args[1] if len(args) > 1 else ""}\n')
+        sys.stderr.flush()
+
+    def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
+        self.send_response(code)
+        self.send_header("content-type", ctype)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, code: int, obj) -> None:
+        self._send(code, json.dumps(obj).encode())
+
+    def _auth_ok(self) -> bool:
+        key = os.environ.get("VLLM_API_KEY")
+        if not key or not self.path.startswith("/v1"):
+            return True
+        if self.headers.get("authorization") == f"Bearer {key}":
+            return True
+        self._json(401, {"error": "Unauthorized"})
+        return False
+
+    def do_GET(self) -> None:
+        opts = self.server.opts  # type: ignore[attr-defined]
+        if self.path in ("/health", "/ping"):
+            self._send(200, b"", "application/octet-stream")
+        elif self.path == "/version":
+            self._json(200, {"version": "0.32.0+fake"})
+        elif self.path == "/v1/models":
+            if not self._auth_ok():
+                return
+            self._json(200, {
+                "object": "list",
+                "data": [{
+                    "id": opts["served"], "object": "model", "created": int(time.time()), "owned_by": "vllm",
+                    "root": opts["model"], "parent": None, "max_model_len": max_model_len(opts),
+                }],
+            })
+        elif self.path == "/metrics":
+            self._send(200, metrics_text(opts["served"]).encode(), "text/plain; version=0.0.4")
+        else:
+            self._json(404, {"detail": "Not Found"})
+
+    def do_POST(self) -> None:
+        opts = self.server.opts  # type: ignore[attr-defined]
+        length = int(self.headers.get("content-length") or 0)
+        raw = self.rfile.read(length) if length else b"{}"
+        if not self._auth_ok():
+            return
+        if self.path != "/v1/chat/completions":
+            self._json(404, {"detail": "Not Found"})
+            return
+        try:
+            req = json.loads(raw)
+        except json.JSONDecodeError:
+            self._json(400, {"error": {"message": "invalid JSON", "type": "BadRequestError", "code": 400}})
+            return
+        model = req.get("model")
+        if model and model != opts["served"]:
+            self._json(404, {"error": {"message": f"The model `{model}` does not exist.", "type": "NotFoundError",
+                                       "param": "model", "code": 404}})
+            return
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) + 4 for m in req.get("messages", []))
+        if prompt_tokens > max_model_len(opts):
+            self._json(400, {"error": {"message": f"This model's maximum context length is {max_model_len(opts)}"
+                                                  f" tokens. However, you requested {prompt_tokens} tokens.",
+                                       "type": "BadRequestError", "code": 400}})
+            return
+        reply = os.environ.get("FAKE_VLLM_REPLY", "Hello from the fake vLLM.")
+        pieces = [w + " " for w in reply.split(" ")]
+        pieces[-1] = pieces[-1].rstrip(" ")
+        max_tokens = req.get("max_tokens") or req.get("max_completion_tokens")
+        finish = "stop"
+        if max_tokens is not None and len(pieces) > int(max_tokens):
+            pieces = pieces[: int(max_tokens)]
+            finish = "length"
+        delay = float(os.environ.get("FAKE_VLLM_TOKEN_DELAY_S", "0"))
+        created = int(time.time())
+        rid = f"chatcmpl-fake{created}"
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces),
+                 "total_tokens": prompt_tokens + len(pieces)}
+        t0 = time.monotonic()
+        with LOCK:
+            STATE["running"] += 1
+        try:
+            if not req.get("stream"):
+                time.sleep(delay * len(pieces))
+                self._json(200, {"id": rid, "object": "chat.completion", "created": created, "model": opts["served"],
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                                              "finish_reason": finish}], "usage": usage})
+            else:
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+
+                def frame(obj) -> None:
+                    data = f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n".encode()
+                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                    self.wfile.flush()
+
+                base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": opts["served"]}
+                frame({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None}]})
+                for n, piece in enumerate(pieces):
+                    if delay:
+                        time.sleep(delay)
+                    if n == 0:
+                        with LOCK:
+                            STATE["ttft"].append(time.monotonic() - t0)
+                    frame({**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+                frame({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+                if (req.get("stream_options") or {}).get("include_usage"):
+                    frame({**base, "choices": [], "usage": usage})
+                frame("[DONE]")
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            log("client disconnected: request aborted")
+        finally:
+            with LOCK:
+                STATE["running"] -= 1
+                STATE["prompt_tokens"] += prompt_tokens
+                STATE["generation_tokens"] += len(pieces)
+                STATE["success"] += 1
+
+
+def max_model_len(opts: dict) -> int:
+    return opts["max_model_len"] or int(os.environ.get("FAKE_VLLM_MAX_MODEL_LEN", "2048"))
+
+
+def metrics_text(name: str) -> str:
+    lab = f'engine="0",model_name="{name}"'
+    with LOCK:
+        ttfts = list(STATE["ttft"])
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{{{lab}}} {float(STATE['running'])}",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{{{lab}}} 0.0",
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f"vllm:kv_cache_usage_perc{{{lab}}} {0.01 * STATE['running']}",
+            "# TYPE vllm:prompt_tokens_total counter",
+            f"vllm:prompt_tokens_total{{{lab}}} {float(STATE['prompt_tokens'])}",
+            "# TYPE vllm:generation_tokens_total counter",
+            f"vllm:generation_tokens_total{{{lab}}} {float(STATE['generation_tokens'])}",
+            "# TYPE vllm:request_success_total counter",
+            f'vllm:request_success_total{{{lab},finished_reason="stop"}} {float(STATE["success"])}',
+            "# TYPE vllm:time_to_first_token_seconds histogram",
+        ]
+    bounds = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
+    for b in bounds:
+        lines.append(f'vllm:time_to_first_token_seconds_bucket{{{lab},le="{b}"}} {float(sum(t <= b for t in ttfts))}')
+    lines.append(f'vllm:time_to_first_token_seconds_bucket{{{lab},le="+Inf"}} {float(len(ttfts))}')
+    lines.append(f"vllm:time_to_first_token_seconds_count{{{lab}}} {float(len(ttfts))}")
+    lines.append(f"vllm:time_to_first_token_seconds_sum{{{lab}}} {sum(ttfts)}")
+    return "\n".join(lines) + "\n"
+
+
+class HangServer:
+    """Accepts connections and never answers."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.held: list[socket.socket] = []
+
+    def serve_forever(self) -> None:
+        self.sock.listen(64)
+        while True:
+            conn, _ = self.sock.accept()
+            self.held.append(conn)
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        child_main(sys.argv[2])
+        return
+    opts = parse(sys.argv[1:])
+    ignore_term = os.environ.get("FAKE_VLLM_IGNORE_TERM") == "1"
+    children: list[subprocess.Popen] = []
+
+    def on_term(signum, frame) -> None:
+        if ignore_term:
+            log("received SIGTERM: ignoring it (FAKE_VLLM_IGNORE_TERM)", "WARNING")
+            return
+        log("[shutdown] API server: shutdown triggered")
+        for c in children:
+            try:
+                c.terminate()
+            except ProcessLookupError:
+                pass
+        for c in children:
+            try:
+                c.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                c.kill()
+        log("Shutting down FastAPI HTTP server.")
+        sys.stdout.flush()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+
+    log(f"vLLM server version 0.32.0+fake, serving model {opts['model']}")
+    log(f"non-default args: {{'model': '{opts['model']}', 'port': {opts['port']}}}")
+    host = opts["host"] or "0.0.0.0"
+    # bind early (like vLLM: bound, not listening, while the engine loads)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, opts["port"]))
+    except OSError as exc:
+        sys.stderr.write("Traceback (most recent call last):\n")
+        sys.stderr.write(f"OSError: [Errno {exc.errno}] {exc.strerror}\n")
+        sys.stderr.flush()
+        sys.exit(1)
+
+    for n in range(int(os.environ.get("FAKE_VLLM_CHILDREN", "0"))):
+        title = "VLLM::EngineCore" if n == 0 else f"VLLM::Worker_TP{n - 1}"
+        children.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", title]))
+
+    log("Resolved architecture: LlamaForCausalLM")
+    log(f"Using max model len {max_model_len(opts)}")
+    load_s = float(os.environ.get("FAKE_VLLM_LOAD_S", "0.5"))
+    log(f"Starting to load model {opts['model']}...", proc="EngineCore")
+    steps = 4
+    for k in range(1, steps + 1):
+        time.sleep(load_s / steps)
+        pct = int(100 * k / steps)
+        sys.stderr.write(f"Loading safetensors checkpoint shards: {pct:3d}% Completed | {k}/{steps} [00:01<00:00]\n")
+        sys.stderr.flush()
+        if os.environ.get("FAKE_VLLM_FAIL") == "load" and k == 2:
+            text = os.environ.get("FAKE_VLLM_FAIL_TEXT", "RuntimeError: fake failure while loading weights")
+            for line in text.split("\\n"):
+                log(line, "ERROR", proc="EngineCore")
+            log("EngineCore failed to start.", "ERROR", proc="EngineCore")
+            sys.stderr.write("RuntimeError: Engine core initialization failed. See root cause above. "
+                             "Failed core proc(s): {'EngineCore': 1}\n")
+            sys.stderr.flush()
+            for c in children:
+                c.kill()
+            sys.exit(1)
+    log("Loading weights took 0.01 seconds", proc="EngineCore")
+    log("Available KV cache memory: 1.0 GiB", proc="EngineCore")
+    log("GPU KV cache size: 21,824 tokens, Maximum concurrency for 2,048 tokens per request: 10.66x",
+        proc="EngineCore")
+    log("init engine (profile, create kv cache, warmup model) took 0.10 s (compilation: 0.00 s)", proc="EngineCore")
+    log(f"Starting vLLM server on http://{host}:{opts['port']}")
+    log("Available routes are:")
+    if os.environ.get("FAKE_VLLM_HANG") == "1":
+        HangServer(sock).serve_forever()
+        return
+    sock.listen(128)
+    server = ThreadingHTTPServer((host, opts["port"]), Handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.daemon_threads = True
+    server.opts = opts  # type: ignore[attr-defined]
+    sys.stderr.write(f"INFO:     Started server process [{os.getpid()}]\nINFO:     Application startup complete.\n")
+    sys.stderr.flush()
+    fail = os.environ.get("FAKE_VLLM_FAIL", "")
+    if fail.startswith("ready:"):
+        delay = float(fail.split(":", 1)[1])
+
+        def crash() -> None:
+            time.sleep(delay)
+            log("EngineCore encountered a fatal error.", "ERROR", proc="EngineCore")
+            log("RuntimeError: fake engine crash after ready", "ERROR", proc="EngineCore")
+            sys.stdout.flush()
+            for c in children:
+                c.kill()
+            os._exit(3)
+
+        threading.Thread(target=crash, daemon=True).start()
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
