@@ -24,6 +24,11 @@ def diagnose(lines: list[str], context: dict | None = None) -> Diagnosis | None:
     if "Address already in use" in text:
         return Diagnosis("port_in_use", f"port {port or ''} is already in use".replace("  ", " "),
                          "choose another --port, or find the owner with `ss -ltnp`")
+    if re.search(r"current platform \w+ does not support ray", text):
+        return Diagnosis("ray_unsupported_platform",
+                         "vLLM's CPU build cannot run on Ray (\"current platform cpu does not support ray\"): "
+                         "Ray serving needs GPU nodes",
+                         "drop --ray-address to serve on this machine's CPU, or use a Ray cluster of GPU nodes")
     m = re.search(r"Unknown quantization method: ([^\n.]+)", text)
     if m:
         return Diagnosis("unknown_quantization", f"unknown quantization method: {m.group(1).strip()}",

@@ -22,6 +22,7 @@ QUANTIZATION_METHODS = (
 )
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 MAX_LEN_RE = re.compile(r"^(-1|auto|\d+(\.\d+)?[kKmM]?)$")
+RAY_ADDRESS_RE = re.compile(r"^(auto|(ray://)?(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9._-]+):\d{1,5})$")
 # options that carry secrets and must never reach argv
 SECRET_FLAGS = ("--api-key", "--hf-token")
 
@@ -43,6 +44,7 @@ class LaunchSpec:
     download_dir: str | None = None
     trust_remote_code: bool = False
     api_key_env: str | None = None  # name of the variable holding the key
+    ray_address: str | None = None  # an existing Ray cluster: RAY_ADDRESS + --distributed-executor-backend ray
     extra_args: list[str] = field(default_factory=list)  # after `--`, verbatim
 
     def settings(self) -> dict[str, Any]:
@@ -91,6 +93,9 @@ def validate(spec: LaunchSpec) -> None:
                          ("--data-parallel-size", spec.data_parallel_size)):
         if value is not None and value < 1:
             raise UsageError(f"{label} {value} must be 1 or more", hint=f"e.g. {label} 2")
+    if spec.ray_address is not None and not RAY_ADDRESS_RE.match(spec.ray_address):
+        raise UsageError(f"--ray-address {spec.ray_address!r} is not a Ray cluster address",
+                         hint="give HOST:PORT of the head's GCS (e.g. 10.0.0.5:6379), ray://HOST:PORT, or auto")
     if spec.served_model_name is not None and not spec.served_model_name.strip():
         raise UsageError("--served-model-name is empty", hint="give a name or leave the option out")
     if spec.api_key_env is not None:
@@ -132,6 +137,9 @@ def build_argv(prefix: list[str], spec: LaunchSpec) -> list[str]:
         argv += ["--download-dir", spec.download_dir]
     if spec.trust_remote_code:
         argv.append("--trust-remote-code")
+    if spec.ray_address and not any(a.split("=", 1)[0] == "--distributed-executor-backend" for a in spec.extra_args):
+        # vLLM has no address flag: it reads RAY_ADDRESS (set in build_env)
+        argv += ["--distributed-executor-backend", "ray"]
     argv += list(spec.extra_args)
     return argv
 
@@ -159,6 +167,51 @@ def build_env(
         # the model is complete in the local cache: do not let vLLM stall on an unreachable hub
         env["HF_HUB_OFFLINE"] = "1"
         added["HF_HUB_OFFLINE"] = "1"
+    if cpu_engine and world_size(spec) > 1 and not any(env.get(v) for v in (CPU_BIND, "VLLM_CPU_SIM_MULTI_NUMA")):
+        # vLLM's CPU build wants one NUMA node per rank and refuses to start otherwise; split the cores instead
+        env[CPU_BIND] = added[CPU_BIND] = cpu_bind_for(world_size(spec))
+    if spec.ray_address:
+        env["RAY_ADDRESS"] = added["RAY_ADDRESS"] = spec.ray_address
+        if ray_address_is_loopback(spec.ray_address) and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in env:
+            # without it Ray rewrites 127.0.0.1 to the machine's other address and vLLM hangs in ray.init
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = added["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env, added
+
+
+CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def world_size(spec: LaunchSpec) -> int:
+    """Processes one engine runs on this node: tensor x pipeline x data parallel ranks."""
+    return (spec.tensor_parallel_size or 1) * (spec.pipeline_parallel_size or 1) * (spec.data_parallel_size or 1)
+
+
+def gpus_needed(spec: LaunchSpec) -> int:
+    """GPUs the engine needs on this node (every rank holds one GPU); 0 when its ranks run on a Ray cluster."""
+    return 0 if spec.ray_address else world_size(spec)
+
+
+def cpu_bind_for(ranks: int, cores: list[int] | None = None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers: disjoint core ranges ('0|1', '0-3|4-7'), else 'nobind'."""
+    if cores is None:
+        try:
+            cores = sorted(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = list(range(os.cpu_count() or 1))
+    if ranks < 2 or len(cores) < ranks:
+        return "nobind"
+    per = len(cores) // ranks
+    groups = []
+    for r in range(ranks):
+        chunk = cores[r * per:(r + 1) * per]
+        contiguous = chunk[-1] - chunk[0] == len(chunk) - 1
+        groups.append((f"{chunk[0]}-{chunk[-1]}" if len(chunk) > 1 else str(chunk[0])) if contiguous
+                      else ",".join(map(str, chunk)))
+    return "|".join(groups)
+
+
+def ray_address_is_loopback(address: str) -> bool:
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
