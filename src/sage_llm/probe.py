@@ -1,4 +1,5 @@
-"""Fast HTTP probes of vLLM's `/health` and `/v1/models` with the standard library (no httpx on the status path).
+"""Fast HTTP probes of vLLM's `/health` and `/v1/models`, on plain sockets (no httpx, not even http.client, on the
+status path: Studio polls `status --json`, so its start-up cost matters).
 
 Each probe has a hard time budget, and many engines are probed in parallel threads, so a hung engine costs at most
 its own budget and never slows the others.
@@ -6,10 +7,10 @@ its own budget and never slows the others.
 
 from __future__ import annotations
 
-import http.client
 import json
+import socket
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,50 +36,112 @@ class Probe:
         return any(isinstance(m, dict) and m.get("owned_by") == "vllm" for m in self.models)
 
 
-def _get(host: str, port: int, path: str, timeout: float, headers: dict[str, str] | None = None
-         ) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(host.strip("[]"), port, timeout=timeout)
+class _Refused(Exception):
+    pass
+
+
+def http_get(host: str, port: int, path: str, deadline: float, headers: dict[str, str] | None = None,
+             limit: int = 4 << 20) -> tuple[int, bytes]:
+    """GET with `Connection: close`, finished by the absolute monotonic `deadline`; returns (status, body)."""
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        conn.request("GET", path, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.read(1 << 20)
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            sock.connect((host, port))
+        except ConnectionRefusedError as exc:
+            raise _Refused() from exc
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n{extra}\r\n".encode())
+        buf = bytearray()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > limit:
+                break
+            head_end = buf.find(b"\r\n\r\n")
+            if head_end >= 0:
+                head = bytes(buf[:head_end]).lower()
+                if b"content-length:" in head:
+                    length = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0].strip() or 0)
+                    if len(buf) - head_end - 4 >= length:
+                        break
     finally:
-        conn.close()
+        sock.close()
+    head_end = buf.find(b"\r\n\r\n")
+    if head_end < 0:
+        raise OSError("malformed HTTP response")
+    head = bytes(buf[:head_end])
+    body = bytes(buf[head_end + 4:])
+    status = int(head.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head.lower():
+        body = _dechunk(body)
+    return status, body
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = bytearray()
+    pos = 0
+    while pos < len(data):
+        end = data.find(b"\r\n", pos)
+        if end < 0:
+            break
+        size = int(data[pos:end].split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out += data[end + 2: end + 2 + size]
+        pos = end + 2 + size + 2
+    return bytes(out)
 
 
 def probe(host: str, port: int, timeout: float = 0.6, api_key: str | None = None, want_models: bool = True
           ) -> Probe:
-    """GET /health then /v1/models, each within `timeout` seconds."""
+    """GET /health then /v1/models; each request gets `timeout` seconds."""
     started = time.monotonic()
     result = Probe(host, port)
     try:
-        result.health, _ = _get(host, port, "/health", timeout)
+        result.health, _ = http_get(host, port, "/health", time.monotonic() + timeout)
         result.reachable = True
         if want_models and result.health == 200:
             headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-            status, body = _get(host, port, "/v1/models", timeout, headers)
+            status, body = http_get(host, port, "/v1/models", time.monotonic() + timeout, headers)
             result.models_status = status
             if status == 200:
                 data = json.loads(body or b"{}")
                 models = data.get("data") if isinstance(data, dict) else None
                 result.models = [m for m in (models or []) if isinstance(m, dict)]
-    except ConnectionRefusedError:
+    except _Refused:
         result.refused = True
     except TimeoutError:
-        result.reachable = result.reachable or True
+        result.reachable = True
         result.error = f"no answer from {host}:{port} within {timeout:g} s"
-    except (OSError, http.client.HTTPException, ValueError) as exc:
+    except (OSError, ValueError, IndexError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     result.elapsed_s = time.monotonic() - started
     return result
 
 
 def probe_many(targets: list[tuple[str, int, str | None]], timeout: float = 0.6) -> list[Probe]:
-    """Probe (host, port, api_key) targets in parallel; results in the same order."""
-    if not targets:
-        return []
+    """Probe (host, port, api_key) targets in parallel threads; results in the same order."""
+    results: list[Probe | None] = [None] * len(targets)
+
+    def work(i: int) -> None:
+        h, p, k = targets[i]
+        results[i] = probe(h, p, timeout, k)
+
     if len(targets) == 1:
-        h, p, k = targets[0]
-        return [probe(h, p, timeout, k)]
-    with ThreadPoolExecutor(max_workers=min(16, len(targets))) as pool:
-        return list(pool.map(lambda t: probe(t[0], t[1], timeout, t[2]), targets))
+        work(0)
+    else:
+        threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(targets))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout * 2 + 1)
+    return [r if r is not None else Probe(t[0], t[1], error="probe did not finish") for r, t in zip(results, targets)]

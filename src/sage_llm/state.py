@@ -13,7 +13,6 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -196,6 +195,8 @@ class StateStore:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     """Write JSON to a temp file in the same directory (0600), fsync, then rename over `path`."""
+    import tempfile
+
     payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
     tmp_name = None
     try:

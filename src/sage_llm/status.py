@@ -20,35 +20,74 @@ def local_port() -> int:
     return int(raw) if raw.strip().isdigit() else DEFAULT_PORT
 
 
-def attach_gpu(views: list[EngineView]) -> tuple[list[dict[str, Any]], str | None]:
-    """Fill each engine's GPU memory (summed over its whole process tree) and return (gpus, gpu_error)."""
+def _engine_pids(v: EngineView) -> set[int]:
+    """Every process of an engine: its recorded tree, else (external engines) the PID and its descendants."""
+    pids = {p["pid"] for p in v.processes if isinstance(p.get("pid"), int)}
+    if v.pid:
+        pids.add(v.pid)
+        if not v.processes:
+            import psutil
+
+            try:
+                pids.update(c.pid for c in psutil.Process(v.pid).children(recursive=True))
+            except psutil.Error:
+                pass
+    return pids
+
+
+def attach_gpu(views: list[EngineView], snap: Any = None) -> tuple[list[dict[str, Any]], str | None]:
+    """Fill each engine's GPU memory, summed over its whole process tree (vLLM keeps the model in EngineCore and
+    the workers, not in the PID we spawned), per GPU. Returns (top-level `gpus`, `gpu_error`).
+
+    An engine's `gpus` lists the GPUs it holds memory on plus those it was placed on (`EngineRecord.gpus`), each as
+    {index, uuid, memory_bytes}; memory_bytes is None where unknown (not measured yet, or the driver does not say).
+    """
     from sage_llm import gpu
 
-    snap = gpu.snapshot(with_processes=True)
-    if snap.error:
-        return [], snap.error
+    if snap is None:
+        snap = gpu.snapshot(with_processes=True)
     by_pid: dict[int, list[Any]] = {}
     for p in snap.processes:
         by_pid.setdefault(p.pid, []).append(p)
+    uuid_to_index = {g.uuid: g.index for g in snap.gpus if g.uuid}
     for v in views:
-        pids = {p["pid"] for p in v.processes} | ({v.pid} if v.pid else set())
-        total, seen, per_gpu = 0, False, {}
-        for pid in pids:
-            for gp in by_pid.get(pid, []):
-                seen = True
-                total += gp.used_memory_bytes or 0
-                per_gpu.setdefault(gp.gpu_index, {"index": gp.gpu_index, "uuid": gp.gpu_uuid, "memory_bytes": 0})
-                per_gpu[gp.gpu_index]["memory_bytes"] += gp.used_memory_bytes or 0
-        if seen:
-            v.gpu_memory_bytes = total
-            v.gpus = [per_gpu[k] for k in sorted(per_gpu)]
-    return [g.to_json() for g in snap.gpus], None
+        per_gpu: dict[str, dict[str, Any]] = {}
+        live = v.state in ("ready", "starting", "unhealthy") or bool(v.processes)
+        # NVML works and lists GPUs: a live engine found on none of them holds 0 bytes (a CPU engine, or not loaded)
+        total: int | None = 0 if live and snap.gpus and not snap.error else None
+        if by_pid and live:
+            for pid in sorted(_engine_pids(v)):
+                for gp in by_pid.get(pid, []):
+                    key = gp.gpu_uuid or f"index:{gp.gpu_index}"
+                    entry = per_gpu.setdefault(key, {"index": gp.gpu_index, "uuid": gp.gpu_uuid, "memory_bytes": None})
+                    if gp.used_memory_bytes is not None:
+                        entry["memory_bytes"] = (entry["memory_bytes"] or 0) + gp.used_memory_bytes
+                        total = (total or 0) + gp.used_memory_bytes
+        for placed in (v.record.gpus if v.record is not None else []) or []:
+            uuid = placed.get("uuid")
+            key = uuid or f"index:{placed.get('index')}"
+            if key not in per_gpu:
+                index = uuid_to_index.get(uuid, placed.get("index")) if uuid else placed.get("index")
+                per_gpu[key] = {"index": index, "uuid": uuid, "memory_bytes": None}
+        v.gpu_memory_bytes = total
+        v.gpus = sorted(per_gpu.values(), key=lambda e: (e["index"] is None, e["index"] or 0))
+    return [g.to_json() for g in snap.gpus], snap.error
 
 
 def build(target: str | None = None, store: StateStore | None = None, with_gpu: bool = True
           ) -> tuple[dict[str, Any], list[EngineView], list[str]]:
+    import threading
+
     port = local_port()
+    if with_gpu:
+        # NVML initialisation runs while the engines are probed
+        from sage_llm import gpu
+
+        warm = threading.Thread(target=gpu.error, daemon=True)
+        warm.start()
     views, warnings = inspect(store, include_external=True, local_port=port)
+    if with_gpu:
+        warm.join()
     gpus, gpu_error = attach_gpu(views) if with_gpu else ([], None)
     local = local_engine(views, port)
     if target is not None:

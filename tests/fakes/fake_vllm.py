@@ -294,6 +294,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 c.kill()
         log("Shutting down FastAPI HTTP server.")
+        log(f"FAKE_EXIT_AT {time.time():.6f}")
         sys.stdout.flush()
         os._exit(0)
 
@@ -358,6 +359,7 @@ def main() -> None:
     server.opts = opts  # type: ignore[attr-defined]
     sys.stderr.write(f"INFO:     Started server process [{os.getpid()}]\nINFO:     Application startup complete.\n")
     sys.stderr.flush()
+    log(f"FAKE_LISTEN_AT {time.time():.6f}")
     fail = os.environ.get("FAKE_VLLM_FAIL", "")
     if fail.startswith("ready:"):
         delay = float(fail.split(":", 1)[1])

@@ -5,21 +5,23 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sage_llm import logs as logtools
 from sage_llm.config import DEFAULT_STOP_TIMEOUT, LOOPBACK_HOSTS
 from sage_llm.diagnose import Diagnosis, diagnose, is_clean_shutdown
-from sage_llm.engine import envs, process
-from sage_llm.engine.vllm import LaunchSpec, build_argv, build_env, validate
+from sage_llm.engine import process
 from sage_llm.errors import EngineFailed, EngineNotFound, PortInUse, SageLLMError, UsageError
+from sage_llm.progress import LoadProgress, snapshot_of
 from sage_llm.state import CorruptRecord, EngineRecord, StateStore, validate_name
+
+if TYPE_CHECKING:
+    from sage_llm.engine.vllm import LaunchSpec
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -103,6 +105,11 @@ def start(
     foreground: bool = False,
 ) -> StartResult:
     """Validate, spawn `vllm serve` detached, record it, and (with `wait`) wait until it serves the model."""
+    import secrets
+
+    from sage_llm.engine import envs
+    from sage_llm.engine.vllm import build_argv, build_env, validate
+
     store = store or StateStore()
     validate(spec)
     if name is not None:
@@ -235,6 +242,15 @@ def wait_ready(
     t0 = parse_iso(record.started_at) or time.time()
     key = api_key_for(record)
     last_emit = 0.0
+    loader = LoadProgress(record.log_file, model=record.model) if on_progress else None
+
+    def emit() -> None:
+        assert on_progress is not None and loader is not None
+        snap = loader.poll()
+        on_progress({"elapsed_s": time.time() - t0, "log_line": snap.last_line, "record": record,
+                     "stage": snap.stage, "progress": snap.progress, "detail": snap.detail,
+                     "stage_elapsed_s": snap.stage_elapsed(), "snapshot": snap})
+
     while True:
         now = time.monotonic()
         alive = popen.poll() is None if popen is not None else process.leader(record.pid, record.create_time)
@@ -243,13 +259,17 @@ def wait_ready(
         p = probes.probe(record.host if record.host not in ("", "0.0.0.0") else "127.0.0.1", record.port,
                          timeout=1.0, api_key=key)
         if p.health == 200 and (record.served_model_name in p.model_ids or p.models_status == 401):
+            if loader is not None:
+                loader.poll()
+                loader.parser._enter("ready")
+                loader.snapshot.progress = 1.0
+                emit()
             return time.time() - t0
         if now - started > timeout:
             _fail(record, store, f"not ready after {timeout:g} s (--timeout)", kill=kill_on_fail)
         if on_progress and now - last_emit >= 0.25:
             last_emit = now
-            on_progress({"elapsed_s": time.time() - t0, "log_line": logtools.last_line(record.log_file),
-                         "record": record})
+            emit()
         time.sleep(poll)
 
 
@@ -324,12 +344,13 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
     views: list[EngineView] = []
     pending: list[tuple[EngineView, EngineRecord, process.Tree]] = []
     records = store.all()
+    table = process.proc_table()  # one pass over /proc shared by every record and by discovery
     for rec in records:
         if isinstance(rec, CorruptRecord):
             warnings.append(f"engine record {rec.path} is unreadable: {rec.error}")
             views.append(EngineView(name=rec.name, managed=True, state="failed", error=rec.error))
             continue
-        tree = process.find_tree(rec.pid, rec.create_time, rec.id)
+        tree = process.find_tree(rec.pid, rec.create_time, rec.id, table)
         view = EngineView(
             name=rec.name, managed=True, state="stopped", model=rec.model, served_model_name=rec.served_model_name,
             host=rec.host, port=rec.port, base_url=rec.base_url, pid=rec.pid, started_at=rec.started_at,
@@ -349,12 +370,13 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
             _explain_dead(view, rec)
     external: list[EngineView] = []
     if include_external:
-        external = discover_external(records, local_port)
+        external = discover_external(records, local_port, table)
     targets = [(probes_host(v.host), v.port, api_key_for(r)) for v, r, _ in pending]
     targets += [(probes_host(v.host), v.port, None) for v in external if v.port]
     results = probes.probe_many(targets, timeout=probe_timeout)  # type: ignore[arg-type]
     for (view, rec, _tree), p in zip(pending, results[: len(pending)]):
         _apply_probe(view, rec.served_model_name, p, rec.state)
+        _attach_stage(view, rec)
     ext_results = results[len(pending):]
     for view, p in zip([v for v in external if v.port], ext_results):
         _apply_probe(view, view.served_model_name, p, "running")
@@ -362,6 +384,17 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
             view.served_model_name = p.model_ids[0]
     views.extend(v for v in external if v.state in ("ready", "starting", "unhealthy"))
     return views, warnings
+
+
+def _attach_stage(view: EngineView, rec: EngineRecord) -> None:
+    """`stage` and `progress` (0..1 of the current stage, or None) for a starting engine, from its log."""
+    if view.state == "ready":
+        view.stage, view.progress = "ready", 1.0
+    elif view.state == "starting" and rec.log_file:
+        snap = snapshot_of(rec.log_file, rec.model)
+        if snap.stage == "ready":  # uvicorn said so but /health does not answer yet
+            snap.stage, snap.progress = "starting_server", None
+        view.stage, view.progress = snap.stage, snap.progress
 
 
 def probes_host(host: str | None) -> str:
@@ -462,33 +495,27 @@ def _vllm_cmdline(cmdline: list[str]) -> dict[str, Any] | None:
     return info
 
 
-def discover_external(records: list[EngineRecord | CorruptRecord], local_port: int | None = None
-                      ) -> list[EngineView]:
+def discover_external(records: list[EngineRecord | CorruptRecord], local_port: int | None = None,
+                      table: dict[int, process.ProcInfo] | None = None) -> list[EngineView]:
     """vLLM servers this tool did not start: by command line, and on SAGE_LOCAL_ENGINE_PORT by /v1/models."""
-    import psutil
-
     managed_pids = {r.pid for r in records if isinstance(r, EngineRecord) and r.pid}
     managed_ports = {r.port for r in records if isinstance(r, EngineRecord)}
     found: dict[int, EngineView] = {}
     candidates = []
-    for proc in psutil.process_iter(["pid", "ppid", "cmdline", "create_time"]):
-        try:
-            cmd = proc.info["cmdline"]
-            if not cmd or not any("vllm" in c.lower() for c in cmd):
-                continue
-            info = _vllm_cmdline(cmd)
-            if info is None:
-                continue
-            if proc.pid in managed_pids or os.getsid(proc.pid) in managed_pids:
-                continue
-            candidates.append((proc, info))
-        except (psutil.Error, OSError):
+    for proc in (table if table is not None else process.proc_table()).values():
+        if proc.state in ("Z", "X") or proc.pid in managed_pids or proc.sid in managed_pids:
             continue
+        cmd = proc.cmdline()
+        if not cmd or not any("vllm" in c.lower() for c in cmd):
+            continue
+        info = _vllm_cmdline(cmd)
+        if info is not None:
+            candidates.append((proc, info))
     cand_pids = {p.pid for p, _ in candidates}
     for proc, info in candidates:
-        if proc.info["ppid"] in cand_pids or info["port"] in found:
+        if proc.ppid in cand_pids or info["port"] in found:
             continue
-        started = proc.info["create_time"]
+        started = proc.create_time
         found[info["port"]] = EngineView(
             name=None, managed=False, state="stopped", model=info["model"], served_model_name=info["served"],
             host=info["host"], port=info["port"], base_url=f"http://{probes_host(info['host'])}:{info['port']}/v1",

@@ -116,34 +116,98 @@ class Tree:
         return [p for p in self.members if self.leader is None or p.pid != self.leader.pid]
 
 
-def find_tree(pid: int | None, create_time: float | None, engine_id: str | None) -> Tree:
+@dataclass
+class ProcInfo:
+    pid: int
+    ppid: int
+    sid: int
+    create_time: float
+    state: str
+    name: str
+
+    def cmdline(self) -> list[str]:
+        try:
+            with open(f"/proc/{self.pid}/cmdline", "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            return []
+        return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+
+
+def proc_table() -> dict[int, ProcInfo]:
+    """One cheap pass over /proc: pid, ppid, session, create time (as psutil computes it), state, name."""
+    table: dict[int, ProcInfo] = {}
+    try:
+        boot = psutil.boot_time()
+        ticks = os.sysconf("SC_CLK_TCK")
+        entries = os.listdir("/proc")
+    except (OSError, ValueError):
+        return table
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        rpar = data.rfind(b")")
+        fields = data[rpar + 2:].split()
+        try:
+            table[int(entry)] = ProcInfo(
+                pid=int(entry), ppid=int(fields[1]), sid=int(fields[3]),
+                create_time=int(fields[19]) / ticks + boot, state=fields[0].decode(),
+                name=data[data.find(b"(") + 1: rpar].decode("utf-8", "replace"),
+            )
+        except (IndexError, ValueError):
+            continue
+    return table
+
+
+def find_tree(pid: int | None, create_time: float | None, engine_id: str | None,
+              table: dict[int, ProcInfo] | None = None) -> Tree:
     """All live processes of the engine recorded as (pid, create_time, engine_id), by the identity rule above."""
     if not pid or create_time is None:
         return Tree(None, [] if not engine_id else find_by_marker(engine_id))
-    lead = leader(pid, create_time)
-    reused = None if lead else pid_reused_by(pid, create_time)
+    if table is None:
+        table = proc_table()
+    lead = None
+    reused_ctime = None
+    info = table.get(pid)
+    if info is not None:
+        if abs(info.create_time - create_time) <= CREATE_TIME_TOLERANCE:
+            if info.state not in ("Z", "X"):
+                lead = _as_process(pid)
+        else:
+            reused_ctime = info.create_time
     members: list[psutil.Process] = []
-    for proc in psutil.process_iter(["pid", "create_time"]):
-        try:
-            if proc.pid == pid and lead is None:
-                continue
-            if os.getsid(proc.pid) != pid:
-                continue
-            ctime = proc.info["create_time"]
-            if ctime is None or ctime + CREATE_TIME_TOLERANCE < create_time:
-                continue
-            if reused is not None and ctime >= reused.create_time():
-                continue
-            if not _alive(proc):
-                continue
-            mark = _marker(proc)
-            if engine_id and mark is not None and mark != engine_id:
-                continue
-            members.append(proc)
-        except (ProcessLookupError, PermissionError, psutil.Error, OSError):
+    for p in table.values():
+        if p.sid != pid or p.state in ("Z", "X"):
             continue
+        if p.pid == pid:
+            if lead is not None:
+                members.append(lead)
+            continue
+        if p.create_time + CREATE_TIME_TOLERANCE < create_time:
+            continue
+        if reused_ctime is not None and p.create_time >= reused_ctime:
+            continue
+        proc = _as_process(p.pid)
+        if proc is None:
+            continue
+        mark = _marker(proc)
+        if engine_id and mark is not None and mark != engine_id:
+            continue
+        members.append(proc)
     members.sort(key=lambda p: (lead is None or p.pid != lead.pid, p.pid))
     return Tree(lead, members)
+
+
+def _as_process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
 
 
 def find_by_marker(engine_id: str) -> list[psutil.Process]:
@@ -264,3 +328,70 @@ def port_owner(port: int) -> tuple[int | None, str | None]:
     except (psutil.AccessDenied, PermissionError):
         pass
     return None, None
+
+
+# vLLM's shared-memory files (CPU all-reduce between ranks; Python shared_memory message queues) outlive its processes
+SHM_DIR = "/dev/shm"
+
+
+def _shm_is_ours(name: str, port: int | None) -> bool:
+    if name.startswith("psm_") or (name.startswith("vllm_dist_") and "cpushm" in name):
+        return True
+    return port is not None and name.startswith(f"{port}-") and "cpushm" in name
+
+
+def _held_shm_paths(shm_dir: str) -> set[str]:
+    """Every file under `shm_dir` that a live process has open or mapped (/proc/*/fd and /proc/*/maps)."""
+    held: set[str] = set()
+    prefix = shm_dir.rstrip("/") + "/"
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith(prefix):
+                        held.add(target.removesuffix(" (deleted)"))
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                i = line.find(prefix)
+                if i >= 0:
+                    held.add(line[i:].rstrip("\n").removesuffix(" (deleted)"))
+    return held
+
+
+def sweep_shm(since: float | None, port: int | None = None, shm_dir: str = SHM_DIR) -> list[str]:
+    """Remove vLLM's shared-memory leftovers created since `since` (epoch s) that no live process holds; their names.
+
+    Only our own files, with vLLM's names, from the engine's lifetime, are candidates; a file some process still has
+    open or mapped (another engine's) is never touched.
+    """
+    try:
+        entries = os.listdir(shm_dir)
+    except OSError:
+        return []
+    me = os.getuid()
+    candidates = []
+    for name in entries:
+        if not _shm_is_ours(name, port):
+            continue
+        path = os.path.join(shm_dir, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid != me or not os.path.isfile(path) or (since is not None and st.st_mtime < since - 2.0):
+            continue
+        candidates.append(path)
+    if not candidates:
+        return []
+    held = _held_shm_paths(shm_dir)
+    removed = []
+    for path in candidates:
+        if path in held:
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            removed.append(os.path.basename(path))
+    return sorted(removed)
