@@ -19,7 +19,13 @@ def console(stderr: bool = False) -> Any:
     stream = sys.stderr if stderr else sys.stdout
     key = f"{'err' if stderr else 'out'}:{id(stream)}"
     if key not in _consoles:
-        _consoles[key] = Console(file=stream, markup=False, emoji=False, highlight=False, soft_wrap=False)
+        import os
+
+        width = None
+        if not stream.isatty() and not os.environ.get("COLUMNS"):
+            width = 200  # piped output: never wrap table cells (URLs, model ids) at 80 columns
+        _consoles[key] = Console(file=stream, markup=False, emoji=False, highlight=False, soft_wrap=False,
+                                 width=width)
     return _consoles[key]
 
 

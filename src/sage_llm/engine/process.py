@@ -302,6 +302,8 @@ def port_is_free(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     bind_host = "" if host in ("0.0.0.0", "") else host.strip("[]")
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # like the engine itself (uvicorn sets SO_REUSEADDR): a TIME_WAIT leftover does not make a port busy
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((bind_host, port))
         except OSError:
