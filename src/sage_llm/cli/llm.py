@@ -42,11 +42,12 @@ def llm_root(
 
 
 def _register() -> None:
-    from sage_llm.cli.commands import engine, start, status, stop
+    from sage_llm.cli.commands import chat, engine, start, status, stop
 
     llm_app.command("start", epilog=start.EPILOG)(start.start)
     llm_app.command("stop", epilog=stop.EPILOG)(stop.stop)
     llm_app.command("status", epilog=status.EPILOG)(status.status)
+    llm_app.command("chat", epilog=chat.EPILOG)(chat.chat)
     llm_app.add_typer(engine.engine_app, name="engine")
 
 

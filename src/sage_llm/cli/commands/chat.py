@@ -1,0 +1,304 @@
+"""`sage llm chat`: stream a conversation with a local engine or a cloud OpenAI-compatible API.
+
+Tokens go to stdout, everything else (source, stats, notices, errors) to stderr. In a terminal the reply renders as
+Markdown while it streams: finished blocks are printed once, only the block being written is redrawn, at most
+REFRESH_HZ times a second. `--plain` or a non-terminal stdout prints the raw text.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from sage_llm.cli import _output as out
+from sage_llm.cli._options import JsonOpt
+
+EPILOG = (
+    "Examples: sage llm chat | sage llm chat qwen -p 'Why is the sky blue?' > answer.txt | "
+    "git diff | sage llm chat -s 'Review this diff' | sage llm chat --source cloud --model gpt-4o-mini | "
+    "sage llm chat 8001 -p hi --json. "
+    "Environment: SAGE_CHAT_BASE_URL, SAGE_CHAT_API_KEY, SAGE_CHAT_MODEL (cloud; falling back to OPENAI_BASE_URL, "
+    "OPENAI_API_KEY), SAGE_LOCAL_ENGINE_PORT (preferred local engine). In the chat, /help lists the commands."
+)
+
+REFRESH_HZ = 12.0
+
+
+# ------------------------------------------------------------------------------------------------------ renderers
+class PlainRenderer:
+    """Raw text straight to stdout."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stdout
+        self.last = "\n"
+
+    def feed(self, piece: str) -> None:
+        self.stream.write(piece)
+        self.stream.flush()
+        self.last = piece[-1:] or self.last
+
+    def finish(self) -> None:
+        if self.last != "\n":
+            self.stream.write("\n")
+            self.stream.flush()
+            self.last = "\n"
+
+
+class NullRenderer:
+    def feed(self, piece: str) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class MarkdownRenderer:
+    """Markdown while streaming, without re-rendering the whole reply per token.
+
+    Text is split into blocks at blank lines outside code fences (and after a closing fence). A finished block is
+    printed once, permanently; only the unfinished tail is shown in a Rich Live region, refreshed at most
+    `refresh_hz` times a second (no background thread: refreshes happen in `feed`). So the cost of one refresh is
+    bounded by the size of one block, not of the reply.
+    """
+
+    def __init__(self, console: Any, refresh_hz: float = REFRESH_HZ) -> None:
+        self.console = console
+        self.interval = 1.0 / refresh_hz
+        self.buf = ""  # the unfinished tail
+        self.scan = 0  # buf[:scan] is made of complete lines already looked at
+        self.fence: str | None = None
+        self.live: Any = None
+        self.last_refresh = 0.0
+        self.refreshes = 0
+        self.committed = 0
+
+    def _markdown(self, text: str) -> Any:
+        from rich.markdown import Markdown
+
+        return Markdown(text, code_theme="ansi_dark", hyperlinks=False)
+
+    def _ensure_live(self) -> None:
+        if self.live is None:
+            from rich.live import Live
+
+            self.live = Live(console=self.console, auto_refresh=False, transient=False, redirect_stdout=False,
+                             redirect_stderr=False)
+            self.live.start()
+
+    def feed(self, piece: str) -> None:
+        self.buf += piece
+        if "\n" in piece:
+            self._commit()
+        now = time.monotonic()
+        if now - self.last_refresh >= self.interval:
+            self.last_refresh = now
+            self._ensure_live()
+            self.live.update(self._markdown(self.buf), refresh=True)
+            self.refreshes += 1
+
+    def _commit(self) -> None:
+        boundary = 0
+        while True:
+            nl = self.buf.find("\n", self.scan)
+            if nl < 0:
+                break
+            line = self.buf[self.scan:nl].strip()
+            self.scan = nl + 1
+            if self.fence is not None:
+                if line.startswith(self.fence) and line.strip("`~") == "":
+                    self.fence = None
+                    boundary = self.scan
+            elif line.startswith(("```", "~~~")):
+                self.fence = line[:3]
+            elif not line:
+                boundary = self.scan
+        if boundary:
+            block, self.buf = self.buf[:boundary], self.buf[boundary:]
+            self.scan -= boundary
+            if block.strip():
+                self._ensure_live()
+                self.live.update(self._markdown(self.buf), refresh=False)
+                self.live.console.print(self._markdown(block))
+                self.committed += 1
+
+    def finish(self) -> None:
+        if self.live is None and not self.buf.strip():
+            return
+        self._ensure_live()
+        self.live.update(self._markdown(self.buf), refresh=False)
+        self.live.stop()
+        self.live = None
+        self.buf = ""
+        self.scan = 0
+
+
+def make_renderer(json_: bool, plain: bool) -> Any:
+    if json_:
+        return NullRenderer()
+    if plain or not sys.stdout.isatty():
+        return PlainRenderer()
+    return MarkdownRenderer(out.console())
+
+
+# --------------------------------------------------------------------------------------------------------- input
+def _line_reader(tty: bool) -> Any:
+    """read_line(prompt) for the REPL: readline editing on a terminal, plain lines otherwise (scripted sessions)."""
+    if tty:
+        def read_tty(prompt: str) -> str:
+            if sys.stdout.isatty():
+                return input(prompt)
+            sys.stderr.write(prompt)  # keep a redirected stdout free of prompts
+            sys.stderr.flush()
+            return input("")
+        return read_tty
+
+    def read_pipe(prompt: str) -> str:
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\n")
+    return read_pipe
+
+
+def _setup_history() -> Any:
+    """Load readline history from the state directory; returns a function that saves it."""
+    try:
+        import readline
+    except ImportError:  # pragma: no cover - not on Linux
+        return lambda: None
+    from sage_llm import paths
+    from sage_llm.chat import history_file
+
+    try:
+        paths.ensure_home()
+        path = history_file()
+        readline.set_history_length(2000)
+        try:
+            readline.read_history_file(path)
+        except (FileNotFoundError, OSError):
+            pass
+        readline.parse_and_bind("tab: complete")
+    except Exception:
+        return lambda: None
+
+    def save() -> None:
+        try:
+            readline.write_history_file(path)
+        except OSError:
+            pass
+    return save
+
+
+# ------------------------------------------------------------------------------------------------------- command
+def chat(
+    target: Annotated[str | None, typer.Argument(
+        help="Local engine name or port (default: the engine on $SAGE_LOCAL_ENGINE_PORT, else the first ready one).",
+        show_default=False)] = None,
+    source: Annotated[str, typer.Option("--source", help="auto (local first, cloud when no engine is ready), local, "
+                                        "or cloud.")] = "auto",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name (default: the engine's served model, "
+                                              "or $SAGE_CHAT_MODEL for the cloud).", show_default=False)] = None,
+    system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.", show_default=False)] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Ask this one question, print the answer and "
+                                               "exit (also: pipe text on stdin).", show_default=False)] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="Sampling temperature.",
+                                                      show_default=False)] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Longest reply, in tokens.",
+                                                   show_default=False)] = None,
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="Wait for the whole reply, then print it.")] = False,
+    json_: JsonOpt = False,
+    plain: Annotated[bool, typer.Option("--plain", help="Print raw text, no Markdown rendering.")] = False,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Run the chat loop even when stdin is not "
+                                              "a terminal (scripted sessions: one message per line).")] = False,
+) -> None:
+    """Chat with a local engine or a cloud API: a REPL in a terminal, one answer with -p or piped stdin.
+
+    In the REPL: /help, /exit, /clear, /system TEXT, /model NAME, /source auto|local|cloud, /stats; \"\"\" starts
+    multi-line input; Ctrl-C cancels the reply being written; Ctrl-D exits.
+    """
+    from sage_llm import chat as core
+    from sage_llm.errors import UsageError
+
+    if source not in core.SOURCES:
+        raise UsageError(f"--source must be one of {', '.join(core.SOURCES)}, not {source!r}",
+                         hint="e.g. --source local")
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise UsageError(f"--temperature {temperature:g} is out of range", hint="use a value from 0 to 2")
+    if max_tokens is not None and max_tokens < 1:
+        raise UsageError(f"--max-tokens {max_tokens} must be at least 1", hint="e.g. --max-tokens 512")
+    stdin_tty = sys.stdin.isatty()
+    if prompt is not None:
+        if not prompt.strip():
+            raise UsageError("-p/--prompt is empty", hint="e.g. sage llm chat -p 'Hello'")
+        text: str | None = prompt
+    elif interactive or stdin_tty:
+        text = None
+    else:
+        text = sys.stdin.read()
+        if not text.strip():
+            raise UsageError("no prompt: stdin was empty", hint="pipe some text in, or pass -p TEXT")
+    if json_ and text is None:
+        raise UsageError("--json needs one prompt (-p TEXT or text on stdin), not an interactive chat",
+                         hint="e.g. sage llm chat -p 'Hello' --json")
+
+    target_ = core.resolve(source, target, model)
+    out.info(target_.describe())
+    session = core.ChatSession(target=target_, source_mode=source, system=system, temperature=temperature,
+                               max_tokens=max_tokens, stream=not no_stream, model_override=model)
+    try:
+        if text is not None:
+            _one_shot(session, text, json_, plain)
+        else:
+            _repl(session, plain, tty=stdin_tty and not interactive)
+    finally:
+        session.close()
+
+
+def _ask(session: Any, text: str, json_: bool, plain: bool) -> Any:
+    holder = [make_renderer(json_, plain)]
+
+    def notice(msg: str) -> None:
+        holder[0].finish()
+        out.warning(msg)
+        holder[0] = make_renderer(json_, plain)
+
+    try:
+        turn = session.ask(text, lambda piece: holder[0].feed(piece), notice)
+    finally:
+        holder[0].finish()
+    return turn
+
+
+def _one_shot(session: Any, text: str, json_: bool, plain: bool) -> None:
+    turn = _ask(session, text, json_, plain)
+    if json_:
+        r = turn.result
+        out.print_json({
+            "text": turn.text, "model": r.model or turn.target.model, "source": turn.target.source,
+            "base_url": turn.target.base_url, "usage": r.usage,
+            "ttft_s": None if r.ttft_s is None else round(r.ttft_s, 4),
+            "tokens_per_s": None if r.tokens_per_s is None else round(r.tokens_per_s, 2),
+        })
+    else:
+        out.info(turn.stats.line())
+
+
+def _repl(session: Any, plain: bool, tty: bool) -> None:
+    from sage_llm.chat import run_chat
+
+    save = _setup_history() if tty else (lambda: None)
+    read_line = _line_reader(tty)
+    if tty:
+        out.info("Type /help for commands, Ctrl-D or /exit to leave.")
+
+    def send(text: str) -> None:
+        turn = _ask(session, text, False, plain)
+        out.info(turn.stats.line())
+
+    try:
+        run_chat(read_line, send, out.info, session, prompt="> " if tty else "")
+    finally:
+        save()
