@@ -22,23 +22,40 @@ def _fast_status_args(args: list[str]) -> list[str] | None:
     return rest
 
 
+COMPLETE_VARS = ("_SAGE_COMPLETE", "_SAGE_LLM_COMPLETE")  # Typer's shell-completion protocol for `sage`/`sage-llm`
+OWN_ROOT_OPTIONS = {"--install-completion", "--show-completion"}
+
+
+def completing() -> bool:
+    """True while the shell asks for completions: then only candidates may be printed, and fast."""
+    return any(os.environ.get(v) for v in COMPLETE_VARS)
+
+
 def run(argv: list[str], prog: str = "sage") -> int:
     """Run the CLI with `argv` (without the program name); returns the exit code."""
+    if completing():
+        # no fast paths, no delegation, no settings or state reads: straight to Typer's completion protocol
+        return _run_typer(argv, prog)
     llm_args = argv
     if prog == "sage":
         llm_args = argv[1:] if argv and argv[0] == "llm" else None  # type: ignore[assignment]
-    if llm_args is not None and not os.environ.get("_SAGE_COMPLETE") and not os.environ.get("_SAGE_LLM_COMPLETE"):
+    if llm_args is not None:
         fast = _fast_status_args(llm_args)
         if fast is not None:
             from sage_llm.cli.fast_status import status_json
 
             return status_json(fast[0] if fast else None)
-    if prog == "sage" and argv and argv[0] not in ("llm",) and not argv[0].startswith("-"):
+    if prog == "sage" and llm_args is None and not (argv and argv[0] in OWN_ROOT_OPTIONS):
+        # anything but `sage llm ...` belongs to SAGE's own CLI when it is installed
         from sage_llm.cli.sage_plugin import delegate_to_sage
 
         code = delegate_to_sage(argv)
         if code is not None:
             return code
+    return _run_typer(argv, prog)
+
+
+def _run_typer(argv: list[str], prog: str) -> int:
     import typer.main
 
     from sage_llm.cli import _errors

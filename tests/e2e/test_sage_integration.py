@@ -1,0 +1,214 @@
+"""`sage llm` inside SAGE's own argparse `sage` CLI, and our `sage` handing other subcommands to SAGE.
+
+Marked `venv`: builds a throw-away venv (no pip, ~2 s) that sees the dev environment (so our package and its
+`sage.cli.plugins` entry point are installed there) plus a stand-in for SAGE's CLI: a `sage.cli.main` written like
+the real one (argparse, `parse_known_args`, the same loop over `entry_points(group="sage.cli.plugins")`, dispatch
+through `args._handler`) and a stand-in `sage-studio` plugin. Each scenario writes `bin/sage` the way pip would for
+whichever package owns the script. Runs in about 15 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.venv
+
+STANDIN_MAIN = '''
+"""Stand-in for SAGE's `sage.cli.main` (intellistream/SAGE src/sage/cli/main.py): same parser shape and plugin loop."""
+from __future__ import annotations
+
+import argparse
+from importlib.metadata import entry_points
+
+
+def _build_parser():
+    parser = argparse.ArgumentParser(prog="sage", description="SAGE stand-in")
+    parser.add_argument("--trace-dir", help="Opt in to a trace spool")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("version", help="Show SAGE version information")
+    sub.add_parser("status", help="Show local SAGE status summary")
+    _load_cli_plugins(sub)
+    return parser
+
+
+def _load_cli_plugins(subparsers):
+    for ep in sorted(entry_points(group="sage.cli.plugins"), key=lambda item: item.name):
+        try:
+            register_command = ep.load()
+            register_command(subparsers)
+        except Exception as exc:
+            raise RuntimeError(f"Failed to load SAGE CLI plugin '{ep.name}' from '{ep.value}': {exc}") from exc
+
+
+def main(argv=None):
+    parser = _build_parser()
+    args, unknown = parser.parse_known_args(list(argv) if argv is not None else None)
+    if args.command is None or args.command == "status":
+        print("SAGE status (stand-in)")
+        return 0
+    if args.command == "version":
+        print("SAGE 9.9.9 (stand-in)")
+        return 0
+    if hasattr(args, "_handler"):
+        if hasattr(args, "studio_args") and unknown:
+            args.studio_args = list(args.studio_args or []) + list(unknown)
+        return args._handler(args)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+'''
+
+STANDIN_STUDIO = '''
+import argparse
+
+
+def register(subparsers):
+    p = subparsers.add_parser("studio", help="SAGE Studio (stand-in)")
+    p.add_argument("studio_args", nargs=argparse.REMAINDER)
+    p.set_defaults(_handler=lambda args: print("studio stand-in:", " ".join(args.studio_args)) or 0)
+'''
+
+
+def _dist_info(site: Path, name: str, entry_points: str) -> None:
+    d = site / f"{name}-9.9.9.dist-info"
+    d.mkdir()
+    (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 9.9.9\n")
+    (d / "entry_points.txt").write_text(textwrap.dedent(entry_points).lstrip())
+    (d / "RECORD").write_text("")
+
+
+def _script(venv: Path, name: str, module: str, func: str) -> None:
+    path = venv / "bin" / name
+    path.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom {module} import {func}\n"
+                    f"sys.exit({func}())\n")
+    path.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def sage_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    venv = tmp_path_factory.mktemp("sage-venv") / "venv"
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print("
+                                "sysconfig.get_paths()['purelib'])"], check=True, capture_output=True,
+                               text=True).stdout.strip())
+    dev_site = sysconfig.get_paths()["purelib"]  # the dev venv: typer, ..., and sage-llm (editable, entry points)
+    (site / "_dev_env.pth").write_text(f"import site; site.addsitedir({dev_site!r})\n")
+    pkg = site / "sage" / "cli"
+    pkg.mkdir(parents=True)
+    (site / "sage" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "main.py").write_text(STANDIN_MAIN)
+    (site / "sage_studio_standin.py").write_text(STANDIN_STUDIO)
+    _dist_info(site, "isage", "[console_scripts]\nsage = sage.cli.main:main\n")
+    _dist_info(site, "isage_studio", "[sage.cli.plugins]\nstudio = sage_studio_standin:register\n")
+    _script(venv, "sage-llm", "sage_llm.cli.main", "llm_main")
+    return venv
+
+
+@pytest.fixture
+def env(home: Path) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("_SAGE", "PYTHON"))}
+    e["SAGE_LOCAL_ENGINE_PORT"] = "19531"  # our port range; nothing listens there
+    return e
+
+
+def _managed(doc: dict) -> list[dict]:
+    """Engines of our (empty) state directory; other people's vLLM processes on this machine show as external."""
+    return [e for e in doc["engines"] if e["managed"]]
+
+
+def _run(venv: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(venv / "bin" / args[0]), *args[1:]], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_sage_owned_by_sage_runs_llm_through_the_plugin(sage_venv: Path, env: dict[str, str], home: Path) -> None:
+    _script(sage_venv, "sage", "sage.cli.main", "main")  # SAGE installed last: its `sage` script
+
+    top = _run(sage_venv, env, "sage", "--help")
+    assert top.returncode == 0, top.stderr
+    assert "llm" in top.stdout
+    assert "studio" in top.stdout
+
+    st = _run(sage_venv, env, "sage", "llm", "status", "--json")
+    assert st.returncode == 0, st.stderr
+    doc = json.loads(st.stdout)
+    assert doc["schema_version"] == 1
+    assert _managed(doc) == []
+
+    # options right after `llm` (argparse puts these in parse_known_args' unknown list) still reach our app
+    helped = _run(sage_venv, env, "sage", "llm", "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert "Usage: sage llm [OPTIONS] COMMAND" in helped.stdout
+    assert "start" in helped.stdout
+    assert "status" in helped.stdout
+
+    # a SAGE global option before `llm`, and our exit codes pass through (3: unknown engine)
+    missing = _run(sage_venv, env, "sage", "--trace-dir", "llm", "llm", "status", "nope")
+    assert missing.returncode == 3, (missing.stdout, missing.stderr)
+    assert "nope" in missing.stderr
+
+    bad = _run(sage_venv, env, "sage", "llm", "stop", "--no-such-flag")
+    assert bad.returncode == 2
+    assert "no-such-flag" in bad.stderr
+
+    assert _run(sage_venv, env, "sage", "status").stdout.strip() == "SAGE status (stand-in)"
+    assert _run(sage_venv, env, "sage", "studio", "start", "--dev").stdout.strip() == "studio stand-in: start --dev"
+
+    alone = _run(sage_venv, env, "sage-llm", "status", "--json")
+    assert alone.returncode == 0
+    assert _managed(json.loads(alone.stdout)) == []
+
+
+def test_sage_owned_by_us_hands_other_commands_to_sage(sage_venv: Path, env: dict[str, str]) -> None:
+    _script(sage_venv, "sage", "sage_llm.cli.main", "main")  # sage-llm installed last: our `sage` script
+
+    st = _run(sage_venv, env, "sage", "llm", "status", "--json")
+    assert st.returncode == 0, st.stderr
+    assert _managed(json.loads(st.stdout)) == []
+
+    helped = _run(sage_venv, env, "sage", "llm", "--help")
+    assert helped.returncode == 0
+    assert "Usage: sage llm [OPTIONS] COMMAND" in helped.stdout
+
+    # everything else is SAGE's: its own commands, other plugins, and the bare command
+    assert _run(sage_venv, env, "sage", "status").stdout.strip() == "SAGE status (stand-in)"
+    assert _run(sage_venv, env, "sage", "version").stdout.strip() == "SAGE 9.9.9 (stand-in)"
+    assert _run(sage_venv, env, "sage").stdout.strip() == "SAGE status (stand-in)"
+    assert _run(sage_venv, env, "sage", "studio", "up").stdout.strip() == "studio stand-in: up"
+    top = _run(sage_venv, env, "sage", "--help")
+    assert "studio" in top.stdout
+    assert "llm" in top.stdout
+
+    # SAGE's `sage llm` route (through the plugin) and ours agree
+    via_plugin = _run(sage_venv, env, "python", "-m", "sage.cli.main", "llm", "status", "--json")
+    assert via_plugin.returncode == 0
+    assert _managed(json.loads(via_plugin.stdout)) == []
+
+
+def test_without_sage_our_sage_serves_llm_alone(env: dict[str, str]) -> None:
+    """The dev venv has no SAGE: `sage llm` is ours, and other subcommands are unknown to our app."""
+    bindir = Path(sys.executable).parent
+    if not (bindir / "sage").exists():
+        pytest.skip("console scripts not installed")
+    st = subprocess.run([str(bindir / "sage"), "llm", "status", "--json"], env=env, capture_output=True, text=True,
+                        timeout=60)
+    assert st.returncode == 0, st.stderr
+    assert _managed(json.loads(st.stdout)) == []
+    other = subprocess.run([str(bindir / "sage"), "studio"], env=env, capture_output=True, text=True, timeout=60)
+    assert other.returncode == 2
+    assert "studio" in other.stderr
