@@ -245,7 +245,8 @@ def wait_ready(
     loader = LoadProgress(record.log_file, model=record.model) if on_progress else None
 
     def emit() -> None:
-        assert on_progress is not None and loader is not None
+        assert on_progress is not None
+        assert loader is not None
         snap = loader.poll()
         on_progress({"elapsed_s": time.time() - t0, "log_line": snap.last_line, "record": record,
                      "stage": snap.stage, "progress": snap.progress, "detail": snap.detail,

@@ -50,7 +50,13 @@ def status(
             for c in cols:
                 table.add_column(c, overflow="fold")
             for v in views:
-                state = Text(v.state + ("" if v.managed else " (external)"), style=STATE_STYLE.get(v.state, ""))
+                label = v.state + ("" if v.managed else " (external)")
+                if v.state == "starting" and v.stage:
+                    from sage_llm.progress import LABELS
+
+                    label += f": {LABELS.get(v.stage, v.stage)}" + (f" {v.progress:.0%}" if v.progress is not None
+                                                                     else "")
+                state = Text(label, style=STATE_STYLE.get(v.state, ""))
                 row = [v.name or "-", state, v.served_model_name or v.model or "-", str(v.port or "-"),
                        str(v.pid or "-"), human_uptime(v.uptime_s) or "-", v.base_url or "-"]
                 if show_gpu:
