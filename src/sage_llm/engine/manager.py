@@ -117,6 +117,7 @@ def start(
     if timeout <= 0:
         raise UsageError(f"--timeout {timeout:g} must be positive", hint="e.g. --timeout 900")
     cmd = envs.resolve_vllm(store.root)
+    _check_scaleout(spec, cmd)
     warnings: list[str] = []
     if spec.host not in LOOPBACK_HOSTS and not spec.api_key_env:
         warnings.append(f"engine will listen on {spec.host} with no API key: anyone who can reach this machine can "
@@ -276,7 +277,8 @@ def wait_ready(
 
 def _fail(record: EngineRecord, store: StateStore, what: str, kill: bool = True) -> None:
     if kill:
-        process.stop_tree(record.pid, record.create_time, record.id, timeout=5.0)
+        if not process.stop_tree(record.pid, record.create_time, record.id, timeout=5.0).survivors:
+            _leftovers(record)
     lines = logtools.tail_lines(record.log_file, 200)
     diag = diagnose(lines, {"port": record.port, "model": record.model})
     reason = f"engine {record.name!r} {what}" + (f": {diag.message}" if diag else "")
@@ -551,6 +553,8 @@ class StopOutcome:
     duration_s: float = 0.0
     port_free: bool = True
     message: str = ""
+    shm_removed: list[str] = field(default_factory=list)  # vLLM's /dev/shm leftovers swept after the stop
+    notes: list[str] = field(default_factory=list)  # e.g. Ray workers still alive
 
 
 def resolve_targets(targets: list[str], all_: bool, store: StateStore) -> list[str]:
@@ -630,6 +634,7 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
         left = ", ".join(f"{n} (pid {p})" for p, n in result.survivors)
         outcome.message = f"engine {name!r}: still running after SIGKILL: {left}"
         return outcome
+    outcome.shm_removed, outcome.notes = _leftovers(rec)
     with store.lock():
         current = store.load(name)
         if isinstance(current, EngineRecord) and current.id == rec.id:
@@ -671,3 +676,28 @@ def local_engine(views: list[EngineView], local_port: int) -> dict[str, Any]:
     gb = round(pick.gpu_memory_bytes / 1024**3, 2) if pick.gpu_memory_bytes is not None else None
     return {"running": True, "port": pick.port, "model": pick.served_model_name or pick.model, "pid": pick.pid,
             "gpu_memory_usage": gb, "uptime": human_uptime(pick.uptime_s)}
+
+
+# ----------------------------------------------------------------------------------------------------- scale-out
+def _check_scaleout(spec: LaunchSpec, cmd: Any) -> None:
+    """Before spawning: Ray must be in the engine environment (the GPU count is checked by placement.py)."""
+    if spec.ray_address and cmd.env_path and not any(Path(cmd.env_path).glob("lib/python*/site-packages/ray/")):
+        raise UsageError(f"--ray-address needs Ray in the engine environment {cmd.env_path}, and it has none",
+                         hint="run `sage llm engine install --ray` (it adds a pinned Ray)")
+
+
+def _leftovers(rec: EngineRecord) -> tuple[list[str], list[str]]:
+    """Once no process of the engine is left: sweep its /dev/shm leftovers; with Ray, check its workers are gone.
+
+    Returns (shared-memory files removed, notes about Ray workers still alive). The Ray cluster is left running."""
+    removed = process.sweep_shm(rec.create_time or parse_iso(rec.started_at), rec.port)
+    notes: list[str] = []
+    address = (rec.settings or {}).get("ray_address")
+    if address:
+        from sage_llm.engine import ray_cluster
+
+        left = ray_cluster.wait_workers_gone(rec, address)
+        if left:
+            notes.append(f"{len(left)} Ray worker(s) of {rec.name!r} still alive on the cluster: " + ", ".join(left)
+                         + " (the cluster itself was left running)")
+    return removed, notes
