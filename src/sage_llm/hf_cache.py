@@ -3,8 +3,13 @@ so `start` and completion stay fast; listing with sizes and metadata uses `huggi
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
@@ -64,3 +69,240 @@ def cached_repo_ids(cache: Path | None = None) -> list[str]:
         if e.startswith("models--"):
             out.append(e[len("models--"):].replace("--", "/", 1).replace("--", "/"))
     return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------------- listing
+# `models list` reads the cache with the stdlib: `import huggingface_hub` alone costs about 0.2-0.3 s here, which would
+# eat the whole budget of `models --json` (300 ms on 200 repos). The walk below follows
+# `huggingface_hub.scan_cache_dir()` (hub 2.4, utils/_cache_manager.py) field for field -- sizes count each blob once,
+# a revision's size counts its distinct blobs, last used/modified are the newest blob atime/mtime -- and the tests
+# check it against `scan_cache_dir` on the same layouts. Deleting goes through huggingface_hub itself.
+
+CONFIG_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
+                       "n_ctx", "model_max_length")
+
+
+@dataclass
+class Revision:
+    commit_hash: str
+    refs: list[str]
+    size_on_disk: int
+    nb_files: int
+    last_modified: float
+    snapshot_path: str
+    files: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"commit_hash": self.commit_hash, "refs": self.refs, "size_on_disk": self.size_on_disk,
+                "nb_files": self.nb_files, "last_modified": _iso(self.last_modified),
+                "snapshot_path": self.snapshot_path}
+
+
+@dataclass
+class LocalModel:
+    """One model repo found in a Hugging Face cache directory."""
+
+    repo_id: str
+    cache_dir: str
+    repo_path: str
+    size_on_disk: int = 0
+    nb_files: int = 0
+    revisions: list[Revision] = field(default_factory=list)
+    last_accessed: float | None = None
+    last_modified: float | None = None
+    architecture: str | None = None
+    model_type: str | None = None
+    context_length: int | None = None
+    quantization: str | None = None
+    torch_dtype: str | None = None
+    incomplete_files: int = 0
+    incomplete_bytes: int = 0
+    complete: bool = False  # the main (or newest) snapshot has config.json and weights, and nothing is half-done
+    source: str = "hf-cache"  # or "download-dir"
+    error: str | None = None  # the repo directory is corrupt (what scan_cache_dir would warn about)
+    served_by: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def incomplete(self) -> bool:
+        return self.incomplete_files > 0 or (not self.complete and self.error is None)
+
+    @property
+    def main_snapshot(self) -> str | None:
+        for rev in self.revisions:
+            if "main" in rev.refs:
+                return rev.snapshot_path
+        if self.revisions:
+            return max(self.revisions, key=lambda r: r.last_modified).snapshot_path
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "repo_id": self.repo_id, "size_on_disk": self.size_on_disk, "nb_files": self.nb_files,
+            "revisions": [r.to_json() for r in self.revisions], "last_accessed": _iso(self.last_accessed),
+            "last_modified": _iso(self.last_modified), "architecture": self.architecture,
+            "model_type": self.model_type, "context_length": self.context_length,
+            "quantization": self.quantization, "torch_dtype": self.torch_dtype, "complete": self.complete,
+            "incomplete": self.incomplete, "incomplete_files": self.incomplete_files,
+            "incomplete_bytes": self.incomplete_bytes, "source": self.source, "cache_dir": self.cache_dir,
+            "repo_path": self.repo_path, "snapshot_path": self.main_snapshot, "served_by": self.served_by,
+            "error": self.error,
+        }
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def read_config(snapshot: str | Path) -> dict[str, Any]:
+    """architecture, model_type, context_length, quantization, torch_dtype from a snapshot's config.json."""
+    try:
+        with open(Path(snapshot) / "config.json", encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    archs = cfg.get("architectures")
+    ctx = None
+    for src in (cfg, text):
+        for key in CONFIG_CONTEXT_KEYS:
+            if isinstance(src.get(key), int) and src[key] > 0:
+                ctx = src[key]
+                break
+        if ctx:
+            break
+    quant = cfg.get("quantization_config") or text.get("quantization_config")
+    method = None
+    if isinstance(quant, dict):
+        method = quant.get("quant_method") or quant.get("quantization_method") or quant.get("format")
+        if method is None and (quant.get("load_in_4bit") or quant.get("load_in_8bit")):
+            method = "bitsandbytes"
+    dtype = cfg.get("torch_dtype") or cfg.get("dtype") or text.get("torch_dtype")
+    return {
+        "architecture": archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None,
+        "model_type": cfg.get("model_type") if isinstance(cfg.get("model_type"), str) else None,
+        "context_length": ctx,
+        "quantization": str(method) if method else None,
+        "torch_dtype": dtype if isinstance(dtype, str) else None,
+    }
+
+
+def _scan_repo(repo_path: Path, cache_dir: Path) -> LocalModel:
+    repo_id = repo_path.name[len("models--"):].replace("--", "/")
+    model = LocalModel(repo_id=repo_id, cache_dir=str(cache_dir), repo_path=str(repo_path))
+    refs_by_hash: dict[str, list[str]] = {}
+    refs_dir = repo_path / "refs"
+    for dirpath, _dirs, names in os.walk(refs_dir):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            try:
+                with open(p, encoding="utf-8") as fh:
+                    commit = fh.read().strip()
+            except (OSError, UnicodeDecodeError):
+                continue
+            refs_by_hash.setdefault(commit, []).append(os.path.relpath(p, refs_dir).replace(os.sep, "/"))
+    blob_stats: dict[str, os.stat_result] = {}
+    snaps = repo_path / "snapshots"
+    try:
+        revs = sorted(os.listdir(snaps))
+    except OSError:
+        model.error = f"snapshots dir doesn't exist in cached repo: {snaps}"
+        revs = []
+    for rev in revs:
+        rev_path = snaps / rev
+        if not rev_path.is_dir():
+            continue
+        rev_blobs: set[str] = set()
+        files: list[str] = []
+        for dirpath, _dirs, names in os.walk(rev_path):
+            for n in names:
+                fp = os.path.join(dirpath, n)
+                try:
+                    target = os.readlink(fp)
+                    blob = os.path.normpath(os.path.join(dirpath, target))
+                except OSError:
+                    blob = fp  # not a symlink
+                if blob not in blob_stats:
+                    try:
+                        blob_stats[blob] = os.stat(blob)
+                    except OSError:
+                        model.error = f"blob missing (broken symlink): {blob}"
+                        continue
+                rev_blobs.add(blob)
+                files.append(os.path.relpath(fp, rev_path))
+        last_mod = max((blob_stats[b].st_mtime for b in rev_blobs), default=None)
+        if last_mod is None:
+            try:
+                last_mod = rev_path.stat().st_mtime
+            except OSError:
+                last_mod = 0.0
+        model.revisions.append(Revision(
+            commit_hash=rev, refs=sorted(refs_by_hash.pop(rev, [])),
+            size_on_disk=sum(blob_stats[b].st_size for b in rev_blobs), nb_files=len(files),
+            last_modified=last_mod, snapshot_path=str(rev_path), files=sorted(files)))
+    if refs_by_hash and model.error is None:
+        model.error = f"reference(s) refer to missing commit hashes: {sorted(refs_by_hash)}"
+    model.nb_files = len(blob_stats)
+    model.size_on_disk = sum(s.st_size for s in blob_stats.values())
+    if blob_stats:
+        model.last_accessed = max(s.st_atime for s in blob_stats.values())
+        model.last_modified = max(s.st_mtime for s in blob_stats.values())
+    else:
+        with contextlib.suppress(OSError):
+            st = repo_path.stat()
+            model.last_accessed, model.last_modified = st.st_atime, st.st_mtime
+    try:
+        for n in os.listdir(repo_path / "blobs"):
+            if n.endswith(".incomplete"):
+                model.incomplete_files += 1
+                with contextlib.suppress(OSError):
+                    model.incomplete_bytes += os.stat(repo_path / "blobs" / n).st_size
+    except OSError:
+        pass
+    snap = model.main_snapshot
+    if snap:
+        model.__dict__.update(read_config(snap))
+        names = set()
+        for rev in model.revisions:
+            if rev.snapshot_path == snap:
+                names = {os.path.basename(f) for f in rev.files}
+        model.complete = ("config.json" in names and any(n.endswith(WEIGHT_SUFFIXES) for n in names)
+                          and model.incomplete_files == 0 and model.error is None)
+    return model
+
+
+def scan(cache_dir: str | Path | None = None, source: str = "hf-cache") -> list[LocalModel]:
+    """Every model repo in one cache directory; a missing directory is an empty list, not an error."""
+    cache = Path(cache_dir).expanduser() if cache_dir else hub_cache_dir()
+    try:
+        entries = sorted(os.listdir(cache))
+    except OSError:
+        return []
+    found = []
+    for e in entries:
+        if not e.startswith("models--") or e.count("--") < 2:
+            continue
+        p = cache / e
+        if not p.is_dir():
+            continue
+        m = _scan_repo(p, cache)
+        m.source = source
+        found.append(m)
+    return found
+
+
+def list_models(extra_dirs: list[str] | None = None) -> list[LocalModel]:
+    """The hub cache plus any other cache directories (e.g. the `--download-dir` engines were started with)."""
+    main = hub_cache_dir()
+    models = scan(main)
+    seen = {os.path.realpath(main)}
+    for d in extra_dirs or []:
+        real = os.path.realpath(os.path.expanduser(d))
+        if real in seen:
+            continue
+        seen.add(real)
+        models.extend(scan(d, source="download-dir"))
+    return models

@@ -72,3 +72,23 @@ def human_bytes(n: int | float | None) -> str:
             return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
         x /= 1024
     return f"{x:.1f} TiB"
+
+
+def human_ago(ts: float | str | None, now: float | None = None) -> str:
+    """'12s ago', '3m ago', '5h ago', '2d ago' for a Unix time or an ISO-8601 string; 'n/a' when unknown."""
+    if ts is None:
+        return "n/a"
+    if isinstance(ts, str):
+        from datetime import datetime
+
+        try:
+            ts = datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return "n/a"
+    import time
+
+    delta = max(0.0, (now if now is not None else time.time()) - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if delta >= size:
+            return f"{int(delta // size)}{unit} ago"
+    return f"{int(delta)}s ago"
