@@ -103,11 +103,16 @@ def start(
     store: StateStore | None = None,
     on_progress: ProgressFn | None = None,
     foreground: bool = False,
+    gpus: str | None = None,
+    skip_checks: bool = False,
 ) -> StartResult:
-    """Validate, spawn `vllm serve` detached, record it, and (with `wait`) wait until it serves the model."""
+    """Validate, spawn `vllm serve` detached, record it, and (with `wait`) wait until it serves the model.
+
+    `gpus` ("0,1" or UUIDs) pins the GPUs; otherwise those with the most free memory are used. Their free memory is
+    checked against --gpu-memory-utilization before spawning, unless `skip_checks` (engine/placement.py)."""
     import secrets
 
-    from sage_llm.engine import envs
+    from sage_llm.engine import envs, placement
     from sage_llm.engine.vllm import build_argv, build_env, validate
 
     store = store or StateStore()
@@ -162,6 +167,7 @@ def start(
         argv = build_argv(cmd.prefix, spec)
         cpu_engine = cmd.kind == "cpu" or (cmd.kind is None and _no_gpu())
         env, added = build_env(spec, engine_id, cpu_engine, offline_ok=cached is True)
+        placed = placement.apply(spec, env, added, gpus, skip_checks, live, cpu_engine)
         if cmd.env_path:
             # the engine venv's bin first, so vLLM's helpers resolve inside its own environment
             env["PATH"] = str(Path(cmd.env_path) / "bin") + os.pathsep + env.get("PATH", "")
@@ -171,7 +177,7 @@ def start(
             name=chosen, model=spec.model, served_model_name=served, host=spec.host, port=port, id=engine_id,
             log_file=str(log_file), started_at=utcnow_iso(), state="launching", argv=argv,
             settings=spec.settings(), env=added, engine_env=cmd.env_path, api_key_env=spec.api_key_env,
-            foreground=foreground, owner_pid=os.getpid() if foreground else None,
+            foreground=foreground, owner_pid=os.getpid() if foreground else None, gpus=placed.record(),
         )
         store.save(record)  # before spawning: a CLI killed from here on leaves a record to find the engine by
         _rotate_log(log_file)

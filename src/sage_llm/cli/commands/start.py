@@ -52,6 +52,11 @@ def start(
         "reaches vLLM as VLLM_API_KEY, never on a command line.")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the engine serves the model.")] = True,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait before giving up.")] = 900.0,
+    gpus: Annotated[str | None, typer.Option(
+        "--gpus", help="GPUs to use: indices (0,1) or UUIDs; sets CUDA_VISIBLE_DEVICES. Default: the GPUs with the "
+        "most free memory, as many as tensor x pipeline parallel size.", show_default=False)] = None,
+    skip_checks: Annotated[bool, typer.Option(
+        "--skip-checks", help="Start even if the GPUs lack free memory for --gpu-memory-utilization.")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Start a vLLM engine in the background (its own process group), recorded in the state directory."""
@@ -93,7 +98,7 @@ def start(
     progress = _Progress(enabled=wait)
     try:
         result = manager.start(spec, name=name, port_explicit=port_explicit, wait=wait, timeout=timeout,
-                               on_progress=progress.update)
+                               on_progress=progress.update, gpus=gpus, skip_checks=skip_checks)
     finally:
         progress.close()
     rec = result.record
@@ -101,11 +106,14 @@ def start(
         out.warning(w)
     if result.port_note:
         out.info(result.port_note)
+    if rec.gpus and not result.already_running:
+        how = {"auto": " (most free memory)", "environment": " (from CUDA_VISIBLE_DEVICES)"}
+        out.info(f"GPU: {','.join(str(g['index']) for g in rec.gpus)}{how.get(rec.gpus[0].get('chosen_by'), '')}")
     if json_:
         out.print_json({"name": rec.name, "state": "ready" if wait else "starting", "already_running":
                         result.already_running, "model": rec.model, "served_model_name": rec.served_model_name,
                         "host": rec.host, "port": rec.port, "base_url": rec.base_url, "pid": rec.pid,
-                        "log_file": rec.log_file, "ready_after_s": result.ready_after_s})
+                        "log_file": rec.log_file, "ready_after_s": result.ready_after_s, "gpus": rec.gpus})
         return
     if result.already_running:
         out.result(f"engine {rec.name!r} already serves {rec.served_model_name} at {rec.base_url} (pid {rec.pid})")

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from sage_llm.cli import _output as out
-from sage_llm.cli._options import EXIT_CODES_EPILOG, JsonOpt, QuietOpt
+from sage_llm.cli._options import EXIT_CODES_EPILOG, JsonOpt
 
 EPILOG = ("Examples: sage llm status | sage llm status --json | sage llm status qwen && echo ready | "
           "sage llm stop $(sage llm status -q). " + EXIT_CODES_EPILOG)
@@ -18,7 +18,8 @@ STATE_STYLE = {"ready": "green", "starting": "yellow", "unhealthy": "red", "fail
 def status(
     target: Annotated[str | None, typer.Argument(help="Engine name or port.", show_default=False)] = None,
     json_: JsonOpt = False,
-    quiet: QuietOpt = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print the names of managed engines only, one per "
+                                        "line.")] = False,
 ) -> None:
     """Show engines: state (starting, ready, unhealthy, failed, stopped), model, port, pid, uptime, base URL.
 
@@ -34,7 +35,7 @@ def status(
         out.print_json(doc)
     elif quiet:
         for v in views:
-            if v.name:
+            if v.name and v.managed:  # names other commands accept: `sage llm stop $(sage llm status -q)`
                 out.result(v.name)
     else:
         if not views:
@@ -60,17 +61,27 @@ def status(
                 row = [v.name or "-", state, v.served_model_name or v.model or "-", str(v.port or "-"),
                        str(v.pid or "-"), human_uptime(v.uptime_s) or "-", v.base_url or "-"]
                 if show_gpu:
-                    row.append(out.human_bytes(v.gpu_memory_bytes) if v.gpu_memory_bytes is not None else "-")
+                    row.append(_gpu_cell(v))
                 table.add_row(*row)
             out.console().print(table)
             for v in views:
                 if v.error and v.state in ("failed", "unhealthy", "stopped"):
                     out.info(f"{v.name}: {v.error}")
-            if doc["gpu_error"] and not json_:
-                pass
+            from sage_llm.gpu import NO_DRIVER
+
+            if doc["gpu_error"] and doc["gpu_error"] != NO_DRIVER:
+                out.info(f"GPU: {doc['gpu_error']}")
     if target is not None:
         if not views:
             out.error(f"no engine named or on port {target!r}", "see `sage llm status`")
             raise typer.Exit(3)
         if views[0].state != "ready":
             raise typer.Exit(3)
+
+
+def _gpu_cell(v: object) -> str:
+    """"22.0 GiB on 0,1": the engine's VRAM summed over its processes, and the GPUs it holds or was placed on."""
+    mem = getattr(v, "gpu_memory_bytes", None)
+    where = ",".join(str(g.get("index")) for g in getattr(v, "gpus", []) or [])
+    text = out.human_bytes(mem) if mem is not None else "-"
+    return f"{text} on {where}" if where else text
