@@ -9,7 +9,11 @@ import pytest
 
 from sage_llm import gpu
 from sage_llm.state import EngineRecord, StateStore
-from tests.fakes.fake_nvml import FakeGpu, FakeNVML, FakeProc, GiB
+
+try:
+    from tests.fakes.fake_nvml import FakeGpu, FakeNVML, FakeProc, GiB, NVMLError_DriverNotLoaded
+except ModuleNotFoundError:  # tests/ not a package: its conftest put tests/ itself on sys.path
+    from fakes.fake_nvml import FakeGpu, FakeNVML, FakeProc, GiB, NVMLError_DriverNotLoaded
 
 pytestmark = pytest.mark.usefixtures("fake_vllm", "stop_all")
 
@@ -134,7 +138,6 @@ def test_status_without_gpu_reports_why(cli, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_status_shows_an_nvml_failure_on_stderr(cli) -> None:
-    from tests.fakes.fake_nvml import NVMLError_DriverNotLoaded
 
     gpu.set_backend(FakeNVML([FakeGpu()], init_error=NVMLError_DriverNotLoaded))
     code, _out, err = cli("start", "org/tiny", "--json")

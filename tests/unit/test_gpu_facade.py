@@ -10,16 +10,29 @@ import pytest
 
 from sage_llm import gpu
 from sage_llm.errors import UsageError
-from tests.fakes.fake_nvml import (
-    FakeGpu,
-    FakeNVML,
-    FakeProc,
-    GiB,
-    NVMLError_DriverNotLoaded,
-    NVMLError_GpuIsLost,
-    NVMLError_LibraryNotFound,
-    NVMLError_NoPermission,
-)
+
+try:
+    from tests.fakes.fake_nvml import (
+        FakeGpu,
+        FakeNVML,
+        FakeProc,
+        GiB,
+        NVMLError_DriverNotLoaded,
+        NVMLError_GpuIsLost,
+        NVMLError_LibraryNotFound,
+        NVMLError_NoPermission,
+    )
+except ModuleNotFoundError:  # tests/ not a package: its conftest put tests/ itself on sys.path
+    from fakes.fake_nvml import (
+        FakeGpu,
+        FakeNVML,
+        FakeProc,
+        GiB,
+        NVMLError_DriverNotLoaded,
+        NVMLError_GpuIsLost,
+        NVMLError_LibraryNotFound,
+        NVMLError_NoPermission,
+    )
 
 
 def two_gpus() -> FakeNVML:

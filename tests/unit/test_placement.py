@@ -12,7 +12,11 @@ from sage_llm.engine.placement import InsufficientGpuMemory, plan
 from sage_llm.engine.vllm import LaunchSpec
 from sage_llm.errors import UsageError
 from sage_llm.state import EngineRecord
-from tests.fakes.fake_nvml import FakeGpu, FakeNVML, FakeProc, GiB
+
+try:
+    from tests.fakes.fake_nvml import FakeGpu, FakeNVML, FakeProc, GiB
+except ModuleNotFoundError:  # tests/ not a package: its conftest put tests/ itself on sys.path
+    from fakes.fake_nvml import FakeGpu, FakeNVML, FakeProc, GiB
 
 
 def machine(*used_gib: float, procs: dict[int, list[FakeProc]] | None = None) -> FakeNVML:
