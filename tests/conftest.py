@@ -21,8 +21,11 @@ def _isolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
     monkeypatch.setenv("SAGE_LOCAL_ENGINE_PORT", str(free_port()))
+    monkeypatch.setenv("SAGE_LLM_CONFIG", str(tmp_path / "config" / "llm.toml"))  # never the user's config file
+    monkeypatch.setenv("SAGE_LLM_DOTENV", "")  # nor a .env in the current directory
     for var in ("SAGE_LLM_VLLM", "VLLM_API_KEY", "SAGE_LOCAL_ENGINE_DEFAULT_MODEL", "SAGE_LOCAL_ENGINE_GPU_UTIL",
-                "HF_TOKEN", "SAGE_CHAT_API_KEY", "OPENAI_API_KEY", "SAGE_CHAT_BASE_URL", "OPENAI_BASE_URL"):
+                "HF_TOKEN", "SAGE_CHAT_API_KEY", "OPENAI_API_KEY", "SAGE_CHAT_BASE_URL", "OPENAI_BASE_URL",
+                "SAGE_CHAT_MODEL", "SAGE_LOCAL_ENGINE_HOST", "SAGE_LLM_STARTUP_TIMEOUT", "SAGE_LLM_STOP_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
     from sage_llm import gpu
     from sage_llm.cli import _output

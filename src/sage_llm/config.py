@@ -29,8 +29,15 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "127.0.1.1"})
 
 
 def env_str(name: str, default: str | None = None) -> str | None:
+    """The variable's value; for SAGE_* names unset in the environment, `./.env` then the config file (settings.py)."""
     value = os.environ.get(name)
     if value is None or value.strip() == "":
+        if name.startswith("SAGE_"):
+            from sage_llm.settings import layered_env
+
+            layered = layered_env(name)
+            if layered is not None:
+                return layered
         return default
     return value.strip()
 

@@ -49,6 +49,9 @@ def _register() -> None:
     llm_app.command("status", epilog=status.EPILOG)(status.status)
     llm_app.command("chat", epilog=chat.EPILOG)(chat.chat)
     llm_app.add_typer(engine.engine_app, name="engine")
+    from sage_llm.cli.commands import config
+
+    llm_app.add_typer(config.config_app, name="config")
     from sage_llm.cli.commands import models
 
     llm_app.add_typer(models.models_app, name="models")

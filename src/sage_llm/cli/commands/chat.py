@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from sage_llm.cli import _complete
 from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt
 
@@ -196,7 +197,7 @@ def _setup_history() -> Any:
 def chat(
     target: Annotated[str | None, typer.Argument(
         help="Local engine name or port (default: the engine on $SAGE_LOCAL_ENGINE_PORT, else the first ready one).",
-        show_default=False)] = None,
+        show_default=False, autocompletion=_complete.engines)] = None,
     source: Annotated[str, typer.Option("--source", help="auto (local first, cloud when no engine is ready), local, "
                                         "or cloud.")] = "auto",
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model name (default: the engine's served model, "

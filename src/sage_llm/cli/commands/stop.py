@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from sage_llm.cli import _complete
 from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt
 
@@ -14,7 +15,8 @@ EPILOG = "Examples: sage llm stop qwen2.5-7b-instruct | sage llm stop 8001 | sag
 
 
 def stop(
-    targets: Annotated[list[str] | None, typer.Argument(help="Engine names or ports.", show_default=False)] = None,
+    targets: Annotated[list[str] | None, typer.Argument(help="Engine names or ports.", show_default=False,
+                                                           autocompletion=_complete.engines)] = None,
     all_: Annotated[bool, typer.Option("--all", "-a", help="Stop every engine this tool started.")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait after SIGTERM before SIGKILL.")] = 30.0,
     force: Annotated[bool, typer.Option("--force", "-f", help="SIGKILL at once (no grace period); also removes a "
