@@ -184,8 +184,7 @@ def _error_message(body: bytes | str) -> str:
 
 
 MAX_LEN_RE = re.compile(r"maximum (?:context|model) length is (\d+)", re.IGNORECASE)
-REQUESTED_RE = re.compile(r"(?:requested|request has|you requested|prompt contains at least|input tokens?\D{0,12})"
-                          r"\s*(\d+)", re.IGNORECASE)
+REQUESTED_RE = re.compile(r"(\d+)\s+(?:input\s+|prompt\s+)?tokens", re.IGNORECASE)
 TOO_LONG_RE = re.compile(r"context length|too long|max_model_len|maximum model length|longer than", re.IGNORECASE)
 
 
