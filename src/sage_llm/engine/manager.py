@@ -133,8 +133,11 @@ def start(
         live = _live(store)
         # idempotent: the same model already served (or starting) under this name / on this port
         for rec, _tree in live:
+            if rec.state == "stopping" and (rec.name == name or (port_explicit and rec.port == spec.port)):
+                raise SageLLMError(f"engine {rec.name!r} is being stopped right now",
+                                   hint="run the start again once `sage llm stop` has finished")
             same_model = rec.model == spec.model and rec.served_model_name == served
-            if not same_model:
+            if not same_model or rec.state == "stopping":
                 continue
             if (name is None or rec.name == name) and (not port_explicit or rec.port == spec.port):
                 if not foreground:
@@ -281,21 +284,36 @@ def wait_ready(
         time.sleep(poll)
 
 
+def _diag_context(record: EngineRecord, store: StateStore) -> dict[str, Any]:
+    """What diagnosis needs besides the log: names, and which other engines are alive (they may hold memory)."""
+    others = []
+    for name in store.names():
+        rec = store.load(name)
+        if isinstance(rec, EngineRecord) and rec.id != record.id and process.leader(rec.pid, rec.create_time):
+            others.append(name)
+    return {"port": record.port, "model": record.model, "name": record.name, "other_engines": others,
+            "cached": _cache_state(record.model)}
+
+
 def _fail(record: EngineRecord, store: StateStore, what: str, kill: bool = True) -> None:
+    lines = logtools.run_lines(record.log_file)  # read before stopping it: our SIGTERM is not the cause
+    diag = diagnose(lines, _diag_context(record, store))
+    if diag is None and "--timeout" in what:
+        stage = snapshot_of(record.log_file, record.model)
+        what += f" while {stage.label}" + (f" ({stage.detail})" if stage.detail else "")
     if kill:
         if not process.stop_tree(record.pid, record.create_time, record.id, timeout=5.0).survivors:
             _leftovers(record)
-    lines = logtools.tail_lines(record.log_file, 200)
-    diag = diagnose(lines, {"port": record.port, "model": record.model})
     reason = f"engine {record.name!r} {what}" + (f": {diag.message}" if diag else "")
+    hint = diag.hint if diag and diag.hint else f"see `sage llm logs {record.name} -n 80`"
     if kill:
         with store.lock():
             current = store.load(record.name)
             if isinstance(current, EngineRecord) and current.id == record.id:
                 current.state = "failed"
-                current.error = reason
+                current.error = f"{reason} (hint: {hint})"
                 store.save(current)
-    err = EngineFailed(reason, hint=(diag.hint if diag and diag.hint else f"see `sage llm logs {record.name}`"))
+    err = EngineFailed(reason, hint=hint)
     err.log_tail = lines[-20:]  # type: ignore[attr-defined]
     err.diagnosis = diag  # type: ignore[attr-defined]
     raise err
@@ -445,14 +463,15 @@ def _explain_dead(view: EngineView, rec: EngineRecord) -> None:
         view.state = "failed"
         view.error = "engine was never started (the CLI stopped before spawning it)"
         return
-    lines = logtools.tail_lines(rec.log_file, 200)
-    diag: Diagnosis | None = diagnose(lines, {"port": rec.port, "model": rec.model})
+    lines = logtools.run_lines(rec.log_file)
+    diag: Diagnosis | None = diagnose(lines, {"port": rec.port, "model": rec.model, "name": rec.name})
     if diag is None and is_clean_shutdown(lines):
         view.state = "stopped"
         view.error = "engine shut down (not by `sage llm stop`)"
     else:
         view.state = "failed"
-        view.error = f"engine exited unexpectedly: {diag.message}" if diag else "engine exited unexpectedly"
+        view.error = (f"engine exited unexpectedly: {diag.message} (hint: {diag.hint})" if diag and diag.hint
+                      else f"engine exited unexpectedly: {diag.message}" if diag else "engine exited unexpectedly")
     if reused is not None:
         view.error += f" (pid {rec.pid} now belongs to another process, which is left alone)"
 
@@ -608,6 +627,14 @@ def resolve_one(target: str, store: StateStore) -> str:
     raise EngineNotFound(f"no engine named {target!r} (engines: {known})", hint="see `sage llm status`")
 
 
+def _mark(store: StateStore, rec: EngineRecord, state: str) -> None:
+    with store.lock():
+        current = store.load(rec.name)
+        if isinstance(current, EngineRecord) and current.id == rec.id and current.state != "failed":
+            current.state = state
+            store.save(current)
+
+
 def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, store: StateStore | None = None,
          on_escalate: Callable[[str], None] | None = None) -> StopOutcome:
     """Stop one engine's whole tree; remove its record only once nothing of it is left and its port is free."""
@@ -627,6 +654,8 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
                            hint=f"check no engine of it runs, then `sage llm stop {name} --force` removes the record")
     tree = process.find_tree(rec.pid, rec.create_time, rec.id)
     gone_before = not tree.alive
+    if not gone_before:
+        _mark(store, rec, "stopping")  # a racing `start` of the same name answers "being stopped", not "running"
     result = process.stop_tree(rec.pid, rec.create_time, rec.id, timeout=timeout, force=force,
                                on_escalate=(lambda: on_escalate(name)) if on_escalate else None)
     port_free = True
@@ -637,6 +666,7 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
     outcome = StopOutcome(name, stopped=not result.survivors, already_gone=gone_before, escalated=result.escalated,
                           survivors=result.survivors, duration_s=result.duration_s, port_free=port_free)
     if result.survivors:
+        _mark(store, rec, "running")
         left = ", ".join(f"{n} (pid {p})" for p, n in result.survivors)
         outcome.message = f"engine {name!r}: still running after SIGKILL: {left}"
         return outcome
@@ -649,7 +679,7 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
         outcome.message = f"engine {name!r} was not running; record removed"
     else:
         how = " (SIGKILL after the grace period)" if result.escalated else (" (forced)" if force else "")
-        outcome.message = f"stopped {name!r}{how} in {result.duration_s:.1f} s"
+        outcome.message = f"stopped {name!r}{how} in {result.duration_s:.2f} s"
     if not port_free:
         pid, pname = process.port_owner(rec.port)
         outcome.message += f"; port {rec.port} is held by another process ({pname or '?'} pid {pid or '?'})"
