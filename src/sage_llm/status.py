@@ -5,10 +5,9 @@ Contract: docs/status-json.md; JSON Schema: sage_llm/data/status.schema.json.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from sage_llm.config import DEFAULT_PORT, EnvVars
+from sage_llm.config import DEFAULT_PORT, EnvVars, env_str
 from sage_llm.engine.manager import EngineView, inspect, local_engine
 from sage_llm.state import StateStore
 
@@ -16,8 +15,8 @@ SCHEMA_VERSION = 1
 
 
 def local_port() -> int:
-    raw = os.environ.get(EnvVars.LOCAL_PORT, "")
-    return int(raw) if raw.strip().isdigit() else DEFAULT_PORT
+    raw = env_str(EnvVars.LOCAL_PORT) or ""  # environment, else ./.env, else the config file (settings.py)
+    return int(raw) if raw.isdigit() else DEFAULT_PORT
 
 
 def _engine_pids(v: EngineView) -> set[int]:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from sage_llm.cli import _complete
 from sage_llm.cli import _output as out
 from sage_llm.cli._options import EXIT_CODES_EPILOG, JsonOpt
 
@@ -16,7 +17,8 @@ STATE_STYLE = {"ready": "green", "starting": "yellow", "unhealthy": "red", "fail
 
 
 def status(
-    target: Annotated[str | None, typer.Argument(help="Engine name or port.", show_default=False)] = None,
+    target: Annotated[str | None, typer.Argument(help="Engine name or port.", show_default=False,
+                                                          autocompletion=_complete.engines)] = None,
     json_: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print the names of managed engines only, one per "
                                         "line.")] = False,

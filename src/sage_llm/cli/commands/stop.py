@@ -18,15 +18,18 @@ def stop(
     targets: Annotated[list[str] | None, typer.Argument(help="Engine names or ports.", show_default=False,
                                                            autocompletion=_complete.engines)] = None,
     all_: Annotated[bool, typer.Option("--all", "-a", help="Stop every engine this tool started.")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait after SIGTERM before SIGKILL.")] = 30.0,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds to wait after SIGTERM before SIGKILL "
+                                                  "(default: $SAGE_LLM_STOP_TIMEOUT or 30).")] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="SIGKILL at once (no grace period); also removes a "
                                         "corrupt record.")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Stop engines. Exit 0 when stopped or already gone, 1 when a process survived (it is named)."""
+    from sage_llm import settings
     from sage_llm.engine import manager
     from sage_llm.state import StateStore
 
+    timeout = settings.get("stop_timeout", timeout)
     store = StateStore()
     names = manager.resolve_targets(list(targets or []), all_, store)
     if not names:
