@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from sage_llm.cli import _complete
 from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt
 
@@ -23,14 +24,14 @@ EPILOG = (
 def start(
     model: Annotated[str | None, typer.Argument(
         help="Hugging Face repo id or local path. Default: $SAGE_LOCAL_ENGINE_DEFAULT_MODEL or "
-             "Qwen/Qwen2.5-7B-Instruct.", show_default=False)] = None,
+             "Qwen/Qwen2.5-7B-Instruct.", show_default=False, autocompletion=_complete.cached_models)] = None,
     vllm_args: Annotated[list[str] | None, typer.Argument(
         help="Extra vLLM arguments after `--`, passed through verbatim.", show_default=False)] = None,
     name: Annotated[str | None, typer.Option("--name", "-n", help="Engine name (default: from the model).")] = None,
     port: Annotated[int | None, typer.Option("--port", "-p", help="Port (default: $SAGE_LOCAL_ENGINE_PORT or 8001;"
                                              " without --port the next free one is taken).")] = None,
-    host: Annotated[str, typer.Option("--host", help="Address to bind. Anything but loopback needs an API key.")]
-    = "127.0.0.1",
+    host: Annotated[str | None, typer.Option("--host", help="Address to bind (default: $SAGE_LOCAL_ENGINE_HOST or "
+                                             "127.0.0.1). Anything but loopback needs an API key.")] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(
         "--gpu-memory-utilization", "-u", help="Fraction of GPU memory for the engine, in (0, 1]. "
         "Default: $SAGE_LOCAL_ENGINE_GPU_UTIL or 0.9.")] = None,
@@ -51,7 +52,8 @@ def start(
         "--api-key-env", help="NAME of an environment variable holding the API key clients must send. The key "
         "reaches vLLM as VLLM_API_KEY, never on a command line.")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the engine serves the model.")] = True,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait before giving up.")] = 900.0,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds to wait before giving up (default: "
+                                                  "$SAGE_LLM_STARTUP_TIMEOUT or 900).")] = None,
     gpus: Annotated[str | None, typer.Option(
         "--gpus", help="GPUs to use: indices (0,1) or UUIDs; sets CUDA_VISIBLE_DEVICES. Default: the GPUs with the "
         "most free memory, as many as tensor x pipeline parallel size.", show_default=False)] = None,
@@ -60,34 +62,22 @@ def start(
     json_: JsonOpt = False,
 ) -> None:
     """Start a vLLM engine in the background (its own process group), recorded in the state directory."""
-    from sage_llm.config import (
-        DEFAULT_GPU_UTIL,
-        DEFAULT_MODEL,
-        DEFAULT_PORT,
-        EnvVars,
-        env_str,
-    )
+    from sage_llm.config import DEFAULT_MODEL
     from sage_llm.engine import manager
     from sage_llm.engine.vllm import LaunchSpec
-    from sage_llm.errors import UsageError
 
     extra = list(vllm_args or [])
     if model is not None and model.startswith("-"):
         extra.insert(0, model)
         model = None
-    model = model or env_str(EnvVars.DEFAULT_MODEL, DEFAULT_MODEL)
+    from sage_llm import settings
+
+    model = settings.get("default_model", model)  # flag > env > .env > config file > default
     port_explicit = port is not None
-    if port is None:
-        raw = env_str(EnvVars.LOCAL_PORT)
-        if raw is not None and not raw.isdigit():
-            raise UsageError(f"{EnvVars.LOCAL_PORT}={raw!r} is not a port number", hint="unset it or set e.g. 8001")
-        port = int(raw) if raw else DEFAULT_PORT
-    if gpu_memory_utilization is None:
-        raw = env_str(EnvVars.GPU_UTIL)
-        try:
-            gpu_memory_utilization = float(raw) if raw else DEFAULT_GPU_UTIL
-        except ValueError:
-            raise UsageError(f"{EnvVars.GPU_UTIL}={raw!r} is not a number", hint="set e.g. 0.9") from None
+    port = settings.get("local_engine_port", port)
+    gpu_memory_utilization = settings.get("gpu_util", gpu_memory_utilization)
+    host = settings.get("host", host)
+    timeout = settings.get("start_timeout", timeout)
     spec = LaunchSpec(
         model=model or DEFAULT_MODEL, host=host, port=port, gpu_memory_utilization=gpu_memory_utilization,
         served_model_name=served_model_name, quantization=quantization, max_model_len=max_model_len,
