@@ -8,11 +8,6 @@ import time
 import httpx
 import pytest
 
-try:
-    from tests.fakes.fake_openai import FakeOpenAI
-except ImportError:  # tests/ is not a package
-    from fakes.fake_openai import FakeOpenAI
-
 from sage_llm.client import (
     AuthFailed,
     ChatStream,
@@ -25,6 +20,7 @@ from sage_llm.client import (
     build_request,
     make_client,
 )
+from tests.fakes.fake_openai import FakeOpenAI
 
 MSGS = [{"role": "user", "content": "hi"}]
 

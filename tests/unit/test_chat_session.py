@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-try:
-    from tests.fakes.fake_openai import FakeOpenAI
-except ImportError:  # tests/ is not a package
-    from fakes.fake_openai import FakeOpenAI
-
 from sage_llm import chat
 from sage_llm.client import ServerUnreachable
+from tests.fakes.fake_openai import FakeOpenAI
 
 
 @pytest.fixture(autouse=True)
