@@ -255,13 +255,17 @@ def _scan_repo(repo_path: Path, cache_dir: Path) -> LocalModel:
             st = repo_path.stat()
             model.last_accessed, model.last_modified = st.st_atime, st.st_mtime
     try:
-        for n in os.listdir(repo_path / "blobs"):
-            if n.endswith(".incomplete"):
-                model.incomplete_files += 1
-                with contextlib.suppress(OSError):
-                    model.incomplete_bytes += os.stat(repo_path / "blobs" / n).st_size
+        blob_names = os.listdir(repo_path / "blobs")
     except OSError:
-        pass
+        blob_names = []
+    done = {n for n in blob_names if not n.endswith(".incomplete")}
+    for n in blob_names:
+        # `<etag>.incomplete` (hub 0.x/1.x) or `<etag>.<id>.incomplete` (hub 2.x); one whose blob is complete is a
+        # leftover of a killed download, not a missing file
+        if n.endswith(".incomplete") and n.split(".", 1)[0] not in done:
+            model.incomplete_files += 1
+            with contextlib.suppress(OSError):
+                model.incomplete_bytes += os.stat(repo_path / "blobs" / n).st_size
     snap = model.main_snapshot
     if snap:
         model.__dict__.update(read_config(snap))

@@ -5,6 +5,7 @@ huggingface_hub is imported inside the functions that need it (pull, remove, siz
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -204,8 +205,11 @@ def pull(repo_id: str, revision: str | None = None, include: list[str] | None = 
     rev = revision or "main"
     t0 = time.monotonic()
     login = "set HF_TOKEN or run `hf auth login`, and accept the model's licence on its hub page"
+    # huggingface_hub reads HF_ENDPOINT, HF_HUB_CACHE and HF_HUB_OFFLINE once, at its import: pass them per call
+    cache = str(Path(cache_dir).expanduser()) if cache_dir else str(hf_cache.hub_cache_dir())
     try:
-        path = snapshot_download(repo_id, revision=rev, allow_patterns=include or None, cache_dir=cache_dir,
+        path = snapshot_download(repo_id, revision=rev, allow_patterns=include or None, cache_dir=cache,
+                                 endpoint=_endpoint(), local_files_only=_offline(),
                                  tqdm_class=_progress_class(on_bytes), max_workers=4)
     except GatedRepoError as exc:
         raise DownloadError(f"{repo_id} is gated: access denied ({_status(exc)})", hint=login) from exc
@@ -220,8 +224,7 @@ def pull(repo_id: str, revision: str | None = None, include: list[str] | None = 
         raise DownloadError(f"{repo_id} was not found on the hub ({code or 404})",
                             hint="check the spelling (ORG/NAME); private repos need HF_TOKEN") from exc
     except LocalEntryNotFoundError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        if offline:
+        if _offline():
             raise DownloadError(f"cannot download {repo_id}: HF_HUB_OFFLINE is set and it is not in the cache",
                                 hint="unset HF_HUB_OFFLINE, or copy the model in with `sage llm models import`") \
                 from exc
@@ -242,7 +245,8 @@ def pull(repo_id: str, revision: str | None = None, include: list[str] | None = 
             raise DownloadError(f"connection to {_endpoint()} failed while downloading {repo_id}: {exc}",
                                 hint="a re-run resumes the download where it stopped") from exc
         raise
-    entries = [m for m in hf_cache.scan(cache_dir) if m.repo_id == repo_id]
+    _drop_stale_partials(hf_cache.repo_dir(repo_id, Path(cache)))
+    entries = [m for m in hf_cache.scan(cache) if m.repo_id == repo_id]
     size = entries[0].size_on_disk if entries else 0
     nfiles = entries[0].nb_files if entries else 0
     return PullResult(repo_id, rev, str(path), size, nfiles, time.monotonic() - t0)
@@ -252,6 +256,24 @@ def _status(exc: BaseException) -> int | None:
     resp = getattr(exc, "response", None)
     code = getattr(resp, "status_code", None)
     return int(code) if isinstance(code, int) else None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _drop_stale_partials(repo: Path) -> None:
+    """Remove `<etag>.<id>.incomplete` files left by a killed download whose blob has since been completed."""
+    blobs = repo / "blobs"
+    try:
+        names = os.listdir(blobs)
+    except OSError:
+        return
+    done = {n for n in names if not n.endswith(".incomplete")}
+    for n in names:
+        if n.endswith(".incomplete") and n.split(".", 1)[0] in done:
+            with contextlib.suppress(OSError):
+                os.unlink(blobs / n)
 
 
 def _endpoint() -> str:
