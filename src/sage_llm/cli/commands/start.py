@@ -42,6 +42,10 @@ def start(
     = None,
     tensor_parallel_size: Annotated[int | None, typer.Option("--tensor-parallel-size", "-tp")] = None,
     pipeline_parallel_size: Annotated[int | None, typer.Option("--pipeline-parallel-size", "-pp")] = None,
+    data_parallel_size: Annotated[int | None, typer.Option("--data-parallel-size", "-dp")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", envvar="RAY_ADDRESS", help="Run the engine's ranks on this existing Ray cluster (HOST:PORT "
+        "of its head): vLLM gets --distributed-executor-backend ray and RAY_ADDRESS.", show_default=False)] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="auto, half, float16, bfloat16, float, float32.")]
     = None,
     enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help="No torch.compile/CUDA graphs: faster "
@@ -82,6 +86,7 @@ def start(
         model=model or DEFAULT_MODEL, host=host, port=port, gpu_memory_utilization=gpu_memory_utilization,
         served_model_name=served_model_name, quantization=quantization, max_model_len=max_model_len,
         tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size, dtype=dtype,
+        data_parallel_size=data_parallel_size, ray_address=ray_address or None,
         enforce_eager=enforce_eager, download_dir=download_dir, trust_remote_code=trust_remote_code,
         api_key_env=api_key_env, extra_args=extra,
     )

@@ -1,0 +1,84 @@
+"""`sage llm switch NAME MODEL [--rolling]`: serve another model under the same name, every other setting kept."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from sage_llm.cli._options import JsonOpt
+from sage_llm.cli.commands.restart import (
+    DownloadOpt,
+    DpOpt,
+    DtypeOpt,
+    EagerOpt,
+    ExtraArg,
+    GpusOpt,
+    HostOpt,
+    KeyEnvOpt,
+    MaxLenOpt,
+    PortOpt,
+    PpOpt,
+    QuantOpt,
+    RayOpt,
+    ServedOpt,
+    TimeoutOpt,
+    TpOpt,
+    TrustOpt,
+    UtilOpt,
+    overrides,
+    print_result,
+)
+
+EPILOG = ("Examples: sage llm switch qwen Qwen/Qwen2.5-3B-Instruct | "
+          "sage llm switch qwen Qwen/Qwen2.5-3B-Instruct --rolling && sage llm status qwen --json | "
+          "sage llm switch qwen ./my-model --max-model-len 4096")
+
+
+def switch(
+    name: Annotated[str, typer.Argument(help="Engine name.", show_default=False)],
+    model: Annotated[str, typer.Argument(help="Hugging Face repo id or local path to serve.", show_default=False)],
+    vllm_args: ExtraArg = None,
+    rolling: Annotated[bool, typer.Option("--rolling", help="Start the new model on a free port, wait until it "
+                                          "serves, then stop the old one; if the new one fails, the old one keeps "
+                                          "serving.")] = False,
+    port: PortOpt = None,
+    host: HostOpt = None,
+    gpu_memory_utilization: UtilOpt = None,
+    quantization: QuantOpt = None,
+    max_model_len: MaxLenOpt = None,
+    served_model_name: ServedOpt = None,
+    tensor_parallel_size: TpOpt = None,
+    pipeline_parallel_size: PpOpt = None,
+    data_parallel_size: DpOpt = None,
+    dtype: DtypeOpt = None,
+    enforce_eager: EagerOpt = None,
+    download_dir: DownloadOpt = None,
+    trust_remote_code: TrustOpt = None,
+    api_key_env: KeyEnvOpt = None,
+    ray_address: RayOpt = None,
+    gpus: GpusOpt = None,
+    timeout: TimeoutOpt = 900.0,
+    json_: JsonOpt = False,
+) -> None:
+    """Switch an engine to another model; every other recorded setting is kept unless given here.
+
+    Without --rolling the engine restarts in place (same port). With --rolling the new engine takes over the name,
+    and `status --json` shows its new port.
+    """
+    from sage_llm.cli.commands.start import _Progress
+    from sage_llm.engine import switch as core
+
+    given = overrides(port=port, host=host, gpu_memory_utilization=gpu_memory_utilization,
+                      quantization=quantization, max_model_len=max_model_len, served_model_name=served_model_name,
+                      tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+                      data_parallel_size=data_parallel_size, dtype=dtype, enforce_eager=enforce_eager,
+                      download_dir=download_dir, trust_remote_code=trust_remote_code, api_key_env=api_key_env,
+                      ray_address=ray_address, vllm_args=vllm_args)
+    progress = _Progress(enabled=True)
+    try:
+        result = core.switch(name, model, rolling=rolling, overrides=given, gpus=gpus, timeout=timeout,
+                             on_progress=progress.update)
+    finally:
+        progress.close()
+    print_result(result, json_, "switched" + (" (rolling)" if result.rolling else ""))
