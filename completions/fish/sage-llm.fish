@@ -1,0 +1,1 @@
+complete --command sage-llm --no-files --arguments "(env _SAGE_LLM_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) sage-llm)" --condition "env _SAGE_LLM_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) sage-llm"
