@@ -17,7 +17,7 @@ def test_status_json_reports_stage_while_loading(cli, fake_vllm, monkeypatch: py
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         code, out, _ = cli("status", "tiny", "--json")
-        eng = json.loads(out)["engines"][0]
+        eng = next(e for e in json.loads(out)["engines"] if e["name"] == "tiny")
         seen.append((eng["stage"], eng["progress"]))
         if eng["state"] == "ready":
             break
