@@ -41,5 +41,13 @@ demo: engine
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
+# shell completion scripts for `sage` and `sage-llm` (bash, zsh, fish); tests/e2e/test_completion.py checks them
+completions: $(STAMP)
+	$(BIN)/python scripts/gen_completions.py
+
+# docs/cli.md from the commands' help; tests/test_docs_current.py checks it
+docs: $(STAMP)
+	$(BIN)/python scripts/gen_cli_docs.py
+
 clean:
 	rm -rf $(VENV) .engines .demo .pytest_cache

@@ -19,8 +19,9 @@ config_app = typer.Typer(help="Show and change settings (port, default model, GP
                          no_args_is_help=True, rich_markup_mode=None, epilog=EPILOG,
                          context_settings={"help_option_names": ["-h", "--help"]})
 
-KeyArg = Annotated[str, typer.Argument(help="Setting name (see `sage llm config show`), or its variable name.",
-                                       autocompletion=_complete.setting_keys, show_default=False)]
+KeyArg = Annotated[str, typer.Argument(
+    metavar="KEY", help="Setting name (see `sage llm config show`), or its variable name.",
+    autocompletion=_complete.setting_keys, show_default=False)]
 
 
 def _shown(r: object) -> object:
@@ -86,7 +87,7 @@ def config_path() -> None:
 @config_app.command("set")
 def config_set(
     key: KeyArg,
-    value: Annotated[str, typer.Argument(help="The new value (checked before anything is written).",
+    value: Annotated[str, typer.Argument(metavar="VALUE", help="The new value (checked before anything is written).",
                                          show_default=False)],
 ) -> None:
     """Validate VALUE and store it in the config file (written atomically, mode 0600)."""
