@@ -310,3 +310,86 @@ def list_models(extra_dirs: list[str] | None = None) -> list[LocalModel]:
         seen.add(real)
         models.extend(scan(d, source="download-dir"))
     return models
+
+
+# -------------------------------------------------------------------------------------------------- start preflight
+@dataclass
+class Preflight:
+    """What `start MODEL` will find: the model cached (and where), or a download (and its size when knowable)."""
+
+    model: str
+    is_repo_id: bool
+    cached: bool = False
+    partial: bool = False  # an interrupted download is in the cache
+    cache_dir: str | None = None
+    size_bytes: int | None = None  # on disk when cached, else the download (None: unknown)
+    size_error: str | None = None  # why the download size is unknown
+
+
+def is_offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _snapshot_bytes(snap: Path) -> int:
+    total = 0
+    for dirpath, _dirs, names in os.walk(snap):
+        for n in names:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(dirpath, n)).st_size
+    return total
+
+
+def preflight(model: str, download_dir: str | None = None, size_timeout: float = 5.0) -> Preflight:
+    """Is `model` (a hub id) complete in the cache, or in `download_dir`? If not, how large is the download?
+
+    With HF_HUB_OFFLINE set and no cached copy, raise UsageError: vLLM could only fail, after loading for a while.
+    Paths and anything that is not ORG/NAME are left to vLLM (is_repo_id False).
+    """
+    from sage_llm.errors import UsageError
+
+    if model.startswith(("/", ".", "~")) or model.count("/") != 1 or os.path.exists(model):
+        return Preflight(model, is_repo_id=False)
+    pre = Preflight(model, is_repo_id=True)
+    caches = [hub_cache_dir()] + ([Path(download_dir).expanduser()] if download_dir else [])
+    for cache in caches:
+        if is_cached(model, cache):
+            snap = snapshot_path(model, cache=cache)
+            pre.cached, pre.cache_dir = True, str(cache)
+            pre.size_bytes = _snapshot_bytes(snap) if snap else None
+            return pre
+        if repo_dir(model, cache).exists():
+            pre.partial = True
+    pre.cache_dir = str(caches[-1])
+    if is_offline():
+        where = " or ".join(str(c) for c in caches)
+        raise UsageError(
+            f"{model} is not in the local cache ({where}) and HF_HUB_OFFLINE is set, so vLLM cannot download it; "
+            "nothing was started",
+            hint=f"unset HF_HUB_OFFLINE to download it, or get it first: sage llm models pull {model} "
+                 "(or `sage llm models import FILE.gguf --as ORG/NAME`)",
+        )
+    pre.size_bytes, pre.size_error = download_size(model, timeout=size_timeout)
+    return pre
+
+
+def download_size(model: str, revision: str = "main", timeout: float = 5.0) -> tuple[int | None, str | None]:
+    """Bytes vLLM will fetch for `model` (safetensors weights if any, else .bin/.pt, plus the small files), from the
+    hub's file listing; (None, reason) when the hub cannot tell in `timeout` seconds."""
+    try:
+        from huggingface_hub import HfApi
+
+        endpoint = os.environ.get("HF_ENDPOINT") or None
+        info = HfApi(endpoint=endpoint).model_info(model, revision=revision, files_metadata=True, timeout=timeout)
+    except Exception as exc:  # offline, DNS, 401/404: the size is a nicety, vLLM reports the real error
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return None, f"hub answered {status}" if status else "hub not reachable"
+    files = [(s.rfilename, s.size or 0) for s in (info.siblings or [])]
+    st = [sz for n, sz in files if n.endswith(".safetensors")]
+    if st:
+        weights = sum(st)
+    else:
+        weights = sum(sz for n, sz in files if n.endswith((".bin", ".pt", ".pth")))
+    small = sum(sz for n, sz in files if not n.endswith(WEIGHT_SUFFIXES + (".pth", ".h5", ".msgpack", ".onnx",
+                                                                          ".ot", ".tflite")))
+    return weights + small, None

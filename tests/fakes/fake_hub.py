@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 import threading
 from dataclasses import dataclass, field
@@ -57,7 +58,8 @@ class FakeHub:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def start(self, port: int = 0) -> FakeHub:
+    def start(self, port: int | None = None, ports: range = range(19200, 19300)) -> FakeHub:
+        """Listen on `port`, or on a free port of `ports` (the range this project's hub tests may use)."""
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -72,7 +74,14 @@ class FakeHub:
             def do_GET(self) -> None:
                 hub._handle(self, head=False)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        candidates = [port] if port is not None else random.sample(list(ports), len(ports))
+        for p in candidates:
+            try:
+                self.server = ThreadingHTTPServer(("127.0.0.1", p), Handler)
+                break
+            except OSError:
+                if p == candidates[-1]:
+                    raise
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
@@ -112,6 +121,14 @@ class FakeHub:
             return False
         return True
 
+    @staticmethod
+    def _sibling(repo: Repo, name: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {"rfilename": name, "size": len(repo.files[name]),
+                                 "blobId": hashlib.sha1(repo.files[name]).hexdigest()}
+        if name.endswith(LFS_SUFFIXES):
+            entry["lfs"] = {"sha256": repo.etag(name), "size": len(repo.files[name]), "pointerSize": 134}
+        return entry
+
     def _handle(self, h: BaseHTTPRequestHandler, head: bool) -> None:
         path = h.path.split("?", 1)[0]
         self.requests.append(("HEAD" if head else "GET", h.path, dict(h.headers)))
@@ -125,7 +142,7 @@ class FakeHub:
             repo = self.repos[repo_id]
             if kind == "revision":
                 body = {"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": repo_id in self.private,
-                        "siblings": [{"rfilename": n} for n in sorted(repo.files)]}
+                        "siblings": [self._sibling(repo, n) for n in sorted(repo.files)]}
             else:
                 body = []
                 for n in sorted(repo.files):
@@ -175,3 +192,17 @@ class FakeHub:
             h.close_connection = True
             return None
         return self._send(h, code, body, headers, head)
+
+
+def free_port(ports: range = range(19200, 19300)) -> int:
+    """A port of `ports` that nothing listens on now."""
+    import socket
+
+    for p in random.sample(list(ports), len(ports)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+            return p
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")

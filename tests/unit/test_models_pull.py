@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sage_llm import hf_cache, models
-from tests.fakes.fake_hub import FakeHub, Repo
+from tests.fakes.fake_hub import FakeHub, Repo, free_port
 
 CONFIG = json.dumps({"architectures": ["Qwen2ForCausalLM"], "max_position_embeddings": 4096,
                      "quantization_config": {"quant_method": "awq"}}).encode()
@@ -120,8 +120,6 @@ def test_gated_not_found_bad_revision(hub: FakeHub) -> None:
 
 
 def test_offline_and_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.conftest import free_port
-
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     with pytest.raises(models.DownloadError, match="cannot reach the hub") as exc:
         models.pull("org/tiny")

@@ -217,3 +217,19 @@ class _Bar:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def announce_start(model: str, download_dir: str | None) -> None:
+    """For `start`: say whether the model is cached, or that vLLM will download it and how much. Offline with no cached
+    copy raises UsageError (exit 2) before anything is spawned."""
+    from sage_llm import hf_cache
+
+    pre = hf_cache.preflight(model, download_dir)
+    if not pre.is_repo_id:
+        return
+    if pre.cached:
+        out.info(f"model {model}: cached ({out.human_bytes(pre.size_bytes)} in {pre.cache_dir})")
+        return
+    size = f"about {out.human_bytes(pre.size_bytes)}" if pre.size_bytes else f"size unknown: {pre.size_error}"
+    again = "; an earlier download of it is incomplete" if pre.partial else ""
+    out.info(f"model {model}: not cached; vLLM will download it ({size}) into {pre.cache_dir}{again}")

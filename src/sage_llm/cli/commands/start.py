@@ -90,6 +90,9 @@ def start(
         enforce_eager=enforce_eager, download_dir=download_dir, trust_remote_code=trust_remote_code,
         api_key_env=api_key_env, extra_args=extra,
     )
+    from sage_llm.cli.commands.models import announce_start
+
+    announce_start(spec.model, spec.download_dir)  # cached, or a download of N GiB; offline + not cached: exit 2
     progress = _Progress(enabled=wait)
     try:
         result = manager.start(spec, name=name, port_explicit=port_explicit, wait=wait, timeout=timeout,
