@@ -310,7 +310,7 @@ class ChatSession:
 
     def set_source(self, mode: str) -> str:
         if not mode:
-            return f"source: {self.source_mode} (now {self.target.describe()})"
+            return f"source mode {self.source_mode}; now {self.target.describe()}"
         if mode not in SOURCES:
             raise UsageError(f"source must be one of {', '.join(SOURCES)}", hint="e.g. /source cloud")
         target = self.resolver(mode, None, self.model_override)

@@ -7,6 +7,8 @@ REFRESH_HZ times a second. `--plain` or a non-terminal stdout prints the raw tex
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 import time
 from typing import Annotated, Any
@@ -56,6 +58,39 @@ class NullRenderer:
         pass
 
 
+class _Block:
+    """One Markdown block, rendered without blank lines at its edges; `gap`: one blank line before it.
+
+    Rich renders each document with its own edge spacing (lists and code blocks start with a blank line), so blocks
+    printed one by one get the spacing of one document only if the edges are trimmed and the gaps put back.
+    """
+
+    def __init__(self, text: str, gap: bool) -> None:
+        self.text = text
+        self.gap = gap
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.markdown import Markdown
+        from rich.segment import Segment
+
+        lines = console.render_lines(Markdown(self.text, code_theme="ansi_dark", hyperlinks=False), options,
+                                     pad=False)
+
+        def blank(line: list[Any]) -> bool:
+            return not "".join(seg.text for seg in line).strip()
+
+        start, end = 0, len(lines)
+        while start < end and blank(lines[start]):
+            start += 1
+        while end > start and blank(lines[end - 1]):
+            end -= 1
+        if self.gap and start < end:
+            yield Segment.line()
+        for line in lines[start:end]:
+            yield from line
+            yield Segment.line()
+
+
 class MarkdownRenderer:
     """Markdown while streaming, without re-rendering the whole reply per token.
 
@@ -75,11 +110,11 @@ class MarkdownRenderer:
         self.last_refresh = 0.0
         self.refreshes = 0
         self.committed = 0
+        self.guard = _SigintGuard()
+        self.tty_attrs = _quiet_tty()
 
-    def _markdown(self, text: str) -> Any:
-        from rich.markdown import Markdown
-
-        return Markdown(text, code_theme="ansi_dark", hyperlinks=False)
+    def _markdown(self, text: str, gap: bool = False) -> Any:
+        return _Block(text, gap)
 
     def _ensure_live(self) -> None:
         if self.live is None:
@@ -91,14 +126,15 @@ class MarkdownRenderer:
 
     def feed(self, piece: str) -> None:
         self.buf += piece
-        if "\n" in piece:
-            self._commit()
-        now = time.monotonic()
-        if now - self.last_refresh >= self.interval:
-            self.last_refresh = now
-            self._ensure_live()
-            self.live.update(self._markdown(self.buf), refresh=True)
-            self.refreshes += 1
+        with self.guard:
+            if "\n" in piece:
+                self._commit()
+            now = time.monotonic()
+            if now - self.last_refresh >= self.interval:
+                self.last_refresh = now
+                self._ensure_live()
+                self.live.update(self._markdown(self.buf, gap=self.committed > 0), refresh=True)
+                self.refreshes += 1
 
     def _commit(self) -> None:
         boundary = 0
@@ -121,19 +157,107 @@ class MarkdownRenderer:
             self.scan -= boundary
             if block.strip():
                 self._ensure_live()
-                self.live.update(self._markdown(self.buf), refresh=False)
-                self.live.console.print(self._markdown(block))
+                self.live.update(self._markdown(self.buf, gap=True), refresh=False)
+                self.live.console.print(self._markdown(block, gap=self.committed > 0))
                 self.committed += 1
 
     def finish(self) -> None:
-        if self.live is None and not self.buf.strip():
-            return
-        self._ensure_live()
-        self.live.update(self._markdown(self.buf), refresh=False)
-        self.live.stop()
-        self.live = None
-        self.buf = ""
-        self.scan = 0
+        try:
+            if self.live is None and not self.buf.strip():
+                return
+            with self.guard.quiet():
+                self._ensure_live()
+                self.live.update(self._markdown(self.buf, gap=self.committed > 0), refresh=False)
+                self.live.stop()
+            self.live = None
+            self.buf = ""
+            self.scan = 0
+        finally:
+            self.guard.uninstall()
+            _restore_tty(self.tty_attrs)
+            self.tty_attrs = None
+
+
+def _quiet_tty() -> Any:
+    """Stop the terminal echoing keys (and "^C") into the live region while a reply is drawn; returns what to restore.
+
+    An echoed "^C" or a typed key moves the cursor under Rich's feet and the next redraw duplicates lines."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        if not os.isatty(fd):
+            return None
+        old = termios.tcgetattr(fd)
+        new = list(old)
+        new[3] &= ~(termios.ECHO | termios.ECHOCTL)
+        termios.tcsetattr(fd, termios.TCSANOW, new)
+        return (fd, old)
+    except (ImportError, OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return None
+
+
+def _restore_tty(saved: Any) -> None:
+    if saved is None:
+        return
+    import termios
+
+    try:
+        termios.tcsetattr(saved[0], termios.TCSANOW, saved[1])
+    except (OSError, termios.error):
+        pass
+
+
+class _SigintGuard:
+    """Ctrl-C while Rich is drawing would leave the terminal half redrawn (duplicated lines): inside `with guard:`
+    SIGINT is held back and raised as KeyboardInterrupt when the drawing is done. Outside (waiting for the next
+    token) it is raised at once, so a cancelled request closes its connection without waiting for the engine."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.busy = False
+        self.pending = False
+        self.previous: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.busy:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> None:
+        self.busy = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.busy = False
+        if self.pending and exc[0] is None:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    def quiet(self) -> Any:
+        """A section whose Ctrl-C is dropped (the final redraw: the reply is over anyway)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def section() -> Any:
+            self.busy = True
+            try:
+                yield
+            finally:
+                self.busy = False
+                self.pending = False
+        return section()
+
+    def uninstall(self) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def make_renderer(json_: bool, plain: bool) -> Any:
