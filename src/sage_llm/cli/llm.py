@@ -59,6 +59,9 @@ def _register() -> None:
     from sage_llm.cli.commands import models
 
     llm_app.add_typer(models.models_app, name="models")
+    from sage_llm.cli.commands import top
+
+    llm_app.command("top", epilog=top.EPILOG)(top.top)
 
 
 _register()
