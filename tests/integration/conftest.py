@@ -1,0 +1,108 @@
+"""Fixtures for the real-vLLM tier (`@pytest.mark.integration`): the CPU engine, the tiny model, ports.
+
+* `real_vllm`    points `sage llm` at the engine environment named by SAGE_LLM_ENGINE_DIR (`make engine` builds it
+                 in .engines/cpu). Without it the test is skipped, or fails under CI (CI must never skip silently).
+* `tiny_model`   the repo id of a tiny chat model built offline (once, cached in .cache/tiny-hub, by the engine's
+                 python) and visible to vLLM through HF_HUB_CACHE + HF_HUB_OFFLINE=1. Under greedy decoding it answers
+                 every short prompt with exactly TINY_REPLY.
+* `engine_port`  a function returning a free port in 19000-19099 that no other test session using this fixture
+                 holds (a lock file per port, kept until teardown): vLLM binds its port only after ~25 s of loading, so
+                 a plain "is it free" check races with the other sessions on this machine.
+
+Real engines are heavy (about 2.6 GB RSS, 25-40 s to start on 2 cores): run at most two at once, always stop them
+(`stop_all` from the root conftest does at teardown), and pass `--enforce-eager` to skip the torch.compile warm-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from sage_llm.engine.tiny import TINY_REPLY, TINY_REPO, build_tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_CACHE = ROOT / ".cache" / "tiny-hub"
+PORT_RANGE = range(19000, 19100)
+PORT_LOCKS = Path(os.environ.get("TMPDIR", "/tmp")) / "sage-llm-test-ports"
+
+__all__ = ["TINY_REPLY", "TINY_REPO"]
+
+
+def engine_dir() -> Path:
+    """The engine venv from SAGE_LLM_ENGINE_DIR; skips the test (fails it under CI) when there is none."""
+    raw = os.environ.get("SAGE_LLM_ENGINE_DIR", "").strip()
+    problem = None
+    if not raw:
+        problem = "SAGE_LLM_ENGINE_DIR is not set"
+    elif not (Path(raw) / "bin" / "vllm").exists():
+        problem = f"SAGE_LLM_ENGINE_DIR={raw} has no bin/vllm"
+    if problem is None:
+        return Path(raw)
+    message = f"{problem}: run `make engine` (or `make test-integration`) to install the CPU build of vLLM"
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the real-vLLM tests: {message}", pytrace=False)
+    pytest.skip(message)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@pytest.fixture
+def real_vllm(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Make `sage llm start` run the real CPU vLLM; returns the command (SAGE_LLM_VLLM)."""
+    cmd = str(engine_dir() / "bin" / "vllm")
+    monkeypatch.setenv("SAGE_LLM_VLLM", cmd)
+    return cmd
+
+
+@pytest.fixture(scope="session")
+def _tiny_cache() -> Path:
+    """Build the tiny model once (about 15-100 s, depending on load), reused by later runs: .cache/tiny-hub."""
+    python = engine_dir() / "bin" / "python"
+    build_tiny_model(TINY_CACHE, python, TINY_REPO)
+    return TINY_CACHE
+
+
+@pytest.fixture
+def tiny_model(_tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The tiny model's repo id, with HF_HUB_CACHE pointing at its cache and the hub offline for this test."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(_tiny_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return TINY_REPO
+
+
+@pytest.fixture
+def engine_port() -> Iterator[Callable[[], int]]:
+    """`engine_port()` -> a port in 19000-19099, free now and reserved for this test against other sessions."""
+    held: list[tuple[int, int]] = []
+    PORT_LOCKS.mkdir(parents=True, exist_ok=True)
+
+    def reserve() -> int:
+        from sage_llm.engine import process
+
+        ports = list(PORT_RANGE)
+        random.shuffle(ports)
+        for port in ports:
+            fd = os.open(PORT_LOCKS / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            if process.port_is_free("127.0.0.1", port):
+                held.append((port, fd))
+                return port
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        pytest.fail("no free port in 19000-19099")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    yield reserve
+    for _port, fd in held:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
