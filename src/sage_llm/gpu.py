@@ -294,3 +294,15 @@ def cuda_visible_devices(chosen: Iterable[GpuInfo]) -> tuple[str, dict[str, str]
     if all(g.uuid for g in chosen):
         return ",".join(g.uuid for g in chosen if g.uuid), {}
     return ",".join(str(g.index) for g in chosen), {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def driver_version() -> tuple[str | None, str | None]:
+    """(NVIDIA driver version, CUDA version the driver supports, e.g. "12.4"); (None, None) without NVML."""
+    nv = _nvml()
+    if nv is None:
+        return None, None
+    drv = _q(getattr(nv, "nvmlSystemGetDriverVersion", None))
+    if isinstance(drv, bytes):
+        drv = drv.decode("utf-8", "replace")
+    cuda = _num(_q(getattr(nv, "nvmlSystemGetCudaDriverVersion", None)))
+    return (str(drv) if drv else None), (f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else None)

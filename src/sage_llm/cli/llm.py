@@ -56,12 +56,19 @@ def _register() -> None:
     from sage_llm.cli.commands import config
 
     llm_app.add_typer(config.config_app, name="config")
+    from sage_llm.cli.commands import doctor
+
+    llm_app.command("doctor", epilog=doctor.EPILOG)(doctor.doctor)
     from sage_llm.cli.commands import models
 
     llm_app.add_typer(models.models_app, name="models")
     from sage_llm.cli.commands import top
 
     llm_app.command("top", epilog=top.EPILOG)(top.top)
+
+    from sage_llm.cli.commands import logs
+
+    llm_app.command("logs", epilog=logs.EPILOG)(logs.logs)
 
 
 _register()
