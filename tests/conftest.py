@@ -21,6 +21,8 @@ def _isolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
     monkeypatch.setenv("SAGE_LOCAL_ENGINE_PORT", str(free_port()))
+    # no test touches the network: the hub is a closed local port (connection refused at once)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("SAGE_LLM_CONFIG", str(tmp_path / "config" / "llm.toml"))  # never the user's config file
     monkeypatch.setenv("SAGE_LLM_DOTENV", "")  # nor a .env in the current directory
     for var in ("SAGE_LLM_VLLM", "VLLM_API_KEY", "SAGE_LOCAL_ENGINE_DEFAULT_MODEL", "SAGE_LOCAL_ENGINE_GPU_UTIL",
