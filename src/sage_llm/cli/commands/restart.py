@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from sage_llm.cli import _complete
 from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt
 
@@ -70,7 +71,8 @@ def print_result(result: Any, json_: bool, verb: str) -> None:
 
 
 def restart(
-    name: Annotated[str, typer.Argument(help="Engine name.", show_default=False)],
+    name: Annotated[str, typer.Argument(help="Engine name.", show_default=False,
+                                        autocompletion=_complete.engine_names)],
     vllm_args: ExtraArg = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Serve another model (default: the same).")]
     = None,

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from sage_llm.cli import _complete
 from sage_llm.cli._options import JsonOpt
 from sage_llm.cli.commands.restart import (
     DownloadOpt,
@@ -36,8 +37,10 @@ EPILOG = ("Examples: sage llm switch qwen Qwen/Qwen2.5-3B-Instruct | "
 
 
 def switch(
-    name: Annotated[str, typer.Argument(help="Engine name.", show_default=False)],
-    model: Annotated[str, typer.Argument(help="Hugging Face repo id or local path to serve.", show_default=False)],
+    name: Annotated[str, typer.Argument(help="Engine name.", show_default=False,
+                                        autocompletion=_complete.engine_names)],
+    model: Annotated[str, typer.Argument(help="Hugging Face repo id or local path to serve.", show_default=False,
+                                         autocompletion=_complete.cached_models)],
     vllm_args: ExtraArg = None,
     rolling: Annotated[bool, typer.Option("--rolling", help="Start the new model on a free port, wait until it "
                                           "serves, then stop the old one; if the new one fails, the old one keeps "
