@@ -219,17 +219,38 @@ class _Bar:
             self.progress = None
 
 
-def announce_start(model: str, download_dir: str | None) -> None:
-    """For `start`: say whether the model is cached, or that vLLM will download it and how much. Offline with no cached
-    copy raises UsageError (exit 2) before anything is spawned."""
+class StartNote:
+    """For `start`: one stderr line saying whether the model is cached, or that vLLM will download it and how much.
+
+    It is printed once the engine has been spawned (on the first progress update, or by `flush()`), so a start that
+    other checks refuse still fails in one line.
+    """
+
+    def __init__(self, message: str | None) -> None:
+        self.message = message
+
+    def wrap(self, fn: Any) -> Any:
+        def first_then(info: Any) -> Any:
+            self.flush()
+            return fn(info)
+
+        return first_then
+
+    def flush(self) -> None:
+        if self.message:
+            out.info(self.message)
+            self.message = None
+
+
+def announce_start(model: str, download_dir: str | None) -> StartNote:
+    """Check the cache before `start` spawns anything: offline with no cached copy raises UsageError (exit 2)."""
     from sage_llm import hf_cache
 
     pre = hf_cache.preflight(model, download_dir)
     if not pre.is_repo_id:
-        return
+        return StartNote(None)
     if pre.cached:
-        out.info(f"model {model}: cached ({out.human_bytes(pre.size_bytes)} in {pre.cache_dir})")
-        return
+        return StartNote(f"model {model}: cached ({out.human_bytes(pre.size_bytes)} in {pre.cache_dir})")
     size = f"about {out.human_bytes(pre.size_bytes)}" if pre.size_bytes else f"size unknown: {pre.size_error}"
     again = "; an earlier download of it is incomplete" if pre.partial else ""
-    out.info(f"model {model}: not cached; vLLM will download it ({size}) into {pre.cache_dir}{again}")
+    return StartNote(f"model {model}: not cached; vLLM will download it ({size}) into {pre.cache_dir}{again}")

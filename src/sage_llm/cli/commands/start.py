@@ -92,13 +92,14 @@ def start(
     )
     from sage_llm.cli.commands.models import announce_start
 
-    announce_start(spec.model, spec.download_dir)  # cached, or a download of N GiB; offline + not cached: exit 2
+    note = announce_start(spec.model, spec.download_dir)  # offline + not cached: exit 2, before anything runs
     progress = _Progress(enabled=wait)
     try:
         result = manager.start(spec, name=name, port_explicit=port_explicit, wait=wait, timeout=timeout,
-                               on_progress=progress.update, gpus=gpus, skip_checks=skip_checks)
+                               on_progress=note.wrap(progress.update), gpus=gpus, skip_checks=skip_checks)
     finally:
         progress.close()
+    note.flush()  # "cached" / "will download N GiB", if no progress update printed it
     rec = result.record
     for w in result.warnings:
         out.warning(w)
