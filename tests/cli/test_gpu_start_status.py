@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import jsonschema
 import psutil
 import pytest
 
+import sage_llm
 from sage_llm import gpu
 from sage_llm.state import EngineRecord, StateStore
 
@@ -98,6 +101,7 @@ def test_status_sums_vram_over_the_process_tree_per_gpu(cli, nv: FakeNVML, monke
     code, out, err = cli("status", "--json")
     assert code == 0, err
     doc = json.loads(out)
+    jsonschema.validate(doc, json.loads((Path(sage_llm.__file__).parent / "data" / "status.schema.json").read_text()))
     (eng,) = [e for e in doc["engines"] if e["managed"]]  # other vLLMs on this machine show up as external
     assert eng["gpu_memory_bytes"] == 22 * GiB
     assert eng["gpus"] == [

@@ -38,6 +38,8 @@ def _num(value: float | None, fmt: str = "{:.0f}") -> str:
 def _ms(seconds: float | None) -> str:
     if seconds is None:
         return "-"
+    if seconds < 0.01:
+        return f"{seconds * 1000:.1f} ms"
     return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
