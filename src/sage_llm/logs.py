@@ -1,33 +1,50 @@
-"""Reading engine logs without a `tail` subprocess: last N lines by seeking from the end."""
+"""Reading engine logs without a `tail` subprocess: last N lines by seeking from the end, `--since`, and follow.
+
+Lines are what a terminal shows: split on \\n, and a line redrawn with \\r (tqdm's CUDA-graph bar) shows its last
+drawing. `tail_lines()` (used by diagnosis and progress) splits on \\r as well and drops blank lines.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 LINE_SPLIT = re.compile(r"\r\n|\r|\n")  # vLLM's CUDA-graph bar redraws with \r
+BLOCK = 64 * 1024
+
+# vLLM: "(APIServer pid=1) INFO 11-25 08:00:22 [file.py:1] msg" (local time, no year); our own start header
+_VLLM_TS = re.compile(r"^(?:\S*\([\w-]+ pid=\d+\) )?[A-Z]+ (\d\d)-(\d\d) (\d\d):(\d\d):(\d\d) \[")
+_HEADER_TS = re.compile(r"^===== sage llm start \S+ at (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:Z|[+-]\d\d:\d\d)?:")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|secs|sec|s|mins|min|m|hrs|hr|h|days|day|d|w)(?![a-z])")
+_UNIT_S = {"ms": 0.001, "s": 1, "sec": 1, "secs": 1, "m": 60, "min": 60, "mins": 60, "h": 3600, "hr": 3600,
+           "hrs": 3600, "d": 86400, "day": 86400, "days": 86400, "w": 604800}
 
 
-def tail_lines(path: str | Path, n: int = 20, block: int = 64 * 1024) -> list[str]:
+def tail_lines(path: str | Path, n: int = 20, block: int = BLOCK) -> list[str]:
     """The last `n` non-empty lines of a file (split on \\n and \\r), reading only the end of it."""
     if n <= 0:
         return []
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
-            end = fh.tell()
-            data = b""
-            pos = end
-            while pos > 0:
+            pos = fh.tell()
+            chunks: list[bytes] = []
+            seps = 0
+            while pos > 0 and seps <= n:
                 step = min(block, pos)
                 pos -= step
                 fh.seek(pos)
-                data = fh.read(step) + data
-                if len([ln for ln in LINE_SPLIT.split(data.decode("utf-8", "replace")) if ln.strip()]) > n:
-                    break
+                chunk = fh.read(step)
+                chunks.append(chunk)
+                seps += chunk.count(b"\n") + chunk.count(b"\r")
     except OSError:
         return []
+    data = b"".join(reversed(chunks))
     lines = [ln for ln in LINE_SPLIT.split(data.decode("utf-8", "replace")) if ln.strip()]
     if pos > 0 and lines:
         lines = lines[1:]  # the first piece may be a partial line
@@ -54,3 +71,263 @@ def run_lines(path: str | Path, max_bytes: int = 2 * 1024 * 1024) -> list[str]:
     except OSError:
         return []
     return [ln for ln in LINE_SPLIT.split(data.decode("utf-8", "replace")) if ln.strip()]
+
+
+def screen_line(raw: str) -> str:
+    """What a terminal shows for a line redrawn with \\r: its last non-empty drawing."""
+    if "\r" not in raw:
+        return raw
+    parts = [p for p in raw.split("\r") if p.strip()]
+    return parts[-1] if parts else ""
+
+
+def _reverse_lines(path: str | Path, block: int = BLOCK) -> Iterator[str]:
+    """The file's lines (split on \\n, terminal view of \\r), last first, reading blocks from the end."""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        pos = fh.tell()
+        rest = b""
+        first = True
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            fh.seek(pos)
+            data = fh.read(step) + rest
+            parts = data.split(b"\n")
+            rest = parts.pop(0)  # may continue in the previous block
+            if first:
+                first = False
+                if parts and parts[-1] == b"":
+                    parts.pop()  # the file's final newline
+            for part in reversed(parts):
+                yield screen_line(part.decode("utf-8", "replace").rstrip("\r"))
+        if rest or not first:
+            yield screen_line(rest.decode("utf-8", "replace").rstrip("\r"))
+
+
+def tail(path: str | Path, n: int) -> list[str]:
+    """The last `n` lines as a terminal shows them (blank lines kept), seeking from the end: O(n), not O(size)."""
+    if n <= 0:
+        return []
+    out: list[str] = []
+    try:
+        for line in _reverse_lines(path):
+            out.append(line)
+            if len(out) >= n:
+                break
+    except OSError:
+        return []
+    out.reverse()
+    return out
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90s", "10m", "1h30m", "2d", "1.5h", "45" (seconds). Raises ValueError."""
+    s = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    total, pos = 0.0, 0
+    for m in _DURATION.finditer(s):
+        if s[pos:m.start()].strip():
+            raise ValueError(text)
+        total += float(m.group(1)) * _UNIT_S[m.group(2)]
+        pos = m.end()
+    if pos == 0 or s[pos:].strip():
+        raise ValueError(text)
+    return total
+
+
+def line_time(line: str, now: datetime | None = None) -> float | None:
+    """The epoch time a log line carries (vLLM's local `MM-DD HH:MM:SS`, or our start header), else None."""
+    m = _VLLM_TS.match(line)
+    if m:
+        now = now or datetime.now()
+        mon, day, hh, mm, ss = map(int, m.groups())
+        try:
+            t = datetime(now.year, mon, day, hh, mm, ss)
+        except ValueError:
+            return None
+        if t - now > timedelta(days=1):  # December's lines read in January
+            t = t.replace(year=now.year - 1)
+        return t.timestamp()
+    m = _HEADER_TS.match(line)
+    if m:
+        from datetime import timezone
+
+        return datetime.fromisoformat(m.group(1)).replace(tzinfo=timezone.utc).timestamp()
+    return None
+
+
+def since(path: str | Path, seconds: float, now: float | None = None) -> list[str]:
+    """Lines written in the last `seconds`, by the times the lines carry (a line without one goes with the line
+    above it), reading backwards only as far as needed."""
+    cutoff = (now if now is not None else time.time()) - seconds
+    out: list[str] = []
+    now_dt = datetime.fromtimestamp(now) if now is not None else None
+    reached_older = False
+    try:
+        for line in _reverse_lines(path):
+            t = line_time(line, now_dt)
+            if t is not None and t < cutoff:
+                reached_older = True
+                break
+            out.append(line)
+    except OSError:
+        return []
+    out.reverse()
+    if not reached_older:
+        return out
+    # lines before the first timestamped one belong to the older line above them
+    for i, line in enumerate(out):
+        if line_time(line, now_dt) is not None:
+            return out[i:]
+    return []
+
+
+@dataclass
+class Event:
+    kind: str  # "line" | "notice" | "end"
+    text: str
+
+
+def follow(path: str | Path, stop: Callable[[], str | None] | None = None, poll: float = 0.2,
+           check_every: float = 1.0, start_at_end: bool = True, sleep: Callable[[float], None] = time.sleep
+           ) -> Iterator[Event]:
+    """Yield lines appended to `path` as they come. Survives truncation (reads on from the top) and rotation (drains
+    the old file, then reads the new one from its start). Ends when `stop()` returns a reason (checked every
+    `check_every` s, after reading everything written so far)."""
+    path = Path(path)
+    fh = None
+    ino = None
+    rest = b""
+    last_check = 0.0
+
+    def emit_chunk(data: bytes) -> Iterator[Event]:
+        nonlocal rest
+        buf = rest + data
+        parts = buf.split(b"\n")
+        rest = parts.pop()
+        for p in parts:
+            yield Event("line", screen_line(p.decode("utf-8", "replace").rstrip("\r")))
+
+    def open_current(at_end: bool) -> None:
+        nonlocal fh, ino
+        try:
+            new = open(path, "rb")  # kept open across yields
+        except OSError:
+            fh, ino = None, None
+            return
+        if at_end:
+            new.seek(0, os.SEEK_END)
+        fh, ino = new, os.fstat(new.fileno()).st_ino
+
+    open_current(start_at_end)
+    try:
+        while True:
+            got = False
+            if fh is not None:
+                data = fh.read(1 << 20)
+                if data:
+                    got = True
+                    yield from emit_chunk(data)
+                    continue
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    st = None
+                if st is not None and st.st_ino != ino:
+                    data = fh.read()  # drain what the old file got before the switch
+                    if data:
+                        yield from emit_chunk(data)
+                    if rest:
+                        yield Event("line", screen_line(rest.decode("utf-8", "replace")))
+                        rest = b""
+                    fh.close()
+                    yield Event("notice", f"log rotated: reading the new {path.name}")
+                    open_current(False)
+                    continue
+                if st is not None and st.st_size < fh.tell():
+                    rest = b""
+                    fh.seek(0)
+                    yield Event("notice", f"log truncated: reading {path.name} from the start")
+                    continue
+            else:
+                open_current(False)
+                if fh is not None:
+                    yield Event("notice", f"log {path.name} appeared")
+                    continue
+            now = time.monotonic()
+            if stop is not None and not got and now - last_check >= check_every:
+                last_check = now
+                reason = stop()
+                if reason:
+                    if fh is not None:
+                        data = fh.read()
+                        if data:
+                            yield from emit_chunk(data)
+                    if rest:
+                        yield Event("line", screen_line(rest.decode("utf-8", "replace")))
+                    yield Event("end", reason)
+                    return
+            sleep(poll)
+    finally:
+        if fh is not None:
+            fh.close()
+
+
+@dataclass
+class LogTarget:
+    name: str
+    path: Path
+    record: object | None  # the EngineRecord while the engine is recorded
+
+
+def resolve(target: str | None, store: object | None = None) -> LogTarget:
+    """The log to show for NAME|PORT (optional when exactly one engine is recorded). A stopped engine's log is still
+    found by name."""
+    from sage_llm.errors import EngineNotFound, UsageError
+    from sage_llm.state import EngineRecord, StateStore
+
+    st = store if isinstance(store, StateStore) else StateStore()
+    records = [r for r in (st.load(n) for n in st.names()) if isinstance(r, EngineRecord)]
+    if target is None:
+        if len(records) == 1:
+            r = records[0]
+            return LogTarget(r.name, Path(r.log_file or st.log_path(r.name)), r)
+        if not records:
+            past = sorted(p.stem for p in st.logs.glob("*.log")) if st.logs.is_dir() else []
+            raise EngineNotFound("no engines are recorded" + (f"; logs of earlier engines: {', '.join(past)}"
+                                                              if past else ""),
+                                 hint="sage llm logs NAME" if past else "start one: sage llm start MODEL")
+        listing = ", ".join(f"{r.name} (port {r.port})" for r in records)
+        raise UsageError(f"{len(records)} engines are running; say which: {listing}",
+                         hint=f"e.g. `sage llm logs {records[0].name}`")
+    for r in records:
+        if r.name == target or (target.isdigit() and r.port == int(target)):
+            return LogTarget(r.name, Path(r.log_file or st.log_path(r.name)), r)
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", target) and st.log_path(target).exists():
+        return LogTarget(target, st.log_path(target), None)
+    known = ", ".join(r.name for r in records) or "none"
+    what = f"no engine on port {target}" if target.isdigit() else f"no engine or log named {target!r}"
+    raise EngineNotFound(f"{what} (engines: {known})", hint="see `sage llm status`")
+
+
+def engine_ended(target: LogTarget, store: object | None = None) -> Callable[[], str | None]:
+    """For `follow(stop=...)`: a reason once the engine is stopped (record removed or replaced) or has exited."""
+    from sage_llm.engine import process
+    from sage_llm.state import EngineRecord, StateStore
+
+    st = store if isinstance(store, StateStore) else StateStore()
+    rec = target.record
+    if not isinstance(rec, EngineRecord):
+        return lambda: None
+
+    def check() -> str | None:
+        cur = st.load(rec.name)
+        if not isinstance(cur, EngineRecord) or cur.id != rec.id:
+            return f"engine {rec.name!r} was stopped"
+        if cur.pid and cur.create_time is not None and process.leader(cur.pid, cur.create_time) is None:
+            return f"engine {rec.name!r} exited" + (f": {cur.error}" if cur.error else "")
+        return None
+
+    return check

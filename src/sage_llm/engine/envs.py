@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sage_llm import paths
+from sage_llm import audit, paths
 from sage_llm.config import EnvVars
 from sage_llm.errors import EngineEnvMissing, SageLLMError, UsageError
 from sage_llm.state import atomic_write_json
@@ -166,6 +166,7 @@ def detect_kind() -> str:
     return "gpu" if gpu.gpu_count() > 0 else "cpu"
 
 
+@audit.audited("engine install")
 def install(
     kind: str | None = None,
     path: Path | None = None,

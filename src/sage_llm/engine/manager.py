@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sage_llm import audit
 from sage_llm import logs as logtools
 from sage_llm.config import DEFAULT_STOP_TIMEOUT, LOOPBACK_HOSTS
 from sage_llm.diagnose import Diagnosis, diagnose, is_clean_shutdown
@@ -94,6 +95,7 @@ def _choose_port(store: StateStore, host: str, port: int, explicit: bool,
     raise PortInUse(f"no free port found from {port} upwards", hint="pass a free --port")
 
 
+@audit.audited(audit.start_command)
 def start(
     spec: LaunchSpec,
     name: str | None = None,
@@ -635,6 +637,7 @@ def _mark(store: StateStore, rec: EngineRecord, state: str) -> None:
             store.save(current)
 
 
+@audit.audited("stop")
 def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, store: StateStore | None = None,
          on_escalate: Callable[[str], None] | None = None) -> StopOutcome:
     """Stop one engine's whole tree; remove its record only once nothing of it is left and its port is free."""

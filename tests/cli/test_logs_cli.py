@@ -1,0 +1,109 @@
+"""`sage llm logs` and `logs --audit` against engines run by the fake vLLM."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+
+@pytest.mark.usefixtures("stop_all")
+def test_logs_name_optional_with_one_engine_and_required_with_two(cli, fake_vllm) -> None:
+    assert cli("start", "org/one", "--name", "one")[0] == 0
+    code, out, _err = cli("logs", "-n", "5")
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == 5
+    assert any("Application startup complete" in ln or "Route" in ln or "INFO" in ln for ln in lines)
+    code, out, _ = cli("logs", "one", "-n", "1000")
+    assert "===== sage llm start one" in out
+    assert "Starting vLLM server on" in out
+    assert cli("start", "org/two", "--name", "two")[0] == 0
+    code, out, err = cli("logs")
+    assert code == 2
+    assert out == ""
+    assert "2 engines are running; say which: one (port" in err
+    assert "two (port" in err
+    # by port
+    port = json.loads(cli("status", "two", "--json")[1])["engines"][0]["port"]
+    code, out, _ = cli("logs", str(port), "-n", "1000")
+    assert code == 0
+    assert "===== sage llm start two" in out
+
+
+def test_logs_unknown_engine_and_bad_options(cli) -> None:
+    code, _, err = cli("logs")
+    assert code == 2
+    assert "no engines are recorded" in err
+    code, _, err = cli("logs", "nope")
+    assert code == 2
+    assert "no engine or log named 'nope'" in err
+    code, _, err = cli("logs", "--since", "soon")
+    assert code == 2
+    assert "--since 'soon' is not a duration" in err
+
+
+@pytest.mark.usefixtures("stop_all")
+def test_follow_ends_when_the_engine_is_stopped(cli, fake_vllm) -> None:
+    assert cli("start", "org/one", "--name", "one")[0] == 0
+
+    def stop_later() -> None:
+        time.sleep(1.5)
+        from sage_llm.engine import manager
+
+        manager.stop("one", timeout=5)
+
+    t = threading.Thread(target=stop_later)
+    t.start()
+    t0 = time.monotonic()
+    code, out, err = cli("logs", "one", "-f", "-n", "0")
+    t.join()
+    assert code == 0
+    assert time.monotonic() - t0 < 10
+    assert "engine 'one' was stopped; stopped following" in err
+    assert "[shutdown] API server: shutdown triggered" in out  # lines written while stopping are shown
+
+
+@pytest.mark.usefixtures("stop_all")
+def test_logs_of_a_stopped_engine_by_name(cli, fake_vllm) -> None:
+    assert cli("start", "org/one", "--name", "one")[0] == 0
+    assert cli("stop", "one")[0] == 0
+    code, out, _ = cli("logs", "one", "-n", "3")
+    assert code == 0
+    assert "Shutting down FastAPI HTTP server" in out
+
+
+@pytest.mark.usefixtures("stop_all")
+def test_audit_records_start_and_stop(cli, fake_vllm, monkeypatch: pytest.MonkeyPatch, home) -> None:
+    monkeypatch.setenv("SECRET_FOR_ENGINE", "sk-abcdefghijklmnopq")
+    # refused (a secret after `--`), and audited with the secret redacted
+    assert cli("start", "org/one", "--name", "one", "--", "--api-key", "sk-abcdefghijklmnopq")[0] == 2
+    assert cli("start", "org/one", "--name", "one", "--api-key-env", "SECRET_FOR_ENGINE")[0] == 0
+    assert cli("stop", "one")[0] == 0
+    code, out, _ = cli("logs", "--audit", "--json")
+    assert code == 0
+    entries = json.loads(out)["entries"]
+    assert [(e["command"], e["outcome"]) for e in entries] == [("start", "error"), ("start", "ok"), ("stop", "ok")]
+    assert entries[0]["args"]["spec"]["extra_args"] == ["--api-key", "***"]
+    start, stop = entries[-2:]
+    assert start["result"]["engine"] == "one"
+    assert start["args"]["name"] == "one"
+    assert start["args"]["spec"]["api_key_env"] == "SECRET_FOR_ENGINE"
+    assert "sk-abcdefghijklmnopq" not in (home / "audit.jsonl").read_text()
+    assert stop["args"]["name"] == "one"
+    assert stop["result"]["stopped"] is True
+    code, out, _ = cli("logs", "--audit", "-n", "1")
+    assert code == 0
+    assert len(out.splitlines()) == 1
+    assert " stop  ok" in out
+
+
+def test_failed_start_is_audited_as_error(cli, fake_vllm, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_VLLM_FAIL", "load")
+    assert cli("start", "org/one", "--name", "one")[0] == 1
+    (entry,) = json.loads(cli("logs", "--audit", "--json")[1])["entries"]
+    assert entry["command"] == "start"
+    assert entry["outcome"] == "error"
+    assert "exited during startup" in entry["error"]

@@ -1,0 +1,154 @@
+"""Log reading: tail from the end, --since by the times on the lines, follow through truncation and rotation."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from sage_llm import logs
+
+LOGS = Path(__file__).resolve().parent.parent / "fixtures" / "vllm-logs"
+
+
+def test_tail_matches_the_file_end_and_shows_redrawn_bars_once(tmp_path: Path) -> None:
+    f = tmp_path / "e.log"
+    f.write_bytes(b"a\nb\n\nCapturing CUDA graphs:  0%| 0/51\rCapturing CUDA graphs: 37%| 19/51\r"
+                  b"Capturing CUDA graphs: 100%| 51/51\nlast\n")
+    assert logs.tail(f, 3) == ["", "Capturing CUDA graphs: 100%| 51/51", "last"]
+    assert logs.tail(f, 100) == ["a", "b", "", "Capturing CUDA graphs: 100%| 51/51", "last"]
+    assert logs.tail(f, 0) == []
+
+
+def test_tail_without_final_newline_and_small_blocks(tmp_path: Path) -> None:
+    f = tmp_path / "e.log"
+    text = "".join(f"line {i}\n" for i in range(1000)) + "partial"
+    f.write_text(text)
+    assert logs.tail(f, 3) == ["line 998", "line 999", "partial"]
+    assert list(logs._reverse_lines(f, block=7))[:2] == ["partial", "line 999"]
+    assert list(reversed(list(logs._reverse_lines(f, block=5)))) == text.split("\n")
+
+
+def test_tail_of_a_real_log_equals_the_last_lines() -> None:
+    path = LOGS / "cpu-compiled.log"
+    expected = path.read_text().split("\n")[:-1][-40:]
+    assert logs.tail(path, 40) == [logs.screen_line(x) for x in expected]
+
+
+def test_tail_seeks_from_the_end_of_a_huge_file(tmp_path: Path) -> None:
+    f = tmp_path / "huge.log"
+    with open(f, "wb") as fh:
+        fh.truncate(1 << 30)  # 1 GiB (sparse): reading it all would take seconds
+        fh.seek(0, os.SEEK_END)
+        fh.write(b"".join(b"(APIServer pid=1) INFO 11-25 10:00:00 [x.py:1] line %d\n" % i for i in range(500)))
+    t0 = time.perf_counter()
+    out = logs.tail(f, 100)
+    took = time.perf_counter() - t0
+    assert len(out) == 100
+    assert out[-1].endswith("line 499")
+    assert took < 0.1
+
+
+def test_parse_duration() -> None:
+    assert logs.parse_duration("90s") == 90
+    assert logs.parse_duration("10m") == 600
+    assert logs.parse_duration("1h30m") == 5400
+    assert logs.parse_duration("2d") == 172800
+    assert logs.parse_duration("45") == 45
+    for bad in ("", "soon", "10x", "m10"):
+        with pytest.raises(ValueError):
+            logs.parse_duration(bad)
+
+
+def test_since_uses_vllm_timestamps_and_keeps_untimed_lines_with_theirs(tmp_path: Path) -> None:
+    now = datetime(2026, 11, 25, 10, 0, 0)
+    f = tmp_path / "e.log"
+    f.write_text(
+        "(APIServer pid=1) INFO 11-25 09:40:00 [a.py:1] old\n"
+        "Traceback of the old line\n"
+        "(APIServer pid=1) INFO 11-25 09:55:00 [a.py:1] recent\n"
+        "Loading safetensors checkpoint shards: 100% Completed | 1/1\n"
+        "(EngineCore pid=2) WARNING 11-25 09:59:30 [b.py:2] newest\n"
+    )
+    got = logs.since(f, 600, now=now.timestamp())
+    assert got == ["(APIServer pid=1) INFO 11-25 09:55:00 [a.py:1] recent",
+                   "Loading safetensors checkpoint shards: 100% Completed | 1/1",
+                   "(EngineCore pid=2) WARNING 11-25 09:59:30 [b.py:2] newest"]
+    assert logs.since(f, 10, now=now.timestamp()) == []
+    assert len(logs.since(f, 86400, now=now.timestamp())) == 5
+
+
+def test_since_on_a_real_log() -> None:
+    path = LOGS / "cpu-kill.log"  # 08:01:10 .. 08:01:50 on 11-25
+    now = datetime(datetime.now().year, 11, 25, 8, 1, 50).timestamp()
+    got = logs.since(path, 5, now=now)
+    assert got
+    assert all("08:01:4" in ln or "08:01:5" in ln for ln in got if logs.line_time(ln))
+    assert "[shutdown]" in got[0]
+
+
+def _collect(gen, out: list, stop_after: int | None = None) -> None:
+    for ev in gen:
+        out.append(ev)
+        if ev.kind == "end" or (stop_after and len(out) >= stop_after):
+            return
+
+
+def test_follow_new_lines_truncation_and_rotation(tmp_path: Path) -> None:
+    f = tmp_path / "e.log"
+    f.write_text("before\n")
+    done = threading.Event()
+    events: list = []
+    gen = logs.follow(f, stop=lambda: "engine 'x' was stopped" if done.is_set() else None, poll=0.01,
+                      check_every=0.01)
+    t = threading.Thread(target=_collect, args=(gen, events))
+    t.start()
+    time.sleep(0.1)
+    with open(f, "a") as fh:
+        fh.write("one\ntw")
+        fh.flush()
+        time.sleep(0.1)
+        fh.write("o\n")
+    time.sleep(0.1)
+    with open(f, "w") as fh:  # truncated (copytruncate)
+        fh.write("")
+    time.sleep(0.1)
+    with open(f, "a") as fh:
+        fh.write("after truncate\n")
+    time.sleep(0.1)
+    with open(f, "a") as fh:
+        fh.write("last of old\n")
+    os.replace(f, tmp_path / "e.log.1")  # rotated
+    f.write_text("new file\n")
+    time.sleep(0.2)
+    done.set()
+    t.join(5)
+    assert not t.is_alive()
+    lines = [e.text for e in events if e.kind == "line"]
+    assert lines == ["one", "two", "after truncate", "last of old", "new file"]
+    notices = [e.text for e in events if e.kind == "notice"]
+    assert any("truncated" in n for n in notices)
+    assert any("rotated" in n for n in notices)
+    assert events[-1].kind == "end"
+    assert events[-1].text == "engine 'x' was stopped"
+
+
+def test_follow_flushes_the_last_partial_line_at_the_end(tmp_path: Path) -> None:
+    f = tmp_path / "e.log"
+    f.write_text("")
+    calls = []
+
+    def stop() -> str | None:
+        calls.append(1)
+        if len(calls) == 1:
+            with open(f, "a") as fh:
+                fh.write("full\nno newline")
+            return None
+        return "engine 'x' exited"
+
+    events = list(logs.follow(f, stop=stop, poll=0.01, check_every=0))
+    assert [e.text for e in events] == ["full", "no newline", "engine 'x' exited"]
