@@ -225,20 +225,21 @@ class ChatSession:
     messages: list[dict[str, str]] = field(default_factory=list)
     history: list[Any] = field(default_factory=list)  # TurnStats of every reply
     model_override: str | None = None
-    http: Any = None  # httpx.Client, made on first use and reused across turns
+    http: dict[bool, Any] = field(default_factory=dict)  # httpx.Client per kind of URL (https or not), reused
     resolver: Callable[..., Target] = resolve
 
     def client(self) -> Any:
-        if self.http is None:
+        tls = not self.target.base_url.startswith("http://")
+        if tls not in self.http:
             from sage_llm.client import make_client
 
-            self.http = make_client()
-        return self.http
+            self.http[tls] = make_client(base_url=self.target.base_url)
+        return self.http[tls]
 
     def close(self) -> None:
-        if self.http is not None:
-            self.http.close()
-            self.http = None
+        for c in self.http.values():
+            c.close()
+        self.http.clear()
 
     def request_messages(self, text: str) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.system}] if self.system else []

@@ -182,6 +182,22 @@ def _handler(api: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def markdown_pieces(n: int) -> list[str]:
+    """About `n` word-sized pieces of a typical Markdown reply: a heading, paragraphs, a list and a code block, again
+    and again."""
+    unit: list[str] = ["## ", "Section ", "{k}\n\n"]
+    unit += [f"word{i} " if i % 7 else f"**bold{i}** " for i in range(60)] + ["end.\n\n"]
+    unit += [p for i in range(4) for p in ("- ", "item ", f"`code{i}` ", "and ", "text\n")] + ["\n"]
+    unit += ["```python\n"] + [p for i in range(5) for p in ("def ", f"f{i}", "(x):", " return ", "x\n")]
+    unit += ["```\n\n"]
+    out: list[str] = []
+    k = 0
+    while len(out) < n:
+        out += [p.replace("{k}", str(k)) for p in unit]
+        k += 1
+    return out[:n]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--port", type=int, default=19310)
@@ -189,11 +205,15 @@ def main() -> None:
     ap.add_argument("--reply", default="Hello from the cloud.")
     ap.add_argument("--model", default="cloud-model")
     ap.add_argument("--tokens", type=int, default=0, help="stream this many 1-word pieces instead of --reply")
+    ap.add_argument("--markdown", type=int, default=0, help="stream about this many pieces of Markdown (paragraphs, "
+                    "lists, code blocks) instead of --reply")
     ap.add_argument("--delay", type=float, default=0.0)
     args = ap.parse_args()
     api = FakeOpenAI(key=args.key, port=args.port, models=(args.model,), reply=args.reply)
     if args.tokens:
         api.tokens = [f"w{i} " for i in range(args.tokens)]
+    if args.markdown:
+        api.tokens = markdown_pieces(args.markdown)
     api.delay_s = args.delay
     print(f"fake cloud API on {api.base_url} (key {args.key})", flush=True)
     try:

@@ -94,16 +94,17 @@ class _Block:
 class MarkdownRenderer:
     """Markdown while streaming, without re-rendering the whole reply per token.
 
-    Text is split into blocks at blank lines outside code fences (and after a closing fence). A finished block is
-    printed once, permanently; only the unfinished tail is shown in a Rich Live region, refreshed at most
-    `refresh_hz` times a second (no background thread: refreshes happen in `feed`). So the cost of one refresh is
-    bounded by the size of one block, not of the reply.
+    Text is split into blocks at blank lines outside code fences (and after a closing fence). Finished blocks are
+    printed once, permanently, above a Rich Live region that shows only the unfinished block. Drawing happens at most
+    `refresh_hz` times a second (no background thread: in `feed`), so every character is rendered as Markdown about
+    once, plus the unfinished block at each refresh: the cost does not grow with the length of the reply.
     """
 
     def __init__(self, console: Any, refresh_hz: float = REFRESH_HZ) -> None:
         self.console = console
         self.interval = 1.0 / refresh_hz
-        self.buf = ""  # the unfinished tail
+        self.buf = ""  # the unfinished tail, redrawn in the live region
+        self.ready = ""  # finished blocks not drawn yet
         self.scan = 0  # buf[:scan] is made of complete lines already looked at
         self.fence: str | None = None
         self.live: Any = None
@@ -126,17 +127,16 @@ class MarkdownRenderer:
 
     def feed(self, piece: str) -> None:
         self.buf += piece
-        with self.guard:
-            if "\n" in piece:
-                self._commit()
-            now = time.monotonic()
-            if now - self.last_refresh >= self.interval:
-                self.last_refresh = now
-                self._ensure_live()
-                self.live.update(self._markdown(self.buf, gap=self.committed > 0), refresh=True)
-                self.refreshes += 1
+        if "\n" in piece:
+            self._split()
+        now = time.monotonic()
+        if now - self.last_refresh >= self.interval:
+            self.last_refresh = now
+            with self.guard:
+                self._draw()
 
-    def _commit(self) -> None:
+    def _split(self) -> None:
+        """Move the finished blocks at the head of `buf` to `ready` (drawn, once, at the next refresh)."""
         boundary = 0
         while True:
             nl = self.buf.find("\n", self.scan)
@@ -153,25 +153,32 @@ class MarkdownRenderer:
             elif not line:
                 boundary = self.scan
         if boundary:
-            block, self.buf = self.buf[:boundary], self.buf[boundary:]
+            self.ready += self.buf[:boundary]
+            self.buf = self.buf[boundary:]
             self.scan -= boundary
-            if block.strip():
-                self._ensure_live()
-                self.live.update(self._markdown(self.buf, gap=True), refresh=False)
-                self.live.console.print(self._markdown(block, gap=self.committed > 0))
-                self.committed += 1
+
+    def _draw(self) -> None:
+        self._ensure_live()
+        if self.ready.strip():
+            # finished blocks: printed above the live region, for good (one Markdown document per refresh)
+            self.live.update(self._markdown(self.buf, gap=True), refresh=False)
+            self.live.console.print(self._markdown(self.ready, gap=self.committed > 0))
+            self.committed += 1
+            self.ready = ""
+        else:
+            self.live.update(self._markdown(self.buf, gap=self.committed > 0), refresh=True)
+        self.refreshes += 1
 
     def finish(self) -> None:
         try:
-            if self.live is None and not self.buf.strip():
+            if self.live is None and not (self.buf + self.ready).strip():
                 return
             with self.guard.quiet():
                 self._ensure_live()
-                self.live.update(self._markdown(self.buf, gap=self.committed > 0), refresh=False)
+                rest, self.ready, self.buf, self.scan = self.ready + self.buf, "", "", 0
+                self.live.update(self._markdown(rest, gap=self.committed > 0), refresh=False)
                 self.live.stop()
             self.live = None
-            self.buf = ""
-            self.scan = 0
         finally:
             self.guard.uninstall()
             _restore_tty(self.tty_attrs)
