@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import sys
-import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -93,7 +90,9 @@ def start(
     from sage_llm.cli.commands.models import announce_start
 
     note = announce_start(spec.model, spec.download_dir)  # offline + not cached: exit 2, before anything runs
-    progress = _Progress(enabled=wait)
+    from sage_llm.cli._progress import LoadDisplay
+
+    progress = LoadDisplay(enabled=wait)
     try:
         result = manager.start(spec, name=name, port_explicit=port_explicit, wait=wait, timeout=timeout,
                                on_progress=note.wrap(progress.update), gpus=gpus, skip_checks=skip_checks)
@@ -125,43 +124,3 @@ def start(
         out.result(f"engine {rec.name!r} starting: {rec.served_model_name} on {rec.base_url} (pid {rec.pid})")
         out.hint(f"check with `sage llm status {rec.name}` (exit 0 once ready); log: {rec.log_file}")
 
-
-class _Progress:
-    """Elapsed time and the latest log line on stderr: a live line in a terminal, plain lines otherwise."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
-        self.live: Any = None
-        self.last_plain = 0.0
-        self.last_line: str | None = None
-
-    def update(self, info: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        elapsed = info.get("elapsed_s", 0.0)
-        rec = info.get("record")
-        line = (info.get("log_line") or "").strip()
-        name = getattr(rec, "name", "engine")
-        if self.tty:
-            from rich.live import Live
-            from rich.text import Text
-
-            text = Text(f"⏳ starting {name}: {elapsed:5.1f} s  ")
-            text.append(line[-140:], style="dim")
-            if self.live is None:
-                self.live = Live(text, console=out.console(stderr=True), refresh_per_second=8, transient=True)
-                self.live.start()
-            else:
-                self.live.update(text)
-        else:
-            now = time.monotonic()
-            if line != self.last_line or now - self.last_plain > 10:
-                self.last_line = line
-                self.last_plain = now
-                out.info(f"[{elapsed:6.1f}s] {name}: {line[-200:]}")
-
-    def close(self) -> None:
-        if self.live is not None:
-            self.live.stop()
-            self.live = None
