@@ -48,7 +48,7 @@ def test_live_engine_metrics_and_top(cli, tiny_model: str) -> None:
     text = metrics.fetch("127.0.0.1", port)
     series = metrics.parse(text)
     kinds = metrics.types(text)
-    assert kinds["vllm:generation_tokens"] == "counter"
+    assert kinds["vllm:generation_tokens_total"] == "counter"
     assert kinds["vllm:time_to_first_token_seconds"] == "histogram"
     sample_lines = [ln for ln in text.splitlines() if ln.startswith("vllm:")]
     assert sum(len(v) for k, v in series.items() if k.startswith("vllm:")) == len(sample_lines)

@@ -119,7 +119,9 @@ def test_real_cpu_engine_metrics_fixture() -> None:
     series = metrics.parse(text)
     kinds = metrics.types(text)
     assert kinds["vllm:num_requests_running"] == "gauge"
-    assert kinds["vllm:generation_tokens"] == "counter"  # the family; samples carry _total
+    # prometheus_client's 0.0.4 text names a counter's family with its _total, and adds a _created gauge
+    assert kinds["vllm:generation_tokens_total"] == "counter"
+    assert kinds["vllm:generation_tokens_created"] == "gauge"
     assert kinds["vllm:time_to_first_token_seconds"] == "histogram"
     s = metrics.summarize(text, at=0.0)
     assert s.running == 0.0
