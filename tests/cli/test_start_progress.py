@@ -41,7 +41,13 @@ def test_no_progress_with_json_output_on_stdout(cli, fake_vllm) -> None:
 def _info_from_log(text: str, tmp_path: Path, elapsed: float) -> dict:
     log = tmp_path / "e.log"
     log.write_text(text)
-    lp = LoadProgress(log, offset=0)
+    ticks = [100.0, 100.0]  # the parser is created at t=100; every later reading of the clock is 2 s on
+
+    def clock() -> float:
+        ticks.append(ticks[-1] + 2.0 if len(ticks) > 1 else 100.0)
+        return ticks.pop(0)
+
+    lp = LoadProgress(log, offset=0, clock=clock)
     snap = lp.poll()
 
     class Rec:
@@ -66,7 +72,7 @@ def test_terminal_block_shows_stage_bar_times_and_log_line(tmp_path: Path) -> No
     assert "━" in text  # the bar
     assert "1.5 s  (total 12.2 s)" in text
     assert "2/4 shards" in text
-    assert "done: launching" in text
+    assert "done: launching 2.0 s" in text
     assert "Loading safetensors checkpoint shards:  50% Completed | 2/4" in text
 
 
