@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -63,50 +63,8 @@ def start(
     json_: JsonOpt = False,
 ) -> None:
     """Start a vLLM engine in the background (its own process group), recorded in the state directory."""
-    from sage_llm.config import DEFAULT_MODEL
-    from sage_llm.engine import manager
-    from sage_llm.engine.vllm import LaunchSpec
-
-    extra = list(vllm_args or [])
-    if model is not None and model.startswith("-"):
-        extra.insert(0, model)
-        model = None
-    from sage_llm import settings
-
-    model = settings.get("default_model", model)  # flag > env > .env > config file > default
-    port_explicit = port is not None
-    port = settings.get("local_engine_port", port)
-    gpu_memory_utilization = settings.get("gpu_util", gpu_memory_utilization)
-    host = settings.get("host", host)
-    timeout = settings.get("start_timeout", timeout)
-    spec = LaunchSpec(
-        model=model or DEFAULT_MODEL, host=host, port=port, gpu_memory_utilization=gpu_memory_utilization,
-        served_model_name=served_model_name, quantization=quantization, max_model_len=max_model_len,
-        tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size, dtype=dtype,
-        data_parallel_size=data_parallel_size, ray_address=ray_address or None,
-        enforce_eager=enforce_eager, download_dir=download_dir, trust_remote_code=trust_remote_code,
-        api_key_env=api_key_env, extra_args=extra,
-    )
-    from sage_llm.cli.commands.models import announce_start
-
-    note = announce_start(spec.model, spec.download_dir)  # offline + not cached: exit 2, before anything runs
-    from sage_llm.cli._progress import LoadDisplay
-
-    progress = LoadDisplay(enabled=wait)
-    try:
-        result = manager.start(spec, name=name, port_explicit=port_explicit, wait=wait, timeout=timeout,
-                               on_progress=note.wrap(progress.update), gpus=gpus, skip_checks=skip_checks)
-    finally:
-        progress.close()
-    note.flush()  # "cached" / "will download N GiB", if no progress update printed it
+    result = launch(locals())
     rec = result.record
-    for w in result.warnings:
-        out.warning(w)
-    if result.port_note:
-        out.info(result.port_note)
-    if rec.gpus and not result.already_running:
-        how = {"auto": " (most free memory)", "environment": " (from CUDA_VISIBLE_DEVICES)"}
-        out.info(f"GPU: {','.join(str(g['index']) for g in rec.gpus)}{how.get(rec.gpus[0].get('chosen_by'), '')}")
     if json_:
         out.print_json({"name": rec.name, "state": "ready" if wait else "starting", "already_running":
                         result.already_running, "model": rec.model, "served_model_name": rec.served_model_name,
@@ -124,3 +82,55 @@ def start(
         out.result(f"engine {rec.name!r} starting: {rec.served_model_name} on {rec.base_url} (pid {rec.pid})")
         out.hint(f"check with `sage llm status {rec.name}` (exit 0 once ready); log: {rec.log_file}")
 
+
+def launch(p: dict[str, Any], foreground: bool = False) -> Any:
+    """Resolve the options `start` and `run` share (flag > env > config), spawn the engine through manager.start
+    with the load display, and print the notes that follow a launch. Returns manager's StartResult."""
+    from sage_llm.config import DEFAULT_MODEL
+    from sage_llm.engine import manager
+    from sage_llm.engine.vllm import LaunchSpec
+
+    model, vllm_args, name, port, host = p["model"], p["vllm_args"], p["name"], p["port"], p["host"]
+    gpu_memory_utilization, timeout, wait = p["gpu_memory_utilization"], p["timeout"], p["wait"]
+    extra = list(vllm_args or [])
+    if model is not None and model.startswith("-"):
+        extra.insert(0, model)
+        model = None
+    from sage_llm import settings
+
+    model = settings.get("default_model", model)  # flag > env > .env > config file > default
+    port_explicit = port is not None
+    port = settings.get("local_engine_port", port)
+    gpu_memory_utilization = settings.get("gpu_util", gpu_memory_utilization)
+    host = settings.get("host", host)
+    timeout = settings.get("start_timeout", timeout)
+    spec = LaunchSpec(
+        model=model or DEFAULT_MODEL, host=host, port=port, gpu_memory_utilization=gpu_memory_utilization,
+        served_model_name=p["served_model_name"], quantization=p["quantization"], max_model_len=p["max_model_len"],
+        tensor_parallel_size=p["tensor_parallel_size"], pipeline_parallel_size=p["pipeline_parallel_size"],
+        dtype=p["dtype"], data_parallel_size=p["data_parallel_size"], ray_address=p["ray_address"] or None,
+        enforce_eager=p["enforce_eager"], download_dir=p["download_dir"], trust_remote_code=p["trust_remote_code"],
+        api_key_env=p["api_key_env"], extra_args=extra,
+    )
+    from sage_llm.cli.commands.models import announce_start
+
+    note = announce_start(spec.model, spec.download_dir)  # offline + not cached: exit 2, before anything runs
+    from sage_llm.cli._progress import LoadDisplay
+
+    progress = LoadDisplay(enabled=wait)
+    try:
+        result = manager.start(spec, name=name, port_explicit=port_explicit, wait=wait, timeout=timeout,
+                               on_progress=note.wrap(progress.update), gpus=p["gpus"], skip_checks=p["skip_checks"],
+                               foreground=foreground)
+    finally:
+        progress.close()
+    note.flush()  # "cached" / "will download N GiB", if no progress update printed it
+    for w in result.warnings:
+        out.warning(w)
+    if result.port_note:
+        out.info(result.port_note)
+    rec = result.record
+    if rec.gpus and not result.already_running:
+        how = {"auto": " (most free memory)", "environment": " (from CUDA_VISIBLE_DEVICES)"}
+        out.info(f"GPU: {','.join(str(g['index']) for g in rec.gpus)}{how.get(rec.gpus[0].get('chosen_by'), '')}")
+    return result
