@@ -64,12 +64,16 @@ def test_engine_names_and_ports_for_stop_status_chat(engines: list[EngineRecord]
     assert _complete_bash("sage-llm", "sage-llm status t", 2) == ["tiny"]
     assert _complete_bash("sage-llm", "sage-llm chat 1952", 2) == ["19521", "19522"]
     assert _complete_bash("sage", "sage llm stop qwen-7b ", 4) == ["qwen-7b", "tiny", "19521", "19522"]
+    assert _complete_bash("sage-llm", "sage-llm logs ", 2) == ["qwen-7b", "tiny", "19521", "19522"]
+    assert _complete_bash("sage-llm", "sage-llm restart ", 2) == ["qwen-7b", "tiny"]
 
 
 @needs_scripts
 def test_cached_model_ids_for_start(hf_models: list[str]) -> None:
     assert _complete_bash("sage-llm", "sage-llm start ", 2) == hf_models
     assert _complete_bash("sage", "sage llm start Qwen/", 3) == hf_models[:2]
+    assert _complete_bash("sage-llm", "sage-llm models rm meta", 3) == hf_models[2:]
+    assert _complete_bash("sage-llm", "sage-llm switch tiny Q", 3) == hf_models[:2]
 
 
 @needs_scripts

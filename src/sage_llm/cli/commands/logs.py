@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from sage_llm.cli import _complete
 from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt
 
@@ -15,7 +16,7 @@ EPILOG = ("Examples: sage llm logs | sage llm logs qwen -n 200 | sage llm logs 8
 
 def logs(
     target: Annotated[str | None, typer.Argument(help="Engine name or port (optional with one engine).",
-                                                 show_default=False)] = None,
+                                                 show_default=False, autocompletion=_complete.engines)] = None,
     lines: Annotated[int, typer.Option("-n", "--lines", help="How many of the last lines to show.")] = 100,
     follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new lines until Ctrl-C or until the "
                                          "engine is stopped.")] = False,

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from sage_llm.cli import _complete
 from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt, YesOpt
 
@@ -20,7 +21,8 @@ models_app = typer.Typer(
     epilog=EPILOG, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-RepoArg = Annotated[str, typer.Argument(help="Hugging Face repo id, ORG/NAME.", show_default=False)]
+RepoArg = Annotated[str, typer.Argument(help="Hugging Face repo id, ORG/NAME.", show_default=False,
+                                        autocompletion=_complete.cached_models)]
 
 
 @models_app.callback(invoke_without_command=True)
