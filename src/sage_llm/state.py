@@ -147,6 +147,8 @@ class StateStore:
 
     # ---- reading ----
     def names(self) -> list[str]:
+        # records steer which processes we signal: never read them from a directory someone else controls
+        paths.check_private_dir(self.root)
         try:
             entries = sorted(self.engines.iterdir())
         except FileNotFoundError:
