@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +89,10 @@ def config_path() -> Path:
     override = os.environ.get(CONFIG_ENV)
     if override and override.strip():
         return Path(override.strip()).expanduser()
-    import platformdirs  # lazy: small, but only needed here
+    if sys.platform.startswith("linux"):  # what platformdirs.user_config_dir("sage") gives, without importing it
+        xdg = os.environ.get("XDG_CONFIG_HOME", "").strip()
+        return Path(xdg or os.path.expanduser("~/.config")) / "sage" / CONFIG_FILE_NAME
+    import platformdirs
 
     return Path(platformdirs.user_config_dir("sage")) / CONFIG_FILE_NAME
 
@@ -311,6 +314,8 @@ def write_config(data: dict[str, Any], path: Path | None = None) -> Path:
                               hint="edit the file by hand")
     body = "# sage llm settings (`sage llm config show` explains them). Written by `sage llm config set`.\n"
     body += "".join(f"{k} = {_toml_scalar(v)}\n" for k, v in sorted(data.items()))
+    import tempfile
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

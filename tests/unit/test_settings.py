@@ -156,3 +156,16 @@ def test_one_table_covers_the_documented_keys() -> None:
             "chat_base_url", "chat_model"} <= keys
     assert len({s.env for s in settings.SETTINGS}) == len(settings.SETTINGS)
     assert [s.key for s in settings.SETTINGS if s.secret] == ["chat_api_key"]
+
+
+@pytest.mark.parametrize("xdg", [None, "/tmp/xdg-config-test"])
+def test_default_config_path_is_platformdirs_user_config_dir(monkeypatch: pytest.MonkeyPatch, xdg: str | None) -> None:
+    """The Linux fast path (no platformdirs import on `status --json`) gives what platformdirs gives."""
+    import platformdirs
+
+    monkeypatch.delenv("SAGE_LLM_CONFIG")
+    if xdg is None:
+        monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_CONFIG_HOME", xdg)
+    assert settings.config_path() == Path(platformdirs.user_config_dir("sage")) / "llm.toml"
