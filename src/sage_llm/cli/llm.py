@@ -12,7 +12,9 @@ from sage_llm.cli._options import EXIT_CODES_EPILOG
 ENV_EPILOG = (
     "Environment: SAGE_LLM_HOME (state directory), SAGE_LLM_VLLM (command that runs vLLM), "
     "SAGE_LOCAL_ENGINE_PORT (8001), SAGE_LOCAL_ENGINE_DEFAULT_MODEL (Qwen/Qwen2.5-7B-Instruct), "
-    "SAGE_LOCAL_ENGINE_GPU_UTIL (0.9), SAGE_LLM_DEBUG=1 (tracebacks). " + EXIT_CODES_EPILOG
+    "SAGE_LOCAL_ENGINE_GPU_UTIL (0.9), SAGE_LLM_DEBUG=1 (tracebacks). Settings: flag > environment > ./.env "
+    "(SAGE_* keys) > config file (SAGE_LLM_CONFIG, default ~/.config/sage/llm.toml) > default; see "
+    "`sage llm config show`. " + EXIT_CODES_EPILOG
 )
 
 
@@ -69,6 +71,9 @@ def _register() -> None:
     from sage_llm.cli.commands import logs
 
     llm_app.command("logs", epilog=logs.EPILOG)(logs.logs)
+    from sage_llm.cli.commands import run
+
+    llm_app.command("run", epilog=run.EPILOG)(run.run)
 
 
 _register()
