@@ -52,9 +52,10 @@ class LoadDisplay:
 
     def _plain(self, info: dict[str, Any]) -> None:
         snap = info.get("snapshot")
-        if snap is not None:  # stages passed between two updates still get their line
+        if snap is not None:  # stages passed between two updates still get their line, once
             for name, _t in snap.stages[self.stages_printed:-1]:
                 out.info(f"[{info.get('elapsed_s', 0.0):6.1f}s] {self._name(info)}: {LABELS.get(name, name)}")
+                self.last_plain_key = (name, None)
             self.stages_printed = max(self.stages_printed, len(snap.stages) - 1)
         stage = info.get("stage") or "launching"
         detail = info.get("detail")
@@ -75,6 +76,8 @@ class LoadDisplay:
             out.info(line)
             self.last_plain_key = key
             self.last_plain_at = now
+            if snap is not None:
+                self.stages_printed = len(snap.stages)
 
     def renderable(self, info: dict[str, Any]) -> Any:
         from rich.console import Group

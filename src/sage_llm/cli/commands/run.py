@@ -1,0 +1,130 @@
+"""`sage llm run`: start an engine in the foreground, show its load, then stream its log until Ctrl-C.
+
+Same options, checks and launch path as `start` (it calls start's `launch()` and so `manager.start(...,
+foreground=True, wait=True)`). While it runs the engine is recorded like any other, so `status`, `logs`, `chat` and
+`stop NAME` from another terminal see it; `stop NAME` from elsewhere ends `run` cleanly. Ctrl-C, SIGTERM or SIGHUP to
+`run` stop the engine's whole process group and remove its record. If `run` itself is SIGKILLed the engine keeps
+running *recorded* (it lives in its own session): `status` shows it, marked as orphaned, and `stop NAME` cleans it up.
+See docs/logs-and-run.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import signal
+from pathlib import Path
+from typing import Any
+
+from sage_llm.cli import _output as out
+from sage_llm.cli.commands import start as start_cmd
+
+EPILOG = ("Examples: sage llm run Qwen/Qwen2.5-7B-Instruct --port 8001 | sage llm run ./my-model --max-model-len 4096 "
+          "| sage llm run MODEL -- --enable-prefix-caching   (Ctrl-C stops the engine)")
+_DROPPED = ("wait", "json_")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP to `run`: handled like Ctrl-C."""
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    raise _Terminated(signal.Signals(signum).name)
+
+
+def _run(**params: Any) -> None:
+    from sage_llm import logs as logtools
+    from sage_llm.engine import manager
+    from sage_llm.errors import EngineFailed
+    from sage_llm.state import EngineRecord, StateStore
+
+    params.update(wait=True, json_=False)
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    store = StateStore()
+    rec: EngineRecord | None = None
+    try:
+        try:
+            result = start_cmd.launch(params, foreground=True)
+        except KeyboardInterrupt:
+            _stop_own(store, why="interrupted while loading")
+            raise SystemExit(130) from None
+        rec = result.record
+        took = f" in {result.ready_after_s:.1f} s" if result.ready_after_s is not None else ""
+        out.info(f"engine {rec.name!r} ready{took}: {rec.served_model_name} at {rec.base_url} (pid {rec.pid})")
+        out.info(f"streaming its log; Ctrl-C stops the engine (from elsewhere: sage llm chat {rec.name} | "
+                 f"sage llm stop {rec.name})")
+        target = logtools.LogTarget(rec.name, Path(rec.log_file), rec)
+        ended = logtools.engine_ended(target, store)
+        for ev in logtools.follow(target.path, stop=ended, poll=0.1, check_every=0.5):
+            if ev.kind == "line":
+                out.result(ev.text)
+            elif ev.kind == "notice":
+                out.info(f"-- {ev.text}")
+            else:
+                out.info(f"-- {ev.text}")
+                current = store.load(rec.name)
+                if isinstance(current, EngineRecord) and current.id == rec.id:
+                    # it died by itself: leave the record (status explains it) and fail like `start` does
+                    view_error = _explain(rec)
+                    raise EngineFailed(f"engine {rec.name!r} exited" + (f": {view_error}" if view_error else ""),
+                                       hint=f"sage llm logs {rec.name} -n 80")
+                return  # stopped from another terminal
+    except KeyboardInterrupt as exc:
+        if rec is None:
+            raise
+        why = f"{exc.args[0]} received" if isinstance(exc, _Terminated) and exc.args else "Ctrl-C"
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the stop finish; it escalates to SIGKILL by itself
+        out.info(f"-- {why}: stopping engine {rec.name!r}")
+        outcome = manager.stop(rec.name, store=store)
+        if outcome.stopped:
+            out.info(f"-- {outcome.message}")
+            return
+        out.error(outcome.message)
+        raise SystemExit(1) from None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _explain(rec: Any) -> str | None:
+    from sage_llm.diagnose import diagnose
+    from sage_llm.logs import run_lines
+
+    d = diagnose(run_lines(rec.log_file), {"port": rec.port, "model": rec.model, "name": rec.name})
+    return f"{d.message} (hint: {d.hint})" if d and d.hint else (d.message if d else None)
+
+
+def _stop_own(store: Any, why: str) -> None:
+    """Stop the engine this process launched (found by its owner pid: the launch did not return a record)."""
+    import os
+
+    from sage_llm.engine import manager
+    from sage_llm.state import EngineRecord
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in store.names():
+        rec = store.load(name)
+        if isinstance(rec, EngineRecord) and rec.foreground and rec.owner_pid == os.getpid():
+            out.info(f"-- {why}: stopping engine {rec.name!r}")
+            outcome = manager.stop(rec.name, store=store)
+            out.info(f"-- {outcome.message}")
+
+
+def _make() -> Any:
+    sig = inspect.signature(start_cmd.start, eval_str=True)
+    params = [p for p in sig.parameters.values() if p.name not in _DROPPED]
+
+    @functools.wraps(start_cmd.start)
+    def run(**kwargs: Any) -> None:
+        _run(**kwargs)
+
+    run.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    run.__annotations__ = {k: v for k, v in start_cmd.start.__annotations__.items() if k not in _DROPPED}
+    run.__doc__ = ("Run a vLLM engine in the foreground: show its load, then stream its log; Ctrl-C stops it.\n\n"
+                   "Takes every `start` option. The engine is recorded while it runs, so `status`, `logs`, `chat` and "
+                   "`stop NAME` work from other terminals.")
+    return run
+
+
+run = _make()
