@@ -406,6 +406,7 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
     for (view, rec, _tree), p in zip(pending, results[: len(pending)]):
         _apply_probe(view, rec.served_model_name, p, rec.state)
         _attach_stage(view, rec)
+        _note_owner(view, rec)
     ext_results = results[len(pending):]
     for view, p in zip([v for v in external if v.port], ext_results):
         _apply_probe(view, view.served_model_name, p, "running")
@@ -413,6 +414,19 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
             view.served_model_name = p.model_ids[0]
     views.extend(v for v in external if v.state in ("ready", "starting", "unhealthy"))
     return views, warnings
+
+
+def _note_owner(view: EngineView, rec: EngineRecord) -> None:
+    """An engine of `sage llm run` whose `run` process is gone (SIGKILLed): still recorded, say how to stop it."""
+    if not rec.foreground or not rec.owner_pid or view.error:
+        return
+    try:
+        os.kill(rec.owner_pid, 0)
+    except ProcessLookupError:
+        view.error = (f"its `sage llm run` (pid {rec.owner_pid}) is gone; the engine still runs: "
+                      f"`sage llm stop {rec.name}` stops it")
+    except PermissionError:
+        pass
 
 
 def _attach_stage(view: EngineView, rec: EngineRecord) -> None:

@@ -67,7 +67,7 @@ def status(
                 table.add_row(*row)
             out.console().print(table)
             for v in views:
-                if v.error and v.state in ("failed", "unhealthy", "stopped"):
+                if v.error:
                     out.info(f"{v.name}: {v.error}")
             from sage_llm.gpu import NO_DRIVER
 
