@@ -60,11 +60,18 @@ def run_from_sage(args: Any = None, *_: Any) -> int:
 
 
 def sage_cli_available() -> bool:
-    """True when SAGE's own CLI module can be imported (checked without importing it)."""
+    """True when SAGE's CLI is installed: `sage.cli.main` is importable (checked without importing it) and an installed
+    distribution declares the console script `sage = sage.cli.main:main`, as `isage` does. The second check keeps
+    another package that happens to be called `sage` (SageMath) from receiving our commands."""
     try:
-        return importlib.util.find_spec(SAGE_MODULE) is not None
+        if importlib.util.find_spec(SAGE_MODULE) is None:
+            return False
     except (ImportError, ValueError):
         return False
+    from importlib.metadata import entry_points
+
+    return any(ep.value.replace(" ", "") == f"{SAGE_MODULE}:main"
+               for ep in entry_points(group="console_scripts", name="sage"))
 
 
 def delegate_to_sage(argv: list[str]) -> int | None:
