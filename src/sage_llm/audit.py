@@ -147,6 +147,10 @@ def operation(command: str, args: Any, root: Path | None = None) -> Iterator[Ope
         record(command, args, "interrupted", time.monotonic() - started, "interrupted (Ctrl-C)", op.result, root)
         raise
     except BaseException as exc:
+        from sage_llm.errors import UsageError
+
+        if isinstance(exc, UsageError):
+            raise  # bad input changed nothing: not an operation, and nothing may be written for it
         if type(exc).__name__ == "Exit" and getattr(exc, "exit_code", 1) == 0:
             record(command, args, op.outcome or "ok", time.monotonic() - started, op.error, op.result, root)
         else:
