@@ -1,0 +1,103 @@
+"""`sage llm chat` against the real CPU vLLM serving the tiny model that always answers TINY_REPLY.
+
+One engine for the whole test (they take ~25-40 s to start on 2 cores): one-shot, piped stdin, --json, a scripted
+REPL session, the 404 for an unknown model, and the engine stopped under a session.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from sage_llm.engine import process
+from tests.integration.conftest import TINY_REPLY
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
+
+
+def _port() -> int:
+    for port in range(19300, 19310):  # this test's own corner of the machine's ports
+        if process.port_is_free("127.0.0.1", port):
+            return port
+    pytest.skip("no free port in 19300-19309")
+    raise AssertionError("unreachable")
+
+
+class Stdin(io.StringIO):
+    def __init__(self, text: str, tty: bool = False) -> None:
+        super().__init__(text)
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.fixture(autouse=True)
+def _only_our_engine(monkeypatch: pytest.MonkeyPatch):
+    """Engines of other users of this machine must not be picked as "the first ready one"."""
+    from sage_llm.engine import manager
+
+    monkeypatch.setattr(manager, "discover_external", lambda *args, **kwargs: [])
+
+
+@pytest.mark.usefixtures("real_vllm", "stop_all")
+def test_chat_with_the_real_engine(cli, tiny_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = _port()
+    code, _out, err = cli("start", tiny_model, "--name", "chatreal", "--port", str(port), "--enforce-eager",
+                          "--max-model-len", "512", "--timeout", "300")
+    assert code == 0, err
+    url = f"http://127.0.0.1:{port}/v1"
+
+    # one-shot: only the answer on stdout
+    code, out, err = cli("chat", "-p", "Hi", "--temperature", "0")
+    assert code == 0, err
+    assert out == TINY_REPLY + "\n"
+    assert err.splitlines()[0] == f"source: local (chatreal) · model: {tiny_model} · {url}"
+    assert "completion tokens" in err.splitlines()[-1]
+
+    # piped stdin, engine named by port
+    monkeypatch.setattr("sys.stdin", Stdin("Hello there\n"))
+    code, out, err = cli("chat", str(port), "--temperature", "0")
+    assert (code, out) == (0, TINY_REPLY + "\n"), err
+
+    # --json, not streamed and streamed
+    for extra in ((), ("--no-stream",)):
+        code, out, err = cli("chat", "chatreal", "-p", "Hi", "--temperature", "0", "--json", *extra)
+        assert code == 0, err
+        doc = json.loads(out)
+        assert doc["text"] == TINY_REPLY
+        assert (doc["model"], doc["source"], doc["base_url"]) == (tiny_model, "local", url)
+        assert doc["usage"]["completion_tokens"] > 0
+        assert doc["usage"]["prompt_tokens"] > 0
+        assert doc["ttft_s"] > 0
+
+    # a scripted REPL session: two turns (history kept, then cleared), slash commands
+    monkeypatch.setattr("sys.stdin", Stdin("Hi\n/stats\nHello\n/clear\n\"\"\"\nHow\nare you\n\"\"\"\n/exit\n"))
+    code, out, err = cli("chat", "-i", "--temperature", "0")
+    assert code == 0, err
+    assert out == (TINY_REPLY + "\n") * 3
+    assert "turns: 1 (0 cancelled), history: 1 exchanges" in err
+    assert "history cleared (2 exchanges forgotten)" in err
+
+    # unknown model: the served one is listed
+    code, out, err = cli("chat", "-p", "Hi", "--model", "nope")
+    assert (code, out) == (2, "")
+    assert f"Error: model 'nope' is not served by local engine 'chatreal' at {url}; it serves: {tiny_model}" in err
+
+    # the engine stopped under a session: one line naming it
+    from sage_llm.engine import manager
+
+    class StopThenAsk(Stdin):
+        def readline(self, *args) -> str:  # type: ignore[override]
+            line = super().readline(*args)
+            if line == "again\n":
+                manager.stop("chatreal", timeout=30)
+            return line
+
+    monkeypatch.setattr("sys.stdin", StopThenAsk("Hi\nagain\n"))
+    code, out, err = cli("chat", "-i", "--temperature", "0")
+    assert code == 0, err
+    assert out == TINY_REPLY + "\n"
+    assert f"Error: local engine 'chatreal' at {url} is not running (connection refused)" in err
