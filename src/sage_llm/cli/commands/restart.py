@@ -99,7 +99,7 @@ def restart(
 
     Options are checked before the engine is stopped; the port stays the same unless --port is given.
     """
-    from sage_llm.cli.commands.start import _Progress
+    from sage_llm.cli._progress import LoadDisplay
     from sage_llm.engine import switch
 
     given = overrides(model=model, port=port, host=host, gpu_memory_utilization=gpu_memory_utilization,
@@ -108,7 +108,7 @@ def restart(
                       data_parallel_size=data_parallel_size, dtype=dtype, enforce_eager=enforce_eager,
                       download_dir=download_dir, trust_remote_code=trust_remote_code, api_key_env=api_key_env,
                       ray_address=ray_address, vllm_args=vllm_args)
-    progress = _Progress(enabled=True)
+    progress = LoadDisplay(enabled=True)
     try:
         result = switch.restart(name, given, gpus=gpus, timeout=timeout, on_progress=progress.update)
     finally:

@@ -69,7 +69,7 @@ def switch(
     Without --rolling the engine restarts in place (same port). With --rolling the new engine takes over the name,
     and `status --json` shows its new port.
     """
-    from sage_llm.cli.commands.start import _Progress
+    from sage_llm.cli._progress import LoadDisplay
     from sage_llm.engine import switch as core
 
     given = overrides(port=port, host=host, gpu_memory_utilization=gpu_memory_utilization,
@@ -78,7 +78,7 @@ def switch(
                       data_parallel_size=data_parallel_size, dtype=dtype, enforce_eager=enforce_eager,
                       download_dir=download_dir, trust_remote_code=trust_remote_code, api_key_env=api_key_env,
                       ray_address=ray_address, vllm_args=vllm_args)
-    progress = _Progress(enabled=True)
+    progress = LoadDisplay(enabled=True)
     try:
         result = core.switch(name, model, rolling=rolling, overrides=given, gpus=gpus, timeout=timeout,
                              on_progress=progress.update)
