@@ -51,10 +51,11 @@ def _register() -> None:
     llm_app.command("status", epilog=status.EPILOG)(status.status)
     llm_app.command("chat", epilog=chat.EPILOG)(chat.chat)
     llm_app.add_typer(engine.engine_app, name="engine")
-    from sage_llm.cli.commands import restart, switch
+    from sage_llm.cli.commands import bench, restart, switch
 
     llm_app.command("restart", epilog=restart.EPILOG)(restart.restart)
     llm_app.command("switch", epilog=switch.EPILOG)(switch.switch)
+    llm_app.command("bench", epilog=bench.EPILOG)(bench.bench)
     from sage_llm.cli.commands import config
 
     llm_app.add_typer(config.config_app, name="config")

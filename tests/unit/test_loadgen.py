@@ -1,0 +1,114 @@
+"""The load generator against a real local streaming server (tests/fakes/fast_sse.py), both transports."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sage_llm import loadgen
+
+FAST_SSE = Path(__file__).resolve().parents[1] / "fakes" / "fast_sse.py"
+
+
+def _free_port() -> int:
+    for port in range(19640, 19660):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port in 19640-19659")
+
+
+@pytest.fixture
+def sse_server(monkeypatch):
+    procs = []
+
+    def start(tokens: int = 5, delay_ms: float = 0.0, fail_every: int = 0) -> str:
+        port = _free_port()
+        env = {"FAST_SSE_FAIL_EVERY": str(fail_every), "PATH": "/usr/bin:/bin"}
+        proc = subprocess.Popen([sys.executable, str(FAST_SSE), str(port), "--tokens", str(tokens), "--delay-ms",
+                                 str(delay_ms)], stdout=subprocess.PIPE, env=env)
+        procs.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().decode().strip() == f"ready {port}"
+        return f"http://127.0.0.1:{port}/v1"
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("transport", ["raw", "httpx"])
+def test_counts_latencies_and_cross_check(sse_server, transport):
+    url = sse_server(tokens=5, delay_ms=2)
+    cfg = loadgen.BenchConfig(base_url=url, model="fast", concurrency=4, requests=20, prompt_tokens=10, max_tokens=5)
+    seen = []
+    doc = loadgen.run_sync(cfg, on_progress=seen.append, transport=transport).to_json()
+    assert doc["completed"] == 20
+    assert doc["failed"] == 0
+    assert doc["total_output_tokens"] == 100
+    assert doc["total_prompt_tokens"] == 200  # the server's usage: 10 words each
+    assert doc["token_counts_from"] == "usage"
+    assert doc["server_metrics"] == {"available": True, "generation_tokens": 100, "prompt_tokens": 200,
+                                     "generation_tokens_match": True, "prompt_tokens_match": True, "note": None}
+    ttft, itl = doc["ttft_s"], doc["itl_s"]
+    assert 0.0015 < ttft["p50"] < 1.0  # the server waits 2 ms before the first token
+    assert ttft["p50"] <= ttft["p90"] <= ttft["p99"]
+    # 2 ms between tokens; a busy client may read two chunks at once (a ~0 gap, then a longer one): the mean holds
+    assert 0.001 < itl["mean"] < 1.0
+    assert doc["request_throughput"] > 0
+    assert doc["output_throughput"] == pytest.approx(100 / doc["duration_s"])
+    assert seen
+    assert seen[-1]["done"] == 20
+
+
+def test_max_tokens_caps_output(sse_server):
+    url = sse_server(tokens=50)
+    cfg = loadgen.BenchConfig(base_url=url, model="fast", concurrency=2, requests=6, max_tokens=3)
+    doc = loadgen.run_sync(cfg).to_json()
+    assert doc["total_output_tokens"] == 18
+
+
+def test_failed_requests_are_counted_not_fatal(sse_server):
+    url = sse_server(fail_every=4)
+    cfg = loadgen.BenchConfig(base_url=url, model="fast", concurrency=3, requests=20)
+    doc = loadgen.run_sync(cfg).to_json()
+    assert doc["completed"] == 15
+    assert doc["failed"] == 5
+    assert doc["errors"] == {"HTTP 500: injected failure": 5}
+
+
+def test_unreachable_server_gives_errors_and_no_metrics():
+    cfg = loadgen.BenchConfig(base_url="http://127.0.0.1:19699/v1", model="m", concurrency=2, requests=4)
+    doc = loadgen.run_sync(cfg).to_json()
+    assert doc["failed"] == 4
+    assert doc["completed"] == 0
+    assert doc["server_metrics"]["available"] is False
+    assert "/metrics unavailable" in doc["server_metrics"]["error"]
+    assert all(k.startswith(("ConnectionRefusedError", "OSError")) for k in doc["errors"])
+
+
+def test_percentiles_and_metric_parsing():
+    assert loadgen.percentile([], 50) is None
+    assert loadgen.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert loadgen.percentile([0.0, 10.0], 90) == pytest.approx(9.0)
+    text = ("# TYPE vllm:generation_tokens_total counter\n"
+            'vllm:generation_tokens_total{engine="0",model_name="a"} 12.0\n'
+            'vllm:generation_tokens_total{engine="1",model_name="a"} 3.0\n'
+            'vllm:prompt_tokens_total{engine="0",model_name="a"} 7.0\n'
+            'vllm:prompt_tokens_created{engine="0",model_name="a"} 1.7e9\n')
+    assert loadgen.parse_metrics(text) == {"vllm:generation_tokens_total": 15.0, "vllm:prompt_tokens_total": 7.0}
+
+
+def test_bad_config_is_a_usage_error():
+    from sage_llm.errors import UsageError
+
+    with pytest.raises(UsageError, match="--concurrency 0"):
+        loadgen.BenchConfig(base_url="http://x/v1", model="m", concurrency=0).validate()
