@@ -35,7 +35,7 @@ test: engine
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
-demo: engine
+demo: $(STAMP)  # scripts/demo.sh installs the engine it needs: GPU when nvidia-smi sees one, else CPU
 	bash scripts/demo.sh
 
 bench: $(STAMP)
