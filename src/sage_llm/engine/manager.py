@@ -345,12 +345,16 @@ class EngineView:
     max_model_len: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     record: EngineRecord | None = None
+    ray: dict[str, Any] | None = None  # engines on a Ray cluster: address, nodes, workers (engine/ray_cluster.py)
 
     def to_json(self) -> dict[str, Any]:
         keys = ("name", "managed", "state", "model", "served_model_name", "host", "port", "base_url", "pid",
                 "started_at", "uptime_s", "log_file", "error", "stage", "progress", "gpu_memory_bytes", "gpus",
                 "max_model_len", "processes")
-        return {k: getattr(self, k) for k in keys}
+        doc = {k: getattr(self, k) for k in keys}
+        if self.ray is not None:
+            doc["ray"] = self.ray
+        return doc
 
 
 def _tree_procs(tree: process.Tree) -> list[dict[str, Any]]:
@@ -413,6 +417,10 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
         if view.state == "ready" and p.models and not view.served_model_name:
             view.served_model_name = p.model_ids[0]
     views.extend(v for v in external if v.state in ("ready", "starting", "unhealthy"))
+    if any(v.record is not None and (v.record.settings or {}).get("ray_address") for v in views):
+        from sage_llm.engine import ray_cluster
+
+        ray_cluster.attach(views, store.root)
     return views, warnings
 
 

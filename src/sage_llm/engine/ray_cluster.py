@@ -103,24 +103,6 @@ def engine_jobs(data: dict[str, Any], rec: EngineRecord, pids: set[int] | None =
     return found
 
 
-def workers_view(rec: EngineRecord, address: str, pids: set[int]) -> dict[str, Any]:
-    """For `status`: the cluster's nodes and the engine's live workers with the node and GPUs each holds."""
-    view: dict[str, Any] = {"address": address, "nodes": [], "workers": [], "error": None}
-    data = query(address, engine_python(rec))
-    if "error" in data:
-        view["error"] = data["error"]
-        return view
-    nodes = {n["node_id"]: n for n in data.get("nodes", [])}
-    view["nodes"] = [{"address": n["address"], "alive": n["alive"], "gpus": n["gpus"]} for n in nodes.values()]
-    jobs = engine_jobs(data, rec, pids)
-    for a in data.get("actors", []):
-        if a.get("job_id") in jobs and a.get("state") != "DEAD":
-            node = nodes.get(a.get("node_id"), {})
-            view["workers"].append({"class_name": a.get("class_name"), "pid": a.get("pid"), "state": a.get("state"),
-                                    "node": a.get("ip") or node.get("address"), "node_gpus": node.get("gpus")})
-    return view
-
-
 def wait_workers_gone(rec: EngineRecord, address: str, timeout: float = 10.0) -> list[str]:
     """After a stop: wait until the engine's Ray actors are dead; describe those still alive ([] when all gone, or
     when the cluster cannot tell). The cluster is never stopped or changed."""
@@ -137,3 +119,75 @@ def wait_workers_gone(rec: EngineRecord, address: str, timeout: float = 10.0) ->
         if not left or time.monotonic() >= deadline:
             return left
         time.sleep(0.5)
+
+
+# ------------------------------------------------------------------------------------------------------- status
+CACHE_TTL_S = 10.0
+
+
+def _cached_query(address: str, python: str | None, cache_path: Path) -> dict[str, Any]:
+    """query() at most once per CACHE_TTL_S per address (status is polled)."""
+    from sage_llm.state import atomic_write_json
+
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(address) if isinstance(cache, dict) else None
+    if isinstance(hit, dict) and time.time() - float(hit.get("t", 0)) < CACHE_TTL_S:
+        return hit.get("data") or {}
+    data = query(address, python, timeout=4.0)
+    cache = {k: v for k, v in (cache.items() if isinstance(cache, dict) else [])
+             if isinstance(v, dict) and time.time() - float(v.get("t", 0)) < CACHE_TTL_S}
+    cache[address] = {"t": time.time(), "data": data}
+    try:
+        atomic_write_json(cache_path, cache)
+    except Exception:
+        pass
+    return data
+
+
+def attach(views: list[Any], root: Path) -> None:
+    """Give every engine started with --ray-address a `ray` entry: the address, and (live engines, when the cluster
+    answers within a few seconds) its nodes and the workers of this engine with their node and GPUs."""
+    for view in views:
+        rec = getattr(view, "record", None)
+        address = (rec.settings or {}).get("ray_address") if rec is not None else None
+        if not address:
+            continue
+        info: dict[str, Any] = {"address": address, "nodes": [], "workers": [], "error": None}
+        if view.state in ("starting", "ready", "unhealthy"):
+            data = _cached_query(address, engine_python(rec), root / "ray-status-cache.json")
+            if "error" in data:
+                info["error"] = data["error"]
+            else:
+                pids = {p["pid"] for p in view.processes} | ({view.pid} if view.pid else set())
+                nodes = {n["node_id"]: n for n in data.get("nodes", [])}
+                info["nodes"] = [{"address": n["address"], "alive": n["alive"], "gpus": n["gpus"]}
+                                 for n in nodes.values()]
+                jobs = engine_jobs(data, rec, pids)
+                for a in data.get("actors", []):
+                    if a.get("job_id") in jobs and a.get("state") != "DEAD":
+                        node = nodes.get(a.get("node_id"), {})
+                        info["workers"].append({"class_name": a.get("class_name"), "pid": a.get("pid"),
+                                                "state": a.get("state"), "node": a.get("ip") or node.get("address"),
+                                                "node_gpus": node.get("gpus")})
+        view.ray = info
+
+
+def describe(info: dict[str, Any]) -> str:
+    """One line for the human status view."""
+    text = f"Ray cluster {info['address']}"
+    if info.get("error"):
+        return text + f" ({info['error']})"
+    nodes = [n for n in info.get("nodes", []) if n.get("alive")]
+    if nodes:
+        gpus = sum(float(n.get("gpus") or 0) for n in nodes)
+        text += f": {len(nodes)} node(s), {gpus:g} GPU(s)"
+    workers = info.get("workers", [])
+    if workers:
+        per: dict[str, int] = {}
+        for w in workers:
+            per[str(w.get("node"))] = per.get(str(w.get("node")), 0) + 1
+        text += "; workers: " + ", ".join(f"{n} on {node}" for node, n in per.items())
+    return text

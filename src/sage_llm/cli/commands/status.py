@@ -69,6 +69,11 @@ def status(
             for v in views:
                 if v.error:
                     out.info(f"{v.name}: {v.error}")
+            for v in views:
+                if v.ray is not None:
+                    from sage_llm.engine.ray_cluster import describe
+
+                    out.result(f"{v.name}: {describe(v.ray)}")
             from sage_llm.gpu import NO_DRIVER
 
             if doc["gpu_error"] and doc["gpu_error"] != NO_DRIVER:

@@ -1,0 +1,84 @@
+"""`start --ray-address` with the fake vLLM: what reaches the engine, what status shows, and that stop is bounded
+when the cluster cannot be read."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from sage_llm.engine import ray_cluster
+from sage_llm.state import EngineRecord, StateStore
+
+pytestmark = pytest.mark.usefixtures("fake_vllm", "stop_all")
+
+
+def test_ray_address_reaches_the_engine_and_status(cli, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:19698")  # the environment variable is the option's default
+    code, _out, err = cli("start", "org/model-a", "--name", "r1", "--port", "19662")
+    assert code == 0, err
+    rec = StateStore().load("r1")
+    assert isinstance(rec, EngineRecord)
+    assert rec.settings["ray_address"] == "127.0.0.1:19698"
+    assert rec.env["RAY_ADDRESS"] == "127.0.0.1:19698"
+    assert rec.env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert rec.argv[rec.argv.index("--distributed-executor-backend") + 1] == "ray"
+    t = time.monotonic()
+    code, out, err = cli("status", "--json")
+    assert code == 0, err
+    assert time.monotonic() - t < ray_cluster.QUERY_TIMEOUT_S + 3  # bounded even though nothing answers
+    eng = next(e for e in json.loads(out)["engines"] if e["name"] == "r1")
+    assert eng["state"] == "ready"
+    assert eng["ray"]["address"] == "127.0.0.1:19698"
+    assert eng["ray"]["error"]  # no Ray here to ask: said, not raised
+    code, out, _err = cli("status")
+    assert "r1: Ray cluster 127.0.0.1:19698 (" in out
+    # an engine without Ray has no "ray" entry
+    monkeypatch.delenv("RAY_ADDRESS")
+    code, _out, err = cli("start", "org/model-b", "--name", "r2", "--port", "19663")
+    assert code == 0, err
+    code, out, _err = cli("status", "--json")
+    eng2 = next(e for e in json.loads(out)["engines"] if e["name"] == "r2")
+    assert "ray" not in eng2
+    code, _out, err = cli("stop", "r1")
+    assert code == 0, err
+
+
+def test_restart_can_drop_ray(cli):
+    code, _out, err = cli("start", "org/model-a", "--name", "r3", "--port", "19664", "--ray-address", "auto")
+    assert code == 0, err
+    code, _out, err = cli("restart", "r3", "--ray-address", "")
+    assert code == 0, err
+    rec = StateStore().load("r3")
+    assert isinstance(rec, EngineRecord)
+    assert rec.settings["ray_address"] is None
+    assert "--distributed-executor-backend" not in rec.argv
+    assert "RAY_ADDRESS" not in rec.env
+
+
+def test_bad_ray_address_is_refused(cli):
+    code, _out, err = cli("start", "org/model-a", "--ray-address", "http://head")
+    assert code == 2
+    assert "is not a Ray cluster address" in err
+    assert StateStore().names() == []
+
+
+def test_describe_and_job_matching():
+    info = {"address": "10.0.0.1:6379", "error": None, "workers": [{"node": "10.0.0.2"}, {"node": "10.0.0.2"},
+                                                                   {"node": "10.0.0.3"}],
+            "nodes": [{"address": "10.0.0.2", "alive": True, "gpus": 4}, {"address": "10.0.0.3", "alive": True,
+                                                                            "gpus": 4}]}
+    assert ray_cluster.describe(info) == ("Ray cluster 10.0.0.1:6379: 2 node(s), 8 GPU(s); workers: 2 on 10.0.0.2, "
+                                          "1 on 10.0.0.3")
+    rec = EngineRecord(name="e", model="m", served_model_name="m", host="127.0.0.1", port=19601, pid=100,
+                       create_time=1000.0)
+    data = {"jobs": [
+        {"job_id": "01", "driver_pid": 100, "start_ms": 1_000_500, "entrypoint": ""},  # the API server itself
+        {"job_id": "02", "driver_pid": 555, "start_ms": 1_002_000,
+         "entrypoint": "/x/vllm serve m --port 19601 --distributed-executor-backend ray"},  # EngineCore, gone
+        {"job_id": "03", "driver_pid": 556, "start_ms": 1_002_000, "entrypoint": "vllm serve m --port 19602"},
+        {"job_id": "04", "driver_pid": 100, "start_ms": 500_000, "entrypoint": ""},  # before the engine: pid reuse
+    ]}
+    assert ray_cluster.engine_jobs(data, rec) == {"01", "02"}
+    assert ray_cluster.engine_jobs(data, rec, pids={556}) == {"01", "02", "03"}
