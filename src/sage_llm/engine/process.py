@@ -93,9 +93,16 @@ def pid_reused_by(pid: int | None, create_time: float | None) -> psutil.Process 
 
 
 def _marker(proc: psutil.Process) -> str | bool | None:
-    """The engine id in a process's environment; None if unreadable; False if readable and absent."""
+    """The engine id in a process's environment; None if unreadable; False if readable and absent.
+
+    vLLM renames EngineCore and its workers with setproctitle, which overwrites the environment block: their
+    /proc/PID/environ reads back empty. An empty environment is therefore "unknown" (None), not "absent".
+    """
     try:
-        return proc.environ().get(EnvVars.ENGINE_MARK, False)
+        env = proc.environ()
+        if not env:
+            return None
+        return env.get(EnvVars.ENGINE_MARK, False)
     except (psutil.AccessDenied, psutil.ZombieProcess):
         return None
     except psutil.Error:
