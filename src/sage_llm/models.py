@@ -8,12 +8,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +129,8 @@ def remove(plan: RemovePlan) -> int:
             if hashes:
                 info.delete_revisions(*hashes).execute()
         if os.path.lexists(m.repo_path):  # nothing but partial downloads, or a corrupt entry
+            import shutil
+
             shutil.rmtree(m.repo_path, ignore_errors=True)
         freed += before - _du(m.repo_path)
     return freed
@@ -295,6 +294,8 @@ class ImportResult:
 
 def _engine_python(progress: Callable[[str], None], install_missing: bool) -> tuple[str, list[str]]:
     """The engine environment's Python, with gguf and accelerate importable (installed on demand)."""
+    import subprocess
+
     from sage_llm.engine import envs
 
     env = envs.load_recorded()
@@ -333,6 +334,8 @@ def import_gguf(gguf: str | Path, repo_id: str, cache_dir: str | Path | None = N
     installed: list[str] = []
     if python is None:
         python, installed = _engine_python(progress, install_missing)
+    import subprocess
+
     script = Path(__file__).parent / "engine" / "scripts" / "gguf_import.py"
     t0 = time.monotonic()
     cache.mkdir(parents=True, exist_ok=True)
@@ -371,6 +374,8 @@ def _tp_fit(frees: list[int], need: int) -> int | None:
 
 
 def recommended() -> list[dict[str, Any]]:
+    from importlib import resources
+
     data = json.loads(resources.files("sage_llm").joinpath("data/recommended_models.json").read_text("utf-8"))
     return list(data["models"])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -197,3 +198,18 @@ def test_recommend_fit_from_free_memory() -> None:
     fit = {r["repo_id"]: r["fit"] for r in rows}
     assert fit["Qwen/Qwen2.5-7B-Instruct"] == "too large"
     assert fit["Qwen/Qwen2.5-0.5B-Instruct"] == "fits"
+
+
+def test_models_json_fast_path_imports_no_typer_nor_hub(hub_cache: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from sage_llm.cli.main import run; rc = run(['llm', 'models', '--json']); "
+            "heavy = [m for m in ('typer', 'rich', 'huggingface_hub', 'pydantic') if m in sys.modules]; "
+            "sys.stderr.write(json.dumps({'rc': rc, 'heavy': heavy}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
+                          timeout=60)
+    info = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert info == {"rc": 0, "heavy": []}
+    doc = json.loads(proc.stdout)
+    assert {m["repo_id"] for m in doc["models"]} == {"org/Tiny-Chat", "Qwen/Qwen2.5-7B-Instruct-AWQ"}

@@ -45,6 +45,10 @@ def run(argv: list[str], prog: str = "sage") -> int:
             from sage_llm.cli.fast_status import status_json
 
             return status_json(fast[0] if fast else None)
+        from sage_llm.cli.fast_models import is_fast, models_json
+
+        if is_fast(llm_args):
+            return models_json()
     if prog == "sage" and llm_args is None and not (argv and argv[0] in OWN_ROOT_OPTIONS):
         # anything but `sage llm ...` belongs to SAGE's own CLI when it is installed
         from sage_llm.cli.sage_plugin import delegate_to_sage
