@@ -117,6 +117,16 @@ def plan_remove(repo_id: str, store: Any = None) -> RemovePlan:
 
 def remove(plan: RemovePlan) -> int:
     """Delete every cached copy in the plan (through huggingface_hub's delete strategy); returns the bytes freed."""
+    from sage_llm import audit
+
+    with audit.operation("model rm", {"repo_id": plan.repo_id}) as op:
+        op.result = {"paths": [m.repo_path for m in plan.entries]}
+        freed = _remove(plan)
+        op.result["freed_bytes"] = freed
+    return freed
+
+
+def _remove(plan: RemovePlan) -> int:
     freed = 0
     for m in plan.entries:
         before = _du(m.repo_path)
@@ -192,6 +202,18 @@ def pull(repo_id: str, revision: str | None = None, include: list[str] | None = 
          on_bytes: BytesProgress | None = None, cache_dir: str | None = None) -> PullResult:
     """Download (or finish downloading) a model into the hub cache. Honours HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE."""
     check_repo_id(repo_id)
+    from sage_llm import audit
+
+    with audit.operation("model pull", {"repo_id": repo_id, "revision": revision, "include": include,
+                                        "endpoint": _endpoint()}) as op:
+        result = _pull(repo_id, revision, include, on_bytes, cache_dir)
+        op.result = {"snapshot_path": result.snapshot_path, "size_on_disk": result.size_on_disk,
+                     "nb_files": result.nb_files}
+    return result
+
+
+def _pull(repo_id: str, revision: str | None, include: list[str] | None, on_bytes: BytesProgress | None,
+          cache_dir: str | None) -> PullResult:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -321,6 +343,17 @@ def import_gguf(gguf: str | Path, repo_id: str, cache_dir: str | Path | None = N
                 python: str | None = None, force: bool = False) -> ImportResult:
     """Convert a GGUF file to a bf16 safetensors checkpoint and lay it out in the hub cache as `repo_id`."""
     check_repo_id(repo_id)
+    from sage_llm import audit
+
+    with audit.operation("model import", {"file": str(gguf), "repo_id": repo_id, "force": force}) as op:
+        result = _import_gguf(gguf, repo_id, cache_dir, progress, install_missing, python, force)
+        op.result = {"snapshot_path": result.snapshot_path, "size_on_disk": result.size_on_disk,
+                     "installed": result.installed}
+    return result
+
+
+def _import_gguf(gguf: str | Path, repo_id: str, cache_dir: str | Path | None, progress: Callable[[str], None],
+                 install_missing: bool, python: str | None, force: bool) -> ImportResult:
     src = Path(gguf).expanduser()
     if not src.is_file():
         raise UsageError(f"{gguf} does not exist or is not a file", hint="give the path of a .gguf file")

@@ -144,3 +144,19 @@ def test_cli_pull_json_and_errors(hub: FakeHub, cli) -> None:
     code, _, stderr = cli("models", "pull", "not-a-repo-id")
     assert code == 2
     assert "ORG/NAME" in stderr
+
+
+def test_pull_and_rm_are_audited(hub: FakeHub) -> None:
+    from sage_llm import audit
+
+    models.pull("org/tiny")
+    with pytest.raises(models.DownloadError):
+        models.pull("org/private")
+    models.remove(models.plan_remove("org/tiny"))
+    entries = [e for e in audit.read() if e["command"].startswith("model ")]
+    assert [(e["command"], e["outcome"]) for e in entries] == [("model pull", "ok"), ("model pull", "error"),
+                                                                ("model rm", "ok")]
+    assert entries[0]["args"]["repo_id"] == "org/tiny"
+    assert entries[0]["result"]["nb_files"] == 3
+    assert "401" in entries[1]["error"]
+    assert entries[2]["result"]["freed_bytes"] > 300_000
