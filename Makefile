@@ -20,7 +20,7 @@ venv: $(STAMP)
 
 # the CPU build of vLLM in its own venv (git-ignored), recorded for the tests through SAGE_LLM_ENGINE_DIR
 engine: $(STAMP)
-	SAGE_LLM_HOME=$(CURDIR)/.engines/state $(BIN)/sage llm engine install --cpu --path $(CURDIR)/$(ENGINE)
+	SAGE_LLM_HOME=$(CURDIR)/.engines/state $(BIN)/sage llm engine install --cpu --ray --path $(CURDIR)/$(ENGINE)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration" -q

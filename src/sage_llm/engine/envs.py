@@ -212,6 +212,10 @@ def install(
         spec = {"ray": "ray==2.60.0", "gguf": "gguf>=0.17", "accelerate": "accelerate>=1.0"}.get(extra)
         if spec is None:
             raise UsageError(f"unknown extra {extra!r}", hint="extras: ray, gguf, accelerate")
+        name, _, pinned = spec.partition("==")
+        if pinned and any(_site_packages(str(python)).glob(f"{name}-{pinned}.dist-info")):
+            progress(f"{name} {pinned} already installed")  # no pip round trip: `make engine` stays fast on reruns
+            continue
         _run([*pip, "install", spec], progress, f"installing {extra}")
     progress("checking `vllm --version`")
     version = vllm_version([str(vllm_bin)])
