@@ -68,13 +68,14 @@ def _float(token: str) -> float:
     return float(token)
 
 
-def parse(text: str) -> dict[str, list[tuple[Labels, float]]]:
+def parse(text: str, only: tuple[str, ...] | None = None) -> dict[str, list[tuple[Labels, float]]]:
     """Prometheus text exposition -> {sample name: [(labels, value), ...]}. Comments, blank and malformed lines are
-    skipped (one bad line never loses the rest of the scrape); timestamps are ignored."""
+    skipped (one bad line never loses the rest of the scrape); timestamps are ignored. With `only`, lines that do not
+    start with one of those prefixes are skipped unparsed (a real vLLM serves ~600 lines; `top` needs ~30)."""
     out: dict[str, list[tuple[Labels, float]]] = {}
     for raw in text.splitlines():
         line = raw.strip()
-        if not line or line[0] == "#":
+        if not line or line[0] == "#" or (only is not None and not line.startswith(only)):
             continue
         try:
             end = 0
@@ -174,8 +175,15 @@ class Scrape:
     ttft: list[tuple[float, float]] = field(default_factory=list)  # cumulative buckets, seconds
 
 
+SUMMARY_SERIES = (
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
+    "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
+    "vllm:time_to_first_token_seconds_bucket",
+)
+
+
 def summarize(text: str, at: float | None = None) -> Scrape:
-    s = parse(text)
+    s = parse(text, only=SUMMARY_SERIES)
     kv = s.get("vllm:kv_cache_usage_perc") or s.get("vllm:gpu_cache_usage_perc") or []
     kv_values = [v for _labels, v in kv if not math.isnan(v)]
     return Scrape(

@@ -202,7 +202,7 @@ def _read_until(master: int, proc: subprocess.Popen, needle: bytes, timeout: flo
     return buf
 
 
-@pytest.mark.parametrize("how", ["q", "sigint"])
+@pytest.mark.parametrize("how", ["q", "sigint", "sigterm"])
 def test_live_loop_quits_and_restores_the_terminal(home, how: str) -> None:
     proc, master, slave = _spawn_top(home, "-n", "0.2")
     before = termios.tcgetattr(slave)
@@ -214,7 +214,7 @@ def test_live_loop_quits_and_restores_the_terminal(home, how: str) -> None:
         if how == "q":
             os.write(master, b"q")
         else:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGINT if how == "sigint" else signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         rest = _read_until(master, proc, b"\x1b[?1049l", timeout=5)
         assert b"\x1b[?1049l" in seen + rest  # left the alternate screen

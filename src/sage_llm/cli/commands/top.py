@@ -20,15 +20,16 @@ STATE_STYLE = {"ready": "green", "starting": "yellow", "unhealthy": "red", "fail
 SPARK_WIDTH = 24
 
 
-def _bar(fraction: float | None, width: int = 10) -> Any:
-    from rich.text import Text
+Cell = list[tuple[str, str]]  # (text, style) segments
 
+
+def _bar(fraction: float | None, width: int = 10) -> Cell:
     if fraction is None:
-        return Text("·" * width, style="dim")
+        return [("·" * width, "dim")]
     f = max(0.0, min(1.0, fraction))
-    full = round(f * width)
+    full = int(f * width + 0.5)
     style = "green" if f < 0.7 else ("yellow" if f < 0.9 else "red")
-    return Text("█" * full, style=style) + Text("░" * (width - full), style="dim")
+    return [("█" * full, style), ("░" * (width - full), "dim")]
 
 
 def _num(value: float | None, fmt: str = "{:.0f}") -> str:
@@ -47,10 +48,39 @@ def _gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 1024**3:.1f}"
 
 
+def _grid(columns: list[tuple[str, str]], rows: list[list[Any]]) -> list[Any]:
+    """A borderless table as one Rich Text per line: columns [(header, "l"|"r")], cells str or [(text, style)].
+
+    Laid out by hand (column width = widest cell, two spaces apart, lines cropped to the terminal, never wrapped):
+    Rich's Table measures and wraps every cell, which alone cost more than the 3% CPU budget at 1 Hz."""
+    from rich.cells import cell_len
+    from rich.text import Text
+
+    grid: list[list[Cell]] = [[[(h, "bold")] for h, _j in columns]]
+    grid += [[[(c, "")] if isinstance(c, str) else c for c in row] for row in rows]
+    lens = [[sum(cell_len(t) for t, _s in cell) for cell in row] for row in grid]
+    widths = [max(r[i] for r in lens) for i in range(len(columns))]
+    lines = []
+    for row, row_lens in zip(grid, lens):
+        line = Text(no_wrap=True, overflow="crop", end="\n")
+        for i, (cell, n) in enumerate(zip(row, row_lens)):
+            if i:
+                line.append("  ")
+            pad = " " * (widths[i] - n)
+            if columns[i][1] == "r":
+                line.append(pad)
+            for text, style in cell:
+                line.append(text, style or None)
+            if columns[i][1] != "r" and i < len(columns) - 1:
+                line.append(pad)
+        line.rstrip()
+        lines.append(line)
+    return lines
+
+
 def render(frame: Any) -> Any:
     """One screen for a monitor.Frame (a Rich renderable; the tests print it to a string console)."""
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     from sage_llm.monitor import sparkline
@@ -59,15 +89,13 @@ def render(frame: Any) -> Any:
     span = f"{minutes:.0f} min" if minutes >= 1 else f"{frame.history_s:.0f} s"
     when = datetime.fromtimestamp(frame.at).strftime("%H:%M:%S")
     n_ready = sum(e.state == "ready" for e in frame.engines)
-    title = Text(f"sage llm top  {when}  every {frame.interval:g} s  ", style="bold")
+    title = Text(f"sage llm top  {when}  every {frame.interval:g} s  ", style="bold", no_wrap=True, overflow="crop")
     title.append(f"{len(frame.engines)} engine(s), {n_ready} ready, {len(frame.gpus)} GPU(s)", style="")
     title.append("   q: quit", style="dim")
-    parts: list[Any] = [title]
+    parts: list[Any] = [title, Text("")]
 
     if frame.gpus:
-        gt = Table(box=None, pad_edge=False, header_style="bold", expand=False)
-        for col in ("GPU", "NAME", "UTIL", "", "MEMORY (GiB)", "", "TEMP", "POWER", f"MEMORY, last {span}"):
-            gt.add_column(col, no_wrap=True)
+        rows = []
         for row in frame.gpus:
             g = row.info
             util = g.utilization_percent
@@ -77,22 +105,18 @@ def render(frame: Any) -> Any:
                 f"/{g.power_limit_w:.0f} W" if g.power_limit_w else " W")
             spark = sparkline(row.memory_history, SPARK_WIDTH, frame.history_s, frame.now,
                               top=float(g.memory_total_bytes) if g.memory_total_bytes else None)
-            gt.add_row(str(g.index), (g.name or "n/a").replace("NVIDIA ", ""),
-                       _bar(util / 100 if util is not None else None), _num(util, "{:.0f}%"),
-                       _bar(mem_frac), f"{_gib(g.memory_used_bytes)}/{_gib(g.memory_total_bytes)}",
-                       _num(g.temperature_c, "{:.0f}°C"), power, Text(spark, style="cyan"))
-        parts += [Text(""), gt]
+            rows.append([str(g.index), (g.name or "n/a").replace("NVIDIA ", ""),
+                         _bar(util / 100 if util is not None else None), _num(util, "{:.0f}%"),
+                         _bar(mem_frac), f"{_gib(g.memory_used_bytes)}/{_gib(g.memory_total_bytes)}",
+                         _num(g.temperature_c, "{:.0f}°C"), power, [(spark, "cyan")]])
+        parts += _grid([("GPU", "l"), ("NAME", "l"), ("UTIL", "l"), ("", "r"), ("MEMORY (GiB)", "l"), ("", "l"),
+                        ("TEMP", "r"), ("POWER", "r"), (f"MEMORY, last {span}", "l")], rows)
     else:
-        parts += [Text(""), Text(f"No GPU: {frame.gpu_error or 'NVML reports no GPU'}", style="yellow")]
+        parts.append(Text(f"No GPU: {frame.gpu_error or 'NVML reports no GPU'}", style="yellow"))
 
     parts.append(Text(""))
     if frame.engines:
-        et = Table(box=None, pad_edge=False, header_style="bold", expand=False)
-        for col, justify in (("ENGINE", "left"), ("STATE", "left"), ("MODEL", "left"), ("PORT", "right"),
-                             ("VRAM GiB", "right"), ("GPU", "left"), ("RUN", "right"), ("WAIT", "right"),
-                             ("KV", "left"), ("", "right"), ("PROMPT t/s", "right"), ("GEN t/s", "right"),
-                             ("TTFT p50", "right"), (f"GEN t/s, last {span}", "left")):
-            et.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+        rows = []
         for e in frame.engines:
             state = e.state + ("" if e.managed else " (ext)")
             if e.state == "starting" and e.stage:
@@ -104,35 +128,36 @@ def render(frame: Any) -> Any:
                 model = "…" + model[-31:]
             spark = sparkline(e.generation_history, SPARK_WIDTH, frame.history_s, frame.now)
             ttft = _ms(e.ttft_p50_s) + ("" if e.ttft_recent or e.ttft_p50_s is None else "*")
-            et.add_row(e.name, Text(state, style=STATE_STYLE.get(e.state, "")), model, _num(e.port, "{}"),
-                       _gib(e.vram_bytes), ",".join(map(str, e.gpus)) or "-", _num(e.running), _num(e.waiting),
-                       _bar(e.kv_cache_usage, 8), _num(None if e.kv_cache_usage is None else e.kv_cache_usage * 100,
-                                                      "{:.0f}%"),
-                       _num(e.prompt_tps, "{:.1f}"), _num(e.generation_tps, "{:.1f}"), ttft,
-                       Text(spark, style="magenta"))
-        parts.append(et)
+            kv_pct = None if e.kv_cache_usage is None else e.kv_cache_usage * 100
+            rows.append([e.name, [(state, STATE_STYLE.get(e.state, ""))], model, _num(e.port, "{}"),
+                         _gib(e.vram_bytes), ",".join(map(str, e.gpus)) or "-", _num(e.running), _num(e.waiting),
+                         _bar(e.kv_cache_usage, 8), _num(kv_pct, "{:.0f}%"), _num(e.prompt_tps, "{:.1f}"),
+                         _num(e.generation_tps, "{:.1f}"), ttft, [(spark, "magenta")]])
+        parts += _grid([("ENGINE", "l"), ("STATE", "l"), ("MODEL", "l"), ("PORT", "r"), ("VRAM GiB", "r"),
+                        ("GPU", "l"), ("RUN", "r"), ("WAIT", "r"), ("KV", "l"), ("", "r"), ("PROMPT t/s", "r"),
+                        ("GEN t/s", "r"), ("TTFT p50", "r"), (f"GEN t/s, last {span}", "l")], rows)
         if any(e.ttft_p50_s is not None and not e.ttft_recent for e in frame.engines):
             parts.append(Text("* TTFT over all requests since the engine started (none in the last minute)",
                               style="dim"))
     else:
         parts.append(Text("No engines. Start one: sage llm start MODEL", style="dim"))
     for w in frame.warnings[:3]:
-        parts.append(Text(f"Warning: {w}", style="yellow"))
+        parts.append(Text(f"Warning: {w}", style="yellow", no_wrap=True, overflow="crop"))
     return Group(*parts)
 
 
-def _wait_for_key(fd: int | None, seconds: float) -> bool:
-    """Sleep up to `seconds`; True if q/Q/Ctrl-C was typed meanwhile."""
+def _wait_for_key(fd: int | None, wake: int, seconds: float) -> bool:
+    """Sleep up to `seconds`; True if q/Q/Ctrl-C was typed, or a signal arrived (a byte on `wake`), meanwhile."""
     deadline = time.monotonic() + seconds
+    watch = [wake] if fd is None else [fd, wake]
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        if fd is None:
-            time.sleep(left)
-            return False
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
+        ready, _, _ = select.select(watch, [], [], left)
+        if wake in ready:
+            return True
+        if fd is not None and fd in ready:
             data = os.read(fd, 64)
             if not data or any(c in data for c in (b"q", b"Q", b"\x03")):
                 return True
@@ -169,8 +194,22 @@ def top(
 
 
 def _run_live(monitor: Any, console: Any, interval: float) -> None:
+    """Full screen until q, Ctrl-C or SIGTERM. Signals only set a flag (and wake the wait): an exception raised in
+    the middle of drawing could leave Rich's output buffered and the terminal in the alternate screen."""
+    import signal
+
     from rich.live import Live
 
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        try:
+            os.write(wake_w, b"!")
+        except OSError:
+            pass
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     fd: int | None = None
     saved = None
     if sys.stdin.isatty():
@@ -179,20 +218,22 @@ def _run_live(monitor: Any, console: Any, interval: float) -> None:
 
         fd = sys.stdin.fileno()
         saved = termios.tcgetattr(fd)
-        tty.setcbreak(fd)  # keys arrive one by one, not echoed; Ctrl-C still raises KeyboardInterrupt
+        tty.setcbreak(fd)  # keys arrive one by one, not echoed
     try:
         frame = monitor.tick()
         with Live(render(frame), console=console, screen=True, auto_refresh=False, transient=True) as live:
             next_at = time.monotonic() + interval
             while True:
-                if _wait_for_key(fd, max(0.0, next_at - time.monotonic())):
+                if _wait_for_key(fd, wake_r, max(0.0, next_at - time.monotonic())):
                     break
                 next_at = max(next_at + interval, time.monotonic())  # a slow tick delays, never bunches, the next
                 live.update(render(monitor.tick()), refresh=True)
-    except KeyboardInterrupt:
-        pass
     finally:
         if saved is not None and fd is not None:
             import termios
 
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.close(wake_r)
+        os.close(wake_w)
