@@ -62,8 +62,16 @@ def start(
         "--skip-checks", help="Start even if the GPUs lack free memory for --gpu-memory-utilization.")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Start a vLLM engine in the background (its own process group), recorded in the state directory."""
-    result = launch(locals())
+    """Start a vLLM engine in the background (its own process group), recorded in the state directory.
+
+    Ctrl-C while waiting stops the waiting, not the engine: it goes on loading in the background.
+    """
+    try:
+        result = launch(locals())
+    except KeyboardInterrupt:
+        out.info("stopped waiting; the engine goes on starting in the background: `sage llm status` shows it, "
+                 "`sage llm stop NAME` stops it")
+        raise typer.Exit(130) from None
     rec = result.record
     if json_:
         out.print_json({"name": rec.name, "state": "ready" if wait else "starting", "already_running":
