@@ -206,3 +206,18 @@ def test_bad_flags_are_usage_errors(cli, args, message):
     code, out, err = cli("chat", *args)
     assert (code, out) == (2, "")
     assert err.startswith(f"Error: {message}")
+
+
+def test_engine_started_with_api_key_env_gets_its_key(cli, fake_vllm, stop_all, monkeypatch):
+    monkeypatch.setenv("MY_ENGINE_KEY", "sk-engine")
+    port = free_port()
+    code, _out, err = cli("start", "org/Keyed", "--port", str(port), "--api-key-env", "MY_ENGINE_KEY")
+    assert code == 0, err
+    code, out, err = cli("chat", "keyed", "-p", "hi")
+    assert (code, out) == (0, REPLY + "\n"), err
+    monkeypatch.delenv("MY_ENGINE_KEY")
+    code, out, err = cli("chat", "keyed", "-p", "hi")
+    assert (code, out) == (1, "")
+    assert f"Error: local engine 'keyed' at http://127.0.0.1:{port}/v1 refused the API key (401)" in err
+    assert "hint: MY_ENGINE_KEY is not set in this shell; the engine was started with --api-key-env MY_ENGINE_KEY" \
+           in err

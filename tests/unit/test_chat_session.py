@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from sage_llm import chat
@@ -249,3 +251,28 @@ def test_run_chat_reports_errors_and_goes_on():
     chat.run_chat(read, send, notes.append, chat.ChatSession(chat.Target("cloud", "http://127.0.0.1:9/v1", "m")))
     assert notes == ["Error: boom (hint: do this)",
                      "Error: source must be one of auto, local, cloud (hint: e.g. /source cloud)"]
+
+
+def test_ctrl_c_mid_reply_closes_the_connection_and_keeps_no_history(local_api):
+    local_api.tokens = [f"t{i} " for i in range(500)]
+    local_api.delay_s = 0.01
+    s = chat.ChatSession(local_target(local_api))
+    got: list[str] = []
+
+    def on_text(piece: str) -> None:
+        got.append(piece)
+        if len(got) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C does, wherever the main thread is
+
+    with pytest.raises(KeyboardInterrupt):
+        s.ask("count", on_text, pytest.fail)
+    assert s.messages == []
+    assert s.history[-1].cancelled
+    assert s.history[-1].completion_tokens == 3
+    deadline = time.monotonic() + 5
+    while local_api.disconnects == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert local_api.disconnects == 1  # the server saw the disconnect: vLLM aborts the request there
+    local_api.tokens, local_api.delay_s = None, 0.0
+    assert s.ask("again", lambda p: None, pytest.fail).text == "Hello from local."
+    s.close()
