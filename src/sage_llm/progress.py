@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -238,7 +239,8 @@ class LoadProgress:
 
     def __init__(self, path: str | Path, offset: int | None = None, find_start: bool = True, model: str | None = None,
                  hf_cache: Path | None = None, expected_bytes: int | None = None,
-                 clock: Callable[[], float] = time.time, download_check_s: float = 1.0) -> None:
+                 clock: Callable[[], float] = time.time, download_check_s: float = 1.0,
+                 size_lookup: Callable[[str], int | None] | None = None) -> None:
         self.path = Path(path)
         self.parser = StageParser(clock)
         self.clock = clock
@@ -248,6 +250,9 @@ class LoadProgress:
         self.bytes_read = 0
         self.download = _DownloadWatch(_repo_blobs(model, hf_cache), expected_bytes)
         self.download_check_s = download_check_s
+        self.model = model
+        self.size_lookup = size_lookup  # asked once, in a background thread, when a download is seen
+        self._lookup_started = False
 
     @property
     def snapshot(self) -> Snapshot:
@@ -319,6 +324,9 @@ class LoadProgress:
         if not incomplete:
             return
         self.download.seen_incomplete = True
+        if self.download.expected_bytes is None and self.size_lookup and self.model and not self._lookup_started:
+            self._lookup_started = True
+            threading.Thread(target=self._lookup, daemon=True, name="sage-size-lookup").start()
         if p.enter_downloading():
             expected = self.download.expected_bytes
             snap.facts["downloaded_bytes"] = size
@@ -330,10 +338,28 @@ class LoadProgress:
                 snap.detail = f"{_gib(size)} so far"
 
 
+    def _lookup(self) -> None:
+        try:
+            size = self.size_lookup(self.model) if self.size_lookup and self.model else None
+        except Exception:
+            size = None
+        if size:
+            self.download.expected_bytes = size
+
+
+def hub_download_size(model: str) -> int | None:
+    """The download size the hub lists for `model` (None when it cannot tell): LoadProgress's size_lookup."""
+    from sage_llm import hf_cache
+
+    return hf_cache.download_size(model, timeout=10.0)[0]
+
+
 def _gib(n: int) -> str:
     if n >= 1024**3:
         return f"{n / 1024**3:.2f} GiB"
-    return f"{n / 1024**2:.1f} MiB"
+    if n >= 1024**2:
+        return f"{n / 1024**2:.1f} MiB"
+    return f"{n / 1024:.1f} KiB"
 
 
 def _repo_blobs(model: str | None, hf_cache: Path | None) -> Path | None:

@@ -208,7 +208,7 @@ def test_downloading_without_expected_size_has_no_fraction(tmp_path: Path) -> No
     snap = LoadProgress(log, offset=0, model="org/big", hf_cache=cache, download_check_s=0).poll()
     assert snap.stage == "downloading"
     assert snap.progress is None
-    assert snap.detail == "0.0 MiB so far"
+    assert snap.detail == "2.0 KiB so far"
 
 
 def test_cached_model_goes_straight_to_loading(tmp_path: Path) -> None:
@@ -232,3 +232,32 @@ def test_stage_durations_use_the_clock() -> None:
     p.feed_line("Loading safetensors checkpoint shards:  50% Completed | 1/2 [00:01<00:01, 1.2it/s]")
     assert p.snap.durations(now=110.0) == [("launching", 1.0), ("resolving", 4.0), ("loading_weights", 5.0)]
     assert p.snap.stage_elapsed(now=110.0) == 5.0
+
+
+def test_expected_size_is_looked_up_once_when_a_download_starts(tmp_path: Path) -> None:
+    import time as _time
+
+    cache = tmp_path / "hub"
+    blobs = cache / "models--org--big" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / "eeee.incomplete").write_bytes(b"x" * 2500)
+    log = tmp_path / "e.log"
+    log.write_text("(EngineCore pid=2) INFO 11-25 10:00:04 [gpu_model_runner.py:4979] Starting to load model "
+                   "org/big...\n")
+    asked: list[str] = []
+
+    def lookup(model: str) -> int:
+        asked.append(model)
+        return 10000
+
+    lp = LoadProgress(log, offset=0, model="org/big", hf_cache=cache, download_check_s=0, size_lookup=lookup)
+    lp.poll()
+    deadline = _time.monotonic() + 5
+    while lp.download.expected_bytes is None and _time.monotonic() < deadline:
+        _time.sleep(0.01)
+    snap = lp.poll()
+    lp.poll()
+    assert asked == ["org/big"]
+    assert snap.stage == "downloading"
+    assert snap.progress == pytest.approx(0.25)
+    assert snap.detail == "2.4 KiB of 9.8 KiB"

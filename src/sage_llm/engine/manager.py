@@ -18,7 +18,7 @@ from sage_llm.config import DEFAULT_STOP_TIMEOUT, LOOPBACK_HOSTS
 from sage_llm.diagnose import Diagnosis, diagnose, is_clean_shutdown
 from sage_llm.engine import process
 from sage_llm.errors import EngineFailed, EngineNotFound, PortInUse, SageLLMError, UsageError
-from sage_llm.progress import LoadProgress, snapshot_of
+from sage_llm.progress import LoadProgress, hub_download_size, snapshot_of
 from sage_llm.state import CorruptRecord, EngineRecord, StateStore, validate_name
 
 if TYPE_CHECKING:
@@ -254,7 +254,9 @@ def wait_ready(
     t0 = parse_iso(record.started_at) or time.time()
     key = api_key_for(record)
     last_emit = 0.0
-    loader = LoadProgress(record.log_file, model=record.model) if on_progress else None
+    download_dir = (record.settings or {}).get("download_dir")
+    loader = LoadProgress(record.log_file, model=record.model, size_lookup=hub_download_size,
+                          hf_cache=Path(download_dir).expanduser() if download_dir else None) if on_progress else None
 
     def emit() -> None:
         assert on_progress is not None
