@@ -58,6 +58,41 @@ class NullRenderer:
         pass
 
 
+_MARKDOWN: list[Any] = []
+
+
+def _markdown_class() -> Any:
+    """rich's Markdown, with code blocks that reuse one Pygments lexer per language (rich looks the lexer up for
+    every code block, which costs milliseconds each time: a noticeable part of drawing a long reply)."""
+    if _MARKDOWN:
+        return _MARKDOWN[0]
+    import functools
+
+    from rich.markdown import CodeBlock, Markdown
+    from rich.syntax import Syntax
+
+    @functools.lru_cache(maxsize=64)
+    def lexer(name: str) -> Any:
+        from pygments.lexers import get_lexer_by_name
+        from pygments.util import ClassNotFound
+
+        try:
+            return get_lexer_by_name(name, stripnl=False, ensurenl=True, tabsize=4)
+        except ClassNotFound:
+            return get_lexer_by_name("text", stripnl=False, ensurenl=True, tabsize=4)
+
+    class CachedCodeBlock(CodeBlock):
+        def __rich_console__(self, console: Any, options: Any) -> Any:
+            yield Syntax(str(self.text).rstrip(), lexer(self.lexer_name), theme=self.theme, word_wrap=True,
+                         padding=1)
+
+    class FastMarkdown(Markdown):
+        elements = {**Markdown.elements, "fence": CachedCodeBlock, "code_block": CachedCodeBlock}
+
+    _MARKDOWN.append(FastMarkdown)
+    return FastMarkdown
+
+
 class _Block:
     """One Markdown block, rendered without blank lines at its edges; `gap`: one blank line before it.
 
@@ -70,11 +105,10 @@ class _Block:
         self.gap = gap
 
     def __rich_console__(self, console: Any, options: Any) -> Any:
-        from rich.markdown import Markdown
         from rich.segment import Segment
 
-        lines = console.render_lines(Markdown(self.text, code_theme="ansi_dark", hyperlinks=False), options,
-                                     pad=False)
+        lines = console.render_lines(_markdown_class()(self.text, code_theme="ansi_dark", hyperlinks=False),
+                                     options, pad=False)
 
         def blank(line: list[Any]) -> bool:
             return not "".join(seg.text for seg in line).strip()
