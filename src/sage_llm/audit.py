@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import json
 import os
 import re
@@ -167,10 +166,15 @@ def audited(command: str | Callable[[dict[str, Any]], str],
     `summarize(return_value, op)` may set op.result / op.outcome / op.error."""
 
     def wrap(fn: F) -> F:
-        sig = inspect.signature(fn)
+        sig_cache: list[Any] = []  # inspect.signature on first call: keeps `import inspect` off the status path
 
         @functools.wraps(fn)
         def inner(*a: Any, **kw: Any) -> Any:
+            if not sig_cache:
+                import inspect
+
+                sig_cache.append(inspect.signature(fn))
+            sig = sig_cache[0]
             try:
                 bound = sig.bind(*a, **kw)
                 bound.apply_defaults()

@@ -15,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -32,11 +32,13 @@ CREATE_TIME_TOLERANCE = 0.05
 class Spawned:
     pid: int
     create_time: float
-    popen: subprocess.Popen
+    popen: Any  # subprocess.Popen
 
 
 def spawn(argv: list[str], env: dict[str, str], log_file: Path, cwd: str | None = None) -> Spawned:
     """Start `argv` in a new session with stdout+stderr appended to `log_file` (0600)."""
+    import subprocess
+
     fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.fchmod(fd, 0o600)
