@@ -190,59 +190,69 @@ def read_config(snapshot: str | Path) -> dict[str, Any]:
     }
 
 
-def _scan_repo(repo_path: Path, cache_dir: Path) -> LocalModel:
-    repo_id = repo_path.name[len("models--"):].replace("--", "/")
-    model = LocalModel(repo_id=repo_id, cache_dir=str(cache_dir), repo_path=str(repo_path))
-    refs_by_hash: dict[str, list[str]] = {}
-    refs_dir = repo_path / "refs"
-    for dirpath, _dirs, names in os.walk(refs_dir):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            try:
-                with open(p, encoding="utf-8") as fh:
-                    commit = fh.read().strip()
-            except (OSError, UnicodeDecodeError):
-                continue
-            refs_by_hash.setdefault(commit, []).append(os.path.relpath(p, refs_dir).replace(os.sep, "/"))
-    blob_stats: dict[str, os.stat_result] = {}
-    snaps = repo_path / "snapshots"
+def _walk_files(top: str, prefix: str = "") -> list[tuple[str, str, bool]]:
+    """(path, path relative to the first `top`, is a symlink) of every non-directory under `top`, via scandir."""
+    out: list[tuple[str, str, bool]] = []
     try:
-        revs = sorted(os.listdir(snaps))
+        entries = list(os.scandir(top))
+    except OSError:
+        return out
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            out.extend(_walk_files(e.path, prefix + e.name + "/"))
+        else:
+            out.append((e.path, prefix + e.name, e.is_symlink()))
+    return out
+
+
+def _scan_repo(repo_path: Path, cache_dir: Path) -> LocalModel:
+    repo = str(repo_path)
+    repo_id = repo_path.name[len("models--"):].replace("--", "/")
+    model = LocalModel(repo_id=repo_id, cache_dir=str(cache_dir), repo_path=repo)
+    refs_by_hash: dict[str, list[str]] = {}
+    for path, rel, _link in _walk_files(repo + "/refs"):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                commit = fh.read().strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        refs_by_hash.setdefault(commit, []).append(rel)
+    blob_stats: dict[str, os.stat_result] = {}
+    snaps = repo + "/snapshots"
+    try:
+        revs = sorted(e.name for e in os.scandir(snaps) if e.is_dir())
     except OSError:
         model.error = f"snapshots dir doesn't exist in cached repo: {snaps}"
         revs = []
     for rev in revs:
-        rev_path = snaps / rev
-        if not rev_path.is_dir():
-            continue
+        rev_path = snaps + "/" + rev
         rev_blobs: set[str] = set()
         files: list[str] = []
-        for dirpath, _dirs, names in os.walk(rev_path):
-            for n in names:
-                fp = os.path.join(dirpath, n)
+        for fp, rel, is_link in _walk_files(rev_path):
+            blob = fp
+            if is_link:
                 try:
-                    target = os.readlink(fp)
-                    blob = os.path.normpath(os.path.join(dirpath, target))
+                    blob = os.path.normpath(os.path.join(os.path.dirname(fp), os.readlink(fp)))
                 except OSError:
-                    blob = fp  # not a symlink
-                if blob not in blob_stats:
-                    try:
-                        blob_stats[blob] = os.stat(blob)
-                    except OSError:
-                        model.error = f"blob missing (broken symlink): {blob}"
-                        continue
-                rev_blobs.add(blob)
-                files.append(os.path.relpath(fp, rev_path))
+                    pass
+            if blob not in blob_stats:
+                try:
+                    blob_stats[blob] = os.stat(blob)
+                except OSError:
+                    model.error = f"blob missing (broken symlink): {blob}"
+                    continue
+            rev_blobs.add(blob)
+            files.append(rel)
         last_mod = max((blob_stats[b].st_mtime for b in rev_blobs), default=None)
         if last_mod is None:
             try:
-                last_mod = rev_path.stat().st_mtime
+                last_mod = os.stat(rev_path).st_mtime
             except OSError:
                 last_mod = 0.0
         model.revisions.append(Revision(
             commit_hash=rev, refs=sorted(refs_by_hash.pop(rev, [])),
             size_on_disk=sum(blob_stats[b].st_size for b in rev_blobs), nb_files=len(files),
-            last_modified=last_mod, snapshot_path=str(rev_path), files=sorted(files)))
+            last_modified=last_mod, snapshot_path=rev_path, files=sorted(files)))
     if refs_by_hash and model.error is None:
         model.error = f"reference(s) refer to missing commit hashes: {sorted(refs_by_hash)}"
     model.nb_files = len(blob_stats)
@@ -252,10 +262,10 @@ def _scan_repo(repo_path: Path, cache_dir: Path) -> LocalModel:
         model.last_modified = max(s.st_mtime for s in blob_stats.values())
     else:
         with contextlib.suppress(OSError):
-            st = repo_path.stat()
+            st = os.stat(repo)
             model.last_accessed, model.last_modified = st.st_atime, st.st_mtime
     try:
-        blob_names = os.listdir(repo_path / "blobs")
+        blob_names = os.listdir(repo + "/blobs")
     except OSError:
         blob_names = []
     done = {n for n in blob_names if not n.endswith(".incomplete")}
@@ -265,7 +275,7 @@ def _scan_repo(repo_path: Path, cache_dir: Path) -> LocalModel:
         if n.endswith(".incomplete") and n.split(".", 1)[0] not in done:
             model.incomplete_files += 1
             with contextlib.suppress(OSError):
-                model.incomplete_bytes += os.stat(repo_path / "blobs" / n).st_size
+                model.incomplete_bytes += os.stat(repo + "/blobs/" + n).st_size
     snap = model.main_snapshot
     if snap:
         model.__dict__.update(read_config(snap))
