@@ -84,10 +84,12 @@ def main() -> int:
         doc = json.loads(first)
         assert len(doc["models"]) == args.repos, len(doc["models"])
         assert sum(1 for m in doc["models"] if m["incomplete_files"]) == len(range(0, args.repos, 25))
-        times: dict[str, list[float]] = {"models_json": [], "import_typer": [], "hf_scan_cache_dir": []}
+        times: dict[str, list[float]] = {"models_json": [], "python_startup": [], "import_typer": [],
+                                         "hf_scan_cache_dir": []}
         cpu: dict[str, list[float]] = {k: [] for k in times}
         for _ in range(args.runs):
-            for key, cmd in (("models_json", sage), ("import_typer", typer_floor), ("hf_scan_cache_dir", hub_scan)):
+            for key, cmd in (("models_json", sage), ("python_startup", [sys.executable, "-c", "pass"]),
+                             ("import_typer", typer_floor), ("hf_scan_cache_dir", hub_scan)):
                 wall, used, _ = timed(cmd, env)
                 times[key].append(wall)
                 cpu[key].append(used)
@@ -110,6 +112,8 @@ def main() -> int:
         "models_json_min_ms": round(min(times["models_json"]) * 1000, 1),
         "models_json_max_ms": round(max(times["models_json"]) * 1000, 1),
         "models_json_cpu_median_ms": med_cpu["models_json"],
+        "python_startup_median_ms": med["python_startup"],
+        "python_startup_cpu_median_ms": med_cpu["python_startup"],
         "import_typer_median_ms": med["import_typer"],
         "import_typer_cpu_median_ms": med_cpu["import_typer"],
         "hf_scan_cache_dir_process_median_ms": med["hf_scan_cache_dir"],
