@@ -213,3 +213,29 @@ def test_models_json_fast_path_imports_no_typer_nor_hub(hub_cache: Path) -> None
     assert info == {"rc": 0, "heavy": []}
     doc = json.loads(proc.stdout)
     assert {m["repo_id"] for m in doc["models"]} == {"org/Tiny-Chat", "Qwen/Qwen2.5-7B-Instruct-AWQ"}
+
+
+def test_import_refuses_bad_input_before_any_work(cli, hub_cache: Path, tmp_path: Path) -> None:
+    code, _, stderr = cli("models", "import", str(tmp_path / "none.gguf"), "--as", "me/x")
+    assert code == 2
+    assert "does not exist" in stderr
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"NOTG" + b"\0" * 100)
+    code, _, stderr = cli("models", "import", str(fake), "--as", "me/x")
+    assert code == 2
+    assert "not a GGUF file" in stderr
+    real_magic = tmp_path / "m.gguf"
+    real_magic.write_bytes(b"GGUF" + b"\0" * 100)
+    code, _, stderr = cli("models", "import", str(real_magic), "--as", "no-slash")
+    assert code == 2
+    assert "ORG/NAME" in stderr
+    code, _, stderr = cli("models", "import", str(real_magic), "--as", "org/Tiny-Chat")
+    assert code == 2
+    assert "already exists" in stderr
+    assert "models rm org/Tiny-Chat" in stderr
+    # no engine environment recorded in this test's state directory: the conversion has no Python to run with
+    code, _, stderr = cli("models", "import", str(real_magic), "--as", "me/x")
+    assert code == 1
+    assert "no engine environment" in stderr
+    assert "sage llm engine install --gguf" in stderr
+    assert not hf_cache.repo_dir("me/x").exists()
