@@ -111,3 +111,33 @@ def test_sigint_is_held_back_while_drawing():
     finally:
         guard.uninstall()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_long_code_block_is_cut_into_pieces_and_joined_back():
+    code = "".join(f"x{i} = {i}\n" for i in range(45))
+    text = "```python\n" + code + "```\n\nafter"
+    r = MarkdownRenderer(console(io.StringIO()), refresh_hz=0.001)  # the first feed draws, then no more draws
+    r.feed("")
+    for p in pieces(text, 4):
+        r.feed(p)
+    assert r.ready == "```python\n" + code + "```\n\n"  # cut at 20 and 40 lines, joined back while undrawn
+    assert r.buf == "after"
+    r.finish()
+
+    r = MarkdownRenderer(console(io.StringIO()), refresh_hz=0.001)
+    r.feed("")
+    for p in pieces("```python\n" + code, 4):
+        r.feed(p)
+    assert r.ready == "```python\n" + "".join(f"x{i} = {i}\n" for i in range(40)) + "```\n"
+    assert r.buf == "```python\n" + "".join(f"x{i} = {i}\n" for i in range(40, 45))  # reopened in the tail
+    r.finish()
+
+
+def test_live_tail_shows_only_the_newest_lines():
+    from sage_llm.cli.commands.chat import _Block
+
+    buf = io.StringIO()
+    c = console(buf)
+    c.print(_Block("```\n" + "".join(f"line {i}\n" for i in range(30)) + "```\n", gap=False, last_lines=5))
+    shown = [ln.strip() for ln in ANSI.sub("", buf.getvalue()).splitlines() if ln.strip()]
+    assert shown == [f"line {i}" for i in range(25, 30)]

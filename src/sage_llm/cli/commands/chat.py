@@ -28,6 +28,7 @@ EPILOG = (
 )
 
 REFRESH_HZ = 12.0
+CODE_CHUNK_LINES = 20  # a long code block is drawn for good in pieces of this many lines
 
 
 # ------------------------------------------------------------------------------------------------------ renderers
@@ -100,9 +101,10 @@ class _Block:
     printed one by one get the spacing of one document only if the edges are trimmed and the gaps put back.
     """
 
-    def __init__(self, text: str, gap: bool) -> None:
+    def __init__(self, text: str, gap: bool, last_lines: int | None = None) -> None:
         self.text = text
         self.gap = gap
+        self.last_lines = last_lines  # live region: only the newest lines, so it never outgrows the screen
 
     def __rich_console__(self, console: Any, options: Any) -> Any:
         from rich.segment import Segment
@@ -118,6 +120,8 @@ class _Block:
             start += 1
         while end > start and blank(lines[end - 1]):
             end -= 1
+        if self.last_lines is not None and end - start > self.last_lines:
+            start = end - self.last_lines
         if self.gap and start < end:
             yield Segment.line()
         for line in lines[start:end]:
@@ -140,7 +144,11 @@ class MarkdownRenderer:
         self.buf = ""  # the unfinished tail, redrawn in the live region
         self.ready = ""  # finished blocks not drawn yet
         self.scan = 0  # buf[:scan] is made of complete lines already looked at
-        self.fence: str | None = None
+        self.fence: str | None = None  # the fence marker (```, ~~~~) while inside a code block
+        self.fence_open = ""  # its opening line, e.g. ```python
+        self.fence_lines = 0
+        self.ready_cut = ""  # the fence closing `ready` where a long code block was cut
+        self.drawn_cut = False  # the last drawn block ended where a code block was cut: no gap before the next
         self.live: Any = None
         self.last_refresh = 0.0
         self.refreshes = 0
@@ -150,6 +158,9 @@ class MarkdownRenderer:
 
     def _markdown(self, text: str, gap: bool = False) -> Any:
         return _Block(text, gap)
+
+    def _tail(self, gap: bool) -> Any:
+        return _Block(self.buf, gap, last_lines=max(3, self.console.height - 2))
 
     def _ensure_live(self) -> None:
         if self.live is None:
@@ -170,8 +181,11 @@ class MarkdownRenderer:
                 self._draw()
 
     def _split(self) -> None:
-        """Move the finished blocks at the head of `buf` to `ready` (drawn, once, at the next refresh)."""
-        boundary = 0
+        """Move the finished blocks at the head of `buf` to `ready` (drawn, once, at the next refresh).
+
+        Blocks end at blank lines outside code fences and after a closing fence; a long code block is cut every
+        CODE_CHUNK_LINES lines (closed there, reopened in the tail), so its finished lines need no redrawing."""
+        boundary, reopen = 0, False
         while True:
             nl = self.buf.find("\n", self.scan)
             if nl < 0:
@@ -181,26 +195,44 @@ class MarkdownRenderer:
             if self.fence is not None:
                 if line.startswith(self.fence) and line.strip("`~") == "":
                     self.fence = None
-                    boundary = self.scan
+                    boundary, reopen = self.scan, False
+                else:
+                    self.fence_lines += 1
+                    if self.fence_lines >= CODE_CHUNK_LINES:
+                        boundary, reopen = self.scan, True
+                        self.fence_lines = 0
             elif line.startswith(("```", "~~~")):
-                self.fence = line[:3]
+                marker = line[0] * (len(line) - len(line.lstrip(line[0])))
+                self.fence, self.fence_open, self.fence_lines = marker, line, 0
             elif not line:
-                boundary = self.scan
+                boundary, reopen = self.scan, False
         if boundary:
-            self.ready += self.buf[:boundary]
-            self.buf = self.buf[boundary:]
+            head, self.buf = self.buf[:boundary], self.buf[boundary:]
             self.scan -= boundary
+            reopened = self.fence_open + "\n"
+            if self.ready_cut and head.startswith(reopened):
+                # the previous piece of this code block is still waiting in `ready`: join them back
+                self.ready = self.ready[: -len(self.ready_cut)] + head[len(reopened):]
+            else:
+                self.ready += head
+            self.ready_cut = ""
+            if reopen and self.fence is not None:
+                self.ready_cut = self.fence + "\n"
+                self.ready += self.ready_cut
+                self.buf = reopened + self.buf
+                self.scan += len(reopened)
 
     def _draw(self) -> None:
         self._ensure_live()
         if self.ready.strip():
             # finished blocks: printed above the live region, for good (one Markdown document per refresh)
-            self.live.update(self._markdown(self.buf, gap=True), refresh=False)
-            self.live.console.print(self._markdown(self.ready, gap=self.committed > 0))
+            cut = bool(self.ready_cut)
+            self.live.update(self._tail(gap=not cut), refresh=False)
+            self.live.console.print(self._markdown(self.ready, gap=self.committed > 0 and not self.drawn_cut))
             self.committed += 1
-            self.ready = ""
+            self.ready, self.ready_cut, self.drawn_cut = "", "", cut
         else:
-            self.live.update(self._markdown(self.buf, gap=self.committed > 0), refresh=True)
+            self.live.update(self._tail(gap=self.committed > 0 and not self.drawn_cut), refresh=True)
         self.refreshes += 1
 
     def finish(self) -> None:
@@ -209,8 +241,11 @@ class MarkdownRenderer:
                 return
             with self.guard.quiet():
                 self._ensure_live()
-                rest, self.ready, self.buf, self.scan = self.ready + self.buf, "", "", 0
-                self.live.update(self._markdown(rest, gap=self.committed > 0), refresh=False)
+                rest = self.ready + self.buf
+                if self.ready_cut and self.buf.startswith(self.fence_open + "\n"):
+                    rest = self.ready[: -len(self.ready_cut)] + self.buf[len(self.fence_open) + 1:]
+                self.ready, self.buf, self.scan, self.ready_cut = "", "", 0, ""
+                self.live.update(self._markdown(rest, gap=self.committed > 0 and not self.drawn_cut), refresh=False)
                 self.live.stop()
             self.live = None
         finally:
