@@ -388,6 +388,7 @@ def _setup_history() -> Any:
     def save() -> None:
         try:
             readline.write_history_file(path)
+            os.chmod(path, 0o600)  # prompts can be private
         except OSError:
             pass
     return save
