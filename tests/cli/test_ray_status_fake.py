@@ -71,14 +71,19 @@ def test_describe_and_job_matching():
                                                                             "gpus": 4}]}
     assert ray_cluster.describe(info) == ("Ray cluster 10.0.0.1:6379: 2 node(s), 8 GPU(s); workers: 2 on 10.0.0.2, "
                                           "1 on 10.0.0.3")
+    now = time.time()
     rec = EngineRecord(name="e", model="m", served_model_name="m", host="127.0.0.1", port=19601, pid=100,
-                       create_time=1000.0)
+                       create_time=now - 60)
+    me = 1  # a live process started long before: some other program's driver
     data = {"jobs": [
-        {"job_id": "01", "driver_pid": 100, "start_ms": 1_000_500, "entrypoint": ""},  # the API server itself
-        {"job_id": "02", "driver_pid": 555, "start_ms": 1_002_000,
-         "entrypoint": "/x/vllm serve m --port 19601 --distributed-executor-backend ray"},  # EngineCore, gone
-        {"job_id": "03", "driver_pid": 556, "start_ms": 1_002_000, "entrypoint": "vllm serve m --port 19602"},
-        {"job_id": "04", "driver_pid": 100, "start_ms": 500_000, "entrypoint": ""},  # before the engine: pid reuse
+        {"job_id": "01", "driver_pid": 100, "driver_ip": "10.9.9.9", "start_ms": (now - 59) * 1000},  # the API server
+        # EngineCore, gone
+        {"job_id": "02", "driver_pid": 4_190_000, "driver_ip": "127.0.0.1", "start_ms": (now - 50) * 1000},
+        {"job_id": "03", "driver_pid": me, "driver_ip": "127.0.0.1", "start_ms": (now - 50) * 1000},  # alive: not ours
+        # before the engine
+        {"job_id": "04", "driver_pid": 4_190_001, "driver_ip": "127.0.0.1", "start_ms": (now - 600) * 1000},
+        # another machine's driver
+        {"job_id": "05", "driver_pid": 4_190_002, "driver_ip": "10.9.9.9", "start_ms": (now - 50) * 1000},
     ]}
     assert ray_cluster.engine_jobs(data, rec) == {"01", "02"}
-    assert ray_cluster.engine_jobs(data, rec, pids={556}) == {"01", "02", "03"}
+    assert ray_cluster.engine_jobs(data, rec, pids={me}) == {"01", "02", "03"}

@@ -697,7 +697,7 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
         left = ", ".join(f"{n} (pid {p})" for p, n in result.survivors)
         outcome.message = f"engine {name!r}: still running after SIGKILL: {left}"
         return outcome
-    outcome.shm_removed, outcome.notes = _leftovers(rec)
+    outcome.shm_removed, outcome.notes = _leftovers(rec, {p.pid for p in tree.members})
     with store.lock():
         current = store.load(name)
         if isinstance(current, EngineRecord) and current.id == rec.id:
@@ -749,7 +749,7 @@ def _check_scaleout(spec: LaunchSpec, cmd: Any) -> None:
                          hint="run `sage llm engine install --ray` (it adds a pinned Ray)")
 
 
-def _leftovers(rec: EngineRecord) -> tuple[list[str], list[str]]:
+def _leftovers(rec: EngineRecord, pids: set[int] | None = None) -> tuple[list[str], list[str]]:
     """Once no process of the engine is left: sweep its /dev/shm leftovers; with Ray, check its workers are gone.
 
     Returns (shared-memory files removed, notes about Ray workers still alive). The Ray cluster is left running."""
@@ -759,7 +759,7 @@ def _leftovers(rec: EngineRecord) -> tuple[list[str], list[str]]:
     if address:
         from sage_llm.engine import ray_cluster
 
-        left = ray_cluster.wait_workers_gone(rec, address)
+        left = ray_cluster.wait_workers_gone(rec, address, pids=pids)
         if left:
             notes.append(f"{len(left)} Ray worker(s) of {rec.name!r} still alive on the cluster: " + ", ".join(left)
                          + " (the cluster itself was left running)")

@@ -86,24 +86,56 @@ def query(address: str, python: str | None, timeout: float = QUERY_TIMEOUT_S) ->
     return data if isinstance(data, dict) else {"error": "the Ray query printed no JSON object"}
 
 
+def _local_addresses() -> set[str]:
+    import psutil
+
+    found = {"127.0.0.1", "::1"}
+    try:
+        for addrs in psutil.net_if_addrs().values():
+            found.update(a.address.split("%")[0] for a in addrs)
+    except (OSError, psutil.Error):
+        pass
+    return found
+
+
+def _gone(pid: int | None, since_ms: float) -> bool:
+    """The process `pid` no longer runs (or the pid now belongs to a process started after `since_ms`)."""
+    import psutil
+
+    if not pid:
+        return True
+    try:
+        return psutil.Process(pid).create_time() * 1000 > since_ms + 1000
+    except psutil.Error:
+        return True
+
+
 def engine_jobs(data: dict[str, Any], rec: EngineRecord, pids: set[int] | None = None) -> set[str]:
-    """Ray jobs whose driver is (or was) a process of this engine: by pid while it lives, else by start time and
-    command line (the driver is a `vllm serve ... --port P` process started after the engine)."""
+    """Ray jobs whose driver is (or was) a process of this engine.
+
+    While the engine lives: by driver pid (`pids`, the engine's processes; vLLM's driver is its EngineCore). After it
+    is gone: jobs started on this machine during its lifetime whose driver process is gone too (a live driver is
+    another program's)."""
     since_ms = ((rec.create_time or 0.0) - 1.0) * 1000
+    local = None
     found = set()
     for job in data.get("jobs", []):
-        if pids and job.get("driver_pid") in pids:
+        driver = job.get("driver_pid")
+        started = job.get("start_ms") or 0
+        if (pids and driver in pids) or (driver == rec.pid and started >= since_ms):
             found.add(job["job_id"])
             continue
-        started = job.get("start_ms") or 0
-        entry = job.get("entrypoint") or ""
-        if started >= since_ms and (job.get("driver_pid") == rec.pid or
-                                    ("serve" in entry and str(rec.port) in entry.split())):
+        if started < since_ms:
+            continue
+        if local is None:
+            local = _local_addresses()
+        if job.get("driver_ip") in local and _gone(driver, started):
             found.add(job["job_id"])
     return found
 
 
-def wait_workers_gone(rec: EngineRecord, address: str, timeout: float = 10.0) -> list[str]:
+def wait_workers_gone(rec: EngineRecord, address: str, timeout: float = 10.0, pids: set[int] | None = None
+                      ) -> list[str]:
     """After a stop: wait until the engine's Ray actors are dead; describe those still alive ([] when all gone, or
     when the cluster cannot tell). The cluster is never stopped or changed."""
     python = engine_python(rec)
@@ -113,7 +145,7 @@ def wait_workers_gone(rec: EngineRecord, address: str, timeout: float = 10.0) ->
         data = query(address, python, timeout=max(1.0, min(QUERY_TIMEOUT_S, deadline - time.monotonic())))
         if "error" in data:
             return []
-        jobs = engine_jobs(data, rec)
+        jobs = engine_jobs(data, rec, pids)
         left = [f"{a.get('class_name')} pid {a.get('pid')} on {a.get('ip')}" for a in data.get("actors", [])
                 if a.get("job_id") in jobs and a.get("state") not in ("DEAD",)]
         if not left or time.monotonic() >= deadline:
