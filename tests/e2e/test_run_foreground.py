@@ -137,3 +137,20 @@ def test_run_refuses_like_start(monkeypatch: pytest.MonkeyPatch) -> None:
     res = sage("run", "org/tiny", "--gpu-memory-utilization", "1.5")
     assert res.returncode == 2
     assert "--gpu-memory-utilization" in res.stderr
+
+
+@pytest.mark.usefixtures("fake_vllm", "stop_all", "children")
+def test_ctrl_c_while_loading_stops_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_VLLM_LOAD_S", "20")
+    run = Run("fg")
+    deadline = time.monotonic() + 20
+    pids: list[int] = []
+    while time.monotonic() < deadline and len(pids) < 3:
+        pids = run.engine_pids("fg")
+        time.sleep(0.2)
+    assert len(pids) == 3, run.err()
+    run.proc.send_signal(signal.SIGINT)
+    assert run.proc.wait(20) == 130
+    assert "interrupted while loading: stopping engine 'fg'" in run.err()
+    assert gone(pids)
+    assert managed(sage("status", "--json").stdout) == []
