@@ -32,6 +32,8 @@ def _isolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from sage_llm import gpu
     from sage_llm.cli import _output
 
+    # every test sees "no NVIDIA driver", whatever the host has; GPU tests inject a fake NVML with gpu.set_backend()
+    monkeypatch.setattr(gpu, "DRIVER_MARKERS", ("/nonexistent/sage-llm-test/nvidiactl",))
     gpu.reset()
     _output.reset()
     yield home
