@@ -86,7 +86,7 @@ class Endpoint:
 
 @dataclass
 class ChatResult:
-    text: str = ""
+    parts: list[str] = field(default_factory=list)  # the text pieces, joined by `text` (no quadratic appends)
     model: str | None = None
     usage: dict[str, int] | None = None
     finish_reason: str | None = None
@@ -95,6 +95,12 @@ class ChatResult:
     ended: float | None = None
     chunks: int = 0  # content pieces received
     cancelled: bool = False
+
+    @property
+    def text(self) -> str:
+        if len(self.parts) > 1:
+            self.parts[:] = ["".join(self.parts)]
+        return self.parts[0] if self.parts else ""
 
     @property
     def ttft_s(self) -> float | None:
@@ -309,7 +315,7 @@ class ChatStream:
         if r.first_token_at is None:
             r.first_token_at = time.monotonic()
         r.chunks += 1
-        r.text += text
+        r.parts.append(text)
         return text
 
     def _iter_whole(self, resp: httpx.Response) -> Iterator[str]:
