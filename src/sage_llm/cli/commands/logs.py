@@ -17,7 +17,9 @@ EPILOG = ("Examples: sage llm logs | sage llm logs qwen -n 200 | sage llm logs 8
 def logs(
     target: Annotated[str | None, typer.Argument(help="Engine name or port (optional with one engine).",
                                                  show_default=False, autocompletion=_complete.engines)] = None,
-    lines: Annotated[int, typer.Option("-n", "--lines", help="How many of the last lines to show.")] = 100,
+    lines: Annotated[int | None, typer.Option("-n", "--lines", help="How many of the last lines to show "
+                                              "(default 100; with --since, every line since then).",
+                                              show_default=False)] = None,
     follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new lines until Ctrl-C or until the "
                                          "engine is stopped.")] = False,
     since: Annotated[str | None, typer.Option("--since", help="Only lines from the last DURATION (30s, 10m, 2h, 1d), "
@@ -30,7 +32,7 @@ def logs(
     from sage_llm import logs as core
     from sage_llm.errors import UsageError
 
-    if lines < 0:
+    if lines is not None and lines < 0:
         raise UsageError(f"-n {lines} must not be negative", hint="e.g. -n 100")
     seconds = None
     if since is not None:
@@ -39,16 +41,17 @@ def logs(
         except ValueError:
             raise UsageError(f"--since {since!r} is not a duration", hint="e.g. --since 30s, 10m, 2h or 1d") from None
     if audit_:
-        _audit(lines, json_, target, follow)
+        _audit(100 if lines is None else lines, json_, target, follow)
         return
     if json_:
         raise UsageError("--json goes with --audit", hint="engine logs are plain text: sage llm logs NAME")
     tgt = core.resolve(target)
     if seconds is not None:
         shown = core.since(tgt.path, seconds)
-        shown = shown[-lines:] if lines else []
+        if lines is not None:
+            shown = shown[-lines:] if lines else []
     else:
-        shown = core.tail(tgt.path, lines)
+        shown = core.tail(tgt.path, 100 if lines is None else lines)
     if not tgt.path.exists():
         out.info(f"engine {tgt.name!r} has no log yet ({tgt.path})")
     for line in shown:

@@ -1,0 +1,47 @@
+"""`sage llm logs -f` as a real process: Ctrl-C ends it cleanly and leaves the engine running."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+SAGE = [sys.executable, "-c", "import sys; from sage_llm.cli.main import main; sys.argv[0] = 'sage'; main()"]
+
+
+@pytest.mark.usefixtures("fake_vllm", "stop_all")
+def test_ctrl_c_ends_follow_and_the_engine_keeps_running() -> None:
+    assert subprocess.run([*SAGE, "llm", "start", "org/tiny", "--name", "one"], capture_output=True,
+                          timeout=60).returncode == 0
+    proc = subprocess.Popen([*SAGE, "llm", "logs", "one", "-f", "-n", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert len(out.splitlines()) >= 2
+    assert "following" in err
+    assert "stopped following (Ctrl-C); the engine keeps running" in err
+    assert "Traceback" not in err
+    status = subprocess.run([*SAGE, "llm", "status", "one", "--json"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0
+    assert json.loads(status.stdout)["engines"][0]["state"] == "ready"
+
+
+@pytest.mark.usefixtures("fake_vllm", "stop_all")
+def test_since_without_n_shows_every_line_since() -> None:
+    assert subprocess.run([*SAGE, "llm", "start", "org/tiny", "--name", "one"], capture_output=True,
+                          timeout=60).returncode == 0
+    res = subprocess.run([*SAGE, "llm", "logs", "one", "--since", "1h"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    lines = res.stdout.splitlines()
+    first = next(ln for ln in lines if ln.strip())
+    assert first.startswith("===== sage llm start one at ")  # the whole run, from our header on
+    assert any("Starting vLLM server on" in ln for ln in lines)
+    res2 = subprocess.run([*SAGE, "llm", "logs", "one", "--since", "1h", "-n", "3"], capture_output=True, text=True,
+                          timeout=60)
+    assert res2.stdout.splitlines() == lines[-3:]
