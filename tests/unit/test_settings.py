@@ -169,3 +169,11 @@ def test_default_config_path_is_platformdirs_user_config_dir(monkeypatch: pytest
     else:
         monkeypatch.setenv("XDG_CONFIG_HOME", xdg)
     assert settings.config_path() == Path(platformdirs.user_config_dir("sage")) / "llm.toml"
+
+
+def test_docs_table_lists_every_setting() -> None:
+    """docs/configuration.md documents each row of SETTINGS with its variable and default."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    for s in settings.SETTINGS:
+        default = "—" if s.default is None else f"`{s.default:g}`" if isinstance(s.default, float) else f"`{s.default}`"
+        assert f"| `{s.key}` | `{s.env}` | {default} |" in doc, f"add {s.key} to the table in docs/configuration.md"
