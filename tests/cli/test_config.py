@@ -95,3 +95,16 @@ def test_unset_goes_back_to_the_default(cli, monkeypatch: pytest.MonkeyPatch) ->
     assert "removed" in stdout
     code, stdout, _ = cli("config", "show", "--json")
     assert json.loads(stdout)["settings"]["stop_timeout"]["source"] == "default"
+
+
+def test_set_reads_the_value_from_stdin_with_dash(cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from sage_llm import settings
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("sk-from-stdin-123\n"))
+    code, stdout, stderr = cli("config", "set", "chat_api_key", "-")
+    assert code == 0, stderr
+    assert "sk-from-stdin-123" not in stdout + stderr
+    assert settings.read_config()["chat_api_key"] == "sk-from-stdin-123"
+    assert settings.resolve("chat_api_key").source == "config"

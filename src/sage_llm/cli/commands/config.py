@@ -87,11 +87,17 @@ def config_path() -> None:
 @config_app.command("set")
 def config_set(
     key: KeyArg,
-    value: Annotated[str, typer.Argument(metavar="VALUE", help="The new value (checked before anything is written).",
+    value: Annotated[str, typer.Argument(metavar="VALUE", help="The new value (checked before anything is written); "
+                                         "`-` reads it from stdin, which keeps a secret out of the shell history.",
                                          show_default=False)],
 ) -> None:
     """Validate VALUE and store it in the config file (written atomically, mode 0600)."""
+    import sys
+
     from sage_llm import settings
+
+    if value == "-":
+        value = sys.stdin.readline().rstrip("\r\n")
 
     spec, parsed, path = settings.set_value(key, value)
     shown = "(secret)" if spec.secret else repr(parsed)
