@@ -239,3 +239,20 @@ def test_import_refuses_bad_input_before_any_work(cli, hub_cache: Path, tmp_path
     assert "no engine environment" in stderr
     assert "sage llm engine install --gguf" in stderr
     assert not hf_cache.repo_dir("me/x").exists()
+
+
+def test_pull_progress_without_terminal_is_a_line_every_5_s(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from sage_llm.cli.commands import models as cmd
+
+    clock = [100.0]
+    monkeypatch.setattr(cmd.time, "monotonic", lambda: clock[0])
+    bar = cmd._Bar("pulling org/x")
+    bar.tty = False
+    for done, step in ((1024, 1.0), (2048, 1.0), (4096, 4.0), (8192, 1.0), (3 * 1024**2, 5.0)):
+        clock[0] += step
+        bar.update(done, 4 * 1024**2)
+    bar.close()
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == ["pulling org/x: 4.0 KiB of 4.0 MiB (0%)",
+                                         "pulling org/x: 3.0 MiB of 4.0 MiB (75%)"]

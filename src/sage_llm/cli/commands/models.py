@@ -185,7 +185,7 @@ class _Bar:
         self.tty = sys.stderr.isatty()
         self.progress: Any = None
         self.task: Any = None
-        self.last = 0.0
+        self.last = time.monotonic()
         self.done = 0
 
     def update(self, done: int, total: int | None) -> None:
@@ -209,8 +209,8 @@ class _Bar:
             self.progress.update(self.task, completed=done, total=total)
             return
         now = time.monotonic()
-        if now - self.last >= 5 or (total and done >= total and self.last >= 0):
-            self.last = now if not (total and done >= total) else -1.0
+        if now - self.last >= 5:  # not a terminal: a line every 5 s (the result line says when it is done)
+            self.last = now
             pct = f" ({100 * done / total:.0f}%)" if total else ""
             out.info(f"{self.label}: {out.human_bytes(done)}" + (f" of {out.human_bytes(total)}" if total else "")
                      + pct)
