@@ -361,18 +361,44 @@ def _import_gguf(gguf: str | Path, repo_id: str, cache_dir: str | Path | None, p
         if fh.read(4) != b"GGUF":
             raise UsageError(f"{gguf} is not a GGUF file (no GGUF magic)", hint="give the path of a .gguf file")
     cache = Path(cache_dir).expanduser() if cache_dir else hf_cache.hub_cache_dir()
-    if hf_cache.repo_dir(repo_id, cache).exists() and not force:
-        raise UsageError(f"{repo_id} already exists in {cache}",
-                         hint=f"remove it with `sage llm models rm {repo_id}` or pick another --as")
+    target = hf_cache.repo_dir(repo_id, cache)
+    if target.exists():
+        if not force:
+            raise UsageError(f"{repo_id} already exists in {cache}",
+                             hint=f"remove it with `sage llm models rm {repo_id}`, pick another --as, or add --force")
+        users = [u for m in local_models()[0] if os.path.realpath(m.repo_path) == os.path.realpath(target)
+                 for u in m.served_by]
+        if users:
+            raise ModelInUse(f"{repo_id} is served by engine {users[0]['name']}; it cannot be replaced now",
+                             hint=f"stop it first: sage llm stop {users[0]['name']}")
     installed: list[str] = []
     if python is None:
         python, installed = _engine_python(progress, install_missing)
-    import subprocess
+    import shutil
+    import tempfile
 
     script = Path(__file__).parent / "engine" / "scripts" / "gguf_import.py"
     t0 = time.monotonic()
     cache.mkdir(parents=True, exist_ok=True)
-    cmd = [python, str(script), str(src.absolute()), str(cache), repo_id]
+    # converted into a staging cache on the same filesystem, then moved in whole: an interrupted or failed import
+    # leaves nothing half-written under the repo id, and --force replaces the old model only once the new one is done
+    staging = Path(tempfile.mkdtemp(prefix=".sage-import-", dir=cache))
+    try:
+        result = _convert(python, script, src, staging, repo_id, progress)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(hf_cache.repo_dir(repo_id, staging), target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    snapshot = target / "snapshots" / Path(result["snapshot"]).name
+    return ImportResult(repo_id, str(snapshot), int(result["size"]), time.monotonic() - t0, installed)
+
+
+def _convert(python: str, script: Path, src: Path, staging: Path, repo_id: str, progress: Callable[[str], None]
+             ) -> dict[str, Any]:
+    import subprocess
+
+    cmd = [python, str(script), str(src.absolute()), str(staging), repo_id]
     progress(f"converting {src.name} with {python} (dequantize to bf16 safetensors)")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
@@ -393,7 +419,7 @@ def _import_gguf(gguf: str | Path, repo_id: str, cache_dir: str | Path | None, p
         last = next((ln for ln in reversed(tail) if ln.strip()), "no output")
         raise SageLLMError(f"GGUF conversion failed (exit {code}): {last[-300:]}",
                            hint="transformers must support this GGUF architecture; see the output above")
-    return ImportResult(repo_id, result["snapshot"], int(result["size"]), time.monotonic() - t0, installed)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------- recommend

@@ -73,7 +73,7 @@ def test_import_gguf_then_serve_it(cli, engine_recorded: Path, tmp_path: Path, m
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert 250_000_000 < (snap / "model.safetensors").stat().st_size < 300_000_000  # 135M parameters in bf16
     assert (snap / "model.safetensors").is_symlink()  # laid out as a cache entry: snapshot -> blobs
-    assert not any(p.name.startswith(".gguf-import-") for p in cache.iterdir())  # scratch space cleaned up
+    assert sorted(p.name for p in cache.iterdir()) == ["models--sage-test--SmolLM2-135M-Instruct"]  # no staging left
 
     listed = {m["repo_id"]: m for m in json.loads(cli("models", "--json")[1])["models"]}
     model = listed[REPO_ID]
