@@ -122,7 +122,11 @@ def test_engine_show_reports_the_cpu_build(cli, real_vllm):
 def test_two_engines_chat_stop_and_orphan(cli, real_vllm, tiny_model, engine_port, stop_all):
     port_a, port_b = engine_port(), engine_port()
 
-    # --- engine a: start and wait through the CLI
+    # --- engine b loads in the background (--no-wait) while a is started and waited for: two real engines at once
+    code, stdout, stderr = cli("start", tiny_model, "--name", "tiny-b", "--port", str(port_b), "--enforce-eager",
+                               "--no-wait")
+    assert code == 0, stderr
+    assert "starting" in stdout
     t0 = time.monotonic()
     code, stdout, stderr = cli("start", tiny_model, "--name", "tiny-a", "--port", str(port_a), "--enforce-eager",
                                "--timeout", START_TIMEOUT)
@@ -130,10 +134,6 @@ def test_two_engines_chat_stop_and_orphan(cli, real_vllm, tiny_model, engine_por
     assert "ready" in stdout
     assert str(port_a) in stdout
     print(f"tiny-a ready after {time.monotonic() - t0:.1f} s")
-    # --- engine b loads while a is checked (two real engines at once)
-    code, stdout, stderr = cli("start", tiny_model, "--name", "tiny-b", "--port", str(port_b), "--enforce-eager",
-                               "--no-wait")
-    assert code == 0, stderr
     rec_a = record("tiny-a")
 
     doc = status_doc(cli)
