@@ -66,6 +66,7 @@ def test_engine_names_and_ports_for_stop_status_chat(engines: list[EngineRecord]
     assert _complete_bash("sage", "sage llm stop qwen-7b ", 4) == ["qwen-7b", "tiny", "19521", "19522"]
     assert _complete_bash("sage-llm", "sage-llm logs ", 2) == ["qwen-7b", "tiny", "19521", "19522"]
     assert _complete_bash("sage-llm", "sage-llm restart ", 2) == ["qwen-7b", "tiny"]
+    assert _complete_bash("sage-llm", "sage-llm bench t", 2) == ["tiny"]
 
 
 @needs_scripts

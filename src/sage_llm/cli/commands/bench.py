@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from sage_llm.cli import _complete
 from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt
 
@@ -18,7 +19,7 @@ EPILOG = ("Examples: sage llm bench | sage llm bench qwen --concurrency 16 --req
 
 def bench(
     target: Annotated[str | None, typer.Argument(help="Engine name or port (default: the only ready engine).",
-                                                 show_default=False)] = None,
+                                                 show_default=False, autocompletion=_complete.engines)] = None,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Requests in flight at once.")] = 8,
     requests: Annotated[int, typer.Option("--requests", "-n", help="Requests to send in all.")] = 100,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="About this many prompt tokens each.")] = 32,
