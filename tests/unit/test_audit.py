@@ -103,3 +103,32 @@ def test_concurrent_writers_do_not_interleave(home: Path) -> None:
     assert len(lines) == 200
     seen = {(d["args"]["writer"], d["args"]["i"]) for d in map(json.loads, lines)}
     assert len(seen) == 200
+
+
+def test_engine_install_is_audited(home: Path, tmp_path: Path) -> None:
+    """`engine install` over an environment that already has the right vLLM: recorded with its result."""
+    import sys
+
+    from sage_llm.engine import envs
+
+    venv = tmp_path / "env"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    vllm = venv / "bin" / "vllm"
+    vllm.write_text("#!/bin/sh\necho 0.33.0\n")
+    vllm.chmod(0o755)
+    env = envs.install("gpu", venv)
+    assert env.version == "0.33.0"
+    (entry,) = audit.read()
+    assert entry["command"] == "engine install"
+    assert entry["outcome"] == "ok"
+    assert entry["args"]["kind"] == "gpu"
+    assert entry["args"]["path"] == str(venv)
+    assert entry["result"]["version"] == "0.33.0"
+    # a failing install is recorded as an error: vLLM answers the first `--version`, then no more
+    flag = tmp_path / "asked"
+    vllm.write_text(f"#!/bin/sh\n[ -e {flag} ] && exit 1\ntouch {flag}\necho 0.33.0\n")
+    with pytest.raises(Exception, match="does not run"):
+        envs.install("gpu", venv)
+    assert [(e["command"], e["outcome"]) for e in audit.read()] == [("engine install", "ok"),
+                                                                    ("engine install", "error")]
