@@ -281,3 +281,30 @@ def test_vllm_argparse_error_names_the_bad_argument() -> None:
     assert d.message == "vLLM rejected its command line: unrecognized arguments: --no-such-vllm-flag"
     assert d.hint is not None
     assert "--" in d.hint
+
+
+def test_failure_context_names_live_engines_on_the_same_gpu(home: Path) -> None:
+    import os
+
+    import psutil
+
+    from sage_llm.engine.manager import _diag_context
+    from sage_llm.state import EngineRecord, StateStore
+
+    store = StateStore()
+    me, ctime = os.getpid(), psutil.Process().create_time()
+
+    def rec(name: str, gpus: list[dict], alive: bool = True) -> EngineRecord:
+        r = EngineRecord(name=name, model="org/m", served_model_name="org/m", host="127.0.0.1", port=19400,
+                         id=name, pid=me if alive else 999_999, create_time=ctime, gpus=gpus)
+        store.save(r)
+        return r
+
+    failing = rec("new", [{"index": 0, "uuid": "GPU-a"}])
+    rec("same-gpu", [{"index": 0, "uuid": "GPU-a"}])
+    rec("other-gpu", [{"index": 1, "uuid": "GPU-b"}])
+    rec("unknown-gpu", [])
+    rec("dead", [{"index": 0, "uuid": "GPU-a"}], alive=False)
+    ctx = _diag_context(failing, store)
+    assert ctx["other_engines"] == ["same-gpu", "unknown-gpu"]
+    assert ctx["name"] == "new"

@@ -289,12 +289,16 @@ def wait_ready(
 
 
 def _diag_context(record: EngineRecord, store: StateStore) -> dict[str, Any]:
-    """What diagnosis needs besides the log: names, and which other engines are alive (they may hold memory)."""
+    """What diagnosis needs besides the log: names, and which other engines are alive on the same GPUs (all of them
+    when GPUs are unknown): they may hold the memory this one lacked."""
+    mine = {str(g.get("uuid") or g.get("index")) for g in record.gpus or []}
     others = []
     for name in store.names():
         rec = store.load(name)
         if isinstance(rec, EngineRecord) and rec.id != record.id and process.leader(rec.pid, rec.create_time):
-            others.append(name)
+            theirs = {str(g.get("uuid") or g.get("index")) for g in rec.gpus or []}
+            if not mine or not theirs or mine & theirs:
+                others.append(name)
     return {"port": record.port, "model": record.model, "name": record.name, "other_engines": others,
             "cached": _cache_state(record.model)}
 
