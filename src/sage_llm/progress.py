@@ -46,7 +46,6 @@ LABELS = {
 START_MARKER = b"===== sage llm start "  # written by manager.start() before each spawn
 
 _SPLIT = re.compile(rb"\r\n|\r|\n")
-_PREFIX = re.compile(r"^(?:\S*\((?P<proc>[A-Za-z_0-9]+) pid=\d+\) )?(?:[A-Z]+ \d\d-\d\d \d\d:\d\d:\d\d \[[^\]]+\] )?")
 _SHARDS = re.compile(r"Loading (\w+) checkpoint shards.*?:\s+(\d+)% Completed \| (\d+)/(\d+)")
 _GRAPHS = re.compile(r"Capturing CUDA graphs[^:]*:\s*(\d+)%.*?\|\s*(\d+)/(\d+)")
 _ARCH = re.compile(r"Resolved architecture: (\S+)")
@@ -104,11 +103,21 @@ class StageParser:
     def enter_downloading(self) -> bool:
         """Weights turned out to be downloading: step back from a `loading_weights` that has shown no shard yet."""
         snap = self.snap
+        since = None
         if snap.stage == "loading_weights" and not self.shards_seen and not self.download_done:
             if snap.stages and snap.stages[-1][0] == "loading_weights":
-                snap.stages.pop()
+                since = snap.stages.pop()[1]  # the download began when the load did
             snap.stage = "resolving"
-        return self._enter("downloading")
+        entered = self._enter("downloading")
+        if entered and since is not None and snap.stages[-1][0] == "downloading":
+            snap.stages[-1] = ("downloading", since)
+            snap.stage_started = since
+        return entered
+
+    def mark_ready(self) -> None:
+        """The caller confirmed readiness (/health and /v1/models)."""
+        self._enter("ready")
+        self.snap.progress = 1.0
 
     def _enter(self, stage: str) -> bool:
         snap = self.snap
@@ -257,6 +266,12 @@ class LoadProgress:
     @property
     def snapshot(self) -> Snapshot:
         return self.parser.snap
+
+    def mark_ready(self) -> Snapshot:
+        """Read what is left of the log, then mark the engine ready (the caller saw /health answer)."""
+        self.poll()
+        self.parser.mark_ready()
+        return self.snapshot
 
     def feed(self, data: bytes, final: bool = False) -> None:
         """Parse appended bytes: complete lines once; the unterminated tail as a partial (tqdm bars)."""

@@ -275,9 +275,7 @@ def wait_ready(
                          timeout=1.0, api_key=key)
         if p.health == 200 and (record.served_model_name in p.model_ids or p.models_status == 401):
             if loader is not None:
-                loader.poll()
-                loader.parser._enter("ready")
-                loader.snapshot.progress = 1.0
+                loader.mark_ready()
                 emit()
             return time.time() - t0
         if now - started > timeout:
