@@ -22,6 +22,7 @@ from typing import Any
 
 PROMPT_WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing about rivers mountains "
                 "and cities under bright stars").split()
+_TIMEOUT_CM = getattr(asyncio, "timeout", None)
 CONTENT_RE = re.compile(rb'"content"\s*:\s*"(?!")')  # a non-empty content string in a streamed delta
 METRIC_RE = re.compile(r"^(vllm:(?:prompt|generation)_tokens_total)(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$", re.MULTILINE)
 
@@ -275,6 +276,9 @@ class _RawConnection:
         start = time.perf_counter()
         res = RequestResult(ok=False, start=start - t0)
         try:
+            if _TIMEOUT_CM is not None:  # Python 3.11+: no extra task per request (wait_for makes one)
+                async with _TIMEOUT_CM(self.timeout):
+                    return await self._request(body, res, start)
             return await asyncio.wait_for(self._request(body, res, start), self.timeout)
         except Exception as exc:
             await self.close()
@@ -326,6 +330,8 @@ class _RawConnection:
                 raise ConnectionError("connection closed mid-stream")
             buf = buf + data if buf else data
             pos = 0
+            parts = []  # what arrived together is parsed together (same arrival time)
+            last = False
             while True:
                 eol = buf.find(b"\r\n", pos)
                 if eol < 0:
@@ -333,14 +339,18 @@ class _RawConnection:
                 size = int(buf[pos:eol].split(b";", 1)[0], 16)
                 end = eol + 2 + size + 2
                 if size == 0:
-                    # last chunk: its CRLF (no trailers) may still be on its way
-                    if len(buf) < eol + 4:
+                    last = True
+                    if len(buf) < eol + 4:  # the final CRLF (no trailers) may still be on its way
                         await reader.readexactly(eol + 4 - len(buf))
-                    return
+                    break
                 if len(buf) < end:
                     break
-                stream.feed(buf[eol + 2:end - 2])
+                parts.append(buf[eol + 2:end - 2])
                 pos = end
+            if parts:
+                stream.feed(b"".join(parts))
+            if last:
+                return
             buf = buf[pos:]
 
     @staticmethod

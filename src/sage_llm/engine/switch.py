@@ -17,7 +17,6 @@ then `NAME.old-XXXX` is stopped like any engine.
 from __future__ import annotations
 
 import contextlib
-import inspect as pyinspect
 import os
 import secrets
 from dataclasses import dataclass, field, fields, replace
@@ -100,12 +99,7 @@ def _pinned_gpus(rec: EngineRecord) -> str | None:
 
 
 def _start(spec: LaunchSpec, name: str, port_explicit: bool, gpus: str | None, **kw: Any) -> manager.StartResult:
-    params = pyinspect.signature(manager.start).parameters
-    if "gpus" in params:
-        kw["gpus"] = gpus
-    elif gpus:
-        raise UsageError("--gpus is not supported by this build", hint="leave --gpus out")
-    return manager.start(spec, name=name, port_explicit=port_explicit, **kw)
+    return manager.start(spec, name=name, port_explicit=port_explicit, gpus=gpus, **kw)
 
 
 def _preflight(spec: LaunchSpec, store: StateStore) -> None:
