@@ -35,7 +35,9 @@ def _setup(root: Path, engines: int, models: int) -> dict[str, str]:
     cache = root / "hf"
     for i in range(models):
         (cache / f"models--org{i % 9}--model-{i:03d}" / "snapshots").mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("_SAGE")}
+    # as installed: bytecode caches allowed (a dev shell with PYTHONDONTWRITEBYTECODE=1 recompiles every module of
+    # the editable checkout on each TAB, which measures the compiler, not the program)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("_SAGE") and k != "PYTHONDONTWRITEBYTECODE"}
     env.update({"SAGE_LLM_HOME": str(home), "HF_HUB_CACHE": str(cache), "SAGE_LLM_DOTENV": "",
                 "SAGE_LLM_CONFIG": str(root / "llm.toml")})
     return env
@@ -83,6 +85,8 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         env = _setup(Path(tmp), engines=20, models=200)
+        for prog, words, cword in cases.values():  # warm-up: writes the bytecode caches once
+            _tab(prog, words, cword, env)
         os.environ.update({k: env[k] for k in ("SAGE_LLM_HOME", "HF_HUB_CACHE")})
         from sage_llm.cli import _complete
 
@@ -110,6 +114,7 @@ def main() -> None:
     result = {
         "machine": machine(),
         "runs": args.runs,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "callbacks_ms": {k: {"median": round(median(v) * 1000, 3), "max": round(max(v) * 1000, 3)}
                          for k, v in cb.items()},
         "round_trip_ms": {k: {"median": round(median(v) * 1000, 1), "max": round(max(v) * 1000, 1),
