@@ -50,10 +50,15 @@ def stop(
             out.error(outcome.message, f"inspect with `ps -o pid,stat,cmd -p {outcome.survivors[0][0]}`")
         elif not json_:
             out.result(outcome.message)
+        for note in outcome.notes:
+            out.warning(note)
+        if outcome.shm_removed and not json_:
+            out.info(f"{name}: removed {len(outcome.shm_removed)} leftover shared-memory file(s) from /dev/shm")
     if json_:
         out.print_json({"stopped": [
             {"name": o.name, "stopped": o.stopped, "already_gone": o.already_gone, "escalated": o.escalated,
              "survivors": [{"pid": p, "name": n} for p, n in o.survivors], "duration_s": round(o.duration_s, 3),
-             "port_free": o.port_free, "message": o.message} for o in outcomes]})
+             "port_free": o.port_free, "message": o.message, "shm_removed": o.shm_removed, "notes": o.notes}
+            for o in outcomes]})
     if failed:
         raise typer.Exit(1)
