@@ -10,7 +10,6 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,17 @@ def check_repo_id(repo_id: str) -> str:
 # ---------------------------------------------------------------------------------------------------------- list
 def _engine_views(store: Any) -> tuple[list[Any], list[str]]:
     """Live views of managed engines; nothing is imported or probed when no engine is recorded."""
+    if store is None:
+        from sage_llm import paths
+
+        try:
+            if not any(n.endswith(".json") for n in os.listdir(paths.engines_dir())):
+                return [], []
+        except OSError:
+            return [], []
+        from sage_llm.state import StateStore
+
+        store = StateStore()
     if not store.names():
         return [], []
     from sage_llm.engine import manager
@@ -63,17 +73,14 @@ def _serves(view: Any, model: hf_cache.LocalModel) -> bool:
 def local_models(store: Any = None) -> tuple[list[hf_cache.LocalModel], list[str]]:
     """Models in the hub cache and in every `--download-dir` a recorded engine uses, each with the engines serving it
     now. Returns (models, warnings)."""
-    from sage_llm.state import EngineRecord, StateStore
-
-    store = store or StateStore()
     warnings: list[str] = []
     views, w = _engine_views(store)
     warnings += w
     extra = []
     for v in views:
-        rec = v.record
-        if isinstance(rec, EngineRecord) and rec.settings.get("download_dir"):
-            extra.append(str(rec.settings["download_dir"]))
+        settings = getattr(v.record, "settings", None) or {}
+        if settings.get("download_dir"):
+            extra.append(str(settings["download_dir"]))
     models = hf_cache.list_models(extra)
     for m in models:
         if m.error:
@@ -92,11 +99,9 @@ def find_local(repo_id: str, store: Any = None) -> list[hf_cache.LocalModel]:
 
 
 # ------------------------------------------------------------------------------------------------------------ rm
-@dataclass
 class RemovePlan:
-    repo_id: str
-    entries: list[hf_cache.LocalModel]
-    freed_bytes: int
+    def __init__(self, repo_id: str, entries: list[hf_cache.LocalModel], freed_bytes: int) -> None:
+        self.repo_id, self.entries, self.freed_bytes = repo_id, entries, freed_bytes
 
 
 def plan_remove(repo_id: str, store: Any = None) -> RemovePlan:
@@ -160,14 +165,14 @@ def _du(path: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- pull
-@dataclass
 class PullResult:
-    repo_id: str
-    revision: str
-    snapshot_path: str
-    size_on_disk: int
-    nb_files: int
-    seconds: float
+    def __init__(self, repo_id: str, revision: str, snapshot_path: str, size_on_disk: int, nb_files: int,
+                 seconds: float) -> None:
+        self.repo_id, self.revision, self.snapshot_path = repo_id, revision, snapshot_path
+        self.size_on_disk, self.nb_files, self.seconds = size_on_disk, nb_files, seconds
+
+    def __repr__(self) -> str:
+        return f"PullResult({self.__dict__!r})"
 
 
 BytesProgress = Callable[[int, int | None], None]  # (bytes done, bytes total or None)
@@ -305,13 +310,11 @@ def _endpoint() -> str:
 GGUF_EXTRAS = ["gguf", "accelerate"]
 
 
-@dataclass
 class ImportResult:
-    repo_id: str
-    snapshot_path: str
-    size_on_disk: int
-    seconds: float
-    installed: list[str] = field(default_factory=list)
+    def __init__(self, repo_id: str, snapshot_path: str, size_on_disk: int, seconds: float,
+                 installed: list[str] | None = None) -> None:
+        self.repo_id, self.snapshot_path, self.size_on_disk = repo_id, snapshot_path, size_on_disk
+        self.seconds, self.installed = seconds, installed or []
 
 
 def _engine_python(progress: Callable[[str], None], install_missing: bool) -> tuple[str, list[str]]:
