@@ -106,3 +106,16 @@ def test_import_gguf_then_serve_it(cli, engine_recorded: Path, tmp_path: Path, m
     code, stdout, _ = cli("models", "rm", REPO_ID, "-y", "--json")
     assert code == 0
     assert json.loads(stdout)["freed_bytes"] > 250_000_000
+
+
+def test_the_lifecycle_tiny_model_is_listed(cli, tiny_model: str) -> None:
+    """The tiny model of the lifecycle tests (built by the engine's transformers) as `models` sees it."""
+    from huggingface_hub import scan_cache_dir
+
+    doc = json.loads(cli("models", "--json")[1])
+    model = next(m for m in doc["models"] if m["repo_id"] == tiny_model)
+    assert (model["complete"], model["architecture"], model["model_type"], model["context_length"],
+            model["torch_dtype"], model["quantization"]) == (True, "LlamaForCausalLM", "llama", 1024, "bfloat16", None)
+    ref = next(r for r in scan_cache_dir(doc["cache_dir"]).repos if r.repo_id == tiny_model)
+    assert (model["size_on_disk"], model["nb_files"]) == (ref.size_on_disk, ref.nb_files)
+    assert [r["commit_hash"] for r in model["revisions"]] == [r.commit_hash for r in ref.revisions]
