@@ -112,3 +112,76 @@ def test_bad_config_is_a_usage_error():
 
     with pytest.raises(UsageError, match="--concurrency 0"):
         loadgen.BenchConfig(base_url="http://x/v1", model="m", concurrency=0).validate()
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.closed = False
+        self.sent = b""
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+RESPONSE = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+            + _chunk(b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n')
+            + _chunk(b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"choices":[{"delta":{"content":"b"}}]}'
+                     b"\n\n")
+            + _chunk(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n')
+            + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, 64, len(RESPONSE)])
+def test_raw_protocol_parses_a_response_cut_anywhere(step):
+    import asyncio
+
+    async def go():
+        proto = loadgen._HttpProtocol()
+        proto.connection_made(_Transport())
+        res = loadgen.RequestResult(ok=False)
+        stream = loadgen._Stream(res, 0.0)
+        waiter = proto.send(b"POST ...", stream)
+        for i in range(0, len(RESPONSE), step):
+            assert not waiter.done()
+            proto.data_received(RESPONSE[i:i + step])
+        assert waiter.done()
+        await waiter
+        return stream.finish()
+
+    res = asyncio.run(go())
+    assert res.ok
+    assert res.output_tokens == 2
+    assert res.prompt_tokens == 3
+    assert res.ttft is not None
+    assert len(res.itl) == 1
+
+
+def test_raw_protocol_reports_an_error_event_and_a_closed_connection():
+    import asyncio
+
+    async def go(data: bytes, close: bool):
+        proto = loadgen._HttpProtocol()
+        proto.connection_made(_Transport())
+        res = loadgen.RequestResult(ok=False)
+        waiter = proto.send(b"POST ...", loadgen._Stream(res, 0.0))
+        proto.data_received(data)
+        if close:
+            proto.connection_lost(None)
+        with pytest.raises((RuntimeError, ConnectionError)) as info:
+            await waiter
+        return str(info.value)
+
+    err = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + _chunk(
+        b'data: {"error": {"message": "engine died", "code": 500}}\n\n')
+    assert asyncio.run(go(err, False)) == "engine died"
+    assert "closed" in asyncio.run(go(RESPONSE[:60], True))
