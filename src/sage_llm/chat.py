@@ -225,6 +225,7 @@ class ChatSession:
     messages: list[dict[str, str]] = field(default_factory=list)
     history: list[Any] = field(default_factory=list)  # TurnStats of every reply
     model_override: str | None = None
+    extra_body: dict[str, Any] = field(default_factory=dict)  # more request fields (e.g. vLLM's top_k)
     http: dict[bool, Any] = field(default_factory=dict)  # httpx.Client per kind of URL (https or not), reused
     resolver: Callable[..., Target] = resolve
 
@@ -273,7 +274,7 @@ class ChatSession:
 
         target = self.target
         stream = ChatStream(self.client(), target.endpoint(), self.request_messages(text), stream=self.stream,
-                            temperature=self.temperature, max_tokens=self.max_tokens)
+                            temperature=self.temperature, max_tokens=self.max_tokens, extra_body=self.extra_body)
         try:
             with stream:
                 for piece in stream:

@@ -258,12 +258,13 @@ class ChatStream:
 
     def __init__(self, client: httpx.Client, endpoint: Endpoint, messages: list[dict[str, str]],
                  model: str | None = None, stream: bool = True, temperature: float | None = None,
-                 max_tokens: int | None = None) -> None:
+                 max_tokens: int | None = None, extra_body: dict[str, Any] | None = None) -> None:
         self.client = client
         self.endpoint = endpoint
         self.model = model or endpoint.model
         self.stream = stream
         self.body = build_request(messages, self.model, stream, temperature, max_tokens)
+        self.body.update(extra_body or {})  # server-specific sampling fields, e.g. vLLM's top_k or ignore_eos
         self.result = ChatResult(model=self.model)
         self._cm: Any = None
         self._resp: httpx.Response | None = None

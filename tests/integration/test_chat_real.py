@@ -1,13 +1,17 @@
 """`sage llm chat` against the real CPU vLLM serving the tiny model that always answers TINY_REPLY.
 
 One engine for the whole test (they take ~25-40 s to start on 2 cores): one-shot, piped stdin, --json, a scripted
-REPL session, the 404 for an unknown model, and the engine stopped under a session.
+REPL session, the 404 for an unknown model, Ctrl-C mid-reply (vLLM stops generating), and the engine stopped under
+a session.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
+import time
+import urllib.request
 
 import pytest
 
@@ -23,6 +27,19 @@ def _port() -> int:
             return port
     pytest.skip("no free port in 19300-19309")
     raise AssertionError("unreachable")
+
+
+def _metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.MULTILINE))
+
+
+def _generated(port: int) -> float:
+    return _metric(port, "vllm:generation_tokens_total")
+
+
+def _running(port: int) -> bool:
+    return _metric(port, "vllm:num_requests_running") > 0
 
 
 class Stdin(io.StringIO):
@@ -85,6 +102,29 @@ def test_chat_with_the_real_engine(cli, tiny_model: str, monkeypatch: pytest.Mon
     code, out, err = cli("chat", "-p", "Hi", "--model", "nope")
     assert (code, out) == (2, "")
     assert f"Error: model 'nope' is not served by local engine 'chatreal' at {url}; it serves: {tiny_model}" in err
+
+    # Ctrl-C in the middle of a reply: the connection is closed and vLLM stops generating (ignore_eos would make it
+    # write all 480 tokens otherwise)
+    from sage_llm import chat as core
+
+    before = _generated(port)
+    session = core.ChatSession(core.resolve("local", "chatreal"), temperature=0, max_tokens=480,
+                               extra_body={"ignore_eos": True})
+    pieces: list[str] = []
+
+    def ctrl_c_after_three(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        session.ask("Hi", ctrl_c_after_three, pytest.fail)
+    session.close()
+    deadline = time.monotonic() + 60
+    while _running(port) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _running(port)
+    assert _generated(port) - before < 480
 
     # the engine stopped under a session: one line naming it
     from sage_llm.engine import manager
