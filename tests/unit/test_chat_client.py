@@ -43,7 +43,7 @@ def ep(api: FakeOpenAI, key: str = "sk-good", model: str | None = "m1") -> Endpo
 
 
 def test_stream_yields_pieces_and_fills_result(api, http):
-    with ChatStream(http, ep(api), MSGS, temperature=0.5, max_tokens=50) as s:
+    with ChatStream(http, ep(api), MSGS, temperature=0.5, max_tokens=50, extra_body={"top_k": 5}) as s:
         pieces = list(s)
     assert pieces == ["Paris ", "is ", "the ", "capital."]
     r = s.result
@@ -59,6 +59,7 @@ def test_stream_yields_pieces_and_fills_result(api, http):
     assert sent["stream_options"] == {"include_usage": True}
     assert sent["temperature"] == 0.5
     assert sent["max_tokens"] == 50
+    assert sent["top_k"] == 5
     assert sent["messages"] == MSGS
 
 
