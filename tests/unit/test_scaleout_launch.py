@@ -113,3 +113,22 @@ def test_cpu_ray_error_is_diagnosed():
     assert d.cause == "ray_unsupported_platform"
     assert "GPU nodes" in d.message
     assert "--ray-address" in (d.hint or "")
+
+
+def test_ray_address_needs_ray_in_the_engine_environment(tmp_path):
+    from sage_llm.engine import manager
+    from sage_llm.engine.envs import VllmCommand
+
+    env = tmp_path / "venv"
+    site = env / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    cmd = VllmCommand([str(env / "bin" / "vllm")], "engine-env", "cpu", str(env))
+    manager._check_scaleout(spec(), cmd)  # no Ray asked for: nothing to check
+    with pytest.raises(UsageError, match="needs Ray in the engine environment") as info:
+        manager._check_scaleout(spec(ray_address="127.0.0.1:6379"), cmd)
+    assert "engine install --ray" in (info.value.hint or "")
+    (site / "ray").mkdir()
+    (site / "ray" / "__init__.py").write_text("")
+    manager._check_scaleout(spec(ray_address="127.0.0.1:6379"), cmd)
+    # SAGE_LLM_VLLM (no known environment): vLLM itself says when Ray is missing
+    manager._check_scaleout(spec(ray_address="127.0.0.1:6379"), VllmCommand(["vllm"], "SAGE_LLM_VLLM", None))

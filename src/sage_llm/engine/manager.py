@@ -746,7 +746,9 @@ def local_engine(views: list[EngineView], local_port: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------- scale-out
 def _check_scaleout(spec: LaunchSpec, cmd: Any) -> None:
     """Before spawning: Ray must be in the engine environment (the GPU count is checked by placement.py)."""
-    if spec.ray_address and cmd.env_path and not any(Path(cmd.env_path).glob("lib/python*/site-packages/ray/")):
+    if not (spec.ray_address and cmd.env_path):
+        return
+    if not any(Path(cmd.env_path).glob("lib/python*/site-packages/ray/__init__.py")):
         raise UsageError(f"--ray-address needs Ray in the engine environment {cmd.env_path}, and it has none",
                          hint="run `sage llm engine install --ray` (it adds a pinned Ray)")
 
