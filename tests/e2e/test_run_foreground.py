@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -152,5 +153,35 @@ def test_ctrl_c_while_loading_stops_the_engine(monkeypatch: pytest.MonkeyPatch) 
     run.proc.send_signal(signal.SIGINT)
     assert run.proc.wait(20) == 130
     assert "interrupted while loading: stopping engine 'fg'" in run.err()
+    assert gone(pids)
+    assert managed(sage("status", "--json").stdout) == []
+
+
+@pytest.mark.usefixtures("fake_vllm", "stop_all")
+def test_closed_stdout_ends_run_and_stops_the_engine(tmp_path: Path) -> None:
+    import urllib.request
+
+    err_path = tmp_path / "pipe.err"
+    proc = subprocess.Popen([*SAGE, "llm", "run", "org/tiny", "--name", "fg"], stdout=subprocess.PIPE,
+                            stderr=open(err_path, "w"))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "streaming its log" not in err_path.read_text():
+        time.sleep(0.1)
+    eng = managed(sage("status", "--json").stdout)[0]
+    pids = [p["pid"] for p in eng["processes"]]
+    url = f"http://127.0.0.1:{eng['port']}/health"
+    urllib.request.urlopen(url, timeout=5).read()
+    assert proc.stdout is not None
+    assert proc.stdout.readline()  # the log reaches our pipe
+    proc.stdout.close()  # like `| head -1` exiting
+    for _ in range(50):  # more log lines, so `run` writes into the closed pipe
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(url, timeout=2).read()
+        time.sleep(0.2)
+    assert proc.wait(20) == 0
+    assert "stdout closed: stopping engine 'fg'" in err_path.read_text()
+    assert "Traceback" not in err_path.read_text()
     assert gone(pids)
     assert managed(sage("status", "--json").stdout) == []

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +36,25 @@ def _on_signal(signum: int, _frame: Any) -> None:
 
 def _run(**params: Any) -> None:
     from sage_llm import logs as logtools
-    from sage_llm.engine import manager
-    from sage_llm.errors import EngineFailed
+    from sage_llm.errors import EngineFailed, SageLLMError
     from sage_llm.state import EngineRecord, StateStore
 
     params.update(wait=True, json_=False)
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     store = StateStore()
     rec: EngineRecord | None = None
+    settled = False  # the engine is gone, or was stopped from elsewhere: nothing left for `run` to stop
     try:
         try:
             result = start_cmd.launch(params, foreground=True)
         except KeyboardInterrupt:
             _stop_own(store, why="interrupted while loading")
             raise SystemExit(130) from None
+        except SageLLMError:
+            raise  # refused (nothing started) or failed (manager already stopped it and kept the record)
+        except BaseException:
+            _stop_own(store, why="run failed while loading")
+            raise
         rec = result.record
         took = f" in {result.ready_after_s:.1f} s" if result.ready_after_s is not None else ""
         out.info(f"engine {rec.name!r} ready{took}: {rec.served_model_name} at {rec.base_url} (pid {rec.pid})")
@@ -61,6 +68,7 @@ def _run(**params: Any) -> None:
             elif ev.kind == "notice":
                 out.info(f"-- {ev.text}")
             else:
+                settled = True
                 out.info(f"-- {ev.text}")
                 current = store.load(rec.name)
                 if isinstance(current, EngineRecord) and current.id == rec.id:
@@ -73,18 +81,35 @@ def _run(**params: Any) -> None:
         if rec is None:
             raise
         why = f"{exc.args[0]} received" if isinstance(exc, _Terminated) and exc.args else "Ctrl-C"
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the stop finish; it escalates to SIGKILL by itself
-        out.info(f"-- {why}: stopping engine {rec.name!r}")
-        outcome = manager.stop(rec.name, store=store)
-        if outcome.stopped:
-            out.info(f"-- {outcome.message}")
-            return
-        out.error(outcome.message)
-        raise SystemExit(1) from None
+        if not _stop(rec, store, why):
+            raise SystemExit(1) from None
+    except BrokenPipeError:
+        # stdout was closed (e.g. `sage llm run M | head`): the foreground is over, so the engine goes too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if rec is not None and not settled:
+            _stop(rec, store, "stdout closed")
+    except BaseException:
+        if rec is not None and not settled:
+            _stop(rec, store, "run failed")
+        raise
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _stop(rec: Any, store: Any, why: str) -> bool:
+    """Stop the foreground engine (whole process group, record removed); True when nothing of it is left."""
+    from sage_llm.engine import manager
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the stop finish; it escalates to SIGKILL by itself
+    out.info(f"-- {why}: stopping engine {rec.name!r}")
+    outcome = manager.stop(rec.name, store=store)
+    if outcome.stopped:
+        out.info(f"-- {outcome.message}")
+        return True
+    out.error(outcome.message)
+    return False
 
 
 def _explain(rec: Any) -> str | None:
@@ -97,8 +122,6 @@ def _explain(rec: Any) -> str | None:
 
 def _stop_own(store: Any, why: str) -> None:
     """Stop the engine this process launched (found by its owner pid: the launch did not return a record)."""
-    import os
-
     from sage_llm.engine import manager
     from sage_llm.state import EngineRecord
 
