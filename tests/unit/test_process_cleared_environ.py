@@ -59,3 +59,22 @@ def test_orphans_of_a_killed_leader(child_env: dict[str, str], counted: bool):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(leader.pid, signal.SIGKILL)
         leader.stdout.close()
+
+
+def test_find_by_marker_takes_the_wiped_children_of_a_marked_leader():
+    """No PID recorded (the CLI died right after spawning): the marked API server leads to its EngineCore/Worker."""
+    import json
+
+    env = {**os.environ, "SAGE_LLM_ENGINE_ID": "e2"}
+    leader = subprocess.Popen([sys.executable, "-c", LEADER, json.dumps({})], env=env, stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        assert leader.stdout is not None
+        child_pid = int(leader.stdout.readline())
+        assert sorted(p.pid for p in process.find_by_marker("e2")) == sorted([leader.pid, child_pid])
+        assert process.find_by_marker("e3") == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait()
+        leader.stdout.close()

@@ -231,6 +231,21 @@ def find_by_marker(engine_id: str) -> list[psutil.Process]:
                 found.append(proc)
         except psutil.Error:
             continue
+    # EngineCore and its workers carry no readable marker (setproctitle wiped their environ): take them through the
+    # session of a marked session leader (the API server we spawned with start_new_session)
+    leaders = set()
+    for proc in found:
+        with contextlib.suppress(OSError):
+            if os.getsid(proc.pid) == proc.pid:
+                leaders.add(proc.pid)
+    if leaders:
+        known = {p.pid for p in found}
+        for info in proc_table().values():
+            if info.sid not in leaders or info.pid in known or info.state in ("Z", "X"):
+                continue
+            proc = _as_process(info.pid)
+            if proc is not None and _marker(proc) in (None, engine_id):
+                found.append(proc)
     return found
 
 
