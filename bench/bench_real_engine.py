@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -109,6 +110,7 @@ def main() -> int:
         if s.returncode != 0 or left:
             print(s.stderr)
             return 1
+    shutil.rmtree(home, ignore_errors=True)
     print(f"start-to-ready: median {statistics.median(starts):.1f} s (runs: "
           f"{', '.join(f'{x:.1f}' for x in starts)}); stop: median {statistics.median(stops):.2f} s; "
           f"tree RSS: median {statistics.median(rss) / 2**30:.2f} GiB; load average at end {os.getloadavg()}")
