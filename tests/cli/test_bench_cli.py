@@ -9,10 +9,28 @@ import pytest
 pytestmark = pytest.mark.usefixtures("fake_vllm", "stop_all")
 
 
+def free_port(lo: int = 19600, hi: int = 19660) -> int:
+    """A free port in this suite's range (the Ray test takes 19660-19699)."""
+    import random
+    import socket
+
+    ports = list(range(lo, hi))
+    random.shuffle(ports)
+    for p in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+            return p
+    raise RuntimeError("no free port")
+
+
 def test_bench_an_engine_by_name_with_json(cli, monkeypatch):
     monkeypatch.setenv("FAKE_VLLM_REPLY", "one two three four five six")
     monkeypatch.setenv("FAKE_VLLM_TOKEN_DELAY_S", "0.002")
-    code, _out, err = cli("start", "org/model-a", "--name", "b1", "--port", "19661")
+    port = str(free_port())
+    code, _out, err = cli("start", "org/model-a", "--name", "b1", "--port", port)
     assert code == 0, err
     code, out, err = cli("bench", "b1", "--concurrency", "4", "--requests", "12", "--max-tokens", "4", "--json")
     assert code == 0, err
@@ -29,7 +47,7 @@ def test_bench_an_engine_by_name_with_json(cli, monkeypatch):
     assert doc["ttft_s"]["p50"] >= 0.002
     assert "bench b1: 12 requests, concurrency 4" in err
     # by port, human output: a table on stdout
-    code, out, err = cli("bench", "19661", "-c", "2", "-n", "4")
+    code, out, err = cli("bench", port, "-c", "2", "-n", "4")
     assert code == 0, err
     assert "TTFT (ms)" in out
     assert "(match)" in out

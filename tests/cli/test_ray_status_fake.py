@@ -14,9 +14,26 @@ from sage_llm.state import EngineRecord, StateStore
 pytestmark = pytest.mark.usefixtures("fake_vllm", "stop_all")
 
 
+def free_port(lo: int = 19600, hi: int = 19660) -> int:
+    """A free port in this suite's range (the Ray test takes 19660-19699)."""
+    import random
+    import socket
+
+    ports = list(range(lo, hi))
+    random.shuffle(ports)
+    for p in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+            return p
+    raise RuntimeError("no free port")
+
+
 def test_ray_address_reaches_the_engine_and_status(cli, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:19698")  # the environment variable is the option's default
-    code, _out, err = cli("start", "org/model-a", "--name", "r1", "--port", "19662")
+    code, _out, err = cli("start", "org/model-a", "--name", "r1", "--port", str(free_port()))
     assert code == 0, err
     rec = StateStore().load("r1")
     assert isinstance(rec, EngineRecord)
@@ -36,7 +53,7 @@ def test_ray_address_reaches_the_engine_and_status(cli, monkeypatch):
     assert "r1: Ray cluster 127.0.0.1:19698 (" in out
     # an engine without Ray has no "ray" entry
     monkeypatch.delenv("RAY_ADDRESS")
-    code, _out, err = cli("start", "org/model-b", "--name", "r2", "--port", "19663")
+    code, _out, err = cli("start", "org/model-b", "--name", "r2", "--port", str(free_port()))
     assert code == 0, err
     code, out, _err = cli("status", "--json")
     eng2 = next(e for e in json.loads(out)["engines"] if e["name"] == "r2")
@@ -46,7 +63,7 @@ def test_ray_address_reaches_the_engine_and_status(cli, monkeypatch):
 
 
 def test_restart_can_drop_ray(cli):
-    code, _out, err = cli("start", "org/model-a", "--name", "r3", "--port", "19664", "--ray-address", "auto")
+    code, _out, err = cli("start", "org/model-a", "--name", "r3", "--port", str(free_port()), "--ray-address", "auto")
     assert code == 0, err
     code, _out, err = cli("restart", "r3", "--ray-address", "")
     assert code == 0, err

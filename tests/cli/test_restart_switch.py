@@ -20,7 +20,7 @@ from sage_llm.state import EngineRecord, StateStore
 pytestmark = pytest.mark.usefixtures("fake_vllm", "stop_all")
 
 
-def free_port_in_range(lo: int = 19600, hi: int = 19680) -> int:
+def free_port_in_range(lo: int = 19600, hi: int = 19659) -> int:
     """A free port in this project's test range, with the next one free too (for rolling switches)."""
     import random
 

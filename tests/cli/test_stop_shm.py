@@ -12,12 +12,30 @@ pytestmark = [pytest.mark.usefixtures("fake_vllm", "stop_all"),
               pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")]
 
 
+def free_port(lo: int = 19600, hi: int = 19660) -> int:
+    """A free port in this suite's range (the Ray test takes 19660-19699)."""
+    import random
+    import socket
+
+    ports = list(range(lo, hi))
+    random.shuffle(ports)
+    for p in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+            return p
+    raise RuntimeError("no free port")
+
+
 def test_stop_removes_unheld_leftovers_of_the_engine(cli):
-    code, _out, err = cli("start", "org/model-a", "--name", "shm1", "--port", "19665")
+    port = free_port()
+    code, _out, err = cli("start", "org/model-a", "--name", "shm1", "--port", str(port))
     assert code == 0, err
-    ours = Path("/dev/shm/19665-tp:0-[0-1]-cpushm_0")  # named after the engine's port, as vLLM's CPU build does
-    other = Path("/dev/shm/19666-tp:0-[0-1]-cpushm_0")  # another port: not this engine's
-    held = Path("/dev/shm/19665-tp:0-[0-1]-cpushm_1")
+    ours = Path(f"/dev/shm/{port}-tp:0-[0-1]-cpushm_0")  # named after the engine's port, as vLLM's CPU build does
+    other = Path(f"/dev/shm/{port + 1}-tp:0-[0-1]-cpushm_0")  # another port: not this engine's
+    held = Path(f"/dev/shm/{port}-tp:0-[0-1]-cpushm_1")
     for p in (ours, other, held):
         p.write_bytes(b"\0" * 1024)
     fd = os.open(held, os.O_RDONLY)
