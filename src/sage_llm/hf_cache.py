@@ -55,9 +55,12 @@ def is_cached(repo_id: str, cache: Path | None = None) -> bool:
         return False
     blobs = repo_dir(repo_id, cache) / "blobs"
     try:
-        return not any(n.endswith(".incomplete") for n in os.listdir(blobs))
+        names = os.listdir(blobs)
     except OSError:
         return True
+    done = {n for n in names if not n.endswith(".incomplete")}
+    # a partial file whose blob is complete is the leftover of a killed download, not a missing file
+    return not any(n.endswith(".incomplete") and n.split(".", 1)[0] not in done for n in names)
 
 
 def cached_repo_ids(cache: Path | None = None) -> list[str]:

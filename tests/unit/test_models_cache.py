@@ -187,3 +187,14 @@ def test_remove_unknown_and_bad_ids(cache: Path, monkeypatch: pytest.MonkeyPatch
     for bad in ("noslash", "a/b/c", "../x", "a /b"):
         with pytest.raises(models.UsageError):
             models.plan_remove(bad)
+
+
+def test_leftover_partial_of_a_finished_blob_does_not_make_it_incomplete(cache: Path) -> None:
+    snap = hf_cache.snapshot_path("sage-test/tiny-chat", cache=cache)
+    assert snap is not None
+    blob = os.path.basename(os.readlink(snap / "model.safetensors"))
+    (snap.parent.parent / "blobs" / f"{blob}.1a2b3c4d.incomplete").write_bytes(b"\0" * 10)
+    assert hf_cache.is_cached("sage-test/tiny-chat", cache)
+    tiny = by_id(hf_cache.scan(cache))["sage-test/tiny-chat"]
+    assert tiny.complete
+    assert tiny.incomplete_files == 0
