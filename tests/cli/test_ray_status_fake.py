@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -45,7 +46,13 @@ def test_ray_address_reaches_the_engine_and_status(cli, monkeypatch):
     code, out, err = cli("status", "--json")
     assert code == 0, err
     assert time.monotonic() - t < ray_cluster.QUERY_TIMEOUT_S + 3  # bounded even though nothing answers
-    eng = next(e for e in json.loads(out)["engines"] if e["name"] == "r1")
+    doc = json.loads(out)
+    import jsonschema
+
+    schema = json.loads((Path(__file__).resolve().parents[2] / "src" / "sage_llm" / "data" /
+                         "status.schema.json").read_text())
+    jsonschema.validate(doc, schema)
+    eng = next(e for e in doc["engines"] if e["name"] == "r1")
     assert eng["state"] == "ready"
     assert eng["ray"]["address"] == "127.0.0.1:19698"
     assert eng["ray"]["error"]  # no Ray here to ask: said, not raised
