@@ -206,7 +206,9 @@ def install(
     expected = CPU_VLLM_VERSION if kind == "cpu" else "0.33"
     # a quick look at the installed metadata first; `vllm --version` (which imports vLLM: slow) only when we changed
     # something, so re-running `engine install` (as `make test` does) costs seconds, not minutes
-    current = _metadata_version(str(python)) if vllm_bin.exists() else None
+    current = None
+    if vllm_bin.exists():
+        current = _metadata_version(str(python)) or vllm_version([str(vllm_bin)])
     changed = False
     if current and current.startswith(expected):
         progress(f"vLLM {current} already installed")
