@@ -59,7 +59,7 @@ def check_engine(version_timeout: float = 120.0) -> list[Check]:
     except SageLLMError as exc:
         return [Check("engine", FAIL, exc.message, exc.hint or "run `sage llm engine install`")]
     where = {"engine-env": f"engine environment {cmd.env_path}", "PATH": "`vllm` on PATH"}.get(cmd.source, cmd.source)
-    version = envs.vllm_version(cmd.prefix, timeout=version_timeout)
+    version = envs.reported_version(cmd.prefix, timeout=version_timeout)
     if version is None:
         return [Check("engine", FAIL, f"vLLM from {where} does not run (`{' '.join(cmd.prefix)} --version` failed)",
                       "repair it with `sage llm engine install`; `sage llm engine show` says what runs")]

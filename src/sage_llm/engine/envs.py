@@ -158,6 +158,28 @@ def _metadata_version(python: str) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def reported_version(prefix: list[str], timeout: float = 120.0) -> str | None:
+    """The version `prefix --version` would print, read from the installed metadata when we can find the Python
+    behind the command (a venv's bin/vllm script: well under a second), else by running it (imports vLLM: slow)."""
+    exe = Path(prefix[0])
+    python = None
+    if exe.name == "vllm" and exe.is_file():
+        python = exe.parent / "python"
+        if not python.exists():
+            try:
+                first = exe.read_text(errors="replace").splitlines()[0]
+            except (OSError, IndexError):
+                first = ""
+            python = Path(first[2:].strip().split()[0]) if first.startswith("#!") and first[2:].strip() else None
+    elif len(prefix) >= 3 and prefix[1] == "-m" and prefix[2].startswith("vllm"):
+        python = Path(prefix[0])
+    if python is not None and python.exists():
+        version = _metadata_version(str(python))
+        if version:
+            return version
+    return vllm_version(prefix, timeout)
+
+
 def vllm_version(prefix: list[str], timeout: float = 120.0) -> str | None:
     """What `vllm --version` prints (last line), or None."""
     try:

@@ -48,7 +48,7 @@ def engine_show(json_: JsonOpt = False) -> None:
     try:
         cmd = envs.resolve_vllm()
         resolved = {"command": cmd.prefix, "source": cmd.source, "kind": cmd.kind}
-        version = envs.vllm_version(cmd.prefix)
+        version = envs.reported_version(cmd.prefix)
         error = None
     except SageLLMError as exc:
         resolved, version, error = None, None, exc.message
