@@ -39,6 +39,9 @@ def test_orphans_of_a_killed_leader(child_env: dict[str, str], counted: bool):
         assert leader.stdout is not None
         child_pid = int(leader.stdout.readline())
         ctime = psutil.Process(leader.pid).create_time()
+        deadline = time.monotonic() + 5  # the child may still be between fork and exec: wait for its own environ
+        while psutil.Process(child_pid).environ() != child_env and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert psutil.Process(child_pid).environ() == child_env
         leader.send_signal(signal.SIGKILL)
         leader.wait()

@@ -404,7 +404,7 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
             view.error = (f"API server (pid {rec.pid}) is gone but {len(tree.members)} engine process(es) are left "
                           f"({pids}); run `sage llm stop {rec.name}` to clean them up")
         else:
-            _explain_dead(view, rec)
+            _explain_dead(view, rec, table)
     external: list[EngineView] = []
     if include_external:
         external = discover_external(records, local_port, table)
@@ -481,8 +481,8 @@ def _apply_probe(view: EngineView, served: str | None, p: Any, recorded_state: s
         view.error = p.error or "no answer"
 
 
-def _explain_dead(view: EngineView, rec: EngineRecord) -> None:
-    reused = process.pid_reused_by(rec.pid, rec.create_time)
+def _explain_dead(view: EngineView, rec: EngineRecord, table: dict[int, process.ProcInfo] | None = None) -> None:
+    reused = process.pid_reused_by(rec.pid, rec.create_time, table)
     if rec.state == "failed":
         view.state = "failed"
         view.error = rec.error or "engine failed"

@@ -19,13 +19,87 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import psutil
+from typing import TYPE_CHECKING, Any
 
 from sage_llm.config import EnvVars
 
 CREATE_TIME_TOLERANCE = 0.05
+
+if TYPE_CHECKING:
+    import psutil
+
+
+def _ps() -> Any:
+    """psutil, imported on first use: `status --json` reads /proc itself and never needs it."""
+    import psutil
+
+    return psutil
+
+
+class Proc:
+    """A process identified from /proc (pid, create time, name). Signals re-check its identity through psutil first,
+    so a PID that died and was reused in between is never signalled."""
+
+    __slots__ = ("_name", "create_time", "pid")
+
+    def __init__(self, pid: int, create_time: float, name: str) -> None:
+        self.pid = pid
+        self.create_time = create_time
+        self._name = name
+
+    def __repr__(self) -> str:
+        return f"Proc(pid={self.pid}, name={self._name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Proc) and other.pid == self.pid and other.create_time == self.create_time
+
+    def __hash__(self) -> int:
+        return hash((self.pid, self.create_time))
+
+    def name(self) -> str:
+        return self._name
+
+    def environ(self) -> dict[str, str]:
+        """The process's environment; raises PermissionError when unreadable, ProcessLookupError when gone."""
+        try:
+            with open(f"/proc/{self.pid}/environ", "rb") as fh:
+                raw = fh.read()
+        except FileNotFoundError as exc:
+            raise ProcessLookupError(self.pid) from exc
+        env = {}
+        for item in raw.split(b"\0"):
+            key, sep, value = item.partition(b"=")
+            if sep:
+                env[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        return env
+
+    def cmdline(self) -> list[str]:
+        try:
+            with open(f"/proc/{self.pid}/cmdline", "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            return []
+        return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+
+    def psutil(self) -> psutil.Process | None:
+        """The psutil handle, only if this is still the same process (same create time) and not a zombie."""
+        ps = _ps()
+        try:
+            proc = ps.Process(self.pid)
+            if abs(proc.create_time() - self.create_time) > CREATE_TIME_TOLERANCE:
+                return None
+            return proc if proc.status() != ps.STATUS_ZOMBIE else None
+        except ps.Error:
+            return None
+
+    def is_running(self) -> bool:
+        return self.psutil() is not None
+
+    def send_signal(self, sig: int) -> None:
+        proc = self.psutil()
+        if proc is None:
+            raise ProcessLookupError(self.pid)
+        proc.send_signal(sig)
 
 
 @dataclass
@@ -54,17 +128,19 @@ def spawn(argv: list[str], env: dict[str, str], log_file: Path, cwd: str | None 
         )
     finally:
         os.close(fd)
+    ps = _ps()
     try:
-        ctime = psutil.Process(popen.pid).create_time()
-    except psutil.Error:
+        ctime = ps.Process(popen.pid).create_time()
+    except ps.Error:
         ctime = time.time()
     return Spawned(popen.pid, ctime, popen)
 
 
-def _alive(proc: psutil.Process) -> bool:
+def _alive(proc: Any) -> bool:
+    ps = _ps()
     try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
+        return bool(proc.is_running() and proc.status() != ps.STATUS_ZOMBIE)
+    except ps.Error:
         return False
 
 
@@ -72,29 +148,37 @@ def leader(pid: int | None, create_time: float | None) -> psutil.Process | None:
     """The recorded process itself, if it is alive and really the one we started."""
     if not pid or create_time is None:
         return None
+    ps = _ps()
     try:
-        proc = psutil.Process(pid)
+        proc = ps.Process(pid)
         if abs(proc.create_time() - create_time) > CREATE_TIME_TOLERANCE:
             return None
         return proc if _alive(proc) else None
-    except psutil.Error:
+    except ps.Error:
         return None
 
 
-def pid_reused_by(pid: int | None, create_time: float | None) -> psutil.Process | None:
-    """The unrelated process that now holds the recorded PID, if any."""
+def pid_reused_by(pid: int | None, create_time: float | None, table: dict[int, ProcInfo] | None = None
+                  ) -> Any | None:
+    """The unrelated process that now holds the recorded PID, if any (from `table` when given)."""
     if not pid or create_time is None:
         return None
+    if table is not None:
+        info = table.get(pid)
+        if info is not None and abs(info.create_time - create_time) > CREATE_TIME_TOLERANCE:
+            return Proc(info.pid, info.create_time, info.name)
+        return None
+    ps = _ps()
     try:
-        proc = psutil.Process(pid)
+        proc = ps.Process(pid)
         if abs(proc.create_time() - create_time) > CREATE_TIME_TOLERANCE:
             return proc
-    except psutil.Error:
+    except ps.Error:
         pass
     return None
 
 
-def _marker(proc: psutil.Process) -> str | bool | None:
+def _marker(proc: Any) -> str | bool | None:
     """The engine id in a process's environment; None if unreadable; False if readable and absent.
 
     vLLM renames EngineCore and its workers with setproctitle, which overwrites the environment block: their
@@ -102,26 +186,24 @@ def _marker(proc: psutil.Process) -> str | bool | None:
     """
     try:
         env = proc.environ()
-        if not env:
-            return None
-        return env.get(EnvVars.ENGINE_MARK, False)
-    except (psutil.AccessDenied, psutil.ZombieProcess):
+    except Exception:  # PermissionError, ProcessLookupError, psutil.AccessDenied / ZombieProcess / NoSuchProcess
         return None
-    except psutil.Error:
+    if not env:
         return None
+    return env.get(EnvVars.ENGINE_MARK, False)
 
 
 @dataclass
 class Tree:
-    leader: psutil.Process | None
-    members: list[psutil.Process] = field(default_factory=list)  # every live process of the engine, leader first
+    leader: Any | None  # Proc (or psutil.Process from find_by_marker)
+    members: list[Any] = field(default_factory=list)  # every live process of the engine, leader first
 
     @property
     def alive(self) -> bool:
         return bool(self.members)
 
     @property
-    def orphans(self) -> list[psutil.Process]:
+    def orphans(self) -> list[Any]:
         return [p for p in self.members if self.leader is None or p.pid != self.leader.pid]
 
 
@@ -143,11 +225,27 @@ class ProcInfo:
         return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
 
 
+_BOOT: list[float] = []
+
+
+def _boot_time() -> float:
+    """System boot time as psutil computes it (the `btime` line of /proc/stat), so create times agree with psutil."""
+    if not _BOOT:
+        with open("/proc/stat", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"btime"):
+                    _BOOT.append(float(line.split()[1]))
+                    break
+        if not _BOOT:
+            _BOOT.append(_ps().boot_time())
+    return _BOOT[0]
+
+
 def proc_table() -> dict[int, ProcInfo]:
     """One cheap pass over /proc: pid, ppid, session, create time (as psutil computes it), state, name."""
     table: dict[int, ProcInfo] = {}
     try:
-        boot = psutil.boot_time()
+        boot = _boot_time()
         ticks = os.sysconf("SC_CLK_TCK")
         entries = os.listdir("/proc")
     except (OSError, ValueError):
@@ -186,10 +284,10 @@ def find_tree(pid: int | None, create_time: float | None, engine_id: str | None,
     if info is not None:
         if abs(info.create_time - create_time) <= CREATE_TIME_TOLERANCE:
             if info.state not in ("Z", "X"):
-                lead = _as_process(pid)
+                lead = Proc(info.pid, info.create_time, info.name)
         else:
             reused_ctime = info.create_time
-    members: list[psutil.Process] = []
+    members: list[Any] = []
     for p in table.values():
         if p.sid != pid or p.state in ("Z", "X"):
             continue
@@ -201,9 +299,7 @@ def find_tree(pid: int | None, create_time: float | None, engine_id: str | None,
             continue
         if reused_ctime is not None and p.create_time >= reused_ctime:
             continue
-        proc = _as_process(p.pid)
-        if proc is None:
-            continue
+        proc = Proc(p.pid, p.create_time, p.name)
         mark = _marker(proc)
         if engine_id and mark is not None and mark != engine_id:
             continue
@@ -212,24 +308,26 @@ def find_tree(pid: int | None, create_time: float | None, engine_id: str | None,
     return Tree(lead, members)
 
 
-def _as_process(pid: int) -> psutil.Process | None:
+def _as_process(pid: int) -> Any | None:
+    ps = _ps()
     try:
-        return psutil.Process(pid)
-    except psutil.Error:
+        return ps.Process(pid)
+    except ps.Error:
         return None
 
 
-def find_by_marker(engine_id: str) -> list[psutil.Process]:
+def find_by_marker(engine_id: str) -> list[Any]:
     """Processes carrying our engine id (used when a CLI died between spawn and recording the PID)."""
+    ps = _ps()
     found = []
     me = os.getuid()
-    for proc in psutil.process_iter(["pid", "uids"]):
+    for proc in ps.process_iter(["pid", "uids"]):
         try:
             if proc.info["uids"] is None or proc.info["uids"].real != me:
                 continue
             if _marker(proc) == engine_id and _alive(proc):
                 found.append(proc)
-        except psutil.Error:
+        except ps.Error:
             continue
     # EngineCore and its workers carry no readable marker (setproctitle wiped their environ): take them through the
     # session of a marked session leader (the API server we spawned with start_new_session)
@@ -249,9 +347,10 @@ def find_by_marker(engine_id: str) -> list[psutil.Process]:
     return found
 
 
-def _signal_all(procs: list[psutil.Process], sig: int) -> None:
+def _signal_all(procs: list[Any], sig: int) -> None:
+    ps = _ps()
     for proc in procs:
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
+        with contextlib.suppress(ps.Error, ProcessLookupError, PermissionError):
             proc.send_signal(sig)
 
 
@@ -313,8 +412,9 @@ def stop_tree(
             if not tree.members:
                 break
     survivors = []
+    ps = _ps()
     for proc in tree.members:
-        with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(ps.Error):
             survivors.append((proc.pid, proc.name()))
     return StopResult(sorted(signalled), survivors, escalated, time.monotonic() - started)
 
@@ -342,6 +442,7 @@ def port_is_free(host: str, port: int) -> bool:
 
 def port_owner(port: int) -> tuple[int | None, str | None]:
     """(pid, process name) listening on `port`, when the OS lets us see it."""
+    psutil = _ps()
     try:
         for conn in psutil.net_connections(kind="inet"):
             if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
