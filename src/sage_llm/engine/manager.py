@@ -558,7 +558,9 @@ def discover_external(records: list[EngineRecord | CorruptRecord], local_port: i
     managed_ports = {r.port for r in records if isinstance(r, EngineRecord)}
     found: dict[int, EngineView] = {}
     candidates = []
-    for proc in (table if table is not None else process.proc_table()).values():
+    if table is None:
+        table = process.proc_table()
+    for proc in table.values():
         if proc.state in ("Z", "X") or proc.pid in managed_pids or proc.sid in managed_pids:
             continue
         cmd = proc.cmdline()
@@ -590,8 +592,20 @@ def discover_external(records: list[EngineRecord | CorruptRecord], local_port: i
                 served_model_name=p.model_ids[0], host="127.0.0.1", port=local_port,
                 base_url=f"http://127.0.0.1:{local_port}/v1", pid=pid,
             )
+    children: dict[int, list[process.ProcInfo]] = {}
+    for info in table.values():
+        children.setdefault(info.ppid, []).append(info)
     for view in found.values():
         view.name = f"external-{view.port}"
+        if view.pid and view.pid in table and not view.processes:
+            # the server and its descendants (EngineCore, workers): for GPU memory per engine, without psutil
+            todo, seen = [table[view.pid]], []
+            while todo:
+                cur = todo.pop()
+                if cur.state not in ("Z", "X"):
+                    seen.append({"pid": cur.pid, "name": cur.name})
+                todo.extend(children.get(cur.pid, []))
+            view.processes = seen
     return list(found.values())
 
 
