@@ -100,8 +100,9 @@ def test_repl_in_a_terminal(api: FakeOpenAI, home: Path) -> None:
         # the cancelled turn is not in the history sent to the server
         assert [m["content"] for m in api.requests[-1]["messages"]] == ["hi"]
 
+        pos = t.expect(r"> ", start=pos)  # back at the prompt before Ctrl-D
         t.send("\x04")  # Ctrl-D
-        assert t.proc.wait(15) == 0
+        assert t.proc.wait(60) == 0
     finally:
         t.close()
     history = (home / "chat_history").read_text().splitlines()
