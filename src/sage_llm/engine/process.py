@@ -57,6 +57,12 @@ class Proc:
         return hash((self.pid, self.create_time))
 
     def name(self) -> str:
+        if len(self._name) >= 15:  # the kernel keeps 15 characters ("VLLM::EngineCor"): complete it like psutil
+            cmd = self.cmdline()
+            if cmd:
+                full = os.path.basename(cmd[0]).strip()
+                if full.startswith(self._name):
+                    self._name = full
         return self._name
 
     def environ(self) -> dict[str, str]:
@@ -66,10 +72,14 @@ class Proc:
                 raw = fh.read()
         except FileNotFoundError as exc:
             raise ProcessLookupError(self.pid) from exc
+        # psutil's rule: stop at the first empty item. setproctitle (vLLM's EngineCore and workers) overwrites the
+        # block with the title and zeros, and whatever follows the first NUL pair is leftover, not environment
         env = {}
         for item in raw.split(b"\0"):
+            if not item:
+                break
             key, sep, value = item.partition(b"=")
-            if sep:
+            if sep and key:
                 env[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
         return env
 
