@@ -37,6 +37,17 @@ ExtraArg = Annotated[list[str] | None, typer.Argument(
     help="Extra vLLM arguments after `--`: replace the recorded ones.", show_default=False)]
 
 
+# the launch options restart and switch accept as overrides (CLI parameter names)
+OVERRIDE_KEYS = ("model", "port", "host", "gpu_memory_utilization", "quantization", "max_model_len",
+                 "served_model_name", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "dtype",
+                 "enforce_eager", "download_dir", "trust_remote_code", "api_key_env", "ray_address", "vllm_args")
+
+
+def overrides_from(values: dict[str, Any]) -> dict[str, Any]:
+    """`overrides()` of the launch options found in a command's parameters (its `locals()`)."""
+    return overrides(**{k: values[k] for k in OVERRIDE_KEYS if k in values})
+
+
 def overrides(**given: Any) -> dict[str, Any]:
     """Launch-option overrides from CLI values: None means 'keep the recorded value'."""
     out_: dict[str, Any] = {k: v for k, v in given.items() if v is not None and k != "vllm_args"}
@@ -102,12 +113,7 @@ def restart(
     from sage_llm.cli._progress import LoadDisplay
     from sage_llm.engine import switch
 
-    given = overrides(model=model, port=port, host=host, gpu_memory_utilization=gpu_memory_utilization,
-                      quantization=quantization, max_model_len=max_model_len, served_model_name=served_model_name,
-                      tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-                      data_parallel_size=data_parallel_size, dtype=dtype, enforce_eager=enforce_eager,
-                      download_dir=download_dir, trust_remote_code=trust_remote_code, api_key_env=api_key_env,
-                      ray_address=ray_address, vllm_args=vllm_args)
+    given = overrides_from(locals())
     progress = LoadDisplay(enabled=True)
     try:
         result = switch.restart(name, given, gpus=gpus, timeout=timeout, on_progress=progress.update)

@@ -27,7 +27,7 @@ from sage_llm.cli.commands.restart import (
     TpOpt,
     TrustOpt,
     UtilOpt,
-    overrides,
+    overrides_from,
     print_result,
 )
 
@@ -72,12 +72,8 @@ def switch(
     from sage_llm.cli._progress import LoadDisplay
     from sage_llm.engine import switch as core
 
-    given = overrides(port=port, host=host, gpu_memory_utilization=gpu_memory_utilization,
-                      quantization=quantization, max_model_len=max_model_len, served_model_name=served_model_name,
-                      tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-                      data_parallel_size=data_parallel_size, dtype=dtype, enforce_eager=enforce_eager,
-                      download_dir=download_dir, trust_remote_code=trust_remote_code, api_key_env=api_key_env,
-                      ray_address=ray_address, vllm_args=vllm_args)
+    params = locals()
+    given = overrides_from({k: v for k, v in params.items() if k != "model"})  # the model is switch's own argument
     progress = LoadDisplay(enabled=True)
     try:
         result = core.switch(name, model, rolling=rolling, overrides=given, gpus=gpus, timeout=timeout,
