@@ -82,7 +82,7 @@ def _local_port() -> int | None:
 
 
 def _local_target(view: Any, record: Any = None) -> Target:
-    from sage_llm.engine.manager import api_key_for
+    from sage_llm.state import api_key_for
 
     rec = record if record is not None else getattr(view, "record", None)
     key = api_key_for(rec) if rec is not None else None
@@ -104,7 +104,8 @@ START_HINT = "start one with `sage llm start MODEL` (e.g. sage llm start Qwen/Qw
 def _probe_view(host: str, port: int, record: Any = None) -> Any:
     """An EngineView for one address, probed now (no process scan)."""
     from sage_llm import probe as probes
-    from sage_llm.engine.manager import EngineView, _apply_probe, api_key_for
+    from sage_llm.engine.view import EngineView, apply_probe
+    from sage_llm.state import api_key_for
 
     served = record.served_model_name if record is not None else None
     view = EngineView(name=record.name if record is not None else f"external-{port}", managed=record is not None,
@@ -112,7 +113,7 @@ def _probe_view(host: str, port: int, record: Any = None) -> Any:
                       host=host, port=port, base_url=record.base_url if record is not None
                       else f"http://{host}:{port}/v1", record=record)
     p = probes.probe(host, port, timeout=1.0, api_key=api_key_for(record) if record is not None else None)
-    _apply_probe(view, served, p, "running")
+    apply_probe(view, served, p, "running")
     if p.refused:
         view.state = "stopped"
     if view.state == "ready" and view.model is None and p.models:
@@ -122,8 +123,9 @@ def _probe_view(host: str, port: int, record: Any = None) -> Any:
 
 def resolve_local(target: str | None = None, store: Any = None) -> Target:
     """The named engine (NAME or PORT), else the one on SAGE_LOCAL_ENGINE_PORT, else the first ready one."""
-    from sage_llm.engine.manager import inspect
-    from sage_llm.state import EngineRecord, StateStore, connect_host
+    from sage_llm.addresses import reachable_host
+    from sage_llm.engine.inspect import inspect
+    from sage_llm.state import EngineRecord, StateStore
 
     store = store or StateStore()
     records = [r for r in store.all() if isinstance(r, EngineRecord)]
@@ -136,7 +138,7 @@ def resolve_local(target: str | None = None, store: Any = None) -> Target:
             raise UsageError(f"no engine named {target!r} (engines: {known})",
                              hint="see `sage llm status`, or give a PORT")
         if rec is not None:
-            view = _probe_view(connect_host(rec.host).strip("[]"), rec.port, rec)
+            view = _probe_view(reachable_host(rec.host), rec.port, rec)
         else:
             view = _probe_view("127.0.0.1", int(target))
         if view.state != "ready":
@@ -148,7 +150,7 @@ def resolve_local(target: str | None = None, store: Any = None) -> Target:
     port = _local_port()
     if port is not None:
         rec = next((r for r in records if r.port == port), None)
-        view = _probe_view(connect_host(rec.host).strip("[]") if rec else "127.0.0.1", port, rec)
+        view = _probe_view(reachable_host(rec.host) if rec else "127.0.0.1", port, rec)
         if view.state == "ready" and (rec is not None or view.served_model_name):
             return _local_target(view, rec)
     views, _warnings = inspect(store, include_external=True, local_port=port)

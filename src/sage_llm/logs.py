@@ -302,10 +302,12 @@ def resolve(target: str | None, store: object | None = None) -> LogTarget:
         listing = ", ".join(f"{r.name} (port {r.port})" for r in records)
         raise UsageError(f"{len(records)} engines are running; say which: {listing}",
                          hint=f"e.g. `sage llm logs {records[0].name}`")
-    for r in records:
-        if r.name == target or (target.isdigit() and r.port == int(target)):
-            return LogTarget(r.name, Path(r.log_file or st.log_path(r.name)), r)
-    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", target) and st.log_path(target).exists():
+    from sage_llm.engine.targets import select
+    from sage_llm.state import NAME_RE
+
+    for r in select(target, records):
+        return LogTarget(r.name, Path(r.log_file or st.log_path(r.name)), r)
+    if NAME_RE.match(target) and st.log_path(target).exists():
         return LogTarget(target, st.log_path(target), None)
     known = ", ".join(r.name for r in records) or "none"
     what = f"no engine on port {target}" if target.isdigit() else f"no engine or log named {target!r}"

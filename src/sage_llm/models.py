@@ -55,9 +55,9 @@ def _engine_views(store: Any) -> tuple[list[Any], list[str]]:
         store = StateStore()
     if not store.names():
         return [], []
-    from sage_llm.engine import manager
+    from sage_llm.engine.inspect import inspect
 
-    return manager.inspect(store, include_external=False)
+    return inspect(store, include_external=False)
 
 
 def _serves(view: Any, model: hf_cache.LocalModel) -> bool:

@@ -121,7 +121,7 @@ class Monitor:
 
     # ---- engines ----
     def _discover(self, now: float) -> None:
-        from sage_llm.engine.manager import inspect
+        from sage_llm.engine.inspect import inspect
         from sage_llm.status import local_port
 
         self.views, self.warnings = inspect(self.store, include_external=self.include_external, probe_timeout=0.3,
@@ -133,11 +133,11 @@ class Monitor:
                 del table[k]
 
     def _scrape_all(self, targets: list[Any]) -> list[tuple[str | None, str | None]]:
-        from sage_llm.engine.manager import probes_host
+        from sage_llm.addresses import reachable_host
 
         def one(v: Any) -> tuple[str | None, str | None]:
             try:
-                return self.fetch(probes_host(v.host), v.port, 0.5), None
+                return self.fetch(reachable_host(v.host), v.port, 0.5), None
             except Exception as exc:  # refused, timeout, HTTP error: shown on the row
                 return None, f"/metrics: {exc.__class__.__name__}: {exc}".rstrip(": ")
 

@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +87,28 @@ class EngineRecord:
 
 
 def connect_host(host: str) -> str:
-    """Where to connect for a server bound to `host` (a wildcard bind is reached on loopback)."""
-    if host in ("", "0.0.0.0", "*"):
-        return "127.0.0.1"
-    if host == "::":
-        return "::1"
-    if ":" in host and not host.startswith("["):
-        return f"[{host}]"
-    return host
+    """Where to connect for a server bound to `host`, as it goes into a URL (addresses.url_host)."""
+    from sage_llm.addresses import url_host
+
+    return url_host(host)
+
+
+def api_key_for(record: EngineRecord) -> str | None:
+    """The engine's API key, from the variable named at its start (the key itself is never recorded)."""
+    return os.environ.get(record.api_key_env) if record.api_key_env else None
+
+
+def utcnow_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_iso(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 @dataclass

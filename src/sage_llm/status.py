@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from sage_llm.config import DEFAULT_PORT, EnvVars, env_str
-from sage_llm.engine.manager import EngineView, inspect, local_engine
+from sage_llm.engine.inspect import inspect
+from sage_llm.engine.view import EngineView, local_engine
 from sage_llm.state import StateStore
 
 SCHEMA_VERSION = 1
@@ -90,7 +91,9 @@ def build(target: str | None = None, store: StateStore | None = None, with_gpu: 
     gpus, gpu_error = attach_gpu(views) if with_gpu else ([], None)
     local = local_engine(views, port)
     if target is not None:
-        views = [v for v in views if v.name == target or (target.isdigit() and v.port == int(target))]
+        from sage_llm.engine.targets import select
+
+        views = select(target, views)
     doc = {
         "schema_version": SCHEMA_VERSION,
         "engines": [v.to_json() for v in views],

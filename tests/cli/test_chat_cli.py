@@ -19,9 +19,9 @@ STATS_RE = re.compile(r"^ttft \d+\.\d\d s · [\d.]+ tokens/s · \d+ prompt \+ 5 
 @pytest.fixture(autouse=True)
 def _no_external_engines(monkeypatch: pytest.MonkeyPatch):
     """vLLM servers of other users of this machine must not count as local engines here."""
-    from sage_llm.engine import manager
+    from sage_llm.engine import inspect as engine_inspect
 
-    monkeypatch.setattr(manager, "discover_external", lambda *args, **kwargs: [])
+    monkeypatch.setattr(engine_inspect, "discover_external", lambda *args, **kwargs: [])
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ import time
 import psutil
 import pytest
 
-from sage_llm.engine import manager, switch
+from sage_llm.engine import inspect as engine_inspect
+from sage_llm.engine import switch
 from sage_llm.state import EngineRecord, StateStore
 
 pytestmark = pytest.mark.usefixtures("fake_vllm", "stop_all")
@@ -217,7 +218,7 @@ def test_cli_killed_mid_rolling_switch_leaves_both_engines_manageable(cli, monke
     assert temp is not None
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    views, _ = manager.inspect(store, include_external=False)
+    views, _ = engine_inspect.inspect(store, include_external=False)
     by_name = {v.name: v for v in views}
     assert by_name["eng"].state == "ready"
     assert by_name["eng"].pid == old.pid

@@ -144,7 +144,7 @@ def test_frame_with_no_engines() -> None:
 
 
 def test_a_dead_metrics_endpoint_is_shown_and_triggers_rediscovery(home) -> None:
-    from sage_llm.engine.manager import EngineView
+    from sage_llm.engine.view import EngineView
 
     gpu.set_backend(FakeNVML([]))
     mon = Monitor(include_external=False, fetch=lambda host, port, timeout: (_ for _ in ()).throw(

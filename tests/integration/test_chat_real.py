@@ -54,9 +54,9 @@ class Stdin(io.StringIO):
 @pytest.fixture(autouse=True)
 def _only_our_engine(monkeypatch: pytest.MonkeyPatch):
     """Engines of other users of this machine must not be picked as "the first ready one"."""
-    from sage_llm.engine import manager
+    from sage_llm.engine import inspect as engine_inspect
 
-    monkeypatch.setattr(manager, "discover_external", lambda *args, **kwargs: [])
+    monkeypatch.setattr(engine_inspect, "discover_external", lambda *args, **kwargs: [])
 
 
 @pytest.mark.usefixtures("real_vllm", "stop_all")

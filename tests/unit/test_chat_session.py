@@ -14,9 +14,9 @@ from tests.fakes.fake_openai import FakeOpenAI
 @pytest.fixture(autouse=True)
 def _no_external_engines(monkeypatch: pytest.MonkeyPatch):
     """Other vLLM servers on this machine (not started by the test) must not count as local engines."""
-    from sage_llm.engine import manager
+    from sage_llm.engine import inspect as engine_inspect
 
-    monkeypatch.setattr(manager, "discover_external", lambda *args, **kwargs: [])
+    monkeypatch.setattr(engine_inspect, "discover_external", lambda *args, **kwargs: [])
 
 
 @pytest.fixture

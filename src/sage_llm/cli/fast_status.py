@@ -20,9 +20,10 @@ def status_json(target: str | None) -> int:
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     sys.stdout.flush()
     if target is not None:
+        from sage_llm.api import not_ready
+
         if not views:
             sys.stderr.write(f"Error: no engine named or on port {target!r} (hint: see `sage llm status`)\n")
-            return 3
-        if views[0].state != "ready":
+        if not_ready(views):
             return 3
     return 0

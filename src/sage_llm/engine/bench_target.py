@@ -18,10 +18,11 @@ def resolve(target: str | None, url: str | None, model: str | None) -> tuple[str
             raise UsageError("--url needs --model (the model name the server serves)",
                              hint="see the server's /v1/models")
         return url.rstrip("/"), model, os.environ.get("OPENAI_API_KEY") or None, None
-    from sage_llm.engine import manager
-    from sage_llm.status import local_port
+    from sage_llm import api
+    from sage_llm.engine.targets import select
+    from sage_llm.state import api_key_for
 
-    views, _warnings = manager.inspect(include_external=True, local_port=local_port())
+    views = api.engines()
     if target is None:
         ready = [v for v in views if v.state == "ready"]
         if len(ready) != 1:
@@ -30,7 +31,7 @@ def resolve(target: str | None, url: str | None, model: str | None) -> tuple[str
                              hint="`sage llm bench NAME` or `sage llm bench PORT`")
         view = ready[0]
     else:
-        matches = [v for v in views if v.name == target or (target.isdigit() and v.port == int(target))]
+        matches = select(target, views)
         if not matches:
             raise EngineNotFound(f"no engine named or on port {target!r}", hint="see `sage llm status`")
         view = matches[0]
@@ -38,7 +39,7 @@ def resolve(target: str | None, url: str | None, model: str | None) -> tuple[str
         raise SageLLMError(f"engine {view.name or view.port!r} is {view.state}, not ready"
                            + (f" ({view.error})" if view.error else ""),
                            hint=f"wait for it: `sage llm status {view.name or view.port}` exits 0 once ready")
-    key = manager.api_key_for(view.record) if view.record is not None else None
+    key = api_key_for(view.record) if view.record is not None else None
     served = model or view.served_model_name or view.model
     if not served or not view.base_url:
         raise SageLLMError(f"engine {view.name!r} does not say which model it serves", hint="pass --model")

@@ -1,53 +1,34 @@
-"""Use cases: start, stop and inspect engines. Returns dataclasses; no printing, no Typer, no Rich."""
+"""Lifecycle: start (spawn, wait, fail with a diagnosis) and stop engines. Dataclasses out; no printing.
+
+Inspecting lives in engine/inspect.py, discovery of engines we did not start in engine/discovery.py, NAME|PORT
+resolution in engine/targets.py; the public entry point for all of it is sage_llm.api."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sage_llm import audit
 from sage_llm import logs as logtools
-from sage_llm.config import DEFAULT_STOP_TIMEOUT, LOOPBACK_HOSTS
-from sage_llm.diagnose import Diagnosis, diagnose, is_clean_shutdown
+from sage_llm.addresses import is_loopback, reachable_host
+from sage_llm.config import DEFAULT_STOP_TIMEOUT
+from sage_llm.diagnose import diagnose
 from sage_llm.engine import process
-from sage_llm.errors import EngineFailed, EngineNotFound, PortInUse, SageLLMError, UsageError
+from sage_llm.engine.targets import slug
+from sage_llm.errors import EngineFailed, PortInUse, SageLLMError, UsageError
 from sage_llm.progress import LoadProgress, hub_download_size, snapshot_of
-from sage_llm.state import CorruptRecord, EngineRecord, StateStore, validate_name
+from sage_llm.state import CorruptRecord, EngineRecord, StateStore, api_key_for, parse_iso, utcnow_iso, validate_name
 
 if TYPE_CHECKING:
     from sage_llm.engine.vllm import LaunchSpec
+    from sage_llm.hf_cache import Preflight
 
 ProgressFn = Callable[[dict[str, Any]], None]
-
-
-def utcnow_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def parse_iso(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-def slug(model: str) -> str:
-    last = model.rstrip("/").split("/")[-1] or "engine"
-    s = re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip("-._").lower()
-    return (s or "engine")[:55]
-
-
-def api_key_for(record: EngineRecord) -> str | None:
-    return os.environ.get(record.api_key_env) if record.api_key_env else None
 
 
 # --------------------------------------------------------------------------------------------------------- start
@@ -59,6 +40,7 @@ class StartResult:
     ready_after_s: float | None = None
     warnings: list[str] = field(default_factory=list)
     cached: bool | None = None
+    preflight: Preflight | None = None  # what the model check before the start found (sage_llm.api.start)
 
 
 def _live(store: StateStore) -> list[tuple[EngineRecord, process.Tree]]:
@@ -126,7 +108,7 @@ def start(
     cmd = envs.resolve_vllm(store.root)
     _check_scaleout(spec, cmd)
     warnings: list[str] = []
-    if spec.host not in LOOPBACK_HOSTS and not spec.api_key_env:
+    if not is_loopback(spec.host) and not spec.api_key_env:
         warnings.append(f"engine will listen on {spec.host} with no API key: anyone who can reach this machine can "
                         "use it (pass --api-key-env VAR)")
     served = spec.served_model_name or spec.model
@@ -271,7 +253,7 @@ def wait_ready(
         alive = popen.poll() is None if popen is not None else process.leader(record.pid, record.create_time)
         if not alive:
             _fail(record, store, "exited during startup", kill=kill_on_fail)
-        p = probes.probe(record.host if record.host not in ("", "0.0.0.0") else "127.0.0.1", record.port,
+        p = probes.probe(reachable_host(record.host), record.port,
                          timeout=1.0, api_key=key)
         if p.health == 200 and (record.served_model_name in p.model_ids or p.models_status == 401):
             if loader is not None:
@@ -325,290 +307,6 @@ def _fail(record: EngineRecord, store: StateStore, what: str, kill: bool = True)
     raise err
 
 
-# ---------------------------------------------------------------------------------------------------------- view
-@dataclass
-class EngineView:
-    name: str | None
-    managed: bool
-    state: str  # starting | ready | unhealthy | failed | stopped
-    model: str | None = None
-    served_model_name: str | None = None
-    host: str | None = None
-    port: int | None = None
-    base_url: str | None = None
-    pid: int | None = None
-    started_at: str | None = None
-    uptime_s: float | None = None
-    log_file: str | None = None
-    error: str | None = None
-    stage: str | None = None
-    progress: float | None = None
-    processes: list[dict[str, Any]] = field(default_factory=list)
-    gpu_memory_bytes: int | None = None
-    gpus: list[dict[str, Any]] = field(default_factory=list)
-    max_model_len: int | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-    record: EngineRecord | None = None
-    ray: dict[str, Any] | None = None  # engines on a Ray cluster: address, nodes, workers (engine/ray_cluster.py)
-
-    def to_json(self) -> dict[str, Any]:
-        keys = ("name", "managed", "state", "model", "served_model_name", "host", "port", "base_url", "pid",
-                "started_at", "uptime_s", "log_file", "error", "stage", "progress", "gpu_memory_bytes", "gpus",
-                "max_model_len", "processes")
-        doc = {k: getattr(self, k) for k in keys}
-        if self.ray is not None:
-            doc["ray"] = self.ray
-        return doc
-
-
-def _tree_procs(tree: process.Tree) -> list[dict[str, Any]]:
-    out = []
-    for p in tree.members:
-        try:
-            out.append({"pid": p.pid, "name": p.name()})
-        except Exception:
-            continue
-    return out
-
-
-def inspect(store: StateStore | None = None, include_external: bool = True, probe_timeout: float = 0.6,
-            local_port: int | None = None) -> tuple[list[EngineView], list[str]]:
-    """Every engine (managed records, then external vLLM servers) with its live state; plus warnings."""
-    from sage_llm import probe as probes
-
-    store = store or StateStore()
-    warnings: list[str] = []
-    views: list[EngineView] = []
-    pending: list[tuple[EngineView, EngineRecord, process.Tree]] = []
-    records = store.all()
-    table = process.proc_table()  # one pass over /proc shared by every record and by discovery
-    for rec in records:
-        if isinstance(rec, CorruptRecord):
-            warnings.append(f"engine record {rec.path} is unreadable: {rec.error}")
-            views.append(EngineView(name=rec.name, managed=True, state="failed", error=rec.error))
-            continue
-        tree = process.find_tree(rec.pid, rec.create_time, rec.id, table)
-        view = EngineView(
-            name=rec.name, managed=True, state="stopped", model=rec.model, served_model_name=rec.served_model_name,
-            host=rec.host, port=rec.port, base_url=rec.base_url, pid=rec.pid, started_at=rec.started_at,
-            log_file=rec.log_file, settings=rec.settings, record=rec, processes=_tree_procs(tree),
-        )
-        views.append(view)
-        if tree.leader is not None:
-            ts = parse_iso(rec.started_at)
-            view.uptime_s = round(time.time() - ts, 1) if ts else None
-            pending.append((view, rec, tree))
-        elif tree.alive:
-            view.state = "failed"
-            pids = ", ".join(f"{p['name']} {p['pid']}" for p in view.processes)
-            view.error = (f"API server (pid {rec.pid}) is gone but {len(tree.members)} engine process(es) are left "
-                          f"({pids}); run `sage llm stop {rec.name}` to clean them up")
-        else:
-            _explain_dead(view, rec, table)
-    external: list[EngineView] = []
-    if include_external:
-        external = discover_external(records, local_port, table)
-    targets = [(probes_host(v.host), v.port, api_key_for(r)) for v, r, _ in pending]
-    targets += [(probes_host(v.host), v.port, None) for v in external if v.port]
-    results = probes.probe_many(targets, timeout=probe_timeout)  # type: ignore[arg-type]
-    for (view, rec, _tree), p in zip(pending, results[: len(pending)]):
-        _apply_probe(view, rec.served_model_name, p, rec.state)
-        _attach_stage(view, rec)
-        _note_owner(view, rec)
-    ext_results = results[len(pending):]
-    for view, p in zip([v for v in external if v.port], ext_results):
-        _apply_probe(view, view.served_model_name, p, "running")
-        if view.state == "ready" and p.models and not view.served_model_name:
-            view.served_model_name = p.model_ids[0]
-    views.extend(v for v in external if v.state in ("ready", "starting", "unhealthy"))
-    if any(v.record is not None and (v.record.settings or {}).get("ray_address") for v in views):
-        from sage_llm.engine import ray_cluster
-
-        ray_cluster.attach(views, store.root)
-    return views, warnings
-
-
-def _note_owner(view: EngineView, rec: EngineRecord) -> None:
-    """An engine of `sage llm run` whose `run` process is gone (SIGKILLed): still recorded, say how to stop it."""
-    if not rec.foreground or not rec.owner_pid or view.error:
-        return
-    try:
-        os.kill(rec.owner_pid, 0)
-    except ProcessLookupError:
-        view.error = (f"its `sage llm run` (pid {rec.owner_pid}) is gone; the engine still runs: "
-                      f"`sage llm stop {rec.name}` stops it")
-    except PermissionError:
-        pass
-
-
-def _attach_stage(view: EngineView, rec: EngineRecord) -> None:
-    """`stage` and `progress` (0..1 of the current stage, or None) for a starting engine, from its log."""
-    if view.state == "ready":
-        view.stage, view.progress = "ready", 1.0
-    elif view.state == "starting" and rec.log_file:
-        snap = snapshot_of(rec.log_file, rec.model)
-        if snap.stage == "ready":  # uvicorn said so but /health does not answer yet
-            snap.stage, snap.progress = "starting_server", None
-        view.stage, view.progress = snap.stage, snap.progress
-
-
-def probes_host(host: str | None) -> str:
-    if not host or host in ("0.0.0.0", "*"):
-        return "127.0.0.1"
-    if host == "::":
-        return "::1"
-    return host
-
-
-def _apply_probe(view: EngineView, served: str | None, p: Any, recorded_state: str) -> None:
-    if p.health == 200 and (served is None or served in p.model_ids or p.models_status == 401):
-        view.state = "ready"
-        for m in p.models:
-            if m.get("id") == served and isinstance(m.get("max_model_len"), int):
-                view.max_model_len = m["max_model_len"]
-        if served is None and p.models:
-            view.served_model_name = p.model_ids[0]
-    elif p.refused:
-        view.state = "starting"
-    elif p.health == 200:
-        view.state = "unhealthy"
-        view.error = f"/v1/models does not list {served!r} (serves {', '.join(p.model_ids) or 'nothing'})"
-    elif p.health is not None:
-        view.state = "unhealthy"
-        view.error = f"/health answered {p.health}" + (" (engine dead)" if p.health == 503 else "")
-    else:
-        view.state = "unhealthy"
-        view.error = p.error or "no answer"
-
-
-def _explain_dead(view: EngineView, rec: EngineRecord, table: dict[int, process.ProcInfo] | None = None) -> None:
-    reused = process.pid_reused_by(rec.pid, rec.create_time, table)
-    if rec.state == "failed":
-        view.state = "failed"
-        view.error = rec.error or "engine failed"
-        return
-    if rec.pid is None:
-        view.state = "failed"
-        view.error = "engine was never started (the CLI stopped before spawning it)"
-        return
-    lines = logtools.run_lines(rec.log_file)
-    diag: Diagnosis | None = diagnose(lines, {"port": rec.port, "model": rec.model, "name": rec.name})
-    if diag is None and is_clean_shutdown(lines):
-        view.state = "stopped"
-        view.error = "engine shut down (not by `sage llm stop`)"
-    else:
-        view.state = "failed"
-        view.error = (f"engine exited unexpectedly: {diag.message} (hint: {diag.hint})" if diag and diag.hint
-                      else f"engine exited unexpectedly: {diag.message}" if diag else "engine exited unexpectedly")
-    if reused is not None:
-        view.error += f" (pid {rec.pid} now belongs to another process, which is left alone)"
-
-
-VLLM_CMD = re.compile(r"vllm", re.IGNORECASE)
-
-
-def _vllm_cmdline(cmdline: list[str]) -> dict[str, Any] | None:
-    """Parse `... vllm serve MODEL --port P` or `python -m vllm.entrypoints...`; None if not a vLLM server."""
-    is_server = False
-    start = 0
-    for i, arg in enumerate(cmdline):
-        base = os.path.basename(arg)
-        if VLLM_CMD.search(base) and i + 1 < len(cmdline) and cmdline[i + 1] == "serve":
-            is_server, start = True, i + 2
-            break
-        if arg.startswith("vllm.entrypoints") and ("api_server" in arg or "cli" in arg or "entry" in arg):
-            is_server, start = True, i + 1
-            if arg.endswith("cli.main") and i + 1 < len(cmdline) and cmdline[i + 1] == "serve":
-                start = i + 2
-            break
-    if not is_server:
-        return None
-    info: dict[str, Any] = {"host": "0.0.0.0", "port": 8000, "model": None, "served": None}
-    rest = cmdline[start:]
-    j = 0
-    while j < len(rest):
-        a = rest[j]
-        key, _, val = a.partition("=")
-        take = val if "=" in a else (rest[j + 1] if j + 1 < len(rest) else None)
-        step = 1 if "=" in a else 2
-        if key == "--port" and take and take.isdigit():
-            info["port"] = int(take)
-            j += step
-        elif key == "--host" and take is not None:
-            info["host"] = take or "0.0.0.0"
-            j += step
-        elif key == "--model" and take:
-            info["model"] = take
-            j += step
-        elif key == "--served-model-name" and take:
-            info["served"] = take
-            j += step
-        elif not a.startswith("-") and info["model"] is None and j == 0:
-            info["model"] = a
-            j += 1
-        else:
-            j += 1
-    return info
-
-
-def discover_external(records: list[EngineRecord | CorruptRecord], local_port: int | None = None,
-                      table: dict[int, process.ProcInfo] | None = None) -> list[EngineView]:
-    """vLLM servers this tool did not start: by command line, and on SAGE_LOCAL_ENGINE_PORT by /v1/models."""
-    managed_pids = {r.pid for r in records if isinstance(r, EngineRecord) and r.pid}
-    managed_ports = {r.port for r in records if isinstance(r, EngineRecord)}
-    found: dict[int, EngineView] = {}
-    candidates = []
-    if table is None:
-        table = process.proc_table()
-    for proc in table.values():
-        if proc.state in ("Z", "X") or proc.pid in managed_pids or proc.sid in managed_pids:
-            continue
-        cmd = proc.cmdline()
-        if not cmd or not any("vllm" in c.lower() for c in cmd):
-            continue
-        info = _vllm_cmdline(cmd)
-        if info is not None:
-            candidates.append((proc, info))
-    cand_pids = {p.pid for p, _ in candidates}
-    for proc, info in candidates:
-        if proc.ppid in cand_pids or info["port"] in found:
-            continue
-        started = proc.create_time
-        found[info["port"]] = EngineView(
-            name=None, managed=False, state="stopped", model=info["model"], served_model_name=info["served"],
-            host=info["host"], port=info["port"], base_url=f"http://{probes_host(info['host'])}:{info['port']}/v1",
-            pid=proc.pid, started_at=datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")
-            .replace("+00:00", "Z") if started else None,
-            uptime_s=round(time.time() - started, 1) if started else None,
-        )
-    if local_port and local_port not in found and local_port not in managed_ports:
-        from sage_llm import probe as probes
-
-        p = probes.probe("127.0.0.1", local_port, timeout=0.5)
-        if p.health == 200 and p.owned_by_vllm:
-            pid, _ = process.port_owner(local_port)
-            found[local_port] = EngineView(
-                name=None, managed=False, state="stopped", model=(p.models[0].get("root") or p.model_ids[0]),
-                served_model_name=p.model_ids[0], host="127.0.0.1", port=local_port,
-                base_url=f"http://127.0.0.1:{local_port}/v1", pid=pid,
-            )
-    children: dict[int, list[process.ProcInfo]] = {}
-    for info in table.values():
-        children.setdefault(info.ppid, []).append(info)
-    for view in found.values():
-        view.name = f"external-{view.port}"
-        if view.pid and view.pid in table and not view.processes:
-            # the server and its descendants (EngineCore, workers): for GPU memory per engine, without psutil
-            todo, seen = [table[view.pid]], []
-            while todo:
-                cur = todo.pop()
-                if cur.state not in ("Z", "X"):
-                    seen.append({"pid": cur.pid, "name": cur.name})
-                todo.extend(children.get(cur.pid, []))
-            view.processes = seen
-    return list(found.values())
-
-
 # ---------------------------------------------------------------------------------------------------------- stop
 @dataclass
 class StopOutcome:
@@ -622,51 +320,6 @@ class StopOutcome:
     message: str = ""
     shm_removed: list[str] = field(default_factory=list)  # vLLM's /dev/shm leftovers swept after the stop
     notes: list[str] = field(default_factory=list)  # e.g. Ray workers still alive
-
-
-def resolve_targets(targets: list[str], all_: bool, store: StateStore) -> list[str]:
-    """Engine names for NAME|PORT arguments (or every engine with --all)."""
-    names = store.names()
-    if all_:
-        if targets:
-            raise UsageError("give engine names or --all, not both", hint="e.g. `sage llm stop --all`")
-        return names
-    if not targets:
-        if len(names) == 1:
-            return names
-        if not names:
-            return []
-        raise UsageError(f"{len(names)} engines are recorded; say which: {', '.join(names)}",
-                         hint="e.g. `sage llm stop NAME`, or `sage llm stop --all`")
-    out: list[str] = []
-    for t in targets:
-        out.append(resolve_one(t, store))
-    return list(dict.fromkeys(out))
-
-
-def resolve_one(target: str, store: StateStore) -> str:
-    names = store.names()
-    if target in names:
-        return target
-    if target.isdigit():
-        port = int(target)
-        for n in names:
-            rec = store.load(n)
-            if isinstance(rec, EngineRecord) and rec.port == port:
-                return n
-        views = discover_external([r for r in (store.load(n) for n in names) if r is not None], port)
-        for v in views:
-            if v.port == port:
-                raise UsageError(
-                    f"the engine on port {port} (pid {v.pid}) was not started by sage llm; not touching it",
-                    hint="stop it where it was started (Ctrl-C in its terminal)",
-                )
-        raise EngineNotFound(f"no engine on port {port}", hint="see `sage llm status`")
-    if "/" in target or not re.match(r"^[A-Za-z0-9._-]+$", target):
-        raise UsageError(f"invalid engine name {target!r}", hint="engine names have no '/' or spaces; "
-                         "see `sage llm status -q`")
-    known = ", ".join(names) if names else "none"
-    raise EngineNotFound(f"no engine named {target!r} (engines: {known})", hint="see `sage llm status`")
 
 
 def _mark(store: StateStore, rec: EngineRecord, state: str) -> None:
@@ -727,34 +380,6 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
         pid, pname = process.port_owner(rec.port)
         outcome.message += f"; port {rec.port} is held by another process ({pname or '?'} pid {pid or '?'})"
     return outcome
-
-
-# ---------------------------------------------------------------------------------------------------------- json
-def human_uptime(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    s = int(seconds)
-    d, s = divmod(s, 86400)
-    h, s = divmod(s, 3600)
-    m, s = divmod(s, 60)
-    if d:
-        return f"{d}d {h}h {m}m"
-    if h:
-        return f"{h}h {m}m"
-    if m:
-        return f"{m}m {s}s"
-    return f"{s}s"
-
-
-def local_engine(views: list[EngineView], local_port: int) -> dict[str, Any]:
-    """The seed's LocalEngineStatus: the ready engine Studio should use."""
-    ready = [v for v in views if v.state == "ready"]
-    pick = next((v for v in ready if v.port == local_port), None) or (ready[0] if ready else None)
-    if pick is None:
-        return {"running": False, "port": None, "model": None, "pid": None, "gpu_memory_usage": None, "uptime": None}
-    gb = round(pick.gpu_memory_bytes / 1024**3, 2) if pick.gpu_memory_bytes is not None else None
-    return {"running": True, "port": pick.port, "model": pick.served_model_name or pick.model, "pid": pick.pid,
-            "gpu_memory_usage": gb, "uptime": human_uptime(pick.uptime_s)}
 
 
 # ----------------------------------------------------------------------------------------------------- scale-out

@@ -103,11 +103,14 @@ def _start(spec: LaunchSpec, name: str, port_explicit: bool, gpus: str | None, *
 
 
 def _preflight(spec: LaunchSpec, store: StateStore) -> None:
-    """Everything that can be checked before the running engine is touched."""
+    """Everything `start` checks before spawning, run before the running engine is touched: the options, the engine
+    install, and the model's cache (offline with no cached copy is refused here, not after the old engine is gone)."""
+    from sage_llm import hf_cache
     from sage_llm.engine import envs
 
     validate(spec)
     envs.resolve_vllm(store.root)
+    hf_cache.preflight(spec.model, spec.download_dir)
 
 
 def restart(

@@ -244,11 +244,9 @@ class StartNote:
             self.message = None
 
 
-def announce_start(model: str, download_dir: str | None) -> StartNote:
-    """Check the cache before `start` spawns anything: offline with no cached copy raises UsageError (exit 2)."""
-    from sage_llm import hf_cache
-
-    pre = hf_cache.preflight(model, download_dir)
+def announce_start(pre: Any) -> StartNote:
+    """The line `start` prints about the model, from api.preflight's finding (cached, or a download of N GiB)."""
+    model = pre.model
     if not pre.is_repo_id:
         return StartNote(None)
     if pre.cached:

@@ -10,20 +10,21 @@ See docs/logs-and-run.md.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sage_llm.cli import _output as out
+from sage_llm.cli._launch import ExtraArg, ModelArg, launch_options
 from sage_llm.cli.commands import start as start_cmd
+
+if TYPE_CHECKING:
+    from sage_llm.api import LaunchRequest
 
 EPILOG = ("Examples: sage llm run Qwen/Qwen2.5-7B-Instruct --port 8001 | sage llm run ./my-model --max-model-len 4096 "
           "| sage llm run MODEL -- --enable-prefix-caching   (Ctrl-C stops the engine)")
-_DROPPED = ("wait", "json_")
 
 
 class _Terminated(KeyboardInterrupt):
@@ -34,19 +35,29 @@ def _on_signal(signum: int, _frame: Any) -> None:
     raise _Terminated(signal.Signals(signum).name)
 
 
-def _run(**params: Any) -> None:
+@launch_options("start")
+def run(launch: LaunchRequest, model: ModelArg = None, vllm_args: ExtraArg = None) -> None:
+    """Run a vLLM engine in the foreground: show its load, then stream its log; Ctrl-C stops it.
+
+    Takes every `start` option. The engine is recorded while it runs, so `status`, `logs`, `chat` and `stop NAME`
+    work from other terminals."""
+    _run(launch)
+
+
+def _run(launch: LaunchRequest) -> None:
+    from sage_llm import api
     from sage_llm import logs as logtools
     from sage_llm.errors import EngineFailed, SageLLMError
     from sage_llm.state import EngineRecord, StateStore
 
-    params.update(wait=True, json_=False)
+    launch.wait = True
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     store = StateStore()
     rec: EngineRecord | None = None
     settled = False  # the engine is gone, or was stopped from elsewhere: nothing left for `run` to stop
     try:
         try:
-            result = start_cmd.launch(params, foreground=True)
+            result = start_cmd.launch_and_show(launch, foreground=True)
         except KeyboardInterrupt:
             _stop_own(store, why="interrupted while loading")
             raise SystemExit(130) from None
@@ -73,7 +84,7 @@ def _run(**params: Any) -> None:
                 current = store.load(rec.name)
                 if isinstance(current, EngineRecord) and current.id == rec.id:
                     # it died by itself: leave the record (status explains it) and fail like `start` does
-                    view_error = _explain(rec)
+                    view_error = api.explain_exit(rec)
                     raise EngineFailed(f"engine {rec.name!r} exited" + (f": {view_error}" if view_error else ""),
                                        hint=f"sage llm logs {rec.name} -n 80")
                 return  # stopped from another terminal
@@ -100,11 +111,11 @@ def _run(**params: Any) -> None:
 
 def _stop(rec: Any, store: Any, why: str) -> bool:
     """Stop the foreground engine (whole process group, record removed); True when nothing of it is left."""
-    from sage_llm.engine import manager
+    from sage_llm import api
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the stop finish; it escalates to SIGKILL by itself
     out.info(f"-- {why}: stopping engine {rec.name!r}")
-    outcome = manager.stop(rec.name, store=store)
+    outcome = api.stop(rec.name, store=store)
     if outcome.stopped:
         out.info(f"-- {outcome.message}")
         return True
@@ -112,42 +123,13 @@ def _stop(rec: Any, store: Any, why: str) -> bool:
     return False
 
 
-def _explain(rec: Any) -> str | None:
-    from sage_llm.diagnose import diagnose
-    from sage_llm.logs import run_lines
-
-    d = diagnose(run_lines(rec.log_file), {"port": rec.port, "model": rec.model, "name": rec.name})
-    return f"{d.message} (hint: {d.hint})" if d and d.hint else (d.message if d else None)
-
-
 def _stop_own(store: Any, why: str) -> None:
     """Stop the engine this process launched (found by its owner pid: the launch did not return a record)."""
-    from sage_llm.engine import manager
-    from sage_llm.state import EngineRecord
+    from sage_llm import api
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for name in store.names():
-        rec = store.load(name)
-        if isinstance(rec, EngineRecord) and rec.foreground and rec.owner_pid == os.getpid():
-            out.info(f"-- {why}: stopping engine {rec.name!r}")
-            outcome = manager.stop(rec.name, store=store)
-            out.info(f"-- {outcome.message}")
-
-
-def _make() -> Any:
-    sig = inspect.signature(start_cmd.start, eval_str=True)
-    params = [p for p in sig.parameters.values() if p.name not in _DROPPED]
-
-    @functools.wraps(start_cmd.start)
-    def run(**kwargs: Any) -> None:
-        _run(**kwargs)
-
-    run.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-    run.__annotations__ = {k: v for k, v in start_cmd.start.__annotations__.items() if k not in _DROPPED}
-    run.__doc__ = ("Run a vLLM engine in the foreground: show its load, then stream its log; Ctrl-C stops it.\n\n"
-                   "Takes every `start` option. The engine is recorded while it runs, so `status`, `logs`, `chat` and "
-                   "`stop NAME` work from other terminals.")
-    return run
-
-
-run = _make()
+    rec = api.find_foreground_engine(os.getpid(), store)
+    if rec is not None:
+        out.info(f"-- {why}: stopping engine {rec.name!r}")
+        outcome = api.stop(rec.name, store=store)
+        out.info(f"-- {outcome.message}")

@@ -27,7 +27,7 @@ def status(
 
     With NAME or PORT, exit 3 unless that engine is ready.
     """
-    from sage_llm.engine.manager import human_uptime
+    from sage_llm.engine.view import human_uptime
     from sage_llm.status import build
 
     doc, views, warnings = build(target)
@@ -79,10 +79,11 @@ def status(
             if doc["gpu_error"] and doc["gpu_error"] != NO_DRIVER:
                 out.info(f"GPU: {doc['gpu_error']}")
     if target is not None:
+        from sage_llm import api
+
         if not views:
             out.error(f"no engine named or on port {target!r}", "see `sage llm status`")
-            raise typer.Exit(3)
-        if views[0].state != "ready":
+        if api.not_ready(views):
             raise typer.Exit(3)
 
 

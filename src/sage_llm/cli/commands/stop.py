@@ -25,13 +25,12 @@ def stop(
     json_: JsonOpt = False,
 ) -> None:
     """Stop engines. Exit 0 when stopped or already gone, 1 when a process survived (it is named)."""
-    from sage_llm import settings
-    from sage_llm.engine import manager
+    from sage_llm import api
     from sage_llm.state import StateStore
 
-    timeout = settings.get("stop_timeout", timeout)
     store = StateStore()
-    names = manager.resolve_targets(list(targets or []), all_, store)
+    names = api.resolve_many(list(targets or []), all_, store)
+    grace = api.stop_grace(timeout)
     if not names:
         if json_:
             out.print_json({"stopped": []})
@@ -41,9 +40,8 @@ def stop(
     outcomes = []
     failed = False
     for name in names:
-        outcome = manager.stop(name, timeout=timeout, force=force, store=store,
-                               on_escalate=lambda n: out.info(f"{n}: still running after {timeout:g} s; sending "
-                                                              "SIGKILL"))
+        outcome = api.stop(name, timeout=grace, force=force, store=store,
+                           on_escalate=lambda n: out.info(f"{n}: still running after {grace:g} s; sending SIGKILL"))
         outcomes.append(outcome)
         if not outcome.stopped:
             failed = True

@@ -1,0 +1,373 @@
+"""The Python API of sage-llm: the one way to launch, stop and inspect vLLM engines.
+
+Everything the `sage-llm` commands do to engines goes through here, and so does the gateway; SAGE Studio's backend
+can call it in-process instead of forking `sage-llm status --json`:
+
+    from sage_llm import api
+
+    doc = api.status()                                   # the `status --json` document (schema_version 1)
+    if not doc["local_engine"]["running"]:
+        result = api.start(api.LaunchRequest(model="Qwen/Qwen2.5-1.5B-Instruct", port=8001))
+        print(result.record.base_url)                    # http://127.0.0.1:8001/v1
+    api.stop("8001")                                     # NAME or PORT
+
+Rules every function follows:
+  * settings are resolved once, in `resolve_launch`: explicit value > environment > ./.env > config file > default;
+  * bad input raises `UsageError` (the CLI's exit 2) before anything is changed; operational failures raise other
+    `SageLLMError`s (`EngineFailed` carries the diagnosis and the log tail); nothing here prints;
+  * nothing here imports Typer or Rich, and `status()` imports neither httpx, psutil nor pynvml until it needs them.
+
+Reference: docs/api.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    from sage_llm.engine.manager import EngineView, StartResult, StopOutcome
+    from sage_llm.engine.switch import SwitchResult
+    from sage_llm.engine.vllm import LaunchSpec
+    from sage_llm.hf_cache import LocalModel, Preflight
+    from sage_llm.state import EngineRecord, StateStore
+
+__all__ = [
+    "LaunchOverrides",
+    "LaunchRequest",
+    "LocalEngineStatus",
+    "ProgressFn",
+    "ResolvedLaunch",
+    "StatusDocument",
+    "engines",
+    "explain_exit",
+    "find_foreground_engine",
+    "models",
+    "not_ready",
+    "preflight",
+    "resolve",
+    "resolve_launch",
+    "resolve_many",
+    "restart",
+    "start",
+    "status",
+    "stop",
+    "stop_grace",
+    "switch",
+]
+
+ProgressFn = Callable[[dict[str, Any]], None]
+"""Called about four times a second while an engine loads, with its stage, progress and last log line."""
+
+
+# ------------------------------------------------------------------------------------------------ requests
+@dataclass
+class LaunchOptions:
+    """The vLLM launch options `start`, `run`, `restart` and `switch` share (one declaration: cli/_launch.py).
+
+    None means "not given": `start` then takes the setting or vLLM's default, `restart`/`switch` keep the recorded
+    value. `extra_args` are passed to `vllm serve` verbatim (after `--` on the command line)."""
+
+    host: str | None = None
+    port: int | None = None
+    gpu_memory_utilization: float | None = None
+    quantization: str | None = None
+    max_model_len: str | None = None
+    served_model_name: str | None = None
+    tensor_parallel_size: int | None = None
+    pipeline_parallel_size: int | None = None
+    data_parallel_size: int | None = None
+    dtype: str | None = None
+    enforce_eager: bool | None = None
+    download_dir: str | None = None
+    trust_remote_code: bool | None = None
+    api_key_env: str | None = None  # NAME of the variable holding the key, never the key
+    ray_address: str | None = None  # vLLM's own ranks on an existing Ray cluster; "" drops it on restart
+    extra_args: list[str] | None = None
+
+
+@dataclass
+class LaunchRequest(LaunchOptions):
+    """What to start. Every None is filled by `resolve_launch` from the settings."""
+
+    model: str | None = None  # Hugging Face repo id or local path; None: the default_model setting
+    name: str | None = None  # engine name; None: derived from the model
+    gpus: str | None = None  # "0,1" or UUIDs; None: the GPUs with the most free memory
+    skip_checks: bool = False  # start even if the GPUs lack free memory
+    timeout: float | None = None  # seconds to wait until it serves; None: the start_timeout setting
+    wait: bool = True  # wait until it serves (False: return once spawned)
+
+
+@dataclass
+class LaunchOverrides(LaunchOptions):
+    """What `restart`/`switch` change; everything left None keeps the engine's recorded value."""
+
+    model: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        given: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name == "extra_args":
+                continue
+            given[f.name] = value
+        if self.extra_args:
+            given["extra_args"] = list(self.extra_args)
+        if given.get("ray_address") == "":
+            given["ray_address"] = None
+        return given
+
+
+@dataclass
+class ResolvedLaunch:
+    """A LaunchRequest with every setting filled in and checked: what `start` will run."""
+
+    spec: LaunchSpec
+    name: str | None
+    port_explicit: bool  # the port was given explicitly (busy: error) rather than a default (busy: next free one)
+    gpus: str | None
+    skip_checks: bool
+    timeout: float
+    wait: bool
+
+
+class LocalEngineStatus(TypedDict):
+    """The seed's LocalEngineStatus: the ready engine Studio should use (the one on the local port first)."""
+
+    running: bool
+    port: int | None
+    model: str | None
+    pid: int | None
+    gpu_memory_usage: float | None  # GB
+    uptime: str | None
+
+
+class StatusDocument(TypedDict):
+    """`status --json` (docs/status-json.md; JSON Schema: sage_llm/data/status.schema.json)."""
+
+    schema_version: int
+    engines: list[dict[str, Any]]
+    local_engine: LocalEngineStatus
+    gpus: list[dict[str, Any]]
+    gpu_error: str | None
+
+
+# ------------------------------------------------------------------------------------------------ launching
+def check_model_name(model: str | None, what: str = "MODEL") -> None:
+    """An empty or blank model name is bad input, never "the default model"."""
+    from sage_llm.errors import UsageError
+
+    if model is not None and not model.strip():
+        raise UsageError(f"{what} is empty", hint="give a Hugging Face repo id (ORG/NAME) or a local path, or leave "
+                         "it out for the default model")
+
+
+def resolve_launch(request: LaunchRequest) -> ResolvedLaunch:
+    """Fill every unset option from the settings (explicit > env > ./.env > config file > default) and validate.
+
+    Raises UsageError for bad input; nothing is started."""
+    from sage_llm import settings
+    from sage_llm.engine.vllm import LaunchSpec, validate
+    from sage_llm.state import validate_name
+
+    check_model_name(request.model)
+    extra = list(request.extra_args or [])
+    model = request.model
+    if model is not None and model.startswith("-"):  # `start -- --flag`: no model, only vLLM arguments
+        extra.insert(0, model)
+        model = None
+    spec = LaunchSpec(
+        model=settings.get("default_model", model),
+        host=settings.get("host", request.host),
+        port=settings.get("local_engine_port", request.port),
+        gpu_memory_utilization=settings.get("gpu_util", request.gpu_memory_utilization),
+        served_model_name=request.served_model_name, quantization=request.quantization,
+        max_model_len=request.max_model_len, tensor_parallel_size=request.tensor_parallel_size,
+        pipeline_parallel_size=request.pipeline_parallel_size, data_parallel_size=request.data_parallel_size,
+        dtype=request.dtype, enforce_eager=bool(request.enforce_eager), download_dir=request.download_dir,
+        trust_remote_code=bool(request.trust_remote_code), api_key_env=request.api_key_env,
+        ray_address=request.ray_address or None, extra_args=extra,
+    )
+    validate(spec)
+    if request.name is not None:
+        validate_name(request.name)
+    timeout = float(settings.get("start_timeout", request.timeout))
+    _check_timeout(timeout)
+    return ResolvedLaunch(spec=spec, name=request.name, port_explicit=request.port is not None, gpus=request.gpus,
+                          skip_checks=request.skip_checks, timeout=timeout, wait=request.wait)
+
+
+def _check_timeout(timeout: float) -> None:
+    from sage_llm.errors import UsageError
+
+    if timeout <= 0:
+        raise UsageError(f"--timeout {timeout:g} must be positive", hint="e.g. --timeout 900")
+
+
+def preflight(model: str, download_dir: str | None = None) -> Preflight:
+    """The checks on the model before anything is spawned or stopped: is it cached, or how big is the download?
+
+    Offline (HF_HUB_OFFLINE) with no cached copy raises UsageError: vLLM could only fail, after loading a while."""
+    from sage_llm import hf_cache
+
+    return hf_cache.preflight(model, download_dir)
+
+
+def start(request: LaunchRequest | ResolvedLaunch, on_progress: ProgressFn | None = None, foreground: bool = False,
+          store: StateStore | None = None, checked: Preflight | None = None) -> StartResult:
+    """Start an engine (detached, its own session, recorded) and, with `wait`, block until it serves the model.
+
+    Idempotent: the same model already served under the same name/port returns that engine
+    (`already_running=True`). `result.preflight` says whether the model was cached. On failure the engine's whole
+    process group is stopped, its record is kept as failed and `EngineFailed` carries the diagnosis.
+    `checked`: the result of `preflight` for this model when the caller already ran it (it is not run twice)."""
+    from sage_llm.engine import manager
+
+    launch = request if isinstance(request, ResolvedLaunch) else resolve_launch(request)
+    if checked is None:
+        checked = preflight(launch.spec.model, launch.spec.download_dir)
+    result = manager.start(launch.spec, name=launch.name, port_explicit=launch.port_explicit, wait=launch.wait,
+                           timeout=launch.timeout, on_progress=on_progress, gpus=launch.gpus,
+                           skip_checks=launch.skip_checks, foreground=foreground, store=store)
+    result.preflight = checked
+    return result
+
+
+def find_foreground_engine(owner_pid: int, store: StateStore | None = None) -> EngineRecord | None:
+    """The engine a `run` process (`owner_pid`) launched, when the launch itself did not return (interrupted)."""
+    from sage_llm.state import EngineRecord, StateStore
+
+    store = store or StateStore()
+    for rec in store.all():
+        if isinstance(rec, EngineRecord) and rec.foreground and rec.owner_pid == owner_pid:
+            return rec
+    return None
+
+
+def explain_exit(record: EngineRecord) -> str | None:
+    """Why an engine exited, from its log (the words `start` uses), or None when the log does not say."""
+    from sage_llm.diagnose import diagnose
+    from sage_llm.logs import run_lines
+
+    d = diagnose(run_lines(record.log_file), {"port": record.port, "model": record.model, "name": record.name})
+    if d is None:
+        return None
+    return f"{d.message} (hint: {d.hint})" if d.hint else d.message
+
+
+# ------------------------------------------------------------------------------------------------ stopping
+def stop_grace(timeout: float | None = None) -> float:
+    """Seconds `stop` waits between SIGTERM and SIGKILL: `timeout` if given, else the stop_timeout setting."""
+    from sage_llm import settings
+    from sage_llm.errors import UsageError
+
+    value = float(settings.get("stop_timeout", timeout))
+    if value < 0:
+        raise UsageError(f"--timeout {value:g} must not be negative", hint="e.g. --timeout 30")
+    return value
+
+
+def stop(target: str, timeout: float | None = None, force: bool = False,
+         on_escalate: Callable[[str], None] | None = None, store: StateStore | None = None) -> StopOutcome:
+    """Stop one engine (NAME or PORT) and everything it spawned; its record goes once nothing of it is left.
+
+    `timeout`: seconds between SIGTERM and SIGKILL (None: the stop_timeout setting). An engine this tool did not
+    start is never signalled (UsageError)."""
+    from sage_llm.engine import manager
+    from sage_llm.state import StateStore
+
+    store = store or StateStore()
+    return manager.stop(resolve(target, store), timeout=stop_grace(timeout), force=force, store=store,
+                        on_escalate=on_escalate)
+
+
+def resolve(target: str, store: StateStore | None = None) -> str:
+    """The recorded engine NAME for a NAME or PORT (the one rule every command uses). Raises EngineNotFound, or
+    UsageError for a malformed name or a port held by an engine this tool did not start."""
+    from sage_llm.engine import targets
+    from sage_llm.state import StateStore
+
+    return targets.resolve_one(target, store or StateStore())
+
+
+def resolve_many(targets_: list[str], all_: bool = False, store: StateStore | None = None) -> list[str]:
+    """Engine names for several NAME|PORT arguments, or every recorded engine with `all_`."""
+    from sage_llm.engine import targets
+    from sage_llm.state import StateStore
+
+    return targets.resolve_targets(targets_, all_, store or StateStore())
+
+
+# ------------------------------------------------------------------------------------------- restart, switch
+def restart(name: str, overrides: LaunchOverrides | None = None, gpus: str | None = None,
+            timeout: float | None = None, stop_timeout: float | None = None, on_progress: ProgressFn | None = None,
+            store: StateStore | None = None) -> SwitchResult:
+    """Stop the engine and start it again with its recorded settings plus `overrides`.
+
+    Every check `start` makes (options, engine install, the model's cache when offline) runs before the engine is
+    stopped. Timeouts default to the same settings as `start` and `stop`."""
+    from sage_llm.engine import switch as switching
+
+    start_timeout = _start_timeout(timeout)
+    return switching.restart(name, (overrides or LaunchOverrides()).as_dict(), gpus=gpus, timeout=start_timeout,
+                             stop_timeout=stop_grace(stop_timeout), store=store, on_progress=on_progress)
+
+
+def switch(name: str, model: str, rolling: bool = False, overrides: LaunchOverrides | None = None,
+           gpus: str | None = None, timeout: float | None = None, stop_timeout: float | None = None,
+           on_progress: ProgressFn | None = None, store: StateStore | None = None) -> SwitchResult:
+    """Serve `model` under the engine's name, every other recorded setting kept unless overridden.
+
+    Without `rolling` it is a restart with the new model; with `rolling` the new engine starts beside the old one and
+    takes over the name once it serves. Either way every pre-flight of `start` runs before anything is stopped."""
+    from sage_llm.engine import switch as switching
+
+    check_model_name(model)
+    return switching.switch(name, model, rolling=rolling, overrides=(overrides or LaunchOverrides()).as_dict(),
+                            gpus=gpus, timeout=_start_timeout(timeout), stop_timeout=stop_grace(stop_timeout),
+                            store=store, on_progress=on_progress)
+
+
+def _start_timeout(timeout: float | None) -> float:
+    from sage_llm import settings
+
+    value = float(settings.get("start_timeout", timeout))
+    _check_timeout(value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ inspecting
+def status(target: str | None = None, with_gpu: bool = True, store: StateStore | None = None) -> StatusDocument:
+    """The `status --json` document: every engine (managed and external), the local engine for Studio, the GPUs.
+
+    With `target` (NAME or PORT) `engines` holds that engine only (empty when unknown)."""
+    from sage_llm import status as status_doc
+
+    doc, _views, _warnings = status_doc.build(target, store=store, with_gpu=with_gpu)
+    return doc  # type: ignore[return-value]
+
+
+def engines(store: StateStore | None = None, include_external: bool = True) -> list[EngineView]:
+    """Every engine with its live state (probed now), as typed views; no GPU figures (see `status`)."""
+    from sage_llm.engine import inspect as inspecting
+    from sage_llm.status import local_port
+
+    views, _warnings = inspecting.inspect(store, include_external=include_external, local_port=local_port())
+    return views
+
+
+def not_ready(engines_: list[dict[str, Any]] | list[EngineView]) -> bool:
+    """The rule behind `status NAME` exiting 3: the engine is unknown (nothing matched) or not ready."""
+    if not engines_:
+        return True
+    first = engines_[0]
+    state = first.get("state") if isinstance(first, dict) else first.state
+    return state != "ready"
+
+
+def models(extra_dirs: list[str] | None = None) -> list[LocalModel]:
+    """The models in the local Hugging Face cache (and `extra_dirs`), with size, revision and completeness."""
+    from sage_llm import hf_cache
+
+    return hf_cache.list_models(extra_dirs)
