@@ -78,9 +78,11 @@ def test_switch_offline_to_an_uncached_model_is_refused_before_the_old_engine_st
     for rolling in ([], ["--rolling"]):
         code, _out, err = cli("switch", "eng", "org/not-cached", *rolling)
         assert code == 2, err
-        assert "HF_HUB_OFFLINE" in err and "nothing was started" in err
+        assert "HF_HUB_OFFLINE" in err
+        assert "nothing was started" in err
         after = StateStore().load("eng")
-        assert isinstance(after, EngineRecord) and after.pid == rec.pid
+        assert isinstance(after, EngineRecord)
+        assert after.pid == rec.pid
         assert _alive(rec.pid)
     code, out, _err = cli("status", "eng", "--json")
     assert code == 0

@@ -85,9 +85,11 @@ def test_start_inspect_resolve_stop_in_process(fake_vllm, stop_all, home):
     port = free_port()
     result = api.start(api.LaunchRequest(model="org/tiny", name="inproc", port=port))
     assert result.record.base_url == f"http://127.0.0.1:{port}/v1"
-    assert result.preflight is not None and result.preflight.is_repo_id
+    assert result.preflight is not None
+    assert result.preflight.is_repo_id
     again = api.start(api.LaunchRequest(model="org/tiny", name="inproc", port=port))
-    assert again.already_running and again.record.pid == result.record.pid
+    assert again.already_running
+    assert again.record.pid == result.record.pid
     doc = api.status()
     assert doc["schema_version"] == 1
     managed = [e for e in doc["engines"] if e["managed"]]  # vLLMs of other users of this machine are listed too
@@ -101,6 +103,7 @@ def test_start_inspect_resolve_stop_in_process(fake_vllm, stop_all, home):
     with pytest.raises(UsageError):
         api.resolve("no/such name")
     outcome = api.stop(str(port))
-    assert outcome.stopped and not outcome.already_gone
+    assert outcome.stopped
+    assert not outcome.already_gone
     assert [e for e in api.status()["engines"] if e["managed"]] == []
     assert api.find_foreground_engine(12345) is None
