@@ -60,8 +60,8 @@ def real_engine(port: int, runs: int) -> list[dict]:
     engine = os.environ.get("SAGE_LLM_ENGINE_DIR")
     if not engine:
         raise SystemExit("--engine needs SAGE_LLM_ENGINE_DIR (run `make engine`)")
-    sys.path.insert(0, str(ROOT / "tests" / "integration"))
-    from sage_llm.engine.tiny import TINY_REPO, build_tiny_model
+    sys.path.insert(0, str(ROOT))  # tests/support: test-only code, not shipped in the wheel
+    from tests.support.tiny import TINY_REPO, build_tiny_model
 
     cache = ROOT / ".cache" / "tiny-hub"
     build_tiny_model(cache, Path(engine) / "bin" / "python", TINY_REPO)

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BIN, machine  # noqa: E402
 
-from sage_llm.engine.tiny import TINY_REPO, build_tiny_model  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the test support package (tests/support), not shipped in the wheel
+from tests.support.tiny import TINY_REPO, build_tiny_model  # noqa: E402
 
 TINY_CACHE = ROOT / ".cache" / "tiny-hub"
 

@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
-from sage_llm.engine.tiny import TINY_REPO, build_tiny_model  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the test support package (tests/support), not shipped in the wheel
+from tests.support.tiny import TINY_REPO, build_tiny_model  # noqa: E402
 
 
 def wait4_run(cmd: list[str], env: dict[str, str]) -> tuple[int, str, str, int]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm.engine.tiny import TINY_REPLY, TINY_REPO, build_tiny_model
+from tests.support.tiny import TINY_REPLY, TINY_REPO, build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CACHE = ROOT / ".cache" / "tiny-hub"

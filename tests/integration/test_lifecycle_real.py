@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 from sage_llm.engine import process
-from sage_llm.engine.tiny import TINY_REPLY
 from sage_llm.state import EngineRecord, StateStore
+from tests.support.tiny import TINY_REPLY
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 

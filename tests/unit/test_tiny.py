@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm.engine import tiny
 from sage_llm.engine.scripts import hf_layout
 from sage_llm.errors import SageLLMError
+from tests.support import tiny
 
 
 def _fake_model(tmp_path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The tiny test model: built offline by `scripts/build_tiny_model.py` run with an engine environment's python.
+"""The tiny test model: built offline by `build_tiny_model.py` (beside this file) with an engine venv's python.
 
 The model answers every short chat prompt, under greedy decoding, with exactly `TINY_REPLY`. It is laid out as a
 Hugging Face cache entry, so vLLM (with HF_HUB_OFFLINE=1) and `sage llm start REPO_ID` find it by repo id.
@@ -16,7 +16,7 @@ from sage_llm.errors import SageLLMError
 
 TINY_REPO = "sage-test/tiny-chat"
 TINY_REPLY = "Hello from the tiny SAGE test model."
-SCRIPT = Path(__file__).resolve().parent / "scripts" / "build_tiny_model.py"
+SCRIPT = Path(__file__).resolve().parent / "build_tiny_model.py"
 
 
 def snapshot(cache_dir: str | Path, repo_id: str = TINY_REPO) -> Path | None:
