@@ -30,10 +30,12 @@ test-integration: engine
 
 test: engine
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 	SAGE_LLM_ENGINE_DIR=$(CURDIR)/$(ENGINE) $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 
 demo: $(STAMP)  # scripts/demo.sh installs the engine it needs: GPU when nvidia-smi sees one, else CPU
 	bash scripts/demo.sh

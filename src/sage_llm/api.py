@@ -27,8 +27,9 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
-    from sage_llm.engine.manager import EngineView, StartResult, StopOutcome
+    from sage_llm.engine.manager import StartResult, StopOutcome
     from sage_llm.engine.switch import SwitchResult
+    from sage_llm.engine.view import EngineView
     from sage_llm.engine.vllm import LaunchSpec
     from sage_llm.hf_cache import LocalModel, Preflight
     from sage_llm.state import EngineRecord, StateStore

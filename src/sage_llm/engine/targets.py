@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
 
 from sage_llm.engine.discovery import discover_external
 from sage_llm.errors import EngineNotFound, UsageError
@@ -11,8 +12,14 @@ from sage_llm.state import NAME_RE, EngineRecord, StateStore
 
 
 class _Addressed(Protocol):
-    name: str | None
-    port: int | None
+    @property
+    def name(self) -> str | None: ...
+
+    @property
+    def port(self) -> int | None: ...
+
+
+E = TypeVar("E", bound=_Addressed)
 
 
 def slug(model: str) -> str:
@@ -27,7 +34,7 @@ def matches(target: str, engine: _Addressed) -> bool:
     return engine.name == target or (target.isdigit() and engine.port == int(target))
 
 
-def select(target: str, engines: list[_Addressed]) -> list[_Addressed]:
+def select(target: str, engines: Sequence[E]) -> list[E]:
     """The engines a NAME|PORT argument names: an exact name first, else the engines on that port."""
     by_name = [e for e in engines if e.name == target]
     return by_name or [e for e in engines if matches(target, e)]
