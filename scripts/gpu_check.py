@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The GPU paths of sage-llm, checked end to end on one machine, with results as JSON and text (issue 15).
 
-    python3 scripts/gpu_check.py [--out DIR] [--fake] [--budget 270] [--repeat 11] [--top-seconds 5]
+    python3 scripts/gpu_check.py [--out DIR] [--fake] [--budget 240] [--repeat 11] [--top-seconds 5]
 
 Run through scripts/gpu_check.sh on a lent GPU machine (docs/gpu.md, "Verifying on a real GPU"). Stdlib only; the
 `sage llm` commands it runs are the real CLI (`python -m sage_llm`), the engine is the stand-in
@@ -380,7 +380,9 @@ class Runner:
         self.facts.update({
             "mode": self.mode, "python": f"{platform.python_implementation()} {platform.python_version()}",
             "executable": self.python, "machine": platform.machine(), "kernel": platform.release(),
-            "cpus": os.cpu_count(), "versions": versions, "sage_llm_path": out.strip(), "torch": torch_info,
+            "cpus": os.cpu_count(), "versions": versions,
+            "inherited": {v: os.environ.get(v) for v in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")},
+            "sage_llm_path": out.strip(), "torch": torch_info,
             "nvidia_smi": shutil.which("nvidia-smi", path=self.env.get("PATH")), "gpus_by_nvidia_smi": self.smi_gpus()
             if self.mode != "nogpu" else [],
         })
@@ -442,7 +444,7 @@ class Runner:
         self.engines: dict[str, dict[str, Any]] = {}
         gpu_mode = self.mode != "nogpu"
         # engine A: --gpus 0
-        args = ["start", "stand-in/model-a", "--name", "gpu-a", "-u", "0.1", "--json", "--timeout", "240"]
+        args = ["start", "stand-in/model-a", "--name", "gpu-a", "-u", "0.1", "--json", "--timeout", "120"]
         code, doc, err = self.sage_json(*args, *(["--gpus", "0"] if gpu_mode else []), name="start-gpu-a.txt")
         if doc and doc.get("pid"):
             self.engines["gpu-a"] = doc
@@ -458,7 +460,7 @@ class Runner:
         if fresh:
             expect = sorted(fresh.values(), key=lambda g: (-g["free_mib"], g["index"]))[0]["index"]
         code, doc, err = self.sage_json("start", "stand-in/model-b", "--name", "gpu-b", "-u", "0.1", "--json",
-                                        "--timeout", "240", name="start-gpu-b.txt")
+                                        "--timeout", "120", name="start-gpu-b.txt")
         if doc and doc.get("pid"):
             self.engines["gpu-b"] = doc
             self.engine_pids |= descendants(doc["pid"])
@@ -854,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu-check-out", help="results folder ($OUT)")
     ap.add_argument("--fake", action="store_true", help="fake driver and GPU memory (no GPU needed)")
     ap.add_argument("--fake-gpus", type=int, default=2, help="number of fake GPUs (--fake)")
-    ap.add_argument("--budget", type=float, default=270.0, help="seconds for the whole run")
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole run")
     ap.add_argument("--repeat", type=int, default=11, help="status --json runs per timing variant")
     ap.add_argument("--top-seconds", type=float, default=5.0, help="seconds of `top -n 1` to capture")
     ap.add_argument("-v", "--verbose", action="store_true", help="log each step on stderr")

@@ -5,13 +5,13 @@
 #   PYTHON            the interpreter (default python3: the machine's, with torch and CUDA)
 #   OUT               results folder (default ./gpu-check-out)
 #   GPU_CARRY         carried packages (default .gpu-carry; absent: the interpreter's own packages are used)
-#   GPU_CHECK_BUDGET  seconds for the whole check (default 270); a hard stop 30 s later
+#   GPU_CHECK_BUDGET  seconds for the whole check (default 240); a hard stop 30 s later
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 CARRY=${GPU_CARRY:-.gpu-carry}
 OUT=${OUT:-$PWD/gpu-check-out}
-BUDGET=${GPU_CHECK_BUDGET:-270}
+BUDGET=${GPU_CHECK_BUDGET:-240}
 mkdir -p "$OUT"
 path=""
 if [ -d "$CARRY/pure" ]; then

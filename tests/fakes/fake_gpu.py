@@ -128,7 +128,7 @@ def ledger_nvml(root: Path) -> Any:
 
     class LedgerNVML(FakeNVML):
         def _check(self, name: str, index: int | None = None) -> None:
-            if name == "nvmlDeviceGetCount":
+            if name in ("nvmlDeviceGetCount", "nvmlDeviceGetHandleByIndex"):
                 self._refresh()
             super()._check(name, index)
 
