@@ -47,6 +47,8 @@ FAKES = ROOT / "tests" / "fakes"
 GiB = 1024**3
 MiB = 1024**2
 CHILD_MIB = (2048, 3072)  # what each stand-in engine's two children hold: 5 GiB per engine
+OUTPUTS = ("gpu-check.json", "gpu-check.txt", "driver.log", "engine-*.log", "start-gpu-*.txt", "status.json",
+           "status.txt", "stop.txt", "top-frame.txt", "doctor.json", "preflight.txt", "nvidia-smi*.txt")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Za-z0-9]|\x1b[=>78]")
 CHECKS = ("environment", "doctor_nvml", "gpus0_sets_cuda_visible_devices", "auto_placement", "status_gpus",
           "engine_vram_matches_nvidia_smi", "local_engine_gpu_memory_usage", "status_table_gpu_column",
@@ -232,6 +234,9 @@ class Runner:
         self.deadline = self.t0 + args.budget
         self.out = Path(args.out).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
+        for pattern in OUTPUTS:  # ours from an earlier run, nothing else
+            for old in self.out.glob(pattern):
+                old.unlink()
         self.work = Path(tempfile.mkdtemp(prefix="sage-gpu-check-"))
         self.home = self.work / "home"
         self.checks: dict[str, Check] = {}
@@ -344,10 +349,12 @@ class Runner:
 
     def smi_apps(self) -> list[tuple[int, int]]:
         code, text = self.smi("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
+        self.last_smi_apps = f"exit {code}\n{text}"
         return parse_smi_apps(text) if code == 0 else []
 
-    def sage_json(self, *args: str, name: str | None = None) -> tuple[int, dict[str, Any] | None, str]:
-        code, out, err, _ = self.sage(*args, name=name)
+    def sage_json(self, *args: str, name: str | None = None, timeout: float = 60
+                  ) -> tuple[int, dict[str, Any] | None, str]:
+        code, out, err, _ = self.sage(*args, name=name, timeout=timeout)
         try:
             return code, json.loads(out), err
         except ValueError:
@@ -445,7 +452,8 @@ class Runner:
         gpu_mode = self.mode != "nogpu"
         # engine A: --gpus 0
         args = ["start", "stand-in/model-a", "--name", "gpu-a", "-u", "0.1", "--json", "--timeout", "120"]
-        code, doc, err = self.sage_json(*args, *(["--gpus", "0"] if gpu_mode else []), name="start-gpu-a.txt")
+        code, doc, err = self.sage_json(*args, *(["--gpus", "0"] if gpu_mode else []), name="start-gpu-a.txt",
+                                        timeout=150)
         if doc and doc.get("pid"):
             self.engines["gpu-a"] = doc
             self.engine_pids |= descendants(doc["pid"])
@@ -460,7 +468,7 @@ class Runner:
         if fresh:
             expect = sorted(fresh.values(), key=lambda g: (-g["free_mib"], g["index"]))[0]["index"]
         code, doc, err = self.sage_json("start", "stand-in/model-b", "--name", "gpu-b", "-u", "0.1", "--json",
-                                        "--timeout", "120", name="start-gpu-b.txt")
+                                        "--timeout", "120", name="start-gpu-b.txt", timeout=150)
         if doc and doc.get("pid"):
             self.engines["gpu-b"] = doc
             self.engine_pids |= descendants(doc["pid"])
@@ -508,7 +516,7 @@ class Runner:
         code, doc, err = self.sage_json("status", "--json", name="status.json")
         tcode, text, terr, _ = self.sage("status", name="status.txt")
         smi_rows = self.smi_apps() if self.mode != "nogpu" else []
-        (self.out / "nvidia-smi-compute-apps.txt").write_text("\n".join(f"{p}, {m}" for p, m in smi_rows) + "\n")
+        (self.out / "nvidia-smi-compute-apps.txt").write_text(getattr(self, "last_smi_apps", "not run (no GPU)\n"))
         if doc is None:
             for name in ("status_gpus", "engine_vram_matches_nvidia_smi", "local_engine_gpu_memory_usage"):
                 self.record(name, "fail", f"status --json exit {code}, not JSON: {err.strip()[-300:]}")

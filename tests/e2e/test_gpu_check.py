@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,22 @@ def test_fake_ledger_memory_lives_and_dies_with_its_process(tmp_path: Path) -> N
         time.sleep(0.05)
     assert nv.nvmlDeviceGetComputeRunningProcesses(nv.nvmlDeviceGetHandleByIndex(1)) == []
     assert nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(1)).used == gpus[1]["baseline"]
+
+
+def test_allocate_uses_torch_on_cuda_when_there_is_no_ledger(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple] = []
+    cuda = types.SimpleNamespace(is_available=lambda: True, synchronize=lambda: calls.append(("sync",)))
+    torch = types.SimpleNamespace(uint8="uint8", cuda=cuda,
+                                  empty=lambda n, dtype, device: calls.append((n, dtype, device)) or object())
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.delenv("FAKE_GPU_LEDGER", raising=False)
+    try:
+        assert fake_gpu.allocate(2 * GiB) == "torch"
+        assert calls == [(2 * GiB, "uint8", "cuda"), ("sync",)]
+        assert len(fake_gpu._held) == 1  # kept alive
+        cuda.is_available = lambda: False
+        assert fake_gpu.allocate(GiB) == "none"
+    finally:
+        fake_gpu.release()
+    monkeypatch.setitem(sys.modules, "torch", None)  # not installed
+    assert fake_gpu.allocate(GiB) == "none"
