@@ -62,6 +62,10 @@ def test_fake_driver_run_passes_every_check(tmp_path: Path) -> None:
     assert checks["top_gpu_rows"]["values"]["cpu_ms_per_frame"] is not None
     assert "H200 (fake)" in (tmp_path / "top-frame.txt").read_text()
     assert "PASS     stop_frees_gpu" in (tmp_path / "gpu-check.txt").read_text()
+    record = (tmp_path / "gpu-verified.md").read_text()  # the draft of docs/gpu-verified.md
+    assert "**Rehearsal (fake mode), not a real-GPU result.**" in record
+    assert all(f"| `{name}` | pass |" in record for name in gpu_check.CHECKS)
+    assert "NVML cost" in record
 
 
 @pytest.mark.skipif(any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/dxg")),
