@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ENGINE := .engines/cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv engine test test-fast test-integration lint demo bench docs completions clean
+.PHONY: all venv engine test test-fast test-integration lint demo bench docs completions gpu-carry clean
 
 all: test
 
@@ -51,5 +51,9 @@ completions: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python scripts/gen_cli_docs.py
 
+# .gpu-carry/: sage-llm + dependencies for `bash scripts/gpu_check.sh` on a lent GPU machine (docs/gpu.md)
+gpu-carry: $(STAMP)
+	bash scripts/build_gpu_carry.sh
+
 clean:
-	rm -rf $(VENV) .engines .demo .pytest_cache
+	rm -rf $(VENV) .engines .demo .pytest_cache .gpu-carry gpu-check-out

@@ -11,6 +11,9 @@ Behaviour knobs (environment):
   FAKE_VLLM_FAIL=ready:2.5    crash 2.5 s after becoming ready
   FAKE_VLLM_IGNORE_TERM=1     ignore SIGTERM (children too)
   FAKE_VLLM_CHILDREN=2        spawn children like VLLM::EngineCore / VLLM::Worker that outlive a SIGKILLed parent
+  FAKE_VLLM_GPU_MIB=2048,3072 the children (one per item; implies FAKE_VLLM_CHILDREN) hold that much GPU memory
+                              before the server listens: torch.empty on CUDA, the FAKE_GPU_LEDGER of
+                              tests/fakes/fake_gpu.py, or nothing without either (see fake_gpu.allocate)
   FAKE_VLLM_HANG=1            accept connections but never answer
   FAKE_VLLM_REPLY=text        the chat reply
   FAKE_VLLM_TOKEN_DELAY_S=0   delay between streamed tokens
@@ -83,10 +86,19 @@ def parse(argv: list[str]) -> dict:
     return opts
 
 
-def child_main(title: str) -> None:
-    """A stand-in for VLLM::EngineCore / VLLM::Worker: lives until signalled, survives its parent."""
+def child_main(title: str, gpu_bytes: int = 0) -> None:
+    """A stand-in for VLLM::EngineCore / VLLM::Worker: lives until signalled, survives its parent. With `gpu_bytes`,
+    it first holds that much GPU memory and says so on stdout (a pipe its parent reads)."""
     if os.environ.get("FAKE_VLLM_IGNORE_TERM") == "1":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if gpu_bytes:
+        import fake_gpu  # tests/fakes/, next to this file
+
+        if os.environ.get("FAKE_VLLM_IGNORE_TERM") != "1":
+            signal.signal(signal.SIGTERM, lambda signum, frame: (fake_gpu.release(), os._exit(0)))
+        how = fake_gpu.allocate(gpu_bytes)
+        sys.stdout.write(f"FAKE_GPU {how} {gpu_bytes}\n")
+        sys.stdout.flush()
     while True:
         time.sleep(3600)
 
@@ -272,7 +284,7 @@ class HangServer:
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        child_main(sys.argv[2])
+        child_main(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)
         return
     opts = parse(sys.argv[1:])
     ignore_term = os.environ.get("FAKE_VLLM_IGNORE_TERM") == "1"
@@ -316,9 +328,12 @@ def main() -> None:
         sys.stderr.flush()
         sys.exit(1)
 
-    for n in range(int(os.environ.get("FAKE_VLLM_CHILDREN", "0"))):
+    gpu_mib = [int(x) for x in os.environ.get("FAKE_VLLM_GPU_MIB", "").split(",") if x.strip()]
+    for n in range(max(int(os.environ.get("FAKE_VLLM_CHILDREN", "0")), len(gpu_mib))):
         title = "VLLM::EngineCore" if n == 0 else f"VLLM::Worker_TP{n - 1}"
-        children.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", title]))
+        nbytes = gpu_mib[n] * 1024**2 if n < len(gpu_mib) else 0
+        children.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", title, str(nbytes)],
+                                         stdout=subprocess.PIPE if nbytes else None))
 
     log("Resolved architecture: LlamaForCausalLM")
     log(f"Using max model len {max_model_len(opts)}")
@@ -341,6 +356,18 @@ def main() -> None:
             for c in children:
                 c.kill()
             sys.exit(1)
+    for n, c in enumerate(children):
+        if c.stdout is None:
+            continue
+        said = c.stdout.readline().decode().split()  # blocks until the child holds its memory (or dies)
+        if said[:1] != ["FAKE_GPU"]:
+            log(f"EngineCore failed to start: child {n} could not hold its GPU memory (exit {c.wait()})", "ERROR",
+                proc="EngineCore")
+            for other in children:
+                other.kill()
+            sys.exit(1)
+        log(f"Model loading took {int(said[2]) / 1024**3:.2f} GiB memory ({said[1]}) in child pid={c.pid}",
+            proc="EngineCore")
     log("Loading weights took 0.01 seconds", proc="EngineCore")
     log("Available KV cache memory: 1.0 GiB", proc="EngineCore")
     log("GPU KV cache size: 21,824 tokens, Maximum concurrency for 2,048 tokens per request: 10.66x",
