@@ -15,6 +15,8 @@ Behaviour knobs (environment):
   FAKE_VLLM_REPLY=text        the chat reply
   FAKE_VLLM_TOKEN_DELAY_S=0   delay between streamed tokens
   FAKE_VLLM_MAX_MODEL_LEN=2048
+  FAKE_VLLM_SHM=2             map 2 psm_<random hex> files (like vLLM's message queues) in FAKE_VLLM_SHM_DIR
+                              (/dev/shm), log their names, and leave them behind on exit (like a SIGKILLed vLLM)
 """
 
 from __future__ import annotations
@@ -319,6 +321,18 @@ def main() -> None:
     for n in range(int(os.environ.get("FAKE_VLLM_CHILDREN", "0"))):
         title = "VLLM::EngineCore" if n == 0 else f"VLLM::Worker_TP{n - 1}"
         children.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", title]))
+
+    shm_maps = []  # kept referenced: mapped for the process's life
+    for _ in range(int(os.environ.get("FAKE_VLLM_SHM", "0"))):
+        import mmap
+        import secrets
+
+        path = os.path.join(os.environ.get("FAKE_VLLM_SHM_DIR", "/dev/shm"), f"psm_{secrets.token_hex(4)}")
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        os.ftruncate(fd, 4096)
+        shm_maps.append(mmap.mmap(fd, 4096))
+        os.close(fd)
+        log(f"FAKE_SHM {os.path.basename(path)}")
 
     log("Resolved architecture: LlamaForCausalLM")
     log(f"Using max model len {max_model_len(opts)}")
