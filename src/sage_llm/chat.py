@@ -216,6 +216,9 @@ def resolve(source: str = "auto", target: str | None = None, model: str | None =
     """Pick the source. `model` overrides the served model (local) or SAGE_CHAT_MODEL (cloud)."""
     if source not in SOURCES:
         raise UsageError(f"--source must be one of {', '.join(SOURCES)}, not {source!r}", hint="e.g. --source local")
+    from sage_llm.engine.vllm import check_model_name
+
+    check_model_name(model, "--model", hint="give a model the source serves, or leave --model out for its default")
     if source == "cloud":
         if target is not None:
             raise UsageError("NAME|PORT picks a local engine; it cannot go with --source cloud",

@@ -94,7 +94,6 @@ def start(
 def launch(p: dict[str, Any], foreground: bool = False) -> Any:
     """Resolve the options `start` and `run` share (flag > env > config), spawn the engine through manager.start
     with the load display, and print the notes that follow a launch. Returns manager's StartResult."""
-    from sage_llm.config import DEFAULT_MODEL
     from sage_llm.engine import manager
     from sage_llm.engine.vllm import LaunchSpec
 
@@ -105,7 +104,11 @@ def launch(p: dict[str, Any], foreground: bool = False) -> Any:
         extra.insert(0, model)
         model = None
     from sage_llm import settings
+    from sage_llm.engine.vllm import MODEL_HINT, check_model_name
 
+    if model is not None and not model.strip():  # '' is a mistake (an unset shell variable), not "the default"
+        check_model_name(model, hint=f"{MODEL_HINT}, or leave MODEL out for the default "
+                                     f"({settings.get('default_model')})")
     model = settings.get("default_model", model)  # flag > env > .env > config file > default
     port_explicit = port is not None
     port = settings.get("local_engine_port", port)
@@ -113,7 +116,7 @@ def launch(p: dict[str, Any], foreground: bool = False) -> Any:
     host = settings.get("host", host)
     timeout = settings.get("start_timeout", timeout)
     spec = LaunchSpec(
-        model=model or DEFAULT_MODEL, host=host, port=port, gpu_memory_utilization=gpu_memory_utilization,
+        model=model, host=host, port=port, gpu_memory_utilization=gpu_memory_utilization,
         served_model_name=p["served_model_name"], quantization=p["quantization"], max_model_len=p["max_model_len"],
         tensor_parallel_size=p["tensor_parallel_size"], pipeline_parallel_size=p["pipeline_parallel_size"],
         dtype=p["dtype"], data_parallel_size=p["data_parallel_size"], ray_address=p["ray_address"] or None,
