@@ -47,6 +47,11 @@ def log(msg: str, level: str = "INFO", proc: str = "APIServer") -> None:
     sys.stdout.flush()
 
 
+def prompt_token_count(messages: list) -> int:
+    """The fake's tokenizer: one token per word, plus 4 per message for the chat template."""
+    return sum(len(str(m.get("content", "")).split()) + 4 for m in messages)
+
+
 def parse(argv: list[str]) -> dict:
     opts: dict = {"host": "", "port": 8000, "served": None, "model": None, "max_model_len": None}
     if not argv or argv[0] != "serve":
@@ -147,7 +152,7 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b"{}"
         if not self._auth_ok():
             return
-        if self.path != "/v1/chat/completions":
+        if self.path not in ("/v1/chat/completions", "/tokenize"):
             self._json(404, {"detail": "Not Found"})
             return
         try:
@@ -155,12 +160,17 @@ class Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError:
             self._json(400, {"error": {"message": "invalid JSON", "type": "BadRequestError", "code": 400}})
             return
+        if self.path == "/tokenize":  # vLLM's, with messages: the count the chat request's usage will report
+            count = prompt_token_count(req.get("messages") or [])
+            self._json(200, {"count": count, "max_model_len": max_model_len(opts), "tokens": list(range(count)),
+                             "token_strs": None})
+            return
         model = req.get("model")
         if model and model != opts["served"]:
             self._json(404, {"error": {"message": f"The model `{model}` does not exist.", "type": "NotFoundError",
                                        "param": "model", "code": 404}})
             return
-        prompt_tokens = sum(len(str(m.get("content", "")).split()) + 4 for m in req.get("messages", []))
+        prompt_tokens = prompt_token_count(req.get("messages", []))
         if prompt_tokens > max_model_len(opts):
             self._json(400, {"error": {"message": f"This model's maximum context length is {max_model_len(opts)}"
                                                   f" tokens. However, you requested {prompt_tokens} tokens.",
