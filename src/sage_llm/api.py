@@ -155,24 +155,17 @@ class StatusDocument(TypedDict):
 
 
 # ------------------------------------------------------------------------------------------------ launching
-def check_model_name(model: str | None, what: str = "MODEL") -> None:
-    """An empty or blank model name is bad input, never "the default model"."""
-    from sage_llm.errors import UsageError
-
-    if model is not None and not model.strip():
-        raise UsageError(f"{what} is empty", hint="give a Hugging Face repo id (ORG/NAME) or a local path, or leave "
-                         "it out for the default model")
-
-
 def resolve_launch(request: LaunchRequest) -> ResolvedLaunch:
     """Fill every unset option from the settings (explicit > env > ./.env > config file > default) and validate.
 
     Raises UsageError for bad input; nothing is started."""
     from sage_llm import settings
-    from sage_llm.engine.vllm import LaunchSpec, validate
+    from sage_llm.engine.vllm import MODEL_HINT, LaunchSpec, check_model_name, validate
     from sage_llm.state import validate_name
 
-    check_model_name(request.model)
+    # '' is a mistake (an unset shell variable), never "the default model"
+    check_model_name(request.model, hint=f"{MODEL_HINT}, or leave MODEL out for the default "
+                                         f"({settings.get('default_model')})")
     extra = list(request.extra_args or [])
     model = request.model
     if model is not None and model.startswith("-"):  # `start -- --flag`: no model, only vLLM arguments
@@ -309,7 +302,9 @@ def restart(name: str, overrides: LaunchOverrides | None = None, gpus: str | Non
     Every check `start` makes (options, engine install, the model's cache when offline) runs before the engine is
     stopped. Timeouts default to the same settings as `start` and `stop`."""
     from sage_llm.engine import switch as switching
+    from sage_llm.engine.vllm import check_model_name
 
+    check_model_name(overrides.model if overrides else None, "--model")
     start_timeout = _start_timeout(timeout)
     return switching.restart(name, (overrides or LaunchOverrides()).as_dict(), gpus=gpus, timeout=start_timeout,
                              stop_timeout=stop_grace(stop_timeout), store=store, on_progress=on_progress)
@@ -323,8 +318,9 @@ def switch(name: str, model: str, rolling: bool = False, overrides: LaunchOverri
     Without `rolling` it is a restart with the new model; with `rolling` the new engine starts beside the old one and
     takes over the name once it serves. Either way every pre-flight of `start` runs before anything is stopped."""
     from sage_llm.engine import switch as switching
+    from sage_llm.engine.vllm import check_model_name
 
-    check_model_name(model)
+    check_model_name(model)  # before the engine is even looked up: '' is bad input, whatever NAME is
     return switching.switch(name, model, rolling=rolling, overrides=(overrides or LaunchOverrides()).as_dict(),
                             gpus=gpus, timeout=_start_timeout(timeout), stop_timeout=stop_grace(stop_timeout),
                             store=store, on_progress=on_progress)

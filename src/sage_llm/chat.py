@@ -13,6 +13,7 @@ and Ctrl-D. The CLI gives it the functions that read, render and print.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,10 @@ class CloudNotConfigured(SageLLMError):
 
 class NoSource(SageLLMError):
     """auto: neither a local engine nor a cloud API."""
+
+
+class UntrustedBaseURL(UsageError):
+    """The cloud base URL comes only from ./.env, the API key from the user's environment or config file."""
 
 
 @dataclass
@@ -167,6 +172,34 @@ def cloud_configured() -> bool:
     return bool(env_str(ChatEnv.API_KEY) or env_str(ChatEnv.OPENAI_API_KEY))
 
 
+def _check_key_destination(base: str, key_var: str) -> None:
+    """A key from the environment or the config file never goes to a base URL that only ./.env chose.
+
+    A `.env` is the current directory's: in a cloned repository it is the repository's choice, so it may name the
+    server but not receive the user's own key there. A key from the same .env is that project's key for its server
+    and is fine. A loopback URL is no exception (any local process can listen there, and the repository chose it).
+    The .env URL is trusted when it equals one the user set (OPENAI_BASE_URL in the environment, the config file).
+    """
+    from sage_llm import settings
+
+    base_src = settings.source_of(ChatEnv.BASE_URL)
+    if base_src is None or base_src[0] != "dotenv":
+        return
+    key_src = settings.source_of(key_var)
+    if key_src is not None and key_src[0] == "dotenv":
+        return
+    own = (settings.config_value(ChatEnv.BASE_URL), os.environ.get(ChatEnv.OPENAI_BASE_URL))
+    if base.rstrip("/") in {u.strip().rstrip("/") for u in own if u and u.strip()}:
+        return
+    key_where = (f"the config file ({key_src[1]})" if key_src is not None and key_src[0] == "config"
+                 else f"the environment ({key_var})")
+    raise UntrustedBaseURL(
+        f"{ChatEnv.BASE_URL}={base} comes only from {base_src[1]}, and the API key from {key_where}: "
+        "your key is not sent to a server that a .env file chose",
+        hint=f"put that server's key in the same .env as {ChatEnv.API_KEY}, or, if you trust the URL, set "
+             f"{ChatEnv.BASE_URL} in the environment or with `sage llm config set chat_base_url {base}`")
+
+
 def resolve_cloud(model: str | None = None) -> Target:
     key = env_str(ChatEnv.API_KEY) or env_str(ChatEnv.OPENAI_API_KEY)
     if not key:
@@ -174,8 +207,9 @@ def resolve_cloud(model: str | None = None) -> Target:
                                  hint=f"also {ChatEnv.BASE_URL} (default {DEFAULT_CLOUD_URL}) and "
                                       f"{ChatEnv.MODEL} for other OpenAI-compatible APIs")
     base = env_str(ChatEnv.BASE_URL) or env_str(ChatEnv.OPENAI_BASE_URL) or DEFAULT_CLOUD_URL
-    model = model or env_str(ChatEnv.MODEL)
     which = ChatEnv.API_KEY if env_str(ChatEnv.API_KEY) else ChatEnv.OPENAI_API_KEY
+    _check_key_destination(base, which)
+    model = model or env_str(ChatEnv.MODEL)
     return Target(source="cloud", base_url=base.rstrip("/"), model=model, api_key=key,
                   key_hint=f"check {which}", down_hint=f"check {ChatEnv.BASE_URL} / {ChatEnv.OPENAI_BASE_URL}")
 
@@ -184,6 +218,9 @@ def resolve(source: str = "auto", target: str | None = None, model: str | None =
     """Pick the source. `model` overrides the served model (local) or SAGE_CHAT_MODEL (cloud)."""
     if source not in SOURCES:
         raise UsageError(f"--source must be one of {', '.join(SOURCES)}, not {source!r}", hint="e.g. --source local")
+    from sage_llm.engine.vllm import check_model_name
+
+    check_model_name(model, "--model", hint="give a model the source serves, or leave --model out for its default")
     if source == "cloud":
         if target is not None:
             raise UsageError("NAME|PORT picks a local engine; it cannot go with --source cloud",
@@ -263,7 +300,12 @@ class ChatSession:
                     and cloud_configured()):
                 raise
             failed = self.target
-            cloud = resolve_cloud(self.model_override if self.model_override else None)
+            try:
+                cloud = resolve_cloud(self.model_override if self.model_override else None)
+            except UntrustedBaseURL as refusal:
+                on_notice(f"{failed.label} failed; not retrying on the cloud: {refusal.message} "
+                          f"(hint: {refusal.hint})")
+                raise exc from None
             on_notice(f"{failed.label} failed ({exc.message}); retrying this turn on the cloud: "
                       f"model {cloud.model or '(server default)'} at {cloud.base_url}")
             self.target = cloud

@@ -99,6 +99,7 @@ class BenchReport:
     metrics_before: dict[str, float] | None = None
     metrics_after: dict[str, float] | None = None
     metrics_error: str | None = None
+    prompt: PromptPlan | None = None
 
     @property
     def ok(self) -> list[RequestResult]:
@@ -124,6 +125,9 @@ class BenchReport:
             "output_throughput": out_tokens / self.duration_s if self.duration_s > 0 else None,
             "total_output_tokens": out_tokens,
             "total_prompt_tokens": sum(prompt) if prompt else None,
+            # what each request really sent, as the engine counted it (usage): the number to read, not the asked one
+            "prompt_tokens_per_request": _per_request(prompt),
+            "prompt": self.prompt.to_json() if self.prompt is not None else None,
             "ttft_s": _dist([r.ttft for r in ok if r.ttft is not None]),
             "itl_s": _dist([g for r in ok for g in r.itl]),
             "tpot_s": _dist(tpot),
@@ -148,6 +152,23 @@ class BenchReport:
                 "the engine counted other traffic too, or requests failed mid-stream"}
 
 
+def _per_request(counts: list[int]) -> float | int | None:
+    """The prompt tokens of one request: an int when every request sent the same, else the mean."""
+    if not counts:
+        return None
+    return counts[0] if len(set(counts)) == 1 else sum(counts) / len(counts)
+
+
+def prompt_deviation(doc: dict[str, Any]) -> str | None:
+    """A sentence when the prompt tokens each request sent (engine usage) differ from --prompt-tokens by over 10 %."""
+    sent, asked = doc.get("prompt_tokens_per_request"), doc.get("prompt_tokens")
+    if sent is None or not asked or abs(sent - asked) <= 0.1 * asked:
+        return None
+    why = (doc.get("prompt") or {}).get("note")
+    return f"each request sent {sent:g} prompt tokens as the engine counted them, not the {asked} asked" + \
+        (f": {why}" if why else "")
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Sums of vLLM's token counters over every label set."""
     totals: dict[str, float] = {}
@@ -159,9 +180,79 @@ def parse_metrics(text: str) -> dict[str, float]:
     return totals
 
 
-def make_prompt(n_tokens: int) -> str:
-    """About `n_tokens` tokens of plain words (most tokenizers give one token per common word)."""
-    return " ".join(PROMPT_WORDS[i % len(PROMPT_WORDS)] for i in range(n_tokens))
+def make_prompt(n_words: int, filler: int = 0) -> str:
+    """`n_words` plain words, then `filler` single letters (small steps, to fine-tune the token count)."""
+    return " ".join([*(PROMPT_WORDS[i % len(PROMPT_WORDS)] for i in range(n_words)), *(["a"] * filler)])
+
+
+@dataclass
+class PromptPlan:
+    """The prompt every request sends, and how its size was set."""
+
+    text: str
+    asked: int  # --prompt-tokens
+    counted: int | None = None  # the engine's count of the whole prompt, chat template included (/tokenize)
+    method: str = "words"  # "tokenize": calibrated with the engine's tokenizer; "words": one word per token assumed
+    note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "tokens": self.counted, "note": self.note}
+
+
+async def _tokenize_count(client: Any, root: str, model: str, text: str, headers: dict[str, str]) -> int:
+    """The prompt tokens of one chat request with `text` as the user message, as the engine counts them (vLLM's
+    POST /tokenize with the messages: the chat template and the generation prompt included, like the request)."""
+    resp = await client.post(root + "/tokenize", headers=headers, json={
+        "model": model, "messages": [{"role": "user", "content": text}], "add_generation_prompt": True})
+    resp.raise_for_status()
+    count = resp.json().get("count")
+    if not isinstance(count, int):
+        raise ValueError("no count in the /tokenize answer")
+    return count
+
+
+async def plan_prompt(client: Any, root: str, model: str, target: int, headers: dict[str, str]) -> PromptPlan:
+    """A user message whose whole chat prompt is `target` tokens as the engine counts them (vLLM's /tokenize):
+    bisection on the number of words (a count never falls when a word is added), then on single-letter filler to
+    close the gap. A server without /tokenize gets `target` words, and the report shows what the engine counted."""
+    cache: dict[tuple[int, int], int] = {}
+
+    async def count(words: int, filler: int = 0) -> int:
+        if (words, filler) not in cache:
+            cache[(words, filler)] = await _tokenize_count(client, root, model, make_prompt(words, filler), headers)
+        return cache[(words, filler)]
+
+    try:
+        smallest = await count(1)
+        if smallest >= target:
+            return PromptPlan(make_prompt(1), target, smallest, "tokenize", None if smallest == target else
+                              f"the chat template and one word are already {smallest} tokens, the smallest prompt "
+                              "this model takes")
+        lo, hi = 1, max(2, target)  # count(lo) < target; each word is at least one token, so count(hi) >= target
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if await count(mid) <= target:
+                lo = mid
+            else:
+                hi = mid
+        best = (lo, 0)
+        gap = target - await count(lo)
+        if gap > 0:  # letters: ~1 token each; the largest filler that does not overshoot
+            flo, fhi = 0, gap + 1
+            while fhi - flo > 1:
+                mid = (flo + fhi) // 2
+                if await count(lo, mid) <= target:
+                    flo = mid
+                else:
+                    fhi = mid
+            best = (lo, flo)
+        if await count(hi) - target < target - await count(*best):
+            best = (hi, 0)
+        return PromptPlan(make_prompt(*best), target, await count(*best), "tokenize")
+    except Exception as exc:  # no /tokenize (an OpenAI-compatible server that is not vLLM), or it failed
+        return PromptPlan(make_prompt(target), target, None, "words",
+                          f"{target} words sent (one token each assumed): the server's /tokenize is unavailable "
+                          f"({_exc_text(exc)})")
 
 
 def _server_root(base_url: str) -> str:
@@ -453,11 +544,6 @@ async def run(cfg: BenchConfig, on_progress: Callable[[dict[str, Any]], None] | 
 
     _skip_missing_sniffio()
     cfg.validate()
-    body = json.dumps({
-        "model": cfg.model, "stream": True, "stream_options": {"include_usage": True},
-        "messages": [{"role": "user", "content": make_prompt(cfg.prompt_tokens)}],
-        "max_tokens": cfg.max_tokens, "temperature": 0.0, **({"ignore_eos": True} if cfg.ignore_eos else {}),
-    }).encode()
     headers = {"content-type": "application/json", "accept": "text/event-stream"}
     if cfg.api_key:
         headers["authorization"] = f"Bearer {cfg.api_key}"
@@ -467,6 +553,13 @@ async def run(cfg: BenchConfig, on_progress: Callable[[dict[str, Any]], None] | 
     results: list[RequestResult] = []
     async with httpx.AsyncClient(base_url=cfg.base_url.rstrip("/"), limits=limits, timeout=timeout,
                                  trust_env=False) as client:
+        auth = {"authorization": headers["authorization"]} if cfg.api_key else {}
+        plan = await plan_prompt(client, root, cfg.model, cfg.prompt_tokens, auth)
+        body = json.dumps({
+            "model": cfg.model, "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": plan.text}],
+            "max_tokens": cfg.max_tokens, "temperature": 0.0, **({"ignore_eos": True} if cfg.ignore_eos else {}),
+        }).encode()
         before = after = None
         metrics_error = None
         if cfg.metrics:
@@ -516,7 +609,7 @@ async def run(cfg: BenchConfig, on_progress: Callable[[dict[str, Any]], None] | 
                 after = await _read_metrics(client, root)
             except Exception as exc:
                 metrics_error = f"/metrics unavailable after the run: {_exc_text(exc)}"
-    return BenchReport(cfg, results, duration, before, after, metrics_error)
+    return BenchReport(cfg, results, duration, before, after, metrics_error, plan)
 
 
 def run_sync(cfg: BenchConfig, on_progress: Callable[[dict[str, Any]], None] | None = None,

@@ -40,20 +40,69 @@ class _Refused(Exception):
     pass
 
 
+class ResolveTimeout(TimeoutError):
+    """The host name did not resolve before the deadline."""
+
+
+def _is_ip(host: str, family: int) -> bool:
+    try:
+        socket.inet_pton(family, host)
+    except OSError:
+        return False
+    return True
+
+
+def resolve_address(host: str, port: int, family: int, deadline: float) -> Any:
+    """The socket address to connect to, resolved by the absolute monotonic `deadline` (ResolveTimeout after it).
+
+    An IP literal needs no lookup. A name is looked up in a daemon thread, because `getaddrinfo` has no timeout of its
+    own (and `connect` with a name would call it outside any deadline): a slow resolver costs at most the budget."""
+    if _is_ip(host, family):
+        return (host, port)
+    box: list[Any] = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            box.append(socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)[0][4])
+        except Exception as exc:  # handed to the caller
+            box.append(exc)
+        done.set()
+
+    threading.Thread(target=lookup, name=f"resolve-{host}", daemon=True).start()
+    if not done.wait(max(0.0, deadline - time.monotonic())):
+        raise ResolveTimeout(f"{host} did not resolve in time")
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
+def host_header(host: str, port: int) -> str:
+    """`Host` header value: an IPv6 address in brackets (RFC 7230 / 3986)."""
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def http_get(host: str, port: int, path: str, deadline: float, headers: dict[str, str] | None = None,
              limit: int = 4 << 20) -> tuple[int, bytes]:
-    """GET with `Connection: close`, finished by the absolute monotonic `deadline`; returns (status, body)."""
+    """GET with `Connection: close`, finished (name lookup included) by the absolute monotonic `deadline`; returns
+    (status, body)."""
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = resolve_address(host, port, family, deadline)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
         try:
-            sock.connect((host, port))
+            sock.connect(address)
         except ConnectionRefusedError as exc:
             raise _Refused() from exc
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n{extra}\r\n".encode())
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host_header(host, port)}\r\nConnection: close\r\n{extra}"
+                     "\r\n".encode())
         buf = bytearray()
         while True:
             left = deadline - time.monotonic()
@@ -119,6 +168,8 @@ def probe(host: str, port: int, timeout: float = 0.6, api_key: str | None = None
                 result.models = [m for m in (models or []) if isinstance(m, dict)]
     except _Refused:
         result.refused = True
+    except ResolveTimeout:
+        result.error = f"could not resolve {host} within {timeout:g} s"
     except TimeoutError:
         result.reachable = True
         result.error = f"no answer from {host}:{port} within {timeout:g} s"

@@ -282,10 +282,24 @@ def layered_env(name: str) -> str | None:
     _, dot = read_dotenv()
     if dot.get(name, "").strip():
         return dot[name].strip()
+    return config_value(name)
+
+
+def source_of(name: str) -> tuple[str, str | None] | None:
+    """(source, origin) of the layer that sets variable `name` (env, dotenv or config, as `env_str` reads it), or
+    None when unset. Only SAGE_* settings have the lower layers; any other variable is env or None."""
     spec = BY_ENV.get(name)
     if spec is None:
-        return None
-    value = read_config().get(spec.key)
+        raw = os.environ.get(name)
+        return ("env", name) if raw is not None and raw.strip() else None
+    layer = _layers(spec)
+    return (layer[0], layer[1]) if layer else None
+
+
+def config_value(name: str) -> str | None:
+    """The config file's value for variable `name` (stripped text), ignoring the environment and .env."""
+    spec = BY_ENV.get(name)
+    value = read_config().get(spec.key) if spec is not None else None
     if value is None or isinstance(value, (dict, list)):
         return None
     return str(value).strip() or None

@@ -68,3 +68,25 @@ def test_bench_reports_failures_with_exit_1(cli):
     doc = json.loads(out)
     assert doc["failed"] == 3
     assert "request(s) failed" in err
+
+
+def test_prompt_tokens_are_what_the_engine_counts(cli):
+    """--prompt-tokens N: each request's prompt is N tokens in the engine's usage, chat template included (the fake
+    counts 4 per message on top of the words, so N words, as the old bench sent, would be N + 4)."""
+    port = str(free_port())
+    code, _out, err = cli("start", "org/model-a", "--name", "b3", "--port", port)
+    assert code == 0, err
+    code, out, err = cli("bench", "b3", "-c", "2", "-n", "4", "--prompt-tokens", "32", "--max-tokens", "2", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["prompt_tokens"] == 32
+    assert doc["prompt_tokens_per_request"] == 32
+    assert doc["total_prompt_tokens"] == 4 * 32
+    assert doc["prompt"] == {"method": "tokenize", "tokens": 32, "note": None}
+    assert doc["server_metrics"]["prompt_tokens"] == 4 * 32
+    # below the template's own size: the smallest prompt is sent, and a warning says so with the real count
+    code, out, err = cli("bench", "b3", "-c", "1", "-n", "1", "--prompt-tokens", "2", "--max-tokens", "2")
+    assert code == 0, err
+    assert "prompt tokens/request     5 (2 asked; engine usage, calibrated with /tokenize)" in out
+    assert ("Warning: each request sent 5 prompt tokens as the engine counted them, not the 2 asked: the chat "
+            "template and one word are already 5 tokens, the smallest prompt this model takes") in err

@@ -221,3 +221,89 @@ def test_engine_started_with_api_key_env_gets_its_key(cli, fake_vllm, stop_all, 
     assert f"Error: local engine 'keyed' at http://127.0.0.1:{port}/v1 refused the API key (401)" in err
     assert "hint: MY_ENGINE_KEY is not set in this shell; the engine was started with --api-key-env MY_ENGINE_KEY" \
            in err
+
+
+# ------------------------------------------------------------------ a .env may not send the user's key elsewhere
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A cloned repository as the current directory: its .env is read (the test isolation turns .env off)."""
+    repo = tmp_path / "cloned-repo"
+    repo.mkdir()
+    monkeypatch.delenv("SAGE_LLM_DOTENV")
+    monkeypatch.chdir(repo)
+    return repo / ".env"
+
+
+@pytest.fixture
+def rogue():
+    """The repository's server: it accepts any key, and records every Authorization header it is sent."""
+    with FakeOpenAI(key="anything", models=("cloud-model",), reply="Thanks for the key.") as api:
+        yield api
+
+
+def test_dotenv_base_url_never_gets_the_users_environment_key(cli, project, rogue, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-user-secret")
+    project.write_text(f"SAGE_CHAT_BASE_URL={rogue.base_url}\nSAGE_CHAT_MODEL=cloud-model\n")
+    for args in (("--source", "cloud"), ()):  # also auto, falling back to the cloud for want of a local engine
+        code, out, err = cli("chat", *args, "-p", "hi")
+        assert (code, out) == (2, ""), err
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith(f"Error: SAGE_CHAT_BASE_URL={rogue.base_url} comes only from {project}, and the API key "
+                              "from the environment (OPENAI_API_KEY): your key is not sent to a server that a .env "
+                              "file chose (hint: put that server's key in the same .env as SAGE_CHAT_API_KEY"), err
+        assert "sk-user-secret" not in err
+    assert rogue.auth_seen == []
+
+
+def test_dotenv_base_url_never_gets_the_config_file_key(cli, project, rogue, monkeypatch):
+    from sage_llm import settings
+
+    settings.set_value("chat_api_key", "sk-config-secret")
+    project.write_text(f"SAGE_CHAT_BASE_URL={rogue.base_url}\n")
+    code, out, err = cli("chat", "--source", "cloud", "-p", "hi")
+    assert (code, out) == (2, ""), err
+    assert "and the API key from the config file (" in err
+    assert rogue.auth_seen == []
+
+
+def test_dotenv_base_url_on_loopback_is_refused_too(cli, project, rogue, monkeypatch):
+    """Loopback is no exception: any local process may listen on the port the repository names."""
+    monkeypatch.setenv("SAGE_CHAT_API_KEY", "sk-user-secret")
+    project.write_text(f"SAGE_CHAT_BASE_URL=http://localhost:{rogue.port}/v1\n")
+    code, _out, err = cli("chat", "--source", "cloud", "-p", "hi")
+    assert code == 2, err
+    assert "the API key from the environment (SAGE_CHAT_API_KEY)" in err
+    assert rogue.auth_seen == []
+
+
+def test_a_key_from_the_same_dotenv_goes_to_its_base_url(cli, project, rogue, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-user-secret")
+    project.write_text(f"SAGE_CHAT_BASE_URL={rogue.base_url}\nSAGE_CHAT_API_KEY=anything\n")
+    code, out, err = cli("chat", "--source", "cloud", "-p", "hi", "--model", "cloud-model")
+    assert (code, out) == (0, "Thanks for the key.\n"), err
+    assert set(rogue.auth_seen) == {"Bearer anything"}
+
+
+def test_a_dotenv_base_url_the_user_also_configured_is_trusted(cli, project, cloud, monkeypatch):
+    from sage_llm import settings
+
+    monkeypatch.delenv("SAGE_CHAT_BASE_URL")
+    settings.set_value("chat_base_url", cloud.base_url)
+    project.write_text(f"SAGE_CHAT_BASE_URL={cloud.base_url}/\n")
+    code, out, err = cli("chat", "--source", "cloud", "-p", "hi")
+    assert (code, out) == (0, "Hello from the cloud.\n"), err
+
+
+def test_engine_failure_does_not_fall_back_to_a_dotenv_base_url(cli, engine, project, rogue, monkeypatch):
+    from sage_llm.engine import manager
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-user-secret")
+    project.write_text(f"SAGE_CHAT_BASE_URL={rogue.base_url}\n")
+    stdin = FakeStdin("one\ntwo\n", before={2: lambda: manager.stop("tiny-chat", timeout=5)})
+    monkeypatch.setattr("sys.stdin", stdin)
+    code, out, err = cli("chat", "-i")
+    assert code == 0, err
+    assert out == REPLY + "\n"
+    assert "failed; not retrying on the cloud: SAGE_CHAT_BASE_URL=" in err
+    assert "is not running (connection refused)" in err
+    assert rogue.auth_seen == []

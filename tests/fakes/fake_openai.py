@@ -31,6 +31,7 @@ class FakeOpenAI:
         self.status: int | None = None  # answer every chat request with this status
         self.max_model_len = 4096
         self.requests: list[dict[str, Any]] = []
+        self.auth_seen: list[str | None] = []  # the Authorization header of every request, in order
         self.disconnects = 0
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer((host, port), _handler(self))
@@ -90,6 +91,8 @@ def _handler(api: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def _auth(self) -> bool:
+            with api.lock:
+                api.auth_seen.append(self.headers.get("authorization"))
             if self.headers.get("authorization") == f"Bearer {api.key}":
                 return True
             self._json(401, {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",

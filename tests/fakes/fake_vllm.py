@@ -18,6 +18,8 @@ Behaviour knobs (environment):
   FAKE_VLLM_REPLY=text        the chat reply
   FAKE_VLLM_TOKEN_DELAY_S=0   delay between streamed tokens
   FAKE_VLLM_MAX_MODEL_LEN=2048
+  FAKE_VLLM_SHM=2             map 2 psm_<random hex> files (like vLLM's message queues) in FAKE_VLLM_SHM_DIR
+                              (/dev/shm), log their names, and leave them behind on exit (like a SIGKILLed vLLM)
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ def log(msg: str, level: str = "INFO", proc: str = "APIServer") -> None:
     stamp = time.strftime("%m-%d %H:%M:%S")
     sys.stdout.write(f"({proc} pid={os.getpid()}) {level} {stamp} [fake_vllm.py:1] {msg}\n")
     sys.stdout.flush()
+
+
+def prompt_token_count(messages: list) -> int:
+    """The fake's tokenizer: one token per word, plus 4 per message for the chat template."""
+    return sum(len(str(m.get("content", "")).split()) + 4 for m in messages)
 
 
 def parse(argv: list[str]) -> dict:
@@ -157,7 +164,7 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b"{}"
         if not self._auth_ok():
             return
-        if self.path != "/v1/chat/completions":
+        if self.path not in ("/v1/chat/completions", "/tokenize"):
             self._json(404, {"detail": "Not Found"})
             return
         try:
@@ -165,12 +172,17 @@ class Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError:
             self._json(400, {"error": {"message": "invalid JSON", "type": "BadRequestError", "code": 400}})
             return
+        if self.path == "/tokenize":  # vLLM's, with messages: the count the chat request's usage will report
+            count = prompt_token_count(req.get("messages") or [])
+            self._json(200, {"count": count, "max_model_len": max_model_len(opts), "tokens": list(range(count)),
+                             "token_strs": None})
+            return
         model = req.get("model")
         if model and model != opts["served"]:
             self._json(404, {"error": {"message": f"The model `{model}` does not exist.", "type": "NotFoundError",
                                        "param": "model", "code": 404}})
             return
-        prompt_tokens = sum(len(str(m.get("content", "")).split()) + 4 for m in req.get("messages", []))
+        prompt_tokens = prompt_token_count(req.get("messages", []))
         if prompt_tokens > max_model_len(opts):
             self._json(400, {"error": {"message": f"This model's maximum context length is {max_model_len(opts)}"
                                                   f" tokens. However, you requested {prompt_tokens} tokens.",
@@ -334,6 +346,18 @@ def main() -> None:
         nbytes = gpu_mib[n] * 1024**2 if n < len(gpu_mib) else 0
         children.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", title, str(nbytes)],
                                          stdout=subprocess.PIPE if nbytes else None))
+
+    shm_maps = []  # kept referenced: mapped for the process's life
+    for _ in range(int(os.environ.get("FAKE_VLLM_SHM", "0"))):
+        import mmap
+        import secrets
+
+        path = os.path.join(os.environ.get("FAKE_VLLM_SHM_DIR", "/dev/shm"), f"psm_{secrets.token_hex(4)}")
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        os.ftruncate(fd, 4096)
+        shm_maps.append(mmap.mmap(fd, 4096))
+        os.close(fd)
+        log(f"FAKE_SHM {os.path.basename(path)}")
 
     log("Resolved architecture: LlamaForCausalLM")
     log(f"Using max model len {max_model_len(opts)}")

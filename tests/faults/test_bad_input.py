@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 # (arguments, exit code, a fragment the one-line error must contain)
 TABLE: list[tuple[list[str], int, str]] = [
     (["start", "org/x", "--port", "0"], 2, "port 0 is out of range"),
@@ -98,3 +100,54 @@ def markdown() -> str:
 if __name__ == "__main__":
     os.environ.setdefault("NO_COLOR", "1")
     print(markdown())
+
+
+# An empty model name is a mistake (an unset shell variable, say), never a request for the default model: exit 2, one
+# line, nothing started. Kept out of TABLE only because `sage llm start ` would read badly in the docs table.
+EMPTY_MODEL: list[tuple[list[str], str]] = [
+    (["start", ""], "MODEL is empty"),
+    (["start", "  ", "--no-wait"], "MODEL is empty ('  ')"),
+    (["run", ""], "MODEL is empty"),
+    (["run", "\t"], "MODEL is empty"),
+    (["chat", "--model", "", "-p", "hi"], "--model is empty"),
+    (["chat", "--model", " ", "--source", "local", "-p", "hi"], "--model is empty"),
+    (["bench", "--model", ""], "--model is empty"),
+    (["bench", "--url", "http://127.0.0.1:9/v1", "--model", " "], "--model is empty"),
+]
+
+
+@pytest.mark.parametrize(("args", "fragment"), EMPTY_MODEL, ids=[repr(a) for a, _ in EMPTY_MODEL])
+def test_empty_model_name_is_bad_input(cli, home, fake_vllm, monkeypatch, args, fragment):
+    from sage_llm.engine import manager
+
+    started: list[object] = []
+
+    def no_start(*a, **k):
+        started.append(a)
+        raise RuntimeError("an engine was started for an empty model name")
+
+    monkeypatch.setattr(manager, "start", no_start)
+    before = _tree(home)
+    got, out, err = cli(*args)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert (got, out, started) == (2, "", []), err
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"Error: {fragment}"), lines[0]
+    assert "hint:" in lines[0]
+    assert _tree(home) == before
+
+
+@pytest.mark.parametrize("args", [["switch", "e1", ""], ["switch", "e1", " ", "--rolling"],
+                                  ["restart", "e1", "--model", ""]])
+def test_empty_model_name_changes_no_engine(cli, fake_vllm, stop_all, args):
+    from sage_llm.state import StateStore
+
+    code, _out, err = cli("start", "org/x", "--name", "e1", "--port", str(free_port()))
+    assert code == 0, err
+    rec = StateStore().load("e1")
+    got, out, err = cli(*args)
+    assert (got, out) == (2, ""), err
+    assert err.startswith("Error: MODEL is empty"), err
+    assert len(err.splitlines()) == 1, err
+    after = StateStore().load("e1")
+    assert (after.id, after.pid, after.model) == (rec.id, rec.pid, "org/x")

@@ -112,7 +112,7 @@ def test_tensor_parallel_2_on_the_cpu_engine(cli, real_vllm, tiny_model, ports):
     assert process.find_by_marker(rec.id) == []
     # vLLM's shared-memory files of this engine are gone; any new one left is held by some other live process
     left = (shm_names() - shm_before) & mine
-    held = process._held_shm_paths("/dev/shm")
+    held = process.held_shm_paths("/dev/shm")
     assert all(f"/dev/shm/{n}" in held for n in left), (left, mine)
     assert not any(n.startswith(f"{port}-") for n in shm_names())
 

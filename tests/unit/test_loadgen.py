@@ -185,3 +185,65 @@ def test_raw_protocol_reports_an_error_event_and_a_closed_connection():
         b'data: {"error": {"message": "engine died", "code": 500}}\n\n')
     assert asyncio.run(go(err, False)) == "engine died"
     assert "closed" in asyncio.run(go(RESPONSE[:60], True))
+
+
+def _tokenizer_server(template: int, per_word) -> tuple[object, list[str]]:
+    """An httpx transport whose POST /tokenize counts `template` + per_word(word) tokens per message."""
+    import httpx
+
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        import json
+
+        seen.append(request.url.path)
+        if request.url.path != "/tokenize":
+            return httpx.Response(404, json={"detail": "Not Found"})
+        msgs = json.loads(request.content)["messages"]
+        count = sum(template + sum(per_word(w) for w in m["content"].split()) for m in msgs)
+        return httpx.Response(200, json={"count": count, "max_model_len": 4096, "tokens": []})
+
+    return httpx.MockTransport(handler), seen
+
+
+@pytest.mark.parametrize(("template", "target"), [(9, 32), (30, 32), (9, 500), (3, 6)])
+def test_prompt_plan_hits_the_target_with_multi_token_words(template, target):
+    """Words of 1-4 tokens (a small vocabulary): bisection on words, then one-token letters close the gap."""
+    import asyncio
+
+    import httpx
+
+    transport, seen = _tokenizer_server(template, lambda w: 1 if w == "a" else 1 + len(w) // 2)
+
+    async def go():
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await loadgen.plan_prompt(client, "http://engine", "m", target, {})
+
+    plan = asyncio.run(go())
+    assert (plan.method, plan.counted, plan.note) == ("tokenize", target, None)
+    assert len(seen) <= 2 * target.bit_length() + 4  # a bisection, not one request per token
+
+
+def test_prompt_plan_without_tokenize_falls_back_to_words():
+    import asyncio
+
+    import httpx
+
+    transport, _seen = _tokenizer_server(0, lambda w: 1)
+
+    async def go():
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await loadgen.plan_prompt(client, "http://engine/nothing-here", "m", 12, {})
+
+    plan = asyncio.run(go())
+    assert plan.method == "words"
+    assert plan.counted is None
+    assert len(plan.text.split()) == 12
+    assert "/tokenize is unavailable" in plan.note
+
+
+def test_prompt_deviation_is_reported_beyond_ten_percent():
+    assert loadgen.prompt_deviation({"prompt_tokens": 32, "prompt_tokens_per_request": 35}) is None
+    assert loadgen.prompt_deviation({"prompt_tokens": 32, "prompt_tokens_per_request": 98,
+                                     "prompt": {"note": "why"}}) == \
+        "each request sent 98 prompt tokens as the engine counted them, not the 32 asked: why"

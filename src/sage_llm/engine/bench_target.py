@@ -9,6 +9,11 @@ def resolve(target: str | None, url: str | None, model: str | None) -> tuple[str
     """(base_url, model to request, API key or None, engine name or None)."""
     import os
 
+    from sage_llm.engine.vllm import check_model_name
+
+    check_model_name(model, "--model", hint="give the model name the server serves, or leave --model out for the "
+                                            "engine's")
+
     if url:
         if target:
             raise UsageError("give an engine (NAME|PORT) or --url, not both", hint="e.g. `sage llm bench qwen`")

@@ -290,8 +290,9 @@ def _fail(record: EngineRecord, store: StateStore, what: str, kill: bool = True)
         stage = snapshot_of(record.log_file, record.model)
         what += f" while {stage.label}" + (f" ({stage.detail})" if stage.detail else "")
     if kill:
-        if not process.stop_tree(record.pid, record.create_time, record.id, timeout=5.0).survivors:
-            _leftovers(record)
+        stopped = process.stop_tree(record.pid, record.create_time, record.id, timeout=5.0)
+        if not stopped.survivors:
+            _leftovers(record, owned=stopped.shm_seen)
     reason = f"engine {record.name!r} {what}" + (f": {diag.message}" if diag else "")
     hint = diag.hint if diag and diag.hint else f"see `sage llm logs {record.name} -n 80`"
     if kill:
@@ -366,7 +367,7 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
         left = ", ".join(f"{n} (pid {p})" for p, n in result.survivors)
         outcome.message = f"engine {name!r}: still running after SIGKILL: {left}"
         return outcome
-    outcome.shm_removed, outcome.notes = _leftovers(rec, {p.pid for p in tree.members})
+    outcome.shm_removed, outcome.notes = _leftovers(rec, {p.pid for p in tree.members}, owned=result.shm_seen)
     with store.lock():
         current = store.load(name)
         if isinstance(current, EngineRecord) and current.id == rec.id:
@@ -392,11 +393,13 @@ def _check_scaleout(spec: LaunchSpec, cmd: Any) -> None:
                          hint="run `sage llm engine install --ray` (it adds a pinned Ray)")
 
 
-def _leftovers(rec: EngineRecord, pids: set[int] | None = None) -> tuple[list[str], list[str]]:
-    """Once no process of the engine is left: sweep its /dev/shm leftovers; with Ray, check its workers are gone.
+def _leftovers(rec: EngineRecord, pids: set[int] | None = None, owned: set[str] | None = None
+               ) -> tuple[list[str], list[str]]:
+    """Once no process of the engine is left: sweep its /dev/shm leftovers (`owned`: the files its processes were
+    seen holding before the stop); with Ray, check its workers are gone.
 
     Returns (shared-memory files removed, notes about Ray workers still alive). The Ray cluster is left running."""
-    removed = process.sweep_shm(rec.create_time or parse_iso(rec.started_at), rec.port)
+    removed = process.sweep_shm(rec.create_time or parse_iso(rec.started_at), rec.port, owned=owned or set())
     notes: list[str] = []
     address = (rec.settings or {}).get("ray_address")
     if address:

@@ -370,6 +370,7 @@ class StopResult:
     survivors: list[tuple[int, str]]  # (pid, name) still alive after SIGKILL
     escalated: bool  # SIGKILL was needed
     duration_s: float
+    shm_seen: set[str] = field(default_factory=set)  # /dev/shm files the engine's processes held before the signals
 
 
 def stop_tree(
@@ -389,6 +390,8 @@ def stop_tree(
     started = time.monotonic()
     tree = find_tree(pid, create_time, engine_id)
     signalled = {p.pid for p in tree.members}
+    # what the engine holds in /dev/shm while it is alive: the proof that a leftover file is its own (sweep_shm)
+    seen = held_shm_paths(None, signalled) if signalled else set()
     escalated = False
     if tree.members and not force:
         # SIGTERM to the API server lets vLLM shut its children down cleanly; orphans (no leader) get it directly.
@@ -410,6 +413,7 @@ def stop_tree(
         escalated = not force
         if on_escalate and not force:
             on_escalate()
+        seen |= held_shm_paths(None, {p.pid for p in tree.members})
         for _round in range(3):
             signalled |= {p.pid for p in tree.members}
             _signal_all(tree.members, signal.SIGKILL)
@@ -426,7 +430,7 @@ def stop_tree(
     for proc in tree.members:
         with contextlib.suppress(ps.Error):
             survivors.append((proc.pid, proc.name()))
-    return StopResult(sorted(signalled), survivors, escalated, time.monotonic() - started)
+    return StopResult(sorted(signalled), survivors, escalated, time.monotonic() - started, seen)
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -471,17 +475,22 @@ def port_owner(port: int) -> tuple[int | None, str | None]:
 SHM_DIR = "/dev/shm"
 
 
-def _shm_is_ours(name: str, port: int | None) -> bool:
-    if name.startswith("psm_") or (name.startswith("vllm_dist_") and "cpushm" in name):
-        return True
+def _is_vllm_shm(name: str) -> bool:
+    """vLLM's names: Python shared_memory segments (`psm_<random hex>`, message queues), CPU all-reduce files."""
+    return name.startswith("psm_") or "cpushm" in name
+
+
+def _named_for_port(name: str, port: int | None) -> bool:
+    """vLLM's CPU all-reduce files named after the engine's port (`<port>-tp:0-[0-1]-cpushm_0`)."""
     return port is not None and name.startswith(f"{port}-") and "cpushm" in name
 
 
-def _held_shm_paths(shm_dir: str) -> set[str]:
-    """Every file under `shm_dir` that a live process has open or mapped (/proc/*/fd and /proc/*/maps)."""
+def held_shm_paths(shm_dir: str | None = None, pids: set[int] | None = None) -> set[str]:
+    """Every file under `shm_dir` (SHM_DIR) that a live process (only those in `pids`, when given) has open or mapped
+    (/proc/PID/fd and /proc/PID/maps)."""
     held: set[str] = set()
-    prefix = shm_dir.rstrip("/") + "/"
-    for pid in os.listdir("/proc"):
+    prefix = (shm_dir or SHM_DIR).rstrip("/") + "/"
+    for pid in (sorted(str(p) for p in pids) if pids is not None else os.listdir("/proc")):
         if not pid.isdigit():
             continue
         with contextlib.suppress(OSError):
@@ -498,12 +507,18 @@ def _held_shm_paths(shm_dir: str) -> set[str]:
     return held
 
 
-def sweep_shm(since: float | None, port: int | None = None, shm_dir: str = SHM_DIR) -> list[str]:
-    """Remove vLLM's shared-memory leftovers created since `since` (epoch s) that no live process holds; their names.
+def sweep_shm(since: float | None, port: int | None = None, shm_dir: str | None = None,
+              owned: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Remove the stopped engine's shared-memory leftovers that no live process holds now; their names.
 
-    Only our own files, with vLLM's names, from the engine's lifetime, are candidates; a file some process still has
-    open or mapped (another engine's) is never touched.
+    A file is the engine's only when that can be shown: its processes were seen holding it before they were stopped
+    (`owned`: full paths, from `StopResult.shm_seen`), or it is a CPU all-reduce file named after the engine's port.
+    `psm_*` names are random, so an unheld `psm_*` of another program, even one created while the engine ran, is left
+    alone; so is everything of an engine that died before `stop` could see what it held. Only the user's own regular
+    files with vLLM's names, not older than the engine (`since`, epoch s), are candidates, and a file some live
+    process has open or mapped now is never touched.
     """
+    shm_dir = shm_dir or SHM_DIR
     try:
         entries = os.listdir(shm_dir)
     except OSError:
@@ -511,9 +526,9 @@ def sweep_shm(since: float | None, port: int | None = None, shm_dir: str = SHM_D
     me = os.getuid()
     candidates = []
     for name in entries:
-        if not _shm_is_ours(name, port):
-            continue
         path = os.path.join(shm_dir, name)
+        if not _is_vllm_shm(name) or not (path in owned or _named_for_port(name, port)):
+            continue
         try:
             st = os.lstat(path)
         except OSError:
@@ -523,7 +538,7 @@ def sweep_shm(since: float | None, port: int | None = None, shm_dir: str = SHM_D
         candidates.append(path)
     if not candidates:
         return []
-    held = _held_shm_paths(shm_dir)
+    held = held_shm_paths(shm_dir)
     removed = []
     for path in candidates:
         if path in held:

@@ -56,10 +56,19 @@ def looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or (os.sep in model and Path(model).expanduser().exists())
 
 
+MODEL_HINT = "give a Hugging Face id like Qwen/Qwen2.5-1.5B-Instruct or a path"
+
+
+def check_model_name(model: str | None, what: str = "MODEL", hint: str = MODEL_HINT) -> None:
+    """A model name that was given must not be empty or blank (UsageError, exit 2): an empty argument is a mistake
+    (an unset shell variable, say), never a request for the default model."""
+    if model is not None and not model.strip():
+        raise UsageError(f"{what} is empty" + (f" ({model!r})" if model else ""), hint=hint)
+
+
 def validate(spec: LaunchSpec) -> None:
     """Raise UsageError (exit 2) for anything vLLM would reject later."""
-    if not spec.model or not spec.model.strip():
-        raise UsageError("MODEL is empty", hint="give a Hugging Face id like Qwen/Qwen2.5-1.5B-Instruct or a path")
+    check_model_name(spec.model or "")
     if looks_like_path(spec.model):
         p = Path(spec.model).expanduser()
         if not p.exists():

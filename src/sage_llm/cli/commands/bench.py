@@ -22,7 +22,8 @@ def bench(
                                                  show_default=False, autocompletion=_complete.engines)] = None,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Requests in flight at once.")] = 8,
     requests: Annotated[int, typer.Option("--requests", "-n", help="Requests to send in all.")] = 100,
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="About this many prompt tokens each.")] = 32,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prompt tokens of each request, chat template "
+                                                "included, as the engine counts them.")] = 32,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="max_tokens of each request.")] = 64,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Ask vLLM to always generate --max-tokens.")]
     = False,
@@ -46,7 +47,7 @@ def bench(
                               prompt_tokens=prompt_tokens, max_tokens=max_tokens, api_key=api_key,
                               timeout_s=timeout, ignore_eos=ignore_eos)
     cfg.validate()
-    out.info(f"bench {name or base_url}: {requests} requests, concurrency {concurrency}, ~{prompt_tokens} prompt "
+    out.info(f"bench {name or base_url}: {requests} requests, concurrency {concurrency}, {prompt_tokens} prompt "
              f"tokens, max_tokens {max_tokens}")
     live = _LiveView(enabled=sys.stderr.isatty())
     try:
@@ -61,6 +62,9 @@ def bench(
         _final_table(doc)
     for err, count in doc["errors"].items():
         out.warning(f"{count} request(s) failed: {err}")
+    deviation = loadgen.prompt_deviation(doc)
+    if deviation:
+        out.warning(deviation)
     sm = doc["server_metrics"]
     if sm.get("available") and not sm.get("generation_tokens_match"):
         out.warning(f"the engine counted {sm['generation_tokens']} generated tokens, the client "
@@ -77,6 +81,14 @@ def _ms(v: float | None) -> str:
 
 def _num(v: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if v is None else fmt.format(v)
+
+
+def _prompt_row(doc: dict[str, Any]) -> str:
+    sent = doc.get("prompt_tokens_per_request")
+    how = (doc.get("prompt") or {}).get("method")
+    where = "engine usage" if doc.get("token_counts_from") == "usage" else "no usage from the server"
+    calibrated = ", calibrated with /tokenize" if how == "tokenize" else ", words (no /tokenize)" if how else ""
+    return f"{'-' if sent is None else f'{sent:g}'} ({doc['prompt_tokens']} asked; {where}{calibrated})"
 
 
 def _final_table(doc: dict[str, Any]) -> None:
@@ -99,6 +111,7 @@ def _final_table(doc: dict[str, Any]) -> None:
         ("requests", f"{doc['completed']} ok, {doc['failed']} failed in {doc['duration_s']:.2f} s"),
         ("request throughput", f"{_num(doc['request_throughput'], '{:.2f}')} req/s"),
         ("output throughput", f"{_num(doc['output_throughput'])} tok/s"),
+        ("prompt tokens/request", _prompt_row(doc)),
         ("tokens (client)", f"{doc['total_output_tokens']} out / {doc['total_prompt_tokens'] or '-'} in "
                             f"(from {doc['token_counts_from']})"),
         ("tokens (engine /metrics)", check),

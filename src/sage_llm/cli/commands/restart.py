@@ -59,7 +59,6 @@ def restart(
     from sage_llm import api
     from sage_llm.cli._progress import LoadDisplay
 
-    api.check_model_name(model, "--model")
     launch.model = model
     progress = LoadDisplay(enabled=True)
     try:
