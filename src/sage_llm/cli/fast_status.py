@@ -7,21 +7,22 @@ import sys
 
 
 def status_json(target: str | None) -> int:
+    from sage_llm.cli import _output as out
     from sage_llm.errors import SageLLMError
     from sage_llm.status import build
 
     try:
         doc, views, warnings = build(target)
     except SageLLMError as exc:
-        sys.stderr.write(f"Error: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else "") + "\n")
+        out.error(exc.message, exc.hint)
         return exc.exit_code
     for w in warnings:
-        sys.stderr.write(f"Warning: {w}\n")
+        out.warning(w)
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     sys.stdout.flush()
     if target is not None:
         if not views:
-            sys.stderr.write(f"Error: no engine named or on port {target!r} (hint: see `sage llm status`)\n")
+            out.error(f"no engine named or on port {target!r}", "see `sage llm status`")
             return 3
         if views[0].state != "ready":
             return 3
