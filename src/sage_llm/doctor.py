@@ -2,7 +2,8 @@
 
 Checks: settings, engine environment and its vLLM version, NVML and driver, GPUs and their free memory, the default
 port, the Hugging Face cache (location, free disk), the state directory (owner, permissions), HF_HUB_OFFLINE, the
-Hugging Face token, and how the commands are reached under SAGE's `sage` when SAGE is installed. Secrets are never read into a message: the token is reported only as present and where from.
+Hugging Face token, and how the commands are reached under SAGE's `sage` when SAGE is installed. Secrets are never
+read into a message: the token is reported only as present and where from.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt
 
 EPILOG = ("Checks: settings, engine environment and vLLM version, NVML and driver, GPUs and free memory, default "
-          "port, HF cache and free disk, state directory, HF_HUB_OFFLINE and token (never printed). "
+          "port, HF cache and free disk, state directory, HF_HUB_OFFLINE and token (never printed), the commands' "
+          "name under SAGE's `sage`. "
           "Exit 0 when nothing fails (warnings allowed), 1 otherwise. "
           "Examples: sage llm doctor | sage llm doctor --json | sage llm doctor || sage llm engine install")
 
