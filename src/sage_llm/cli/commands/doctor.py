@@ -21,9 +21,9 @@ def doctor(json_: JsonOpt = False) -> None:
     def show(c: core.Check) -> None:
         if json_:
             return
-        out.result(f"{c.status:<4}  {c.message}")
+        out.result(f"{c.status:<4}  {out.named(c.message)}")  # our commands, spelled as the user typed them
         if c.fix and c.status != core.OK:
-            out.result(f"      fix: {c.fix}")
+            out.result(f"      fix: {out.named(c.fix)}")
 
     checks = core.run_checks(on_check=show)
     counts = core.summary(checks)
