@@ -9,8 +9,8 @@ plugin and Studio's endpoint bootstrap), and only the third-party packages their
 `sage --help`, `sage status` and `sage llm --help` work. What needs the missing heavy packages (isagellm: `sage llm
 serve`, `sage run chat`, ...) is not run here.
 
-Marked `venv` (in `make test`; it needs PyPI, which CI has): about 60 s with a warm pip cache (docs/sage-integration.md
-has the figures). Leave it out with `-m "not venv"`.
+Marked `venv` (in `make test`, and `make test-sage`; it needs PyPI, which CI has): 105-160 s with a warm pip cache on
+2 cores (40-60 s of it building the venv) (docs/sage-integration.md has the figures). Leave it out with `-m "not venv"`.
 """
 
 from __future__ import annotations
