@@ -238,7 +238,8 @@ def check_sage() -> list[Check]:
         return [Check("sage", WARN, f"{where} is installed, but sage-llm's `{sage_cli.PLUGIN_GROUP}` entry point is "
                                     "missing: only `sage-llm ...` works", "reinstall sage-llm: pip install "
                                     "--force-reinstall --no-deps sage-llm")]
-    own_llm = " (`sage llm` there is SAGE's own isagellm group)" if cli.shape == "typer" else ""
+    # (never the words "sage llm" here: the CLI respells those as the running program's name)
+    own_llm = " (its `llm` group is SAGE's own, isagellm)" if cli.shape == "typer" else ""
     return [Check("sage", OK, f"{where} is installed: the commands are also `sage {sage_cli.GROUP} ...` there"
                               f"{own_llm}; `sage-llm ...` works everywhere")]
 

@@ -116,7 +116,7 @@ def sage_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (site / "sage_studio_standin.py").write_text(STANDIN_STUDIO)
     _dist_info(site, "isage", "[console_scripts]\nsage = sage.cli.main:main\n")
     _dist_info(site, "isage_studio", "[sage.cli.plugins]\nstudio = sage_studio_standin:register\n")
-    _script(venv, "sage-llm", "sage_llm.cli.main", "llm_main")
+    _script(venv, "sage-llm", "sage_llm.cli.main", "main")
     return venv
 
 

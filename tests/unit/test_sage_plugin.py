@@ -196,6 +196,7 @@ def test_doctor_says_where_the_commands_are(monkeypatch: pytest.MonkeyPatch) -> 
     assert c.status == doctor.OK
     assert "`sage vllm ...`" in c.message
     assert "isagellm" in c.message  # SAGE's own `sage llm` is not ours
+    assert _output.named(c.message, "sage-llm") == c.message  # nothing in it is respelled
     monkeypatch.setattr(sage_cli, "plugin_registered", lambda: False)
     [c] = doctor.check_sage()
     assert c.status == doctor.WARN
