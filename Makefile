@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ENGINE := .engines/cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv engine test test-fast test-integration lint demo bench docs completions gpu-carry clean
+.PHONY: all venv engine test test-fast test-integration test-sage lint demo bench docs completions gpu-carry clean
 
 all: test
 
@@ -20,7 +20,7 @@ venv: $(STAMP)
 
 # the CPU build of vLLM in its own venv (git-ignored), recorded for the tests through SAGE_LLM_ENGINE_DIR
 engine: $(STAMP)
-	SAGE_LLM_HOME=$(CURDIR)/.engines/state $(BIN)/sage llm engine install --cpu --ray --path $(CURDIR)/$(ENGINE)
+	SAGE_LLM_HOME=$(CURDIR)/.engines/state $(BIN)/sage-llm engine install --cpu --ray --path $(CURDIR)/$(ENGINE)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration" -q
@@ -33,6 +33,11 @@ test: engine
 	$(BIN)/mypy
 	SAGE_LLM_ENGINE_DIR=$(CURDIR)/$(ENGINE) $(BIN)/python -m pytest -q
 
+# only the tiers with SAGE's `sage` (also part of `make test`): the argparse stand-in and the published wheels from
+# PyPI in throw-away venvs (about 2 min with a warm pip cache)
+test-sage: $(STAMP)
+	$(BIN)/python -m pytest -m venv -q
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
@@ -43,7 +48,7 @@ demo: $(STAMP)  # scripts/demo.sh installs the engine it needs: GPU when nvidia-
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
-# shell completion scripts for `sage` and `sage-llm` (bash, zsh, fish); tests/e2e/test_completion.py checks them
+# shell completion scripts for `sage-llm` (bash, zsh, fish); tests/e2e/test_completion.py checks them
 completions: $(STAMP)
 	$(BIN)/python scripts/gen_completions.py
 

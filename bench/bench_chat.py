@@ -169,16 +169,16 @@ def bench_renderer(runs: int, tokens: int) -> dict[str, object]:
         rendered, plain, bare, cpu, cpu_plain, cpu_base = [], [], [], [], [], []
         for _ in range(runs):
             # the same command for a 1-token reply: process start-up, imports, request (subtracted below)
-            _err, _wall, c = run_on_pty([str(BIN / "sage"), "llm", "chat", "--source", "cloud", "-p", "go",
+            _err, _wall, c = run_on_pty([str(BIN / "sage-llm"), "chat", "--source", "cloud", "-p", "go",
                                          "--max-tokens", "1"], env)
             cpu_base.append(c)
-            err, _wall, c = run_on_pty([str(BIN / "sage"), "llm", "chat", "--source", "cloud", "-p", "go"], env)
+            err, _wall, c = run_on_pty([str(BIN / "sage-llm"), "chat", "--source", "cloud", "-p", "go"], env)
             m = STATS.search(err)
             assert m, err
             assert int(m.group(4)) == tokens, err
             rendered.append(float(m.group(2)))
             cpu.append(c)
-            err, _wall, c = run_on_pty([str(BIN / "sage"), "llm", "chat", "--source", "cloud", "-p", "go",
+            err, _wall, c = run_on_pty([str(BIN / "sage-llm"), "chat", "--source", "cloud", "-p", "go",
                                         "--plain"], env)
             m = STATS.search(err)
             assert m, err
@@ -277,7 +277,7 @@ def cli_ttft(name: str) -> tuple[float, float]:
 def cold_ttft(name: str, env: dict[str, str]) -> float:
     """A fresh `sage llm chat NAME -p hi` process: from spawn to its first byte on stdout."""
     t0 = time.perf_counter()
-    p = subprocess.Popen([str(BIN / "sage"), "llm", "chat", name, "-p", "hi", "--plain"], env=env,
+    p = subprocess.Popen([str(BIN / "sage-llm"), "chat", name, "-p", "hi", "--plain"], env=env,
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert p.stdout is not None
     p.stdout.read(1)
@@ -294,7 +294,7 @@ def bench_ttft(runs: int) -> dict[str, object]:
     os.environ["SAGE_LOCAL_ENGINE_PORT"] = str(port)
     for var in ("SAGE_CHAT_API_KEY", "OPENAI_API_KEY"):
         os.environ.pop(var, None)
-    subprocess.run([str(BIN / "sage"), "llm", "start", "org/Tiny-Chat", "--port", str(port)], env=env, check=True,
+    subprocess.run([str(BIN / "sage-llm"), "start", "org/Tiny-Chat", "--port", str(port)], env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/v1"
     try:
@@ -319,7 +319,7 @@ def bench_ttft(runs: int) -> dict[str, object]:
                 "chat_p_from_cli_entry_ms": round(median(entry) * 1000, 1),
                 "cold_process_first_byte_ms": round(median(cold) * 1000, 1), "runs": runs}
     finally:
-        subprocess.run([str(BIN / "sage"), "llm", "stop", "--all"], env=env, check=False,
+        subprocess.run([str(BIN / "sage-llm"), "stop", "--all"], env=env, check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -44,8 +44,7 @@ def _setup(root: Path, engines: int, models: int) -> dict[str, str]:
 
 
 def _tab(prog: str, words: str, cword: int, env: dict[str, str]) -> tuple[float, list[str]]:
-    var = "_SAGE_COMPLETE" if prog == "sage" else "_SAGE_LLM_COMPLETE"
-    e = {**env, var: "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+    e = {**env, "_SAGE_LLM_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
     t = time.perf_counter()
     res = subprocess.run([str(BIN / prog)], env=e, capture_output=True, text=True, check=False)
     return time.perf_counter() - t, res.stdout.split()
@@ -80,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     cases = {
         "sage-llm stop <TAB> (engine names + ports)": ("sage-llm", "sage-llm stop ", 2),
-        "sage llm start org3/<TAB> (cached models)": ("sage", "sage llm start org3/", 3),
+        "sage-llm start org3/<TAB> (cached models)": ("sage-llm", "sage-llm start org3/", 2),
         "sage-llm <TAB> (commands)": ("sage-llm", "sage-llm ", 1),
     }
     with tempfile.TemporaryDirectory() as tmp:

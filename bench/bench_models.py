@@ -76,7 +76,7 @@ def main() -> int:
         build_cache(hub, args.repos)
         built_s = time.perf_counter() - t
         env = dict(os.environ, HF_HUB_CACHE=str(hub), SAGE_LLM_HOME=str(Path(tmp) / "home"), NO_COLOR="1")
-        sage = [str(BIN / "sage"), "llm", "models", "--json"]
+        sage = [str(BIN / "sage-llm"), "models", "--json"]
         typer_floor = [sys.executable, "-c", "import typer"]
         hub_scan = [sys.executable, "-c", "import sys; from huggingface_hub import scan_cache_dir; "
                     "print(len(scan_cache_dir(sys.argv[1]).repos))", str(hub)]

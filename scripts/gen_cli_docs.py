@@ -1,4 +1,4 @@
-"""Write docs/cli.md from the commands' own help, with Typer's generator (`typer sage_llm.cli.root utils docs`).
+"""Write docs/cli.md from the commands' own help (as `sage-llm` shows it), with Typer's generator (`typer ... utils docs`).
 
 Run by `make docs`; `--check` exits 1 when docs/cli.md is stale (tests/test_docs_current.py does the same check).
 The environment is cleaned first, so help text never shows a developer's own settings.
@@ -19,12 +19,22 @@ HEADER = ("<!-- Generated from the commands' help by `make docs` (scripts/gen_cl
           "change the docstrings and help texts, then regenerate. -->\n\n")
 
 
+# Typer's `utils docs`, run on `main.command("sage-llm")`: the command tree whose help texts name `sage-llm`
+DOCS = """
+import typer, typer.cli
+from sage_llm.cli.main import command, PROG
+cmd = command(PROG)
+ctx = typer.Context(cmd, info_name=PROG)
+ctx.ensure_object(dict)[typer.cli.MARKUP_MODE_KEY] = None
+print(typer.cli.get_docs_for_click(obj=cmd, ctx=ctx, name=PROG).strip())
+"""
+
+
 def render() -> str:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SAGE_", "_SAGE", "RAY_", "HF_", "VLLM_", "OPENAI_", "CUDA_"))}
     env.update({"COLUMNS": "100", "NO_COLOR": "1", "TERM": "dumb", "PYTHONPATH": str(ROOT / "src")})
-    res = subprocess.run([sys.executable, "-m", "typer", "sage_llm.cli.root", "utils", "docs", "--name", "sage"],
-                         env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    res = subprocess.run([sys.executable, "-c", DOCS], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     if res.returncode != 0:
         raise RuntimeError(f"typer utils docs failed ({res.returncode}): {res.stderr.strip()}")
     return HEADER + res.stdout.strip() + "\n"

@@ -1,7 +1,8 @@
-"""Write completions/<shell>/<file> for `sage` and `sage-llm` (bash, zsh, fish). Run by `make completions`.
+"""Write completions/<shell>/<file> for `sage-llm` (bash, zsh, fish). Run by `make completions`.
 
-The scripts are what the installed commands print for Typer's completion protocol (`_SAGE_COMPLETE=source_bash sage`,
-the same text `sage --show-completion bash` prints). They only hand the command line back to the command, so they
+The scripts are what the installed command prints for Typer's completion protocol (`_SAGE_LLM_COMPLETE=source_bash
+sage-llm`, the same text `sage-llm --show-completion bash` prints). sage-llm installs no `sage` command, so there is
+no script for it (completion of `sage vllm ...` inside SAGE's `sage` is SAGE's, and stops at `vllm`). They only hand the command line back to the command, so they
 change only when the program name or Typer's protocol changes; the candidates themselves (commands, options, engine
 names, ports, cached models) are computed live. `--check` exits 1 when a file is missing or stale.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "completions"
-PROGS = {"sage": "_SAGE_COMPLETE", "sage-llm": "_SAGE_LLM_COMPLETE"}
+PROGS = {"sage-llm": "_SAGE_LLM_COMPLETE"}
 FILES = {"bash": "{prog}", "zsh": "_{prog}", "fish": "{prog}.fish"}  # the names each shell's loader looks for
 
 
@@ -49,13 +50,17 @@ def expected() -> dict[Path, str]:
 
 def main(argv: list[str]) -> int:
     files = expected()
+    extra = sorted(p for p in OUT.glob("*/*") if p not in files)  # e.g. the former `sage` scripts
     if "--check" in argv:
-        stale = [p for p, text in files.items() if not p.is_file() or p.read_text() != text]
+        stale = [p for p, text in files.items() if not p.is_file() or p.read_text() != text] + extra
         for p in stale:
-            print(f"stale or missing: {p.relative_to(ROOT)}", file=sys.stderr)
+            print(f"stale, missing or not ours: {p.relative_to(ROOT)}", file=sys.stderr)
         if stale:
             print("regenerate with: make completions", file=sys.stderr)
         return 1 if stale else 0
+    for path in extra:
+        path.unlink()
+        print(f"removed {path.relative_to(ROOT)}")
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

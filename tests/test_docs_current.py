@@ -18,13 +18,14 @@ def test_cli_reference_is_current() -> None:
 
 
 def test_cli_reference_covers_every_command() -> None:
-    """Each command listed under `sage llm` has its own section with a usage line."""
+    """Each command listed under `sage-llm` has its own section with a usage line, and every text names `sage-llm`."""
     text = gen_cli_docs.render()
     assert text.startswith("<!-- Generated")
-    llm = text.split("## `sage llm`", 1)[1].split("\n### ", 1)[0]
+    assert "sage llm" not in text  # help texts name the program as invoked (docs: `sage-llm`)
+    llm = text.split("# `sage-llm`", 1)[1].split("\n## ", 1)[0]
     listed = [line.split("`")[1] for line in llm.split("**Commands**:", 1)[1].splitlines() if line.startswith("* `")]
     assert {"start", "stop", "status", "config"} <= set(listed)
     for name in listed:
-        assert f"## `sage llm {name}`" in text, name
-        assert f"$ sage llm {name} [OPTIONS]" in text, name
-    assert "$ sage llm config set [OPTIONS] {KEY} {VALUE}" in text
+        assert f"## `sage-llm {name}`" in text, name
+        assert f"$ sage-llm {name} [OPTIONS]" in text, name
+    assert "$ sage-llm config set [OPTIONS] {KEY} {VALUE}" in text

@@ -1,6 +1,8 @@
-"""`python -m sage_llm` runs the `llm` command group (same as the `sage-llm` script)."""
+"""`python -m sage_llm` runs the same CLI as the `sage-llm` script, under the name it was invoked as."""
 
-from sage_llm.cli.main import llm_main
+import sys
+
+from sage_llm.cli.main import run
 
 if __name__ == "__main__":
-    llm_main()
+    sys.exit(run(sys.argv[1:], "python -m sage_llm"))

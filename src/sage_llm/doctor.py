@@ -1,8 +1,9 @@
 """`sage llm doctor`: check what breaks starts, each line ok / warn / fail with the fix.
 
 Checks: settings, engine environment and its vLLM version, NVML and driver, GPUs and their free memory, the default
-port, the Hugging Face cache (location, free disk), the state directory (owner, permissions), HF_HUB_OFFLINE and the
-Hugging Face token. Secrets are never read into a message: the token is reported only as present and where from.
+port, the Hugging Face cache (location, free disk), the state directory (owner, permissions), HF_HUB_OFFLINE, the
+Hugging Face token, and how the commands are reached under SAGE's `sage` when SAGE is installed. Secrets are never
+read into a message: the token is reported only as present and where from.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ CACHE_FAIL_FREE = 2 * GiB
 
 @dataclass
 class Check:
-    name: str  # short id: engine, nvml, gpu0, port, hf_cache, state_dir, hf_offline, hf_token, settings
+    name: str  # short id: engine, nvml, gpu0, port, hf_cache, state_dir, hf_offline, hf_token, settings, sage
     status: str  # ok | warn | fail
     message: str
     fix: str | None = None
@@ -224,6 +225,25 @@ def check_hf_access() -> list[Check]:
     return out
 
 
+def check_sage() -> list[Check]:
+    """Whether SAGE's `sage` is installed and under which name our commands are reached there (read from the package
+    metadata: SAGE itself is never imported)."""
+    from sage_llm import sage_cli
+
+    cli = sage_cli.installed()
+    if cli is None:
+        return [Check("sage", OK, "SAGE's `sage` command is not installed: the commands are `sage-llm ...`")]
+    where = f"SAGE's `sage` ({cli.dist} {cli.version}, entry {cli.entry})"
+    if not sage_cli.plugin_registered():
+        return [Check("sage", WARN, f"{where} is installed, but sage-llm's `{sage_cli.PLUGIN_GROUP}` entry point is "
+                                    "missing: only `sage-llm ...` works", "reinstall sage-llm: pip install "
+                                    "--force-reinstall --no-deps sage-llm")]
+    # (never the words "sage llm" here: the CLI respells those as the running program's name)
+    own_llm = " (its `llm` group is SAGE's own, isagellm)" if cli.shape == "typer" else ""
+    return [Check("sage", OK, f"{where} is installed: the commands are also `sage {sage_cli.GROUP} ...` there"
+                              f"{own_llm}; `sage-llm ...` works everywhere")]
+
+
 def run_checks(version_timeout: float = 120.0, on_check: Callable[[Check], None] | None = None) -> list[Check]:
     """Every check, in order; `on_check` sees each result as soon as it is known."""
     from sage_llm import settings
@@ -254,6 +274,7 @@ def run_checks(version_timeout: float = 120.0, on_check: Callable[[Check], None]
     checks += safe("hf_cache", check_hf_cache)
     checks += safe("state_dir", check_state_dir)
     checks += safe("hf_offline", check_hf_access)
+    checks += safe("sage", check_sage)
     return checks
 
 

@@ -147,7 +147,7 @@ def test_engine_stopped_mid_session_says_which(cli, engine, monkeypatch):
     assert code == 0, err
     assert out == REPLY + "\n"
     assert (f"Error: local engine 'tiny-chat' at http://127.0.0.1:{engine}/v1 is not running (connection refused) "
-            "(hint: see `sage llm status tiny-chat` and `sage llm logs tiny-chat`)") in err
+            "(hint: see `sage-llm status tiny-chat` and `sage-llm logs tiny-chat`)") in err
 
 
 def test_engine_stopped_mid_session_switches_to_the_cloud(cli, engine, cloud, monkeypatch):
@@ -186,7 +186,7 @@ def test_no_source_at_all(cli):
     code, out, err = cli("chat", "-p", "hi")
     assert (code, out) == (1, "")
     assert err.startswith("Error: no local engine is ready, and no cloud API is configured (hint: start one with "
-                          "`sage llm start MODEL`")
+                          "`sage-llm start MODEL`")
     assert "SAGE_CHAT_API_KEY" in err
 
 

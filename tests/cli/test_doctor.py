@@ -72,7 +72,7 @@ def test_missing_engine_fails_with_the_install_fix(cli, nv: FakeNVML, monkeypatc
     assert code == 1
     lines = stdout.splitlines()
     i = next(i for i, line in enumerate(lines) if line.startswith("fail") and "no vLLM found" in line)
-    assert "sage llm engine install" in lines[i + 1]
+    assert "sage-llm engine install" in lines[i + 1]  # named as invoked
     assert lines[i + 1].startswith("      fix: ")
 
 

@@ -95,7 +95,7 @@ def test_served_model_is_shown_and_cannot_be_removed(cli, hub_cache: Path, fake_
     code, stdout, stderr = cli("models", "rm", "org/Tiny-Chat", "-y")
     assert code == 1
     assert "served by engine tiny" in stderr
-    assert "sage llm stop tiny" in stderr
+    assert "sage-llm stop tiny" in stderr
     assert hf_cache.is_cached("org/Tiny-Chat")
     assert cli("stop", "tiny")[0] == 0
     code, stdout, stderr = cli("models", "rm", "org/Tiny-Chat", "-y", "--json")
@@ -125,7 +125,7 @@ def test_start_offline_without_cached_copy_refuses_before_spawning(cli, hub_cach
     code, stdout, stderr = cli("start", "org/Not-Here", "--port", str(free_port()))
     assert code == 2
     assert "HF_HUB_OFFLINE" in stderr
-    assert "sage llm models pull org/Not-Here" in stderr
+    assert "sage-llm models pull org/Not-Here" in stderr
     assert StateStore().names() == []  # nothing recorded, nothing spawned
     assert stdout == ""
 
@@ -204,7 +204,7 @@ def test_models_json_fast_path_imports_no_typer_nor_hub(hub_cache: Path) -> None
     import subprocess
     import sys
 
-    code = ("import json, sys; from sage_llm.cli.main import run; rc = run(['llm', 'models', '--json']); "
+    code = ("import json, sys; from sage_llm.cli.main import run; rc = run(['models', '--json']); "
             "heavy = [m for m in ('typer', 'rich', 'huggingface_hub', 'pydantic') if m in sys.modules]; "
             "sys.stderr.write(json.dumps({'rc': rc, 'heavy': heavy}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
@@ -237,7 +237,7 @@ def test_import_refuses_bad_input_before_any_work(cli, hub_cache: Path, tmp_path
     code, _, stderr = cli("models", "import", str(real_magic), "--as", "me/x")
     assert code == 1
     assert "no engine environment" in stderr
-    assert "sage llm engine install --gguf" in stderr
+    assert "sage-llm engine install --gguf" in stderr
     assert not hf_cache.repo_dir("me/x").exists()
 
 

@@ -48,8 +48,7 @@ def hf_models() -> list[str]:
 
 
 def _complete_bash(prog: str, words: str, cword: int) -> list[str]:
-    var = "_SAGE_COMPLETE" if prog == "sage" else "_SAGE_LLM_COMPLETE"
-    env = {**os.environ, var: "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+    env = {**os.environ, "_SAGE_LLM_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
     res = subprocess.run([str(BIN / prog)], env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stderr == ""  # nothing but candidates, and no traceback
@@ -63,7 +62,7 @@ def test_engine_names_and_ports_for_stop_status_chat(engines: list[EngineRecord]
     assert _complete_bash("sage-llm", "sage-llm stop ", 2) == ["qwen-7b", "tiny", "19521", "19522"]
     assert _complete_bash("sage-llm", "sage-llm status t", 2) == ["tiny"]
     assert _complete_bash("sage-llm", "sage-llm chat 1952", 2) == ["19521", "19522"]
-    assert _complete_bash("sage", "sage llm stop qwen-7b ", 4) == ["qwen-7b", "tiny", "19521", "19522"]
+    assert _complete_bash("sage-llm", "sage-llm stop qwen-7b ", 3) == ["qwen-7b", "tiny", "19521", "19522"]
     assert _complete_bash("sage-llm", "sage-llm logs ", 2) == ["qwen-7b", "tiny", "19521", "19522"]
     assert _complete_bash("sage-llm", "sage-llm restart ", 2) == ["qwen-7b", "tiny"]
     assert _complete_bash("sage-llm", "sage-llm bench t", 2) == ["tiny"]
@@ -72,7 +71,7 @@ def test_engine_names_and_ports_for_stop_status_chat(engines: list[EngineRecord]
 @needs_scripts
 def test_cached_model_ids_for_start(hf_models: list[str]) -> None:
     assert _complete_bash("sage-llm", "sage-llm start ", 2) == hf_models
-    assert _complete_bash("sage", "sage llm start Qwen/", 3) == hf_models[:2]
+    assert _complete_bash("sage-llm", "sage-llm start Qwen/", 2) == hf_models[:2]
     assert _complete_bash("sage-llm", "sage-llm models rm meta", 3) == hf_models[2:]
     assert _complete_bash("sage-llm", "sage-llm switch tiny Q", 3) == hf_models[:2]
 
@@ -81,7 +80,6 @@ def test_cached_model_ids_for_start(hf_models: list[str]) -> None:
 def test_commands_and_options_complete_too() -> None:
     words = _complete_bash("sage-llm", "sage-llm ", 1)
     assert {"start", "stop", "status", "config"} <= set(words)
-    assert _complete_bash("sage", "sage ", 1) == ["llm"]
     assert "--json" in _complete_bash("sage-llm", "sage-llm status --", 2)
     assert _complete_bash("sage-llm", "sage-llm config set gpu", 3) == ["gpu_util"]
 
@@ -122,11 +120,11 @@ def test_bash_runs_the_generated_script(engines: list[EngineRecord]) -> None:
 @needs_scripts
 def test_install_completion_writes_the_same_script(tmp_path: Path) -> None:
     env = {**os.environ, "HOME": str(tmp_path), "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
-    res = subprocess.run([str(BIN / "sage"), "--install-completion", "bash"], env=env, capture_output=True,
+    res = subprocess.run([str(BIN / "sage-llm"), "--install-completion", "bash"], env=env, capture_output=True,
                          text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    installed = tmp_path / ".bash_completions" / "sage.sh"
-    assert installed.read_text().strip() == (ROOT / "completions" / "bash" / "sage").read_text().strip()
+    installed = tmp_path / ".bash_completions" / "sage-llm.sh"
+    assert installed.read_text().strip() == (ROOT / "completions" / "bash" / "sage-llm").read_text().strip()
     assert f"source '{installed}'" in (tmp_path / ".bashrc").read_text()
     shown = subprocess.run([str(BIN / "sage-llm"), "--show-completion", "fish"], env=env, capture_output=True,
                            text=True, timeout=60)
@@ -135,7 +133,7 @@ def test_install_completion_writes_the_same_script(tmp_path: Path) -> None:
 
 @needs_scripts
 def test_completion_skips_heavy_start_up(engines: list[EngineRecord], hf_models: list[str]) -> None:
-    """Completing imports no HTTP client, NVML, psutil, huggingface_hub or Rich, and never delegates to SAGE."""
+    """Completing imports no HTTP client, NVML, psutil, huggingface_hub, Rich, nor our SAGE plugin."""
     code = ("import os, sys\n"
             "from sage_llm.cli.main import run\n"
             "rc = run([], 'sage-llm')\n"
@@ -154,6 +152,8 @@ def test_completion_scripts_are_current() -> None:
     stale = [str(p.relative_to(ROOT)) for p, text in gen_completions.expected().items()
              if not p.is_file() or p.read_text() != text]
     assert not stale, f"completion scripts are stale: {stale}; regenerate with `make completions`"
+    assert gen_completions.main(["--check"]) == 0  # and no script for a command we do not install (`sage`)
+    assert not list((ROOT / "completions").glob("*/*sage")) + list((ROOT / "completions").glob("*/sage.*"))
 
 
 def test_callbacks_are_fast_on_a_large_state_dir(home: Path) -> None:

@@ -299,7 +299,7 @@ def test_external_vllm_is_listed_unmanaged(cli, home, monkeypatch):
         assert e["served_model_name"] == "hand/started"
         code, out, err = cli("stop", str(port))
         assert code == 2
-        assert "not started by sage llm" in err
+        assert "not started by sage-llm" in err
         assert proc.poll() is None
     finally:
         proc.terminate()

@@ -14,11 +14,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-SAGE = [sys.executable, "-c", "import sys; from sage_llm.cli.main import main; sys.argv[0] = 'sage'; main()"]
+SAGE_LLM = [sys.executable, "-c", "from sage_llm.cli.main import main; main()"]  # the `sage-llm` script
 
 
 def sage(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*SAGE, "llm", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*SAGE_LLM, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def managed(doc: str) -> list[dict]:
@@ -29,7 +29,7 @@ class Run:
     def __init__(self, name: str, *extra: str) -> None:
         self.err_path = Path(os.environ["SAGE_LLM_HOME"]).parent / f"run-{name}.err"
         self.out_path = Path(os.environ["SAGE_LLM_HOME"]).parent / f"run-{name}.out"
-        self.proc = subprocess.Popen([*SAGE, "llm", "run", "org/tiny", "--name", name, *extra],
+        self.proc = subprocess.Popen([*SAGE_LLM, "run", "org/tiny", "--name", name, *extra],
                                      stdout=open(self.out_path, "w"), stderr=open(self.err_path, "w"))
 
     def err(self) -> str:
@@ -118,7 +118,7 @@ def test_sigkilled_run_leaves_a_recorded_engine_that_status_flags_and_stop_clean
     assert "sage llm run" in eng["error"]
     assert "sage llm stop fg" in eng["error"]
     human = sage("status")
-    assert "fg: its `sage llm run`" in human.stderr
+    assert "fg: its `sage-llm run`" in human.stderr
     assert sage("stop", "fg").returncode == 0
     assert gone(pids)
 
@@ -162,7 +162,7 @@ def test_closed_stdout_ends_run_and_stops_the_engine(tmp_path: Path) -> None:
     import urllib.request
 
     err_path = tmp_path / "pipe.err"
-    proc = subprocess.Popen([*SAGE, "llm", "run", "org/tiny", "--name", "fg"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*SAGE_LLM, "run", "org/tiny", "--name", "fg"], stdout=subprocess.PIPE,
                             stderr=open(err_path, "w"))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and "streaming its log" not in err_path.read_text():

@@ -1,10 +1,11 @@
-"""`sage llm` inside SAGE's own argparse `sage` CLI, and our `sage` handing other subcommands to SAGE.
+"""`sage vllm` inside SAGE's argparse `sage` CLI (SAGE's development branch, not on PyPI: a stand-in of it).
 
-Marked `venv`: builds a throw-away venv (no pip, ~2 s) that sees the dev environment (so our package and its
-`sage.cli.plugins` entry point are installed there) plus a stand-in for SAGE's CLI: a `sage.cli.main` written like
-the real one (argparse, `parse_known_args`, the same loop over `entry_points(group="sage.cli.plugins")`, dispatch
-through `args._handler`) and a stand-in `sage-studio` plugin. Each scenario writes `bin/sage` the way pip would for
-whichever package owns the script. Runs in about 15 s.
+The published Typer CLI is tested with its real wheels in test_sage_published.py. Marked `venv`: builds a throw-away
+venv (no pip, ~2 s) that sees the dev environment (so our package and its `sage.cli.plugins` entry point are
+installed there) plus a stand-in for SAGE's CLI: a `sage.cli.main` written like the branch's (argparse,
+`parse_known_args`, the same loop over `entry_points(group="sage.cli.plugins")` that raises when a plugin raises,
+dispatch through `return args._handler(args)`) and a stand-in `sage-studio` plugin. `bin/sage` is written the way pip
+writes SAGE's script. Runs in about 10 s.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def sage_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (site / "sage_studio_standin.py").write_text(STANDIN_STUDIO)
     _dist_info(site, "isage", "[console_scripts]\nsage = sage.cli.main:main\n")
     _dist_info(site, "isage_studio", "[sage.cli.plugins]\nstudio = sage_studio_standin:register\n")
-    _script(venv, "sage-llm", "sage_llm.cli.main", "llm_main")
+    _script(venv, "sage-llm", "sage_llm.cli.main", "main")
     return venv
 
 
@@ -136,37 +137,39 @@ def _run(venv: Path, env: dict[str, str], *args: str) -> subprocess.CompletedPro
                           timeout=60)
 
 
-def test_sage_owned_by_sage_runs_llm_through_the_plugin(sage_venv: Path, env: dict[str, str], home: Path) -> None:
-    _script(sage_venv, "sage", "sage.cli.main", "main")  # SAGE installed last: its `sage` script
+def test_sages_argparse_cli_runs_our_group_through_the_plugin(sage_venv: Path, env: dict[str, str]) -> None:
+    _script(sage_venv, "sage", "sage.cli.main", "main")  # SAGE's `sage` script; sage-llm installs none
 
     top = _run(sage_venv, env, "sage", "--help")
     assert top.returncode == 0, top.stderr
-    assert "llm" in top.stdout
+    assert "vllm" in top.stdout
     assert "studio" in top.stdout
 
-    st = _run(sage_venv, env, "sage", "llm", "status", "--json")
+    st = _run(sage_venv, env, "sage", "vllm", "status", "--json")
     assert st.returncode == 0, st.stderr
     doc = json.loads(st.stdout)
     assert doc["schema_version"] == 1
     assert _managed(doc) == []
 
-    # options right after `llm` (argparse puts these in parse_known_args' unknown list) still reach our app
-    helped = _run(sage_venv, env, "sage", "llm", "--help")
+    # options right after `vllm` (argparse puts these in parse_known_args' unknown list) still reach our app
+    helped = _run(sage_venv, env, "sage", "vllm", "--help")
     assert helped.returncode == 0, helped.stderr
-    assert "Usage: sage llm [OPTIONS] COMMAND" in helped.stdout
+    assert "Usage: sage vllm [OPTIONS] COMMAND" in helped.stdout
     assert "start" in helped.stdout
     assert "status" in helped.stdout
 
-    # a SAGE global option before `llm`, and our exit codes pass through (3: unknown engine)
-    missing = _run(sage_venv, env, "sage", "--trace-dir", "llm", "llm", "status", "nope")
+    # a SAGE global option before `vllm`, and our exit codes pass through `_handler`'s return value (3: unknown)
+    missing = _run(sage_venv, env, "sage", "--trace-dir", "vllm", "vllm", "status", "nope")
     assert missing.returncode == 3, (missing.stdout, missing.stderr)
     assert "nope" in missing.stderr
+    assert "see `sage vllm status`" in missing.stderr
 
-    bad = _run(sage_venv, env, "sage", "llm", "stop", "--no-such-flag")
+    bad = _run(sage_venv, env, "sage", "vllm", "stop", "--no-such-flag")
     assert bad.returncode == 2
     assert "no-such-flag" in bad.stderr
 
     assert _run(sage_venv, env, "sage", "status").stdout.strip() == "SAGE status (stand-in)"
+    assert _run(sage_venv, env, "sage", "version").stdout.strip() == "SAGE 9.9.9 (stand-in)"
     assert _run(sage_venv, env, "sage", "studio", "start", "--dev").stdout.strip() == "studio stand-in: start --dev"
 
     alone = _run(sage_venv, env, "sage-llm", "status", "--json")
@@ -174,41 +177,13 @@ def test_sage_owned_by_sage_runs_llm_through_the_plugin(sage_venv: Path, env: di
     assert _managed(json.loads(alone.stdout)) == []
 
 
-def test_sage_owned_by_us_hands_other_commands_to_sage(sage_venv: Path, env: dict[str, str]) -> None:
-    _script(sage_venv, "sage", "sage_llm.cli.main", "main")  # sage-llm installed last: our `sage` script
-
-    st = _run(sage_venv, env, "sage", "llm", "status", "--json")
-    assert st.returncode == 0, st.stderr
-    assert _managed(json.loads(st.stdout)) == []
-
-    helped = _run(sage_venv, env, "sage", "llm", "--help")
-    assert helped.returncode == 0
-    assert "Usage: sage llm [OPTIONS] COMMAND" in helped.stdout
-
-    # everything else is SAGE's: its own commands, other plugins, and the bare command
-    assert _run(sage_venv, env, "sage", "status").stdout.strip() == "SAGE status (stand-in)"
-    assert _run(sage_venv, env, "sage", "version").stdout.strip() == "SAGE 9.9.9 (stand-in)"
-    assert _run(sage_venv, env, "sage").stdout.strip() == "SAGE status (stand-in)"
-    assert _run(sage_venv, env, "sage", "studio", "up").stdout.strip() == "studio stand-in: up"
-    top = _run(sage_venv, env, "sage", "--help")
-    assert "studio" in top.stdout
-    assert "llm" in top.stdout
-
-    # SAGE's `sage llm` route (through the plugin) and ours agree
-    via_plugin = _run(sage_venv, env, "python", "-m", "sage.cli.main", "llm", "status", "--json")
-    assert via_plugin.returncode == 0
-    assert _managed(json.loads(via_plugin.stdout)) == []
-
-
-def test_without_sage_our_sage_serves_llm_alone(env: dict[str, str]) -> None:
-    """The dev venv has no SAGE: `sage llm` is ours, and other subcommands are unknown to our app."""
+def test_our_install_has_no_sage_script(env: dict[str, str]) -> None:
+    """The dev venv (sage-llm installed, no SAGE): `sage-llm` works, and there is no `sage` of ours to shadow SAGE's."""
     bindir = Path(sys.executable).parent
-    if not (bindir / "sage").exists():
+    if not (bindir / "sage-llm").exists():
         pytest.skip("console scripts not installed")
-    st = subprocess.run([str(bindir / "sage"), "llm", "status", "--json"], env=env, capture_output=True, text=True,
+    assert not (bindir / "sage").exists()
+    st = subprocess.run([str(bindir / "sage-llm"), "status", "--json"], env=env, capture_output=True, text=True,
                         timeout=60)
     assert st.returncode == 0, st.stderr
     assert _managed(json.loads(st.stdout)) == []
-    other = subprocess.run([str(bindir / "sage"), "studio"], env=env, capture_output=True, text=True, timeout=60)
-    assert other.returncode == 2
-    assert "studio" in other.stderr

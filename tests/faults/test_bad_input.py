@@ -85,7 +85,7 @@ def test_bad_input(cli, home, fake_vllm, monkeypatch, args, code, fragment):
 def test_table_is_large_enough_and_documented():
     assert len(TABLE) >= 30
     doc = (Path(__file__).resolve().parents[2] / "docs" / "reliability.md").read_text()
-    missing = [" ".join(a) for a, _, _ in TABLE if f"`sage llm {' '.join(a)}`" not in doc]
+    missing = [" ".join(a) for a, _, _ in TABLE if f"`sage-llm {' '.join(a)}`" not in doc]
     assert not missing, f"docs/reliability.md lacks rows (regenerate: python -m tests.faults.test_bad_input): {missing}"
 
 
@@ -93,7 +93,7 @@ def markdown() -> str:
     rows = ["| invocation | exit | the one-line error names |", "|---|---|---|"]
     for args, code, fragment in TABLE:
         inv = " ".join(args)
-        rows.append(f"| `sage llm {inv}` | {code} | {fragment.replace('|', '/')} |")
+        rows.append(f"| `sage-llm {inv}` | {code} | {fragment.replace('|', '/')} |")
     return "\n".join(rows)
 
 

@@ -193,7 +193,7 @@ def test_14_engine_environment_missing(home, monkeypatch, cli):
     monkeypatch.setenv("PATH", "/nonexistent")
     code, out, err = cli("start", "org/x", "--port", str(free_port()))
     assert code == 1
-    assert "sage llm engine install" in err
+    assert "sage-llm engine install" in err
     assert len(err.strip().splitlines()) == 1
     assert not (home / "engines" / "x.json").exists()
 
@@ -206,7 +206,7 @@ def test_14_engine_environment_broken(home, monkeypatch, cli):
     code, out, err = cli("start", "org/x", "--port", str(free_port()))
     assert code == 1
     assert "missing or broken" in err
-    assert "sage llm engine install" in err
+    assert "sage-llm engine install" in err
     code, out, err = cli("engine", "show")
     assert code == 1
     assert "missing or broken" in out

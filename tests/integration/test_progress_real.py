@@ -19,7 +19,7 @@ from sage_llm.engine import process
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
-SAGE = [sys.executable, "-c", "import sys; from sage_llm.cli.main import main; sys.argv[0] = 'sage'; main()"]
+SAGE_LLM = [sys.executable, "-c", "from sage_llm.cli.main import main; main()"]  # the `sage-llm` script
 
 
 def my_port() -> int:
@@ -95,7 +95,7 @@ def test_real_engine_run_in_the_foreground_and_ctrl_c(real_vllm, tiny_model, tmp
     port = my_port()
     err_path = tmp_path / "run.err"
     out_path = tmp_path / "run.out"
-    proc = subprocess.Popen([*SAGE, "llm", "run", tiny_model, "--name", "fg", "--port", str(port), "--enforce-eager",
+    proc = subprocess.Popen([*SAGE_LLM, "run", tiny_model, "--name", "fg", "--port", str(port), "--enforce-eager",
                              "--max-model-len", "512"], stdout=open(out_path, "w"), stderr=open(err_path, "w"))
     try:
         deadline = time.monotonic() + 300
@@ -106,7 +106,7 @@ def test_real_engine_run_in_the_foreground_and_ctrl_c(real_vllm, tiny_model, tmp
         assert "streaming its log" in err, err
         assert "fg: loading weights" in err  # plain progress lines (stderr is a file)
         assert "fg loaded in" in err
-        status = subprocess.run([*SAGE, "llm", "status", "fg", "--json"], capture_output=True, text=True, timeout=60)
+        status = subprocess.run([*SAGE_LLM, "status", "fg", "--json"], capture_output=True, text=True, timeout=60)
         assert status.returncode == 0, status.stderr
         pids = [p["pid"] for p in managed(status.stdout)[0]["processes"]]
         assert len(pids) >= 3  # APIServer, VLLM::EngineCore, VLLM::Worker

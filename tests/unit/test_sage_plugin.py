@@ -1,71 +1,203 @@
-"""The `sage.cli.plugins` hook and the hand-over to SAGE's CLI, in-process (the venv test runs them for real)."""
+"""The `sage.cli.plugins` hook `register(target)`, in-process, with both shapes SAGE has shipped: a Typer app (published
+isage-cli) and argparse subparsers (SAGE's development branch). tests/e2e/test_sage_published.py runs the published
+wheels for real; tests/e2e/test_sage_integration.py runs a stand-in of the argparse branch through real scripts."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from pathlib import Path
+from importlib.metadata import distribution
 
 import pytest
+import typer
+import typer.main
 
-from sage_llm.cli import sage_plugin
+from sage_llm import doctor, sage_cli
+from sage_llm.cli import _output, sage_plugin
 
 
-def _parser() -> argparse.ArgumentParser:
-    """SAGE's parser shape: a global option, subcommands, plugins registered on the subparsers."""
+def _parser(*own: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """SAGE's argparse shape: a global option, subcommands, plugins registered on the subparsers."""
     parser = argparse.ArgumentParser(prog="sage")
     parser.add_argument("--trace-dir")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("status")
-    sage_plugin.register(sub)
-    return parser
+    for name in own:
+        sub.add_parser(name).set_defaults(_handler=lambda args: 42)
+    return parser, sub
 
+
+def _sage_typer_app() -> typer.Typer:
+    """The published CLI's shape: a Typer app with `status` and its own `llm` group (isagellm's status/config)."""
+    app = typer.Typer(name="sage")
+    llm = typer.Typer(name="llm")
+
+    @llm.command("status")
+    def llm_status() -> None:
+        print("isagellm status")
+
+    @app.command("status")
+    def status() -> None:
+        print("SAGE status")
+
+    app.add_typer(llm, name="llm")
+    return app
+
+
+def _run_typer(app: typer.Typer, *argv: str) -> int:
+    try:
+        rv = typer.main.get_command(app).main(args=list(argv), prog_name="sage", standalone_mode=False)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return rv if isinstance(rv, int) else 0
+
+
+# ------------------------------------------------------------------------------------------ argparse (dev branch)
 
 @pytest.mark.parametrize(("argv", "expected"), [
-    (["llm", "status", "--json"], ["status", "--json"]),
-    (["llm", "--help"], ["--help"]),
-    (["llm", "--version"], ["--version"]),
-    (["llm"], []),
-    (["--trace-dir", "llm", "llm", "stop", "llm"], ["stop", "llm"]),
-    (["--trace-dir=/tmp/t", "llm", "chat", "-p", "hi llm"], ["chat", "-p", "hi llm"]),
+    (["vllm", "status", "--json"], ["status", "--json"]),
+    (["vllm", "--help"], ["--help"]),
+    (["vllm", "--version"], ["--version"]),
+    (["vllm"], []),
+    (["--trace-dir", "vllm", "vllm", "stop", "vllm"], ["stop", "vllm"]),
+    (["--trace-dir=/tmp/t", "vllm", "chat", "-p", "hi vllm"], ["chat", "-p", "hi vllm"]),
 ])
-def test_everything_after_llm_reaches_our_app(argv: list[str], expected: list[str]) -> None:
-    args, _unknown = _parser().parse_known_args(argv)
-    assert args.command == "llm"
+def test_argparse_everything_after_vllm_reaches_our_app(argv: list[str], expected: list[str]) -> None:
+    parser, sub = _parser()
+    sage_plugin.register(sub)
+    args, _unknown = parser.parse_known_args(argv)
+    assert args.command == "vllm"
     assert args._handler is sage_plugin.run_from_sage
-    assert sage_plugin.llm_args_from(args, argv) == expected
+    assert sage_plugin.group_args_from(args, argv) == expected
 
 
-def test_handler_exits_with_our_exit_code(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-                                          ) -> None:
-    argv = ["llm", "config", "set", "gpu_util", "7"]
+def test_argparse_handler_returns_our_exit_code_and_names_sage_vllm(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """SAGE's branch does `return args._handler(args)`: the handler returns the code (it does not exit)."""
+    argv = ["vllm", "stop", "nope"]
     monkeypatch.setattr(sys, "argv", ["sage", *argv])
-    args, _ = _parser().parse_known_args(argv)
-    with pytest.raises(SystemExit) as info:
-        args._handler(args)
-    assert info.value.code == 2
-    assert "gpu_util" in capsys.readouterr().err
+    parser, sub = _parser()
+    sage_plugin.register(sub)
+    args, _ = parser.parse_known_args(argv)
+    assert args._handler(args) == 2
+    err = capsys.readouterr().err
+    assert "no engine named 'nope'" in err
+    assert "`sage vllm status`" in err  # the hint names the command the user typed
 
 
-def test_a_sage_package_without_sages_console_script_is_not_sages_cli(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """Another package called `sage` (SageMath) with a `sage.cli.main` never receives our commands."""
-    pkg = tmp_path / "sage" / "cli"
-    pkg.mkdir(parents=True)
-    (tmp_path / "sage" / "__init__.py").write_text("")
-    (pkg / "__init__.py").write_text("")
-    (pkg / "main.py").write_text("def main():\n    raise SystemExit('not SAGE')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for mod in [m for m in sys.modules if m == "sage" or m.startswith("sage.")]:
-        monkeypatch.delitem(sys.modules, mod)
-    try:
-        assert sage_plugin.sage_cli_available() is False
-        assert sage_plugin.delegate_to_sage(["status"]) is None
-    finally:
-        for mod in [m for m in sys.modules if m == "sage" or m.startswith("sage.")]:
-            del sys.modules[mod]
+def test_argparse_taken_name_is_left_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    """A duplicate subparser raises in SAGE's branch (Python >= 3.11): when `vllm` exists, we add nothing."""
+    parser, sub = _parser("vllm")
+    sage_plugin.register(sub)
+    args, _ = parser.parse_known_args(["vllm"])
+    assert args._handler(args) == 42  # still the other owner's
+    assert capsys.readouterr().err == ""
 
 
-def test_without_sage_nothing_is_delegated() -> None:
-    assert sage_plugin.sage_cli_available() is False
-    assert sage_plugin.delegate_to_sage(["status"]) is None
+def test_argparse_register_never_raises(capsys: pytest.CaptureFixture[str]) -> None:
+    class Broken:
+        choices: dict = {}
+
+        def add_parser(self, *a: object, **k: object) -> None:
+            raise RuntimeError("boom")
+
+    sage_plugin.register(Broken())  # SAGE's branch turns a raising plugin into a failure of the whole `sage`
+    err = capsys.readouterr().err
+    assert "cannot add `sage vllm` (RuntimeError: boom)" in err
+    assert "sage-llm" in err
+    sage_plugin.register(object())  # neither shape
+    assert "unknown CLI object" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- Typer (published CLI)
+
+def test_typer_adds_vllm_and_keeps_sages_llm_and_status(capsys: pytest.CaptureFixture[str]) -> None:
+    app = _sage_typer_app()
+    sage_plugin.register(app)
+    assert "vllm" in sage_plugin.typer_names(app)
+
+    assert _run_typer(app, "vllm", "status", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schema_version"] == 1
+    assert [e for e in doc["engines"] if e["managed"]] == []
+
+    # options and help after `vllm` are ours, not Typer's (`--help` would otherwise print SAGE's command help)
+    assert _run_typer(app, "vllm", "--help") == 0
+    out = capsys.readouterr().out
+    assert "Usage: sage vllm [OPTIONS] COMMAND" in out
+    assert "sage vllm config show" in out  # help texts name the command the user typed
+
+    assert _run_typer(app, "vllm", "status", "nope") == 3
+    assert "see `sage vllm status`" in capsys.readouterr().err
+    assert _run_typer(app, "vllm", "stop", "--no-such-flag") == 2
+    assert "no-such-flag" in capsys.readouterr().err
+
+    # SAGE's own commands, including its `llm` group (same subcommand name `status` as ours), are untouched
+    assert _run_typer(app, "status") == 0
+    assert capsys.readouterr().out.strip() == "SAGE status"
+    assert _run_typer(app, "llm", "status") == 0
+    assert capsys.readouterr().out.strip() == "isagellm status"
+
+
+def test_typer_taken_name_is_left_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    app = _sage_typer_app()
+
+    @app.command("vllm")
+    def theirs() -> None:
+        print("their vllm")
+
+    before = len(app.registered_commands)
+    sage_plugin.register(app)
+    assert len(app.registered_commands) == before
+    assert _run_typer(app, "vllm") == 0
+    assert capsys.readouterr().out.strip() == "their vllm"
+
+
+def test_typer_names_include_unnamed_commands_and_groups() -> None:
+    app = typer.Typer()
+
+    @app.command()
+    def my_cmd() -> None: ...
+
+    app.add_typer(typer.Typer(name="grp"))
+    assert {"my-cmd", "grp"} <= sage_plugin.typer_names(app)
+
+
+# ------------------------------------------------------------------------------------------- names, metadata, doctor
+
+def test_no_sage_script_only_sage_llm_and_the_vllm_plugin() -> None:
+    """We never install `sage` (it replaced SAGE's and SageMath's); the plugin entry point is `vllm`."""
+    eps = distribution("sage-llm").entry_points
+    scripts = {ep.name: ep.value for ep in eps if ep.group == "console_scripts"}
+    assert scripts == {"sage-llm": "sage_llm.cli.main:main"}
+    plugins = {ep.name: ep.value for ep in eps if ep.group == sage_cli.PLUGIN_GROUP}
+    assert plugins == {sage_cli.GROUP: sage_cli.PLUGIN_VALUE}
+    assert sage_cli.plugin_registered()
+
+
+@pytest.mark.parametrize(("prog", "text", "expected"), [
+    ("sage-llm", "see `sage llm status` or sage llm stop x", "see `sage-llm status` or sage-llm stop x"),
+    ("sage vllm", "not started by sage llm", "not started by sage vllm"),
+    ("sage-llm", "my-sage llm and sage llmx stay", "my-sage llm and sage llmx stay"),
+    ("sage llm", "see `sage llm status`", "see `sage llm status`"),
+])
+def test_named_spells_the_command_as_typed(prog: str, text: str, expected: str) -> None:
+    assert _output.named(text, prog) == expected
+
+
+def test_doctor_says_where_the_commands_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    [c] = doctor.check_sage()  # the dev venv has no SAGE
+    assert (c.name, c.status) == ("sage", doctor.OK)
+    assert "`sage-llm ...`" in c.message
+    published = sage_cli.SageCli("isage-cli", "0.2.4.43", "typer", "sage.cli.main:app")
+    monkeypatch.setattr(sage_cli, "installed", lambda: published)
+    [c] = doctor.check_sage()
+    assert c.status == doctor.OK
+    assert "`sage vllm ...`" in c.message
+    assert "isagellm" in c.message  # SAGE's own `sage llm` is not ours
+    assert _output.named(c.message, "sage-llm") == c.message  # nothing in it is respelled
+    monkeypatch.setattr(sage_cli, "plugin_registered", lambda: False)
+    [c] = doctor.check_sage()
+    assert c.status == doctor.WARN
+    assert "reinstall" in (c.fix or "")

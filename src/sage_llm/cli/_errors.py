@@ -14,7 +14,7 @@ def handle(exc: BaseException, prog: str = "sage llm") -> int:
         if tail:
             out.info("--- last log lines ---")
             for line in tail:
-                out.info("  " + line[:400])
+                out.info("  " + line[:400], raw=True)
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         out.error("interrupted")

@@ -7,10 +7,33 @@ off: engine names and log lines with [brackets] are never read as markup.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any
 
 _consoles: dict[str, Any] = {}
+
+# The library and the help texts spell our commands `sage llm ...`. What the user typed is `sage-llm` (our script),
+# `sage vllm` (inside SAGE's `sage`) or `python -m sage_llm`: `named()` is the one place that rewrites the spelling,
+# for messages on stderr (error, warning, hint, info) and for help texts (`main.command`). Results on stdout (tables,
+# log lines, JSON documents) are data and are never rewritten.
+SPELLED = "sage llm"
+_SPELLED_RE = re.compile(r"(?<![\w-])sage llm(?![\w-])")
+_prog = SPELLED
+
+
+def set_prog(prog: str) -> None:
+    """The program name the user typed; `main.run` sets it first thing."""
+    global _prog
+    _prog = prog
+
+
+def named(text: str, prog: str | None = None) -> str:
+    """`text` with `sage llm` (as a command, not inside another word) spelled as `prog` (default: the current one)."""
+    prog = _prog if prog is None else prog
+    if prog == SPELLED or SPELLED not in text:
+        return text
+    return _SPELLED_RE.sub(prog, text)
 
 
 def console(stderr: bool = False) -> Any:
@@ -30,7 +53,9 @@ def console(stderr: bool = False) -> Any:
 
 
 def reset() -> None:
+    global _prog
     _consoles.clear()
+    _prog = SPELLED
 
 
 def print_json(data: Any) -> None:
@@ -43,23 +68,24 @@ def result(msg: str) -> None:
     sys.stdout.flush()
 
 
-def info(msg: str) -> None:
-    sys.stderr.write(msg + "\n")
+def info(msg: str, raw: bool = False) -> None:
+    """A message on stderr; `raw` for quoted text such as log lines, which is never renamed."""
+    sys.stderr.write((msg if raw else named(msg)) + "\n")
     sys.stderr.flush()
 
 
 def warning(msg: str) -> None:
-    sys.stderr.write(f"Warning: {msg}\n")
+    sys.stderr.write(f"Warning: {named(msg)}\n")
     sys.stderr.flush()
 
 
 def hint(msg: str) -> None:
-    sys.stderr.write(f"Hint: {msg}\n")
+    sys.stderr.write(f"Hint: {named(msg)}\n")
     sys.stderr.flush()
 
 
 def error(msg: str, hint_text: str | None = None) -> None:
-    sys.stderr.write(f"Error: {msg}" + (f" (hint: {hint_text})" if hint_text else "") + "\n")
+    sys.stderr.write(f"Error: {named(msg)}" + (f" (hint: {named(hint_text)})" if hint_text else "") + "\n")
     sys.stderr.flush()
 
 

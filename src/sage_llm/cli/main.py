@@ -1,6 +1,10 @@
-"""Entry points: `sage` (root app with the `llm` group), `sage-llm` (the `llm` group itself), `python -m sage_llm`.
+"""Entry points: the `sage-llm` script (`main`), `python -m sage_llm`, and `run(argv, prog)`, which SAGE's `sage` calls
+through our plugin as `sage vllm` (see `sage_plugin.py`).
 
-`main()` wraps the Typer app: known errors become one line on stderr and an exit code (see `_errors.py`). The hot
+sage-llm installs no `sage` script: SAGE's CLI and SageMath each install one, and a second would replace theirs.
+
+`run()` wraps the Typer app: known errors become one line on stderr and an exit code (see `_errors.py`). `prog` is the
+name the user typed (`sage-llm`, `sage vllm`, `python -m sage_llm`): usage lines, help texts and hints name it. The hot
 path `status --json` is served without importing Typer or Rich at all, so Studio's polling stays cheap.
 """
 
@@ -9,7 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
-FAST_STATUS_FLAGS = {"--json"}
+PROG = "sage-llm"
+COMPLETE_VAR = "_SAGE_LLM_COMPLETE"  # Typer's shell-completion protocol for `sage-llm`
 
 
 def _fast_status_args(args: list[str]) -> list[str] | None:
@@ -22,68 +27,74 @@ def _fast_status_args(args: list[str]) -> list[str] | None:
     return rest
 
 
-COMPLETE_VARS = ("_SAGE_COMPLETE", "_SAGE_LLM_COMPLETE")  # Typer's shell-completion protocol for `sage`/`sage-llm`
-OWN_ROOT_OPTIONS = {"--install-completion", "--show-completion"}
-
-
 def completing() -> bool:
     """True while the shell asks for completions: then only candidates may be printed, and fast."""
-    return any(os.environ.get(v) for v in COMPLETE_VARS)
+    return bool(os.environ.get(COMPLETE_VAR))
 
 
-def run(argv: list[str], prog: str = "sage") -> int:
-    """Run the CLI with `argv` (without the program name); returns the exit code."""
+def run(argv: list[str], prog: str = PROG) -> int:
+    """Run the CLI with `argv` (without the program name) as program `prog`; returns the exit code."""
+    from sage_llm.cli import _output
+
+    _output.set_prog(prog)
     if completing():
-        # no fast paths, no delegation, no settings or state reads: straight to Typer's completion protocol
+        # no fast paths, no settings or state reads: straight to Typer's completion protocol
         return _run_typer(argv, prog)
-    llm_args = argv
-    if prog == "sage":
-        llm_args = argv[1:] if argv and argv[0] == "llm" else None  # type: ignore[assignment]
-    if llm_args is not None:
-        fast = _fast_status_args(llm_args)
-        if fast is not None:
-            from sage_llm.cli.fast_status import status_json
+    fast = _fast_status_args(argv)
+    if fast is not None:
+        from sage_llm.cli.fast_status import status_json
 
-            return status_json(fast[0] if fast else None)
-        from sage_llm.cli.fast_models import is_fast, models_json
+        return status_json(fast[0] if fast else None)
+    from sage_llm.cli.fast_models import is_fast, models_json
 
-        if is_fast(llm_args):
-            return models_json()
-    if prog == "sage" and llm_args is None and not (argv and argv[0] in OWN_ROOT_OPTIONS):
-        # anything but `sage llm ...` belongs to SAGE's own CLI when it is installed
-        from sage_llm.cli.sage_plugin import delegate_to_sage
-
-        code = delegate_to_sage(argv)
-        if code is not None:
-            return code
+    if is_fast(argv):
+        return models_json()
     return _run_typer(argv, prog)
 
 
-def _run_typer(argv: list[str], prog: str) -> int:
+def command(prog: str = PROG):
+    """Our Click command tree (from Typer) with every help text, epilog and option help naming `prog`."""
     import typer.main
 
+    from sage_llm.cli._output import named
+    from sage_llm.cli.llm import llm_app
+
+    cmd = typer.main.get_command(llm_app)  # a fresh tree on each call: renaming it changes nothing global
+    todo = [cmd]
+    while todo:
+        c = todo.pop()
+        for attr in ("help", "epilog", "short_help"):
+            text = getattr(c, attr, None)
+            if isinstance(text, str):
+                setattr(c, attr, named(text, prog))
+        for p in getattr(c, "params", []):
+            if isinstance(getattr(p, "help", None), str):
+                p.help = named(p.help, prog)
+        todo.extend(getattr(c, "commands", {}).values())
+    return cmd
+
+
+def _run_typer(argv: list[str], prog: str) -> int:
     from sage_llm.cli import _errors
 
-    if prog == "sage":
-        from sage_llm.cli.root import app
-    else:
-        from sage_llm.cli.llm import llm_app as app
-    cmd = typer.main.get_command(app)
+    cmd = command(prog)
     try:
-        rv = cmd.main(args=argv, prog_name=prog.replace(" ", "-") if prog != "sage llm" else "sage llm",
-                      standalone_mode=False)
+        rv = cmd.main(args=argv, prog_name=prog, standalone_mode=False)
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except BaseException as exc:
         if type(exc).__name__ == "Exit":
             return int(getattr(exc, "exit_code", 0))
+        if type(exc).__name__ == "NoArgsIsHelpError" and getattr(exc, "ctx", None) is not None:
+            sys.stdout.write(exc.ctx.get_help() + "\n")  # a bare `sage-llm` (or group): the help, as --help shows it
+            return 0
         return _errors.handle(exc, prog)
     return rv if isinstance(rv, int) else 0
 
 
 def main() -> None:
-    sys.exit(run(sys.argv[1:], "sage"))
+    """The `sage-llm` console script."""
+    sys.exit(run(sys.argv[1:], PROG))
 
 
-def llm_main() -> None:
-    sys.exit(run(sys.argv[1:], "sage-llm"))
+llm_main = main  # the entry point's former name (scripts written by older installs)

@@ -1,48 +1,104 @@
-"""Fitting into SAGE's own argparse `sage` command (package `isage`, module `sage.cli.main`).
+"""Our group inside SAGE's own `sage` command: the `sage.cli.plugins` entry point `register(target)`.
 
-SAGE's `main()` builds an argparse parser, calls every entry point of the `sage.cli.plugins` group with its
-subparsers object, parses with `parse_known_args`, and dispatches a plugin's subcommand through `args._handler(args)`.
+SAGE has shipped two shapes of `sage`, and `register` accepts both (as isage-studio's `register_studio_command` does):
 
-* `register(subparsers)` is our entry point there: it adds `llm`, whose handler hands everything after `sage llm` to
-  our Typer app. It imports nothing heavy: SAGE loads every plugin on every `sage` invocation.
-* `delegate_to_sage(argv)`: when our own `sage` script runs anything but `llm` and SAGE's CLI is importable, it hands
-  the invocation over, so installing both never breaks `sage status` or `sage studio`.
+* **Typer** (published isage-cli 0.2.4.x, console script `sage = sage.cli.main:app`): at import, SAGE calls
+  `ep.load()(app)` with its Typer app and swallows any exception. We add one command, `vllm`, that takes every word
+  after it and runs our CLI (`main.run`) with them.
+* **argparse** (SAGE's development branch, `sage = sage.cli.main:main`): SAGE calls every plugin with its subparsers
+  object, parses with `parse_known_args` and dispatches through `args._handler(args)`, whose return value is the exit
+  code. A plugin that raises, or a duplicate subcommand name, makes the whole `sage` fail.
+
+The name is `vllm` (`sage_llm.sage_cli.GROUP`), not `llm`: the published CLI already has an `llm` group (isagellm).
+`register` never raises and never replaces a command SAGE or another plugin already has: when the name is taken it adds
+nothing (`sage-llm doctor` says where the commands are). It imports nothing heavy: SAGE loads every plugin on every
+`sage` invocation, so our CLI is imported only when `sage vllm ...` runs.
+
+Either way, our own error handling, exit codes (0/1/2/3) and the Typer-free `status --json` fast path run unchanged
+under the program name `sage vllm`, so help and hints name the command the user typed.
 """
 
-from __future__ import annotations
-
 import argparse
-import importlib
-import importlib.util
 import sys
 from typing import Any
 
-SAGE_MODULE = "sage.cli.main"
-HELP = "Run and watch local vLLM inference engines (sage-llm): start, stop, status, models, logs, chat."
+from sage_llm.sage_cli import GROUP
+
+PROG = f"sage {GROUP}"
+HELP = "Run and watch local vLLM engines (sage-llm): start, stop, status, chat, logs, models. See `sage vllm --help`."
 
 
-def register(subparsers: Any) -> None:
-    """Entry point `sage.cli.plugins: llm`: add `sage llm ...` to SAGE's argparse CLI."""
-    parser = subparsers.add_parser("llm", help=HELP, description=HELP, add_help=False)
-    parser.add_argument("llm_args", nargs=argparse.REMAINDER, help="arguments for `sage llm` (see `sage llm --help`)")
+def register(target: Any) -> None:
+    """Entry point `sage.cli.plugins`: add `sage vllm ...` to SAGE's `sage`, a Typer app or argparse subparsers."""
+    try:
+        if hasattr(target, "add_parser") and hasattr(target, "choices"):
+            _register_argparse(target)
+        elif hasattr(target, "registered_commands") and hasattr(target, "registered_groups"):
+            _register_typer(target)
+        else:
+            _warn(f"cannot add `{PROG}`: unknown CLI object {type(target).__name__}; use `sage-llm` instead")
+    except Exception as exc:  # never break SAGE's `sage` (its argparse branch fails entirely when a plugin raises)
+        _warn(f"cannot add `{PROG}` ({type(exc).__name__}: {exc}); use `sage-llm` instead")
+
+
+def _warn(msg: str) -> None:
+    sys.stderr.write(f"Warning: sage-llm: {msg}\n")
+
+
+def typer_names(app: Any) -> set[str]:
+    """The command and group names a Typer app already has (what Typer derives when `name` was not given)."""
+    names = set()
+    for info in getattr(app, "registered_commands", []):
+        name = info.name or getattr(info.callback, "__name__", "").replace("_", "-")
+        names.add(name)
+    for info in getattr(app, "registered_groups", []):
+        sub = getattr(info, "typer_instance", None)
+        name = info.name or getattr(getattr(sub, "info", None), "name", None)
+        if name:
+            names.add(name)
+    return names
+
+
+def _register_typer(app: Any) -> None:
+    if GROUP in typer_names(app):
+        return  # taken: never hide another command (`sage-llm doctor` tells the user)
+    import typer  # SAGE's app is a Typer app: Typer is already loaded
+
+    # (no `from __future__ import annotations` in this module: Typer must see `typer.Context` itself, not a string)
+    @app.command(GROUP, help=HELP, add_help_option=False,
+                 context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                   "allow_interspersed_args": False, "help_option_names": []})
+    def vllm(ctx: typer.Context) -> None:
+        from sage_llm.cli.main import run
+
+        code = run(list(ctx.args), PROG)
+        sys.stdout.flush()
+        raise SystemExit(code)
+
+
+def _register_argparse(subparsers: Any) -> None:
+    if GROUP in subparsers.choices:
+        return  # taken: a duplicate name would make SAGE's `sage` fail
+    parser = subparsers.add_parser(GROUP, help=HELP, description=HELP, add_help=False)
+    parser.add_argument("group_args", nargs=argparse.REMAINDER, help=f"arguments for `{PROG}` (see `{PROG} --help`)")
     # SAGE dispatches plugins through `_handler`; `func` serves parsers that call `args.func(args)` instead
     parser.set_defaults(_handler=run_from_sage, func=run_from_sage)
 
 
-def llm_args_from(args: Any, argv: list[str] | None = None) -> list[str]:
-    """Everything after `llm` on the command line.
+def group_args_from(args: Any, argv: list[str] | None = None) -> list[str]:
+    """Everything after `vllm` on the command line.
 
-    argparse splits it: words that look like options before the first positional (`sage llm --help`) land in
-    `parse_known_args`'s unknown list, which SAGE does not pass to plugins. So take the words after the `llm`
+    argparse splits it: words that look like options before the first positional (`sage vllm --help`) land in
+    `parse_known_args`'s unknown list, which SAGE does not pass to plugins. So take the words after the `vllm`
     subcommand from the real command line, and fall back to what argparse collected.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    collected = list(getattr(args, "llm_args", None) or [])
+    collected = list(getattr(args, "group_args", None) or [])
     for i, word in enumerate(argv):
-        if word != "llm":
+        if word != GROUP:
             continue
         prev = argv[i - 1] if i else ""
-        if prev.startswith("-") and "=" not in prev:  # `--trace-dir llm`: the value of an option, not the command
+        if prev.startswith("-") and "=" not in prev:  # `--trace-dir vllm`: the value of an option, not the command
             continue
         rest = argv[i + 1:]
         if rest[len(rest) - len(collected):] == collected or not collected:
@@ -51,47 +107,9 @@ def llm_args_from(args: Any, argv: list[str] | None = None) -> list[str]:
 
 
 def run_from_sage(args: Any = None, *_: Any) -> int:
-    """Handler for `sage llm ...` under SAGE's CLI: run our Typer app and exit with its code."""
+    """Handler for `sage vllm ...` under SAGE's argparse CLI: run our CLI and return its exit code."""
     from sage_llm.cli.main import run
 
-    code = run(llm_args_from(args), "sage llm")
+    code = run(group_args_from(args), PROG)
     sys.stdout.flush()
-    raise SystemExit(code)
-
-
-def sage_cli_available() -> bool:
-    """True when SAGE's CLI is installed: `sage.cli.main` is importable (checked without importing it) and an installed
-    distribution declares the console script `sage = sage.cli.main:main`, as `isage` does. The second check keeps
-    another package that happens to be called `sage` (SageMath) from receiving our commands."""
-    try:
-        if importlib.util.find_spec(SAGE_MODULE) is None:
-            return False
-    except (ImportError, ValueError):
-        return False
-    from importlib.metadata import entry_points
-
-    return any(ep.value.replace(" ", "") == f"{SAGE_MODULE}:main"
-               for ep in entry_points(group="console_scripts", name="sage"))
-
-
-def delegate_to_sage(argv: list[str]) -> int | None:
-    """Run `sage ARGV` with SAGE's own CLI if it is installed; None when it is not (or cannot be loaded)."""
-    if not sage_cli_available():
-        return None
-    try:
-        mod = importlib.import_module(SAGE_MODULE)
-    except Exception as exc:  # a broken SAGE install must not break `sage llm`
-        sys.stderr.write(f"Warning: SAGE's CLI ({SAGE_MODULE}) is installed but failed to import: {exc}\n")
-        return None
-    entry = getattr(mod, "main", None)
-    if entry is None:
-        return None
-    old = sys.argv
-    sys.argv = ["sage", *argv]
-    try:
-        rv = entry()
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = old
-    return rv if isinstance(rv, int) else 0
+    return code

@@ -8,7 +8,8 @@ from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt
 
 EPILOG = ("Checks: settings, engine environment and vLLM version, NVML and driver, GPUs and free memory, default "
-          "port, HF cache and free disk, state directory, HF_HUB_OFFLINE and token (never printed). "
+          "port, HF cache and free disk, state directory, HF_HUB_OFFLINE and token (never printed), the commands' "
+          "name under SAGE's `sage`. "
           "Exit 0 when nothing fails (warnings allowed), 1 otherwise. "
           "Examples: sage llm doctor | sage llm doctor --json | sage llm doctor || sage llm engine install")
 
@@ -20,9 +21,9 @@ def doctor(json_: JsonOpt = False) -> None:
     def show(c: core.Check) -> None:
         if json_:
             return
-        out.result(f"{c.status:<4}  {c.message}")
+        out.result(f"{c.status:<4}  {out.named(c.message)}")  # our commands, spelled as the user typed them
         if c.fix and c.status != core.OK:
-            out.result(f"      fix: {c.fix}")
+            out.result(f"      fix: {out.named(c.fix)}")
 
     checks = core.run_checks(on_check=show)
     counts = core.summary(checks)
