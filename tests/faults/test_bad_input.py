@@ -147,7 +147,7 @@ def test_empty_model_name_changes_no_engine(cli, fake_vllm, stop_all, args):
     rec = StateStore().load("e1")
     got, out, err = cli(*args)
     assert (got, out) == (2, ""), err
-    assert err.startswith("Error: MODEL is empty"), err
+    assert err.startswith(("Error: MODEL is empty", "Error: --model is empty")), err
     assert len(err.splitlines()) == 1, err
     after = StateStore().load("e1")
     assert (after.id, after.pid, after.model) == (rec.id, rec.pid, "org/x")
