@@ -131,7 +131,8 @@ def start(
                         "use it (pass --api-key-env VAR)")
     served = spec.served_model_name or spec.model
     cached = _cache_state(spec.model)
-    with store.lock():
+    with contextlib.ExitStack() as locked:
+        locked.enter_context(store.lock())
         live = _live(store)
         # idempotent: the same model already served (or starting) under this name / on this port
         for rec, _tree in live:
@@ -143,6 +144,7 @@ def start(
                 continue
             if (name is None or rec.name == name) and (not port_explicit or rec.port == spec.port):
                 if not foreground:
+                    locked.close()  # wait without the lock: a `stop` or another `start` must not queue behind a load
                     return _already(rec, store, wait, timeout, on_progress)
         chosen = name or slug(spec.model)
         existing = store.load(chosen)
