@@ -161,6 +161,8 @@ def start(
                 chosen = f"{base}-{n}"
                 n += 1
         elif isinstance(existing, CorruptRecord):
+            if name is not None and existing.newer:
+                raise existing.newer_error()
             if name is not None:
                 raise UsageError(f"engine record {existing.path} is corrupt ({existing.error})",
                                  hint=f"inspect it, then remove it with `sage llm stop {chosen} --force`")
@@ -385,6 +387,11 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
     records = store.all()
     table = process.proc_table()  # one pass over /proc shared by every record and by discovery
     for rec in records:
+        if isinstance(rec, CorruptRecord) and rec.newer:
+            error = f"written by a newer sage-llm ({rec.error}): upgrade sage-llm to see or stop this engine"
+            warnings.append(f"engine record {rec.path} was {error}")
+            views.append(EngineView(name=rec.name, managed=True, state="failed", error=error))
+            continue
         if isinstance(rec, CorruptRecord):
             warnings.append(f"engine record {rec.path} is unreadable: {rec.error}")
             views.append(EngineView(name=rec.name, managed=True, state="failed", error=rec.error))
@@ -690,6 +697,8 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
     if rec is None:
         return StopOutcome(name, stopped=True, already_gone=True, message=f"engine {name!r} is not running")
     if isinstance(rec, CorruptRecord):
+        if rec.newer:
+            raise rec.newer_error()  # exit 2; nothing signalled, nothing removed, --force or not
         if force:
             with store.lock():
                 store.remove(name)

@@ -81,6 +81,8 @@ def _load(name: str, store: StateStore) -> EngineRecord:
         known = ", ".join(store.names()) or "none"
         raise EngineNotFound(f"no engine named {name!r} (engines: {known})",
                              hint="see `sage llm status`; start one with `sage llm start MODEL`")
+    if isinstance(rec, CorruptRecord) and rec.newer:
+        raise rec.newer_error()
     if isinstance(rec, CorruptRecord):
         raise UsageError(f"engine record {rec.path} is corrupt ({rec.error})",
                          hint=f"remove it with `sage llm stop {name} --force`, then start again")

@@ -27,6 +27,7 @@ def stop(
     """Stop engines. Exit 0 when stopped or already gone, 1 when a process survived (it is named)."""
     from sage_llm import settings
     from sage_llm.engine import manager
+    from sage_llm.errors import UsageError
     from sage_llm.state import StateStore
 
     timeout = settings.get("stop_timeout", timeout)
@@ -40,10 +41,17 @@ def stop(
         return
     outcomes = []
     failed = False
+    refused: list[UsageError] = []  # e.g. a record from a newer sage-llm: the others are still stopped
     for name in names:
-        outcome = manager.stop(name, timeout=timeout, force=force, store=store,
-                               on_escalate=lambda n: out.info(f"{n}: still running after {timeout:g} s; sending "
-                                                              "SIGKILL"))
+        try:
+            outcome = manager.stop(name, timeout=timeout, force=force, store=store,
+                                   on_escalate=lambda n: out.info(f"{n}: still running after {timeout:g} s; sending "
+                                                                  "SIGKILL"))
+        except UsageError as exc:
+            if len(names) == 1:
+                raise
+            refused.append(exc)
+            continue
         outcomes.append(outcome)
         if not outcome.stopped:
             failed = True
@@ -60,5 +68,9 @@ def stop(
              "survivors": [{"pid": p, "name": n} for p, n in o.survivors], "duration_s": round(o.duration_s, 3),
              "port_free": o.port_free, "message": o.message, "shm_removed": o.shm_removed, "notes": o.notes}
             for o in outcomes]})
+    for exc in refused[1:]:
+        out.error(exc.message, exc.hint)
+    if refused:
+        raise refused[0]
     if failed:
         raise typer.Exit(1)
