@@ -45,7 +45,11 @@ class EngineRecord:
     port: int
     id: str = ""  # random id, also set as SAGE_LLM_ENGINE_ID in the engine's environment
     pid: int | None = None  # the `vllm serve` process; also its process-group and session id
-    create_time: float | None = None  # psutil create_time of pid: guards against PID reuse
+    create_time: float | None = None  # psutil create_time of pid (wall clock): identity in records of sage-llm <= 0.1.0
+    # identity of pid, against PID reuse: its start in clock ticks since boot (/proc/PID/stat field 22) and the kernel
+    # boot id; neither moves when the wall clock is stepped. Older sage-llm versions ignore these fields.
+    start_ticks: int | None = None
+    boot_id: str | None = None
     log_file: str = ""
     started_at: str = ""  # ISO 8601, UTC
     state: str = "launching"  # launching | running | failed (live state is computed by probing)

@@ -66,7 +66,7 @@ def _live(store: StateStore) -> list[tuple[EngineRecord, process.Tree]]:
     for rec in store.all():
         if isinstance(rec, CorruptRecord):
             continue
-        tree = process.find_tree(rec.pid, rec.create_time, rec.id)
+        tree = process.find_tree(rec.pid, process.birth_of(rec), rec.id)
         if tree.alive:
             out.append((rec, tree))
     return out
@@ -201,6 +201,7 @@ def start(
             raise EngineFailed(record.error, hint="run `sage llm engine install` to repair the engine") from exc
         record.pid = spawned.pid
         record.create_time = spawned.create_time
+        record.start_ticks, record.boot_id = spawned.ticks, spawned.boot_id
         record.state = "running"
         store.save(record)
     result = StartResult(record, port_note=note, warnings=warnings, cached=cached)
@@ -272,7 +273,7 @@ def wait_ready(
 
     while True:
         now = time.monotonic()
-        alive = popen.poll() is None if popen is not None else process.leader(record.pid, record.create_time)
+        alive = popen.poll() is None if popen is not None else process.leader(record.pid, process.birth_of(record))
         if not alive:
             _fail(record, store, "exited during startup", kill=kill_on_fail)
         p = probes.probe(record.host if record.host not in ("", "0.0.0.0") else "127.0.0.1", record.port,
@@ -297,7 +298,7 @@ def _diag_context(record: EngineRecord, store: StateStore) -> dict[str, Any]:
     others = []
     for name in store.names():
         rec = store.load(name)
-        if isinstance(rec, EngineRecord) and rec.id != record.id and process.leader(rec.pid, rec.create_time):
+        if isinstance(rec, EngineRecord) and rec.id != record.id and process.leader(rec.pid, process.birth_of(rec)):
             theirs = {str(g.get("uuid") or g.get("index")) for g in rec.gpus or []}
             if not mine or not theirs or mine & theirs:
                 others.append(name)
@@ -312,7 +313,7 @@ def _fail(record: EngineRecord, store: StateStore, what: str, kill: bool = True)
         stage = snapshot_of(record.log_file, record.model)
         what += f" while {stage.label}" + (f" ({stage.detail})" if stage.detail else "")
     if kill:
-        if not process.stop_tree(record.pid, record.create_time, record.id, timeout=5.0).survivors:
+        if not process.stop_tree(record.pid, process.birth_of(record), record.id, timeout=5.0).survivors:
             _leftovers(record)
     reason = f"engine {record.name!r} {what}" + (f": {diag.message}" if diag else "")
     hint = diag.hint if diag and diag.hint else f"see `sage llm logs {record.name} -n 80`"
@@ -396,7 +397,7 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
             warnings.append(f"engine record {rec.path} is unreadable: {rec.error}")
             views.append(EngineView(name=rec.name, managed=True, state="failed", error=rec.error))
             continue
-        tree = process.find_tree(rec.pid, rec.create_time, rec.id, table)
+        tree = process.find_tree(rec.pid, process.birth_of(rec), rec.id, table)
         view = EngineView(
             name=rec.name, managed=True, state="stopped", model=rec.model, served_model_name=rec.served_model_name,
             host=rec.host, port=rec.port, base_url=rec.base_url, pid=rec.pid, started_at=rec.started_at,
@@ -491,7 +492,7 @@ def _apply_probe(view: EngineView, served: str | None, p: Any, recorded_state: s
 
 
 def _explain_dead(view: EngineView, rec: EngineRecord, table: dict[int, process.ProcInfo] | None = None) -> None:
-    reused = process.pid_reused_by(rec.pid, rec.create_time, table)
+    reused = process.pid_reused_by(rec.pid, process.birth_of(rec), table)
     if rec.state == "failed":
         view.state = "failed"
         view.error = rec.error or "engine failed"
@@ -706,11 +707,11 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
                                message=f"removed corrupt record {rec.path} ({rec.error})")
         raise SageLLMError(f"engine record {rec.path} is corrupt ({rec.error}); nothing was signalled",
                            hint=f"check no engine of it runs, then `sage llm stop {name} --force` removes the record")
-    tree = process.find_tree(rec.pid, rec.create_time, rec.id)
+    tree = process.find_tree(rec.pid, process.birth_of(rec), rec.id)
     gone_before = not tree.alive
     if not gone_before:
         _mark(store, rec, "stopping")  # a racing `start` of the same name answers "being stopped", not "running"
-    result = process.stop_tree(rec.pid, rec.create_time, rec.id, timeout=timeout, force=force,
+    result = process.stop_tree(rec.pid, process.birth_of(rec), rec.id, timeout=timeout, force=force,
                                on_escalate=(lambda: on_escalate(name)) if on_escalate else None)
     port_free = True
     if not result.survivors:

@@ -155,7 +155,7 @@ def switch(
     store = store or StateStore()
     overrides = {**(overrides or {}), "model": model}
     rec = _load(name, store)
-    tree = process.find_tree(rec.pid, rec.create_time, rec.id)
+    tree = process.find_tree(rec.pid, process.birth_of(rec), rec.id)
     if not rolling or tree.leader is None:
         # nothing serving to keep alive: a plain restart with the new model
         result = restart(name, overrides, gpus=gpus, timeout=timeout, stop_timeout=stop_timeout, store=store,
