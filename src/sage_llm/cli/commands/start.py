@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sage_llm.cli import _complete
 from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 EPILOG = (
     "Examples: sage llm start Qwen/Qwen2.5-1.5B-Instruct | "
@@ -91,9 +94,11 @@ def start(
         out.hint(f"check with `sage llm status {rec.name}` (exit 0 once ready); log: {rec.log_file}")
 
 
-def launch(p: dict[str, Any], foreground: bool = False) -> Any:
+def launch(p: dict[str, Any], foreground: bool = False, checkpoint: Callable[[], None] | None = None) -> Any:
     """Resolve the options `start` and `run` share (flag > env > config), spawn the engine through manager.start
-    with the load display, and print the notes that follow a launch. Returns manager's StartResult."""
+    with the load display, and print the notes that follow a launch. Returns manager's StartResult.
+
+    `checkpoint` is called with every progress update while the engine loads (`run`: raises on a received signal)."""
     from sage_llm.config import DEFAULT_MODEL
     from sage_llm.engine import manager
     from sage_llm.engine.vllm import LaunchSpec
@@ -126,9 +131,11 @@ def launch(p: dict[str, Any], foreground: bool = False) -> Any:
     from sage_llm.cli._progress import LoadDisplay
 
     progress = LoadDisplay(enabled=wait)
+    update = note.wrap(progress.update)
+    on_progress = update if checkpoint is None else (lambda ev: (checkpoint(), update(ev)))
     try:
         result = manager.start(spec, name=name, port_explicit=port_explicit, wait=wait, timeout=timeout,
-                               on_progress=note.wrap(progress.update), gpus=p["gpus"], skip_checks=p["skip_checks"],
+                               on_progress=on_progress, gpus=p["gpus"], skip_checks=p["skip_checks"],
                                foreground=foreground)
     finally:
         progress.close()
