@@ -24,7 +24,8 @@ def test_record_from_a_newer_sage_llm_is_left_alone_even_by_stop_force(cli, home
     path.write_text(json.dumps(rec))
     written = path.read_bytes()
 
-    for args in (("stop", "newer"), ("stop", "newer", "--force"), ("stop",)):
+    for args in (("stop", "newer"), ("stop", "newer", "--force"), ("stop",), ("restart", "newer"),
+                 ("switch", "newer", "org/Other")):
         code, out, err = cli(*args)
         assert code == 2, (args, err)
         assert len(err.strip().splitlines()) <= 2, err  # the error and its hint, no traceback
