@@ -112,7 +112,7 @@ def check_port(port: int, host: str) -> list[Check]:
     from sage_llm.state import EngineRecord, StateStore
 
     for rec in StateStore().all():
-        if isinstance(rec, EngineRecord) and rec.port == port and process.leader(rec.pid, rec.create_time):
+        if isinstance(rec, EngineRecord) and rec.port == port and process.leader(rec.pid, process.birth_of(rec)):
             return [Check("port", OK, f"port {port} is served by engine {rec.name!r} (managed)")]
     if process.port_is_free(host, port):
         return [Check("port", OK, f"port {port} on {host} is free")]

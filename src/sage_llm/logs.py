@@ -328,7 +328,7 @@ def engine_ended(target: LogTarget, store: object | None = None) -> Callable[[],
         cur = st.load(rec.name)
         if not isinstance(cur, EngineRecord) or cur.id != rec.id:
             return f"engine {rec.name!r} was stopped"
-        if cur.pid and cur.create_time is not None and process.leader(cur.pid, cur.create_time) is None:
+        if cur.pid and (born := process.birth_of(cur)) is not None and process.leader(cur.pid, born) is None:
             return f"engine {rec.name!r} exited" + (f": {cur.error}" if cur.error else "")
         return None
 

@@ -46,7 +46,11 @@ class EngineRecord:
     port: int
     id: str = ""  # random id, also set as SAGE_LLM_ENGINE_ID in the engine's environment
     pid: int | None = None  # the `vllm serve` process; also its process-group and session id
-    create_time: float | None = None  # psutil create_time of pid: guards against PID reuse
+    create_time: float | None = None  # psutil create_time of pid (wall clock): identity in records of sage-llm <= 0.1.0
+    # identity of pid, against PID reuse: its start in clock ticks since boot (/proc/PID/stat field 22) and the kernel
+    # boot id; neither moves when the wall clock is stepped. Older sage-llm versions ignore these fields.
+    start_ticks: int | None = None
+    boot_id: str | None = None
     log_file: str = ""
     started_at: str = ""  # ISO 8601, UTC
     state: str = "launching"  # launching | running | failed (live state is computed by probing)
@@ -69,8 +73,10 @@ class EngineRecord:
         if not isinstance(data, dict):
             raise ValueError("record is not a JSON object")
         version = data.get("schema_version", 1)
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise ValueError(f"record schema_version {version!r} is newer than this sage-llm understands")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"record schema_version {version!r} is not an integer")
+        if version > SCHEMA_VERSION:
+            raise NewerRecordError(f"schema_version {version}, newer than the {SCHEMA_VERSION} this sage-llm reads")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         for required in ("name", "model", "host", "port"):
@@ -111,6 +117,10 @@ def parse_iso(value: str | None) -> float | None:
         return None
 
 
+class NewerRecordError(ValueError):
+    """The record was written by a newer sage-llm (a higher schema_version)."""
+
+
 @dataclass
 class CorruptRecord:
     """A record file that could not be read: reported, never acted upon."""
@@ -118,6 +128,13 @@ class CorruptRecord:
     name: str
     path: str
     error: str
+    # written by a newer sage-llm: it may describe a live engine, so it is never removed, not even by `stop --force`
+    newer: bool = False
+
+    def newer_error(self) -> UsageError:
+        """The refusal for any command that would act on a record from a newer sage-llm."""
+        return UsageError(f"engine record {self.path} was written by a newer sage-llm ({self.error}); "
+                          "it was left alone", hint="upgrade sage-llm (pip install -U sage-llm) and run this again")
 
 
 class StateStore:
@@ -186,6 +203,8 @@ class StateStore:
             record = EngineRecord.from_json(json.loads(text))
         except json.JSONDecodeError as exc:
             return CorruptRecord(name, str(path), f"record is not valid JSON ({exc.msg} at line {exc.lineno})")
+        except NewerRecordError as exc:
+            return CorruptRecord(name, str(path), str(exc), newer=True)
         except (ValueError, TypeError) as exc:
             return CorruptRecord(name, str(path), f"invalid record: {exc}")
         if record.name != name:

@@ -233,7 +233,7 @@ def test_pid_reused_by_unrelated_process_is_never_signalled(cli, fake_vllm, home
         other.wait()
 
 
-@pytest.mark.parametrize("content", ["", "{not json", '{"name": "bad", "schema_version": 7}'])
+@pytest.mark.parametrize("content", ["", "{not json", '{"name": "bad", "schema_version": "7"}'])
 def test_corrupt_record_does_not_break_status(cli, home, content):
     (home / "engines").mkdir(parents=True)
     os.chmod(home, 0o700)

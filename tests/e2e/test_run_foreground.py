@@ -185,3 +185,31 @@ def test_closed_stdout_ends_run_and_stops_the_engine(tmp_path: Path) -> None:
     assert "Traceback" not in err_path.read_text()
     assert gone(pids)
     assert managed(sage("status", "--json").stdout) == []
+
+
+@pytest.mark.usefixtures("fake_vllm", "stop_all", "children")
+def test_signals_during_the_stop_do_not_abort_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM to `run`, then more SIGTERM, SIGHUP and SIGINT while it stops the engine: the stop still completes."""
+    monkeypatch.setenv("FAKE_VLLM_IGNORE_TERM", "1")  # the engine ignores SIGTERM: the stop lasts the grace period
+    monkeypatch.setenv("SAGE_LLM_STOP_TIMEOUT", "8")  # then SIGKILL
+    record = Path(os.environ["SAGE_LLM_HOME"]) / "engines" / "fg.json"
+    run = Run("fg")
+    run.wait_streaming()
+    pids = run.engine_pids("fg")
+    assert len(pids) == 3
+    run.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and json.loads(record.read_text())["state"] != "stopping":
+        time.sleep(0.05)
+    assert json.loads(record.read_text())["state"] == "stopping", run.err()
+    assert "SIGTERM received: stopping engine 'fg'; further signals are ignored until it is down" in run.err()
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        run.proc.send_signal(sig)
+    # they arrived during the stop: the engine (ignoring SIGTERM) is still there and so is its record
+    assert json.loads(record.read_text())["state"] == "stopping"
+    assert run.proc.wait(60) == 0, run.err()
+    assert gone(pids)
+    assert not record.exists()
+    assert "stopped 'fg' (SIGKILL after the grace period)" in run.err()
+    assert "Traceback" not in run.err()
+    assert managed(sage("status", "--json").stdout) == []

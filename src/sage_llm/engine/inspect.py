@@ -38,11 +38,16 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
     records = store.all()
     table = process.proc_table()  # one pass over /proc shared by every record and by discovery
     for rec in records:
+        if isinstance(rec, CorruptRecord) and rec.newer:
+            error = f"written by a newer sage-llm ({rec.error}): upgrade sage-llm to see or stop this engine"
+            warnings.append(f"engine record {rec.path} was {error}")
+            views.append(EngineView(name=rec.name, managed=True, state="failed", error=error))
+            continue
         if isinstance(rec, CorruptRecord):
             warnings.append(f"engine record {rec.path} is unreadable: {rec.error}")
             views.append(EngineView(name=rec.name, managed=True, state="failed", error=rec.error))
             continue
-        tree = process.find_tree(rec.pid, rec.create_time, rec.id, table)
+        tree = process.find_tree(rec.pid, process.birth_of(rec), rec.id, table)
         view = EngineView(
             name=rec.name, managed=True, state="stopped", model=rec.model, served_model_name=rec.served_model_name,
             host=rec.host, port=rec.port, base_url=rec.base_url, pid=rec.pid, started_at=rec.started_at,
@@ -108,7 +113,7 @@ def _attach_stage(view: EngineView, rec: EngineRecord) -> None:
 
 
 def _explain_dead(view: EngineView, rec: EngineRecord, table: dict[int, process.ProcInfo] | None = None) -> None:
-    reused = process.pid_reused_by(rec.pid, rec.create_time, table)
+    reused = process.pid_reused_by(rec.pid, process.birth_of(rec), table)
     if rec.state == "failed":
         view.state = "failed"
         view.error = rec.error or "engine failed"

@@ -48,7 +48,7 @@ def _live(store: StateStore) -> list[tuple[EngineRecord, process.Tree]]:
     for rec in store.all():
         if isinstance(rec, CorruptRecord):
             continue
-        tree = process.find_tree(rec.pid, rec.create_time, rec.id)
+        tree = process.find_tree(rec.pid, process.birth_of(rec), rec.id)
         if tree.alive:
             out.append((rec, tree))
     return out
@@ -113,7 +113,8 @@ def start(
                         "use it (pass --api-key-env VAR)")
     served = spec.served_model_name or spec.model
     cached = _cache_state(spec.model)
-    with store.lock():
+    with contextlib.ExitStack() as locked:
+        locked.enter_context(store.lock())
         live = _live(store)
         # idempotent: the same model already served (or starting) under this name / on this port
         for rec, _tree in live:
@@ -125,6 +126,7 @@ def start(
                 continue
             if (name is None or rec.name == name) and (not port_explicit or rec.port == spec.port):
                 if not foreground:
+                    locked.close()  # wait without the lock: a `stop` or another `start` must not queue behind a load
                     return _already(rec, store, wait, timeout, on_progress)
         chosen = name or slug(spec.model)
         existing = store.load(chosen)
@@ -141,6 +143,8 @@ def start(
                 chosen = f"{base}-{n}"
                 n += 1
         elif isinstance(existing, CorruptRecord):
+            if name is not None and existing.newer:
+                raise existing.newer_error()
             if name is not None:
                 raise UsageError(f"engine record {existing.path} is corrupt ({existing.error})",
                                  hint=f"inspect it, then remove it with `sage llm stop {chosen} --force`")
@@ -179,6 +183,7 @@ def start(
             raise EngineFailed(record.error, hint="run `sage llm engine install` to repair the engine") from exc
         record.pid = spawned.pid
         record.create_time = spawned.create_time
+        record.start_ticks, record.boot_id = spawned.ticks, spawned.boot_id
         record.state = "running"
         store.save(record)
     result = StartResult(record, port_note=note, warnings=warnings, cached=cached)
@@ -250,7 +255,7 @@ def wait_ready(
 
     while True:
         now = time.monotonic()
-        alive = popen.poll() is None if popen is not None else process.leader(record.pid, record.create_time)
+        alive = popen.poll() is None if popen is not None else process.leader(record.pid, process.birth_of(record))
         if not alive:
             _fail(record, store, "exited during startup", kill=kill_on_fail)
         p = probes.probe(reachable_host(record.host), record.port,
@@ -275,7 +280,7 @@ def _diag_context(record: EngineRecord, store: StateStore) -> dict[str, Any]:
     others = []
     for name in store.names():
         rec = store.load(name)
-        if isinstance(rec, EngineRecord) and rec.id != record.id and process.leader(rec.pid, rec.create_time):
+        if isinstance(rec, EngineRecord) and rec.id != record.id and process.leader(rec.pid, process.birth_of(rec)):
             theirs = {str(g.get("uuid") or g.get("index")) for g in rec.gpus or []}
             if not mine or not theirs or mine & theirs:
                 others.append(name)
@@ -290,7 +295,7 @@ def _fail(record: EngineRecord, store: StateStore, what: str, kill: bool = True)
         stage = snapshot_of(record.log_file, record.model)
         what += f" while {stage.label}" + (f" ({stage.detail})" if stage.detail else "")
     if kill:
-        stopped = process.stop_tree(record.pid, record.create_time, record.id, timeout=5.0)
+        stopped = process.stop_tree(record.pid, process.birth_of(record), record.id, timeout=5.0)
         if not stopped.survivors:
             _leftovers(record, owned=stopped.shm_seen)
     reason = f"engine {record.name!r} {what}" + (f": {diag.message}" if diag else "")
@@ -342,6 +347,8 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
     if rec is None:
         return StopOutcome(name, stopped=True, already_gone=True, message=f"engine {name!r} is not running")
     if isinstance(rec, CorruptRecord):
+        if rec.newer:
+            raise rec.newer_error()  # exit 2; nothing signalled, nothing removed, --force or not
         if force:
             with store.lock():
                 store.remove(name)
@@ -349,11 +356,11 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
                                message=f"removed corrupt record {rec.path} ({rec.error})")
         raise SageLLMError(f"engine record {rec.path} is corrupt ({rec.error}); nothing was signalled",
                            hint=f"check no engine of it runs, then `sage llm stop {name} --force` removes the record")
-    tree = process.find_tree(rec.pid, rec.create_time, rec.id)
+    tree = process.find_tree(rec.pid, process.birth_of(rec), rec.id)
     gone_before = not tree.alive
     if not gone_before:
         _mark(store, rec, "stopping")  # a racing `start` of the same name answers "being stopped", not "running"
-    result = process.stop_tree(rec.pid, rec.create_time, rec.id, timeout=timeout, force=force,
+    result = process.stop_tree(rec.pid, process.birth_of(rec), rec.id, timeout=timeout, force=force,
                                on_escalate=(lambda: on_escalate(name)) if on_escalate else None)
     port_free = True
     if not result.survivors:

@@ -3,11 +3,17 @@
 Identity rule. An engine is started with `start_new_session=True`, so its PID is also its session and process-group
 id, and every process vLLM forks (`VLLM::EngineCore`, `VLLM::Worker_*`) inherits that session. A process belongs to
 an engine when:
+  * the machine has not rebooted since the engine started (same kernel boot id), and
   * its session id is the recorded PID, and
-  * it was created at or after the recorded create time, and
-  * if the recorded PID is alive with another create time (PID reused), it was created before that new process, and
+  * it started at or after the recorded start, and
+  * if the recorded PID is alive with another start (PID reused), it started before that new process, and
   * where its environment is readable, it carries SAGE_LLM_ENGINE_ID=<the record's id>.
 Nothing else is ever signalled.
+
+Starts are compared in clock ticks since boot (field 22 of /proc/PID/stat) on the boot named by
+/proc/sys/kernel/random/boot_id: neither moves when the wall clock is stepped (NTP, suspend/resume, `date -s`), unlike a
+wall-clock create time derived from the boot time. Records written before sage-llm stored ticks carry only that
+wall-clock `create_time`; they are matched on it as before (see `Birth`).
 """
 
 from __future__ import annotations
@@ -36,25 +42,89 @@ def _ps() -> Any:
     return psutil
 
 
+_BOOT_ID: list[str | None] = []
+
+
+def boot_id() -> str | None:
+    """The kernel's id of this boot (a new one every boot; it never changes while the machine runs)."""
+    if not _BOOT_ID:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+                _BOOT_ID.append(fh.read().strip() or None)
+        except OSError:
+            _BOOT_ID.append(None)
+    return _BOOT_ID[0]
+
+
+@dataclass(frozen=True)
+class Birth:
+    """When a process started, as the kernel counts it: `ticks` (clock ticks since boot, /proc/PID/stat field 22) on
+    the boot `boot_id`. Records of older sage-llm versions have only `create_time` (psutil's wall-clock create time):
+    they are compared on that, within CREATE_TIME_TOLERANCE, as those versions did."""
+
+    ticks: int | None = None
+    boot_id: str | None = None
+    create_time: float | None = None
+
+    def other_boot(self) -> bool:
+        """True when the machine has rebooted since: no process alive now can be this one or its child."""
+        now = boot_id()
+        return self.boot_id is not None and now is not None and self.boot_id != now
+
+    def same(self, info: ProcInfo) -> bool:
+        """`info` is the very process this birth describes."""
+        if self.other_boot():
+            return False
+        if self.ticks is not None:
+            return info.ticks == self.ticks
+        return self.create_time is not None and abs(info.create_time - self.create_time) <= CREATE_TIME_TOLERANCE
+
+    def not_before(self, info: ProcInfo) -> bool:
+        """`info` started at or after this birth (so it can be a child of it)."""
+        if self.ticks is not None:
+            return info.ticks >= self.ticks
+        return self.create_time is not None and info.create_time + CREATE_TIME_TOLERANCE >= self.create_time
+
+
+def as_birth(born: Birth | float | None) -> Birth | None:
+    """A Birth from a Birth, a legacy wall-clock create time, or nothing."""
+    if born is None or isinstance(born, Birth):
+        return born
+    return Birth(create_time=float(born))
+
+
+def birth_of(rec: Any) -> Birth | None:
+    """The recorded start of an engine record's PID (start ticks + boot id; `create_time` alone in old records)."""
+    ticks, boot, ctime = getattr(rec, "start_ticks", None), getattr(rec, "boot_id", None), rec.create_time
+    if ticks is None and ctime is None:
+        return None
+    return Birth(ticks, boot, ctime)
+
+
 class Proc:
-    """A process identified from /proc (pid, create time, name). Signals re-check its identity through psutil first,
+    """A process identified from /proc (pid, start ticks, name). Signals re-check its identity (same start ticks) first,
     so a PID that died and was reused in between is never signalled."""
 
-    __slots__ = ("_name", "create_time", "pid")
+    __slots__ = ("_name", "create_time", "pid", "ticks")
 
-    def __init__(self, pid: int, create_time: float, name: str) -> None:
+    def __init__(self, pid: int, create_time: float, name: str, ticks: int) -> None:
         self.pid = pid
-        self.create_time = create_time
+        self.create_time = create_time  # wall clock, for display only: it moves with clock steps
+        self.ticks = ticks
         self._name = name
+
+    @classmethod
+    def of(cls, info: ProcInfo) -> Proc:
+        return cls(info.pid, info.create_time, info.name, info.ticks)
 
     def __repr__(self) -> str:
         return f"Proc(pid={self.pid}, name={self._name!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Proc) and other.pid == self.pid and other.create_time == self.create_time
+        return isinstance(other, Proc) and other.pid == self.pid and other.ticks == self.ticks
 
     def __hash__(self) -> int:
-        return hash((self.pid, self.create_time))
+        return hash((self.pid, self.ticks))
 
     def name(self) -> str:
         if len(self._name) >= 15:  # the kernel keeps 15 characters ("VLLM::EngineCor"): complete it like psutil
@@ -92,15 +162,17 @@ class Proc:
         return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
 
     def psutil(self) -> psutil.Process | None:
-        """The psutil handle, only if this is still the same process (same create time) and not a zombie."""
+        """The psutil handle, only if this is still the same process (same start ticks) and not a zombie."""
         ps = _ps()
         try:
             proc = ps.Process(self.pid)
-            if abs(proc.create_time() - self.create_time) > CREATE_TIME_TOLERANCE:
-                return None
-            return proc if proc.status() != ps.STATUS_ZOMBIE else None
         except ps.Error:
             return None
+        # read after the handle exists: if the PID was reused before or while it was made, the ticks differ
+        info = read_stat(self.pid)
+        if info is None or info.ticks != self.ticks or info.state in ("Z", "X"):
+            return None
+        return proc
 
     def is_running(self) -> bool:
         return self.psutil() is not None
@@ -117,6 +189,12 @@ class Spawned:
     pid: int
     create_time: float
     popen: Any  # subprocess.Popen
+    ticks: int | None = None  # start in clock ticks since boot (/proc/PID/stat field 22)
+    boot_id: str | None = None
+
+    @property
+    def birth(self) -> Birth:
+        return Birth(self.ticks, self.boot_id, self.create_time)
 
 
 def spawn(argv: list[str], env: dict[str, str], log_file: Path, cwd: str | None = None) -> Spawned:
@@ -143,7 +221,8 @@ def spawn(argv: list[str], env: dict[str, str], log_file: Path, cwd: str | None 
         ctime = ps.Process(popen.pid).create_time()
     except ps.Error:
         ctime = time.time()
-    return Spawned(popen.pid, ctime, popen)
+    info = read_stat(popen.pid)  # our own child: its PID cannot be reused before we wait() for it
+    return Spawned(popen.pid, ctime, popen, info.ticks if info else None, boot_id() if info else None)
 
 
 def _alive(proc: Any) -> bool:
@@ -154,37 +233,26 @@ def _alive(proc: Any) -> bool:
         return False
 
 
-def leader(pid: int | None, create_time: float | None) -> psutil.Process | None:
+def leader(pid: int | None, born: Birth | float | None) -> Proc | None:
     """The recorded process itself, if it is alive and really the one we started."""
-    if not pid or create_time is None:
+    birth = as_birth(born)
+    if not pid or birth is None:
         return None
-    ps = _ps()
-    try:
-        proc = ps.Process(pid)
-        if abs(proc.create_time() - create_time) > CREATE_TIME_TOLERANCE:
-            return None
-        return proc if _alive(proc) else None
-    except ps.Error:
+    info = read_stat(pid)
+    if info is None or info.state in ("Z", "X") or not birth.same(info):
         return None
+    return Proc.of(info)
 
 
-def pid_reused_by(pid: int | None, create_time: float | None, table: dict[int, ProcInfo] | None = None
-                  ) -> Any | None:
+def pid_reused_by(pid: int | None, born: Birth | float | None, table: dict[int, ProcInfo] | None = None
+                  ) -> Proc | None:
     """The unrelated process that now holds the recorded PID, if any (from `table` when given)."""
-    if not pid or create_time is None:
+    birth = as_birth(born)
+    if not pid or birth is None:
         return None
-    if table is not None:
-        info = table.get(pid)
-        if info is not None and abs(info.create_time - create_time) > CREATE_TIME_TOLERANCE:
-            return Proc(info.pid, info.create_time, info.name)
-        return None
-    ps = _ps()
-    try:
-        proc = ps.Process(pid)
-        if abs(proc.create_time() - create_time) > CREATE_TIME_TOLERANCE:
-            return proc
-    except ps.Error:
-        pass
+    info = table.get(pid) if table is not None else read_stat(pid)
+    if info is not None and not birth.same(info):
+        return Proc.of(info)
     return None
 
 
@@ -222,9 +290,10 @@ class ProcInfo:
     pid: int
     ppid: int
     sid: int
-    create_time: float
+    create_time: float  # wall clock (boot time + ticks): for display; it moves when the clock is stepped
     state: str
     name: str
+    ticks: int = 0  # start in clock ticks since boot: what identity is compared on
 
     def cmdline(self) -> list[str]:
         try:
@@ -251,52 +320,68 @@ def _boot_time() -> float:
     return _BOOT[0]
 
 
+def read_stat(pid: int, boot: float | None = None, hz: int | None = None) -> ProcInfo | None:
+    """One process from /proc/PID/stat: pid, ppid, session, start ticks, create time, state, name; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+        if boot is None:
+            boot = _boot_time()
+        if hz is None:
+            hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    rpar = data.rfind(b")")
+    fields = data[rpar + 2:].split()
+    try:
+        start = int(fields[19])  # field 22 (starttime), counted from the state field (3)
+        return ProcInfo(
+            pid=pid, ppid=int(fields[1]), sid=int(fields[3]), create_time=start / hz + boot,
+            state=fields[0].decode(), name=data[data.find(b"(") + 1: rpar].decode("utf-8", "replace"), ticks=start,
+        )
+    except (IndexError, ValueError):
+        return None
+
+
 def proc_table() -> dict[int, ProcInfo]:
-    """One cheap pass over /proc: pid, ppid, session, create time (as psutil computes it), state, name."""
+    """One cheap pass over /proc: pid, ppid, session, start ticks, create time (as psutil computes it), state, name."""
     table: dict[int, ProcInfo] = {}
     try:
         boot = _boot_time()
-        ticks = os.sysconf("SC_CLK_TCK")
+        hz = os.sysconf("SC_CLK_TCK")
         entries = os.listdir("/proc")
     except (OSError, ValueError):
         return table
     for entry in entries:
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                data = fh.read()
-        except OSError:
-            continue
-        rpar = data.rfind(b")")
-        fields = data[rpar + 2:].split()
-        try:
-            table[int(entry)] = ProcInfo(
-                pid=int(entry), ppid=int(fields[1]), sid=int(fields[3]),
-                create_time=int(fields[19]) / ticks + boot, state=fields[0].decode(),
-                name=data[data.find(b"(") + 1: rpar].decode("utf-8", "replace"),
-            )
-        except (IndexError, ValueError):
-            continue
+        info = read_stat(int(entry), boot, hz)
+        if info is not None:
+            table[info.pid] = info
     return table
 
 
-def find_tree(pid: int | None, create_time: float | None, engine_id: str | None,
+def find_tree(pid: int | None, born: Birth | float | None, engine_id: str | None,
               table: dict[int, ProcInfo] | None = None) -> Tree:
-    """All live processes of the engine recorded as (pid, create_time, engine_id), by the identity rule above."""
-    if not pid or create_time is None:
+    """All live processes of the engine recorded as (pid, birth, engine_id), by the identity rule above.
+
+    `born` is the record's Birth (`birth_of(record)`); a bare float is a legacy wall-clock create time."""
+    birth = as_birth(born)
+    if not pid or birth is None:
         return Tree(None, [] if not engine_id else find_by_marker(engine_id))
+    if birth.other_boot():
+        return Tree(None, [])  # recorded before a reboot: no process alive now is the engine's
     if table is None:
         table = proc_table()
     lead = None
-    reused_ctime = None
+    reused: ProcInfo | None = None
     info = table.get(pid)
     if info is not None:
-        if abs(info.create_time - create_time) <= CREATE_TIME_TOLERANCE:
+        if birth.same(info):
             if info.state not in ("Z", "X"):
-                lead = Proc(info.pid, info.create_time, info.name)
+                lead = Proc.of(info)
         else:
-            reused_ctime = info.create_time
+            reused = info
     members: list[Any] = []
     for p in table.values():
         if p.sid != pid or p.state in ("Z", "X"):
@@ -305,11 +390,11 @@ def find_tree(pid: int | None, create_time: float | None, engine_id: str | None,
             if lead is not None:
                 members.append(lead)
             continue
-        if p.create_time + CREATE_TIME_TOLERANCE < create_time:
+        if not birth.not_before(p):
             continue
-        if reused_ctime is not None and p.create_time >= reused_ctime:
+        if reused is not None and p.ticks >= reused.ticks:
             continue
-        proc = Proc(p.pid, p.create_time, p.name)
+        proc = Proc.of(p)
         mark = _marker(proc)
         if engine_id and mark is not None and mark != engine_id:
             continue
@@ -375,7 +460,7 @@ class StopResult:
 
 def stop_tree(
     pid: int | None,
-    create_time: float | None,
+    born: Birth | float | None,
     engine_id: str | None,
     timeout: float,
     force: bool = False,
@@ -388,7 +473,7 @@ def stop_tree(
     forks late is caught too.
     """
     started = time.monotonic()
-    tree = find_tree(pid, create_time, engine_id)
+    tree = find_tree(pid, born, engine_id)
     signalled = {p.pid for p in tree.members}
     # what the engine holds in /dev/shm while it is alive: the proof that a leftover file is its own (sweep_shm)
     seen = held_shm_paths(None, signalled) if signalled else set()
@@ -399,7 +484,7 @@ def stop_tree(
         deadline = started + timeout
         sent_to_all = tree.leader is None
         while time.monotonic() < deadline:
-            tree = find_tree(pid, create_time, engine_id)
+            tree = find_tree(pid, born, engine_id)
             if not tree.members:
                 break
             if tree.leader is None and not sent_to_all:
@@ -408,7 +493,7 @@ def stop_tree(
                 signalled |= {p.pid for p in tree.members}
                 sent_to_all = True
             time.sleep(poll)
-    tree = find_tree(pid, create_time, engine_id)
+    tree = find_tree(pid, born, engine_id)
     if tree.members:
         escalated = not force
         if on_escalate and not force:
@@ -419,7 +504,7 @@ def stop_tree(
             _signal_all(tree.members, signal.SIGKILL)
             deadline = time.monotonic() + 5.0
             while time.monotonic() < deadline:
-                tree = find_tree(pid, create_time, engine_id)
+                tree = find_tree(pid, born, engine_id)
                 if not tree.members:
                     break
                 time.sleep(poll)

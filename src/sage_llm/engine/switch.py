@@ -81,6 +81,8 @@ def _load(name: str, store: StateStore) -> EngineRecord:
         known = ", ".join(store.names()) or "none"
         raise EngineNotFound(f"no engine named {name!r} (engines: {known})",
                              hint="see `sage llm status`; start one with `sage llm start MODEL`")
+    if isinstance(rec, CorruptRecord) and rec.newer:
+        raise rec.newer_error()
     if isinstance(rec, CorruptRecord):
         raise UsageError(f"engine record {rec.path} is corrupt ({rec.error})",
                          hint=f"remove it with `sage llm stop {name} --force`, then start again")
@@ -156,7 +158,7 @@ def switch(
     store = store or StateStore()
     overrides = {**(overrides or {}), "model": model}
     rec = _load(name, store)
-    tree = process.find_tree(rec.pid, rec.create_time, rec.id)
+    tree = process.find_tree(rec.pid, process.birth_of(rec), rec.id)
     if not rolling or tree.leader is None:
         # nothing serving to keep alive: a plain restart with the new model
         result = restart(name, overrides, gpus=gpus, timeout=timeout, stop_timeout=stop_timeout, store=store,

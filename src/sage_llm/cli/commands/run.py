@@ -3,7 +3,8 @@
 Same options, checks and launch path as `start` (it calls start's `launch()` and so `manager.start(...,
 foreground=True, wait=True)`). While it runs the engine is recorded like any other, so `status`, `logs`, `chat` and
 `stop NAME` from another terminal see it; `stop NAME` from elsewhere ends `run` cleanly. Ctrl-C, SIGTERM or SIGHUP to
-`run` stop the engine's whole process group and remove its record. If `run` itself is SIGKILLed the engine keeps
+`run` stop the engine's whole process group and remove its record; once that stop has begun it runs to the end,
+whatever signals arrive (cli/_signals.py: handlers only record them). If `run` itself is SIGKILLed the engine keeps
 running *recorded* (it lives in its own session): `status` shows it, marked as orphaned, and `stop NAME` cleans it up.
 See docs/logs-and-run.md.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sage_llm.cli import _output as out
+from sage_llm.cli import _signals
 from sage_llm.cli._launch import ExtraArg, ModelArg, launch_options
 from sage_llm.cli.commands import start as start_cmd
 
@@ -27,12 +29,11 @@ EPILOG = ("Examples: sage llm run Qwen/Qwen2.5-7B-Instruct --port 8001 | sage ll
           "| sage llm run MODEL -- --enable-prefix-caching   (Ctrl-C stops the engine)")
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP to `run`: handled like Ctrl-C."""
-
-
-def _on_signal(signum: int, _frame: Any) -> None:
-    raise _Terminated(signal.Signals(signum).name)
+def _why(exc: BaseException) -> str:
+    """"Ctrl-C" for SIGINT, "SIGTERM received" / "SIGHUP received" for the others."""
+    if isinstance(exc, _signals.Interrupted) and exc.args and exc.args[0] != signal.SIGINT.name:
+        return f"{exc.args[0]} received"
+    return "Ctrl-C"
 
 
 @launch_options("start")
@@ -51,20 +52,24 @@ def _run(launch: LaunchRequest) -> None:
     from sage_llm.state import EngineRecord, StateStore
 
     launch.wait = True
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    grace = api.stop_grace()  # resolved up front: a bad SAGE_LLM_STOP_TIMEOUT is refused before anything starts
+    # SIGINT, SIGTERM and SIGHUP only set a flag; `sigs.check()` acts on it where `run` can (during the load, between
+    # log lines). Never raised in the middle of a step, they cannot abort a stop halfway.
+    sigs = _signals.Signals().start()
     store = StateStore()
     rec: EngineRecord | None = None
     settled = False  # the engine is gone, or was stopped from elsewhere: nothing left for `run` to stop
     try:
         try:
-            result = start_cmd.launch_and_show(launch, foreground=True)
+            result = start_cmd.launch_and_show(launch, foreground=True, checkpoint=sigs.check)
+            sigs.check()  # a signal in the last moments of the load
         except KeyboardInterrupt:
-            _stop_own(store, why="interrupted while loading")
+            _stop_own(store, grace, why="interrupted while loading")
             raise SystemExit(130) from None
         except SageLLMError:
             raise  # refused (nothing started) or failed (manager already stopped it and kept the record)
         except BaseException:
-            _stop_own(store, why="run failed while loading")
+            _stop_own(store, grace, why="run failed while loading")
             raise
         rec = result.record
         took = f" in {result.ready_after_s:.1f} s" if result.ready_after_s is not None else ""
@@ -73,7 +78,8 @@ def _run(launch: LaunchRequest) -> None:
                  f"sage llm stop {rec.name})")
         target = logtools.LogTarget(rec.name, Path(rec.log_file), rec)
         ended = logtools.engine_ended(target, store)
-        for ev in logtools.follow(target.path, stop=ended, poll=0.1, check_every=0.5):
+        for ev in logtools.follow(target.path, stop=ended, poll=0.1, check_every=0.5, sleep=sigs.sleep):
+            sigs.check()
             if ev.kind == "line":
                 out.result(ev.text)
             elif ev.kind == "notice":
@@ -91,45 +97,53 @@ def _run(launch: LaunchRequest) -> None:
     except KeyboardInterrupt as exc:
         if rec is None:
             raise
-        why = f"{exc.args[0]} received" if isinstance(exc, _Terminated) and exc.args else "Ctrl-C"
-        if not _stop(rec, store, why):
+        if not _stop(rec, store, _why(exc), grace):
             raise SystemExit(1) from None
     except BrokenPipeError:
         # stdout was closed (e.g. `sage llm run M | head`): the foreground is over, so the engine goes too
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if rec is not None and not settled:
-            _stop(rec, store, "stdout closed")
+            _stop(rec, store, "stdout closed", grace)
     except BaseException:
         if rec is not None and not settled:
-            _stop(rec, store, "run failed")
+            _stop(rec, store, "run failed", grace)
         raise
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sigs.close()
 
 
-def _stop(rec: Any, store: Any, why: str) -> bool:
-    """Stop the foreground engine (whole process group, record removed); True when nothing of it is left."""
+IGNORING = "further signals are ignored until it is down"
+
+
+def _say(text: str) -> None:
+    """Progress of a stop: a terminal that went away (SIGHUP) must not abort the stop on a failed write."""
+    try:
+        out.info(text)
+    except OSError:
+        pass
+
+
+def _stop(rec: Any, store: Any, why: str, grace: float) -> bool:
+    """Stop the foreground engine (whole process group, record removed); True when nothing of it is left.
+
+    Runs to the end whatever signals arrive: `run`'s handlers only record them (it escalates to SIGKILL by itself)."""
     from sage_llm import api
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the stop finish; it escalates to SIGKILL by itself
-    out.info(f"-- {why}: stopping engine {rec.name!r}")
-    outcome = api.stop(rec.name, store=store)
+    _say(f"-- {why}: stopping engine {rec.name!r}; {IGNORING}")
+    outcome = api.stop(rec.name, timeout=grace, store=store)
     if outcome.stopped:
-        out.info(f"-- {outcome.message}")
+        _say(f"-- {outcome.message}")
         return True
     out.error(outcome.message)
     return False
 
 
-def _stop_own(store: Any, why: str) -> None:
+def _stop_own(store: Any, grace: float, why: str) -> None:
     """Stop the engine this process launched (found by its owner pid: the launch did not return a record)."""
     from sage_llm import api
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     rec = api.find_foreground_engine(os.getpid(), store)
     if rec is not None:
-        out.info(f"-- {why}: stopping engine {rec.name!r}")
-        outcome = api.stop(rec.name, store=store)
-        out.info(f"-- {outcome.message}")
+        _say(f"-- {why}: stopping engine {rec.name!r}; {IGNORING}")
+        outcome = api.stop(rec.name, timeout=grace, store=store)
+        _say(f"-- {outcome.message}")

@@ -11,6 +11,8 @@ from sage_llm.cli._launch import ExtraArg, ModelArg, launch_options
 from sage_llm.cli._options import JsonOpt
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sage_llm.api import LaunchRequest
 
 EPILOG = (
@@ -59,9 +61,12 @@ def start(
         out.hint(f"check with `sage llm status {rec.name}` (exit 0 once ready); log: {rec.log_file}")
 
 
-def launch_and_show(request: LaunchRequest, foreground: bool = False) -> Any:
+def launch_and_show(request: LaunchRequest, foreground: bool = False,
+                    checkpoint: Callable[[], None] | None = None) -> Any:
     """`start` and `run`: resolve and check through sage_llm.api, launch with the load display, print the notes that
-    follow a launch. Returns api.start's StartResult."""
+    follow a launch. Returns api.start's StartResult.
+
+    `checkpoint` is called with every progress update while the engine loads (`run`: raises on a received signal)."""
     from sage_llm import api
     from sage_llm.cli._progress import LoadDisplay
     from sage_llm.cli.commands.models import announce_start
@@ -70,8 +75,10 @@ def launch_and_show(request: LaunchRequest, foreground: bool = False) -> Any:
     checked = api.preflight(launch.spec.model, launch.spec.download_dir)  # offline + not cached: exit 2
     note = announce_start(checked)
     progress = LoadDisplay(enabled=launch.wait)
+    update = note.wrap(progress.update)
+    on_progress = update if checkpoint is None else (lambda ev: (checkpoint(), update(ev)))
     try:
-        result = api.start(launch, on_progress=note.wrap(progress.update), foreground=foreground, checked=checked)
+        result = api.start(launch, on_progress=on_progress, foreground=foreground, checked=checked)
     finally:
         progress.close()
     note.flush()  # "cached" / "will download N GiB", if no progress update printed it

@@ -26,6 +26,7 @@ def stop(
 ) -> None:
     """Stop engines. Exit 0 when stopped or already gone, 1 when a process survived (it is named)."""
     from sage_llm import api
+    from sage_llm.errors import UsageError
     from sage_llm.state import StateStore
 
     store = StateStore()
@@ -39,9 +40,17 @@ def stop(
         return
     outcomes = []
     failed = False
+    refused: list[UsageError] = []  # e.g. a record from a newer sage-llm: the others are still stopped
     for name in names:
-        outcome = api.stop(name, timeout=grace, force=force, store=store,
-                           on_escalate=lambda n: out.info(f"{n}: still running after {grace:g} s; sending SIGKILL"))
+        try:
+            outcome = api.stop(name, timeout=grace, force=force, store=store,
+                               on_escalate=lambda n: out.info(f"{n}: still running after {grace:g} s; sending "
+                                                              "SIGKILL"))
+        except UsageError as exc:
+            if len(names) == 1:
+                raise
+            refused.append(exc)
+            continue
         outcomes.append(outcome)
         if not outcome.stopped:
             failed = True
@@ -58,5 +67,9 @@ def stop(
              "survivors": [{"pid": p, "name": n} for p, n in o.survivors], "duration_s": round(o.duration_s, 3),
              "port_free": o.port_free, "message": o.message, "shm_removed": o.shm_removed, "notes": o.notes}
             for o in outcomes]})
+    for exc in refused[1:]:
+        out.error(exc.message, exc.hint)
+    if refused:
+        raise refused[0]
     if failed:
         raise typer.Exit(1)

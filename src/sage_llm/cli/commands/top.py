@@ -196,20 +196,11 @@ def top(
 def _run_live(monitor: Any, console: Any, interval: float) -> None:
     """Full screen until q, Ctrl-C or SIGTERM. Signals only set a flag (and wake the wait): an exception raised in
     the middle of drawing could leave Rich's output buffered and the terminal in the alternate screen."""
-    import signal
-
     from rich.live import Live
 
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
+    from sage_llm.cli import _signals
 
-    def on_signal(signum: int, frame: Any) -> None:
-        try:
-            os.write(wake_w, b"!")
-        except OSError:
-            pass
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    sigs = _signals.Signals().start()
     fd: int | None = None
     saved = None
     if sys.stdin.isatty():
@@ -224,7 +215,7 @@ def _run_live(monitor: Any, console: Any, interval: float) -> None:
         with Live(render(frame), console=console, screen=True, auto_refresh=False, transient=True) as live:
             next_at = time.monotonic() + interval
             while True:
-                if _wait_for_key(fd, wake_r, max(0.0, next_at - time.monotonic())):
+                if _wait_for_key(fd, sigs.fd, max(0.0, next_at - time.monotonic())):
                     break
                 next_at = max(next_at + interval, time.monotonic())  # a slow tick delays, never bunches, the next
                 live.update(render(monitor.tick()), refresh=True)
@@ -233,7 +224,4 @@ def _run_live(monitor: Any, console: Any, interval: float) -> None:
             import termios
 
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        os.close(wake_r)
-        os.close(wake_w)
+        sigs.close()
