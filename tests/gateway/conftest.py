@@ -39,8 +39,9 @@ class Running:
     def post(self, path: str, body: Any = None, **kw: Any) -> httpx.Response:
         return self.client.post(path, json=body, **kw)
 
-    def chat(self, model: str, stream: bool = False, **kw: Any) -> httpx.Response:
-        return self.post("/v1/chat/completions", {"model": model, "stream": stream,
+    def chat(self, model: str, stream: bool = False, extra: dict[str, Any] | None = None, **kw: Any
+             ) -> httpx.Response:
+        return self.post("/v1/chat/completions", {"model": model, "stream": stream, **(extra or {}),
                                                    "messages": [{"role": "user", "content": "hi"}]}, **kw)
 
     def call(self, fn: Any) -> Any:

@@ -78,17 +78,19 @@ def _secret() -> bytes:
     return path.read_bytes().strip()
 
 
-def key_for(var: str) -> str:
-    """The API key of the engine whose record names `var`; also put into this process's environment, where
-    manager.api_key_for (and so its readiness probe) finds it."""
+def key_for(var: str, export: bool = False) -> str:
+    """The API key of the engine whose record names `var`. With `export`, also put into this process's environment,
+    where `manager.start` reads it (into the engine's VLLM_API_KEY) and its readiness probe finds it; `start`
+    removes it again once the engine is up, so later engines do not inherit it."""
     key = hmac.new(_secret(), var.encode(), hashlib.sha256).hexdigest()
-    os.environ[var] = key
+    if export:
+        os.environ[var] = key
     return key
 
 
 def new_key_var() -> str:
     var = KEY_PREFIX + secrets.token_hex(6).upper()
-    key_for(var)
+    key_for(var, export=True)
     return var
 
 
@@ -244,10 +246,16 @@ def start(profile: Any, engine_port: int, timeout: float, on_progress: Any = Non
         dtype=last.get("dtype"), enforce_eager=bool(last.get("enforce_eager")), download_dir=last.get("download_dir"),
         trust_remote_code=bool(last.get("trust_remote_code")), api_key_env=var, extra_args=extra,
     )
-    if sleep_mode and not cpu:
+    dev_mode = sleep_mode and not cpu and SLEEP_ENV not in os.environ
+    if dev_mode:
         os.environ[SLEEP_ENV] = "1"  # sleep routes exist only in dev mode; the engine stays on loopback
-    result = manager.start(spec, name=None, port_explicit=port is not None, wait=True, timeout=timeout,
-                           on_progress=on_progress)
+    try:
+        result = manager.start(spec, name=None, port_explicit=port is not None, wait=True, timeout=timeout,
+                               on_progress=on_progress)
+    finally:
+        os.environ.pop(var, None)
+        if dev_mode:
+            os.environ.pop(SLEEP_ENV, None)
     rec = result.record
     return Engine(name=rec.name, model=rec.model, served=rec.served_model_name, base_url=f"http://127.0.0.1:{rec.port}",
                   state="ready", managed=True, owned=is_owned(rec.api_key_env), api_key=key_for(rec.api_key_env)
