@@ -307,3 +307,43 @@ def test_bad_profiles_are_refused_before_starting(toml, cli, tmp_path) -> None:
     code, _out, err = cli("gateway", "run", "--port", "1")
     assert code == 2
     assert "config file" in err or "--ttl" in err
+
+
+def test_config_set_keeps_the_gateway_tables(cli, tmp_path) -> None:
+    write_config(tmp_path, '[gateway]\nttl = "5m"\n\n[gateway.models."org/Tiny-Chat"]\npinned = true\n'
+                           'aliases = ["tiny", "t"]\nargs = ["--max-model-len", "512"]\n')
+    code, _out, err = cli("config", "set", "gpu_util", "0.5")
+    assert code == 0, err
+    from sage_llm import settings
+    from sage_llm.gateway import options
+
+    cfg = settings.read_config()
+    assert cfg["gpu_util"] == 0.5
+    profile = options.read_profiles()[MODEL_A]
+    assert profile.pinned is True
+    assert profile.aliases == ["tiny", "t"]
+    assert profile.args == ["--max-model-len", "512"]
+    assert options.resolve().ttl == 300.0
+    code, _out, err = cli("config", "show")
+    assert "unknown setting" not in err
+
+
+def test_stopping_the_gateway_mid_load_stops_the_loading_engine(gateway, home, monkeypatch) -> None:
+    monkeypatch.setenv("FAKE_VLLM_LOAD_S", "3")
+    gw = gateway()
+    answers: list[object] = []
+
+    def ask() -> None:
+        try:
+            answers.append(gw.chat(MODEL_A).status_code)
+        except httpx.HTTPError as exc:  # the gateway went away under the request
+            answers.append(exc)
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    wait_for(lambda: StateStore().names())
+    gw.stop()
+    t.join(30)
+    assert answers  # answered (an error) rather than left hanging
+    assert StateStore().names() == []
+    assert live_engines() == []

@@ -88,10 +88,21 @@ def key_for(var: str, export: bool = False) -> str:
     return key
 
 
+_STARTED: set[str] = set()  # key variables of the engines this process started (loading ones included)
+
+
 def new_key_var() -> str:
     var = KEY_PREFIX + secrets.token_hex(6).upper()
     key_for(var, export=True)
+    _STARTED.add(var)
     return var
+
+
+def started_here() -> list[str]:
+    """Names of the recorded engines this process started, including those still loading."""
+    from sage_llm.state import EngineRecord, StateStore
+
+    return [r.name for r in StateStore().all() if isinstance(r, EngineRecord) and r.api_key_env in _STARTED]
 
 
 def is_owned(api_key_env: str | None) -> bool:

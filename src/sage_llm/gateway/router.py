@@ -573,6 +573,7 @@ class Router:
         stopped = []
         if stop_engines:
             names = [s.engine.name for s in self.slots.values() if s.owned and s.engine is not None]
+            names += [n for n in await asyncio.to_thread(engines.started_here) if n not in names]  # still loading
             results = await asyncio.gather(*(asyncio.to_thread(engines.stop, n) for n in names),
                                            return_exceptions=True)
             stopped = [n for n, r in zip(names, results) if not isinstance(r, BaseException)]
