@@ -73,6 +73,7 @@ class Slot:
     last_used: float = field(default_factory=time.monotonic)
     error: str | None = None
     error_at: float = 0.0
+    hold_until: float = 0.0  # while failed: no automatic load before this (monotonic)
     crashes: list[float] = field(default_factory=list)
     stage: str | None = None
     progress: float | None = None
@@ -165,6 +166,7 @@ class Router:
             if slot.profile is None:
                 slot.profile = Profile(model=m.repo_id, settings=self._last_settings.get(m.repo_id, {}))
         seen: set[str] = set()
+        died = {e.name for e in found if e.state == "failed" and e.managed}
         for e in found:
             if e.state not in ("ready", "starting", "unhealthy"):
                 continue
@@ -183,6 +185,9 @@ class Router:
                 continue
             if e.managed and e.model and slot.profile is None:
                 slot.profile = Profile(model=e.model, settings=e.settings)
+            if (slot.state == "ready" and slot.engine is not None and slot.engine.name == e.name
+                    and e.state == "unhealthy"):
+                continue  # a slow probe under load is not a failure: the proxy notices a dead engine itself
             if slot.engine is None or slot.engine.name == e.name or slot.engine.state != "ready":
                 adopted = slot.engine is None and e.owned
                 slot.engine = e
@@ -198,6 +203,9 @@ class Router:
             if slot.engine.static:
                 continue
             gone = slot.engine
+            if gone.name in died and gone.owned and slot.state in ("ready", "sleeping"):
+                self._crashed(slot, gone)  # its record says it died: a crash, not a stop
+                continue
             slot.engine = None
             if slot.state in ("ready", "sleeping"):
                 slot.state = "available" if slot.loadable else "gone"
@@ -297,10 +305,9 @@ class Router:
             if slot.state == "ready" and slot.engine is not None:
                 return slot.engine
             if slot.loading is None:
-                if slot.state == "failed" and time.monotonic() - slot.error_at < FAILURE_HOLD_S:
-                    raise GatewayError(503, f"model {slot.key} failed to load: {slot.error}", "service_unavailable",
-                                       "model_load_failed",
-                                       retry_after=max(1.0, FAILURE_HOLD_S - (time.monotonic() - slot.error_at)))
+                if slot.state == "failed" and time.monotonic() < slot.hold_until:
+                    raise GatewayError(503, f"model {slot.key} failed: {slot.error}", "service_unavailable",
+                                       "model_load_failed", retry_after=max(1.0, slot.hold_until - time.monotonic()))
                 if not slot.loadable:
                     raise GatewayError(503, f"model {slot.key} is {slot.state} and the gateway cannot start it "
                                        "(not cached, not configured)", "service_unavailable", "not_loadable")
@@ -343,12 +350,14 @@ class Router:
         except GatewayError as exc:
             slot.state = "available" if exc.code in ("no_memory", "queue_full") else "failed"
             slot.error, slot.error_at = exc.message, time.monotonic()
+            slot.hold_until = slot.error_at + FAILURE_HOLD_S if slot.state == "failed" else 0.0
             self.metrics.load(slot.key, False)
             self.bus.publish("failed", model=slot.key, error=exc.message)
             raise
         except SageLLMError as exc:
             msg = exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
             slot.state, slot.error, slot.error_at, slot.engine = "failed", msg, time.monotonic(), None
+            slot.hold_until = slot.error_at + FAILURE_HOLD_S
             self.metrics.load(slot.key, False)
             self.bus.publish("failed", model=slot.key, error=msg)
             raise GatewayError(503, f"model {slot.key} failed to load: {msg}", "service_unavailable",
@@ -414,7 +423,7 @@ class Router:
         return sorted((s for s in self.slots.values()
                        if s is not exclude and s.owned and s.state in ("ready", "sleeping") and s.inflight == 0
                        and not s.pinned and not s.lock.locked()),
-                      key=lambda s: (s.state != "sleeping" and False, s.last_used))
+                      key=lambda s: s.last_used)
 
     async def _evict_one(self, exclude: Slot | None, reason: str) -> bool:
         """Free the least recently used idle unpinned engine: sleep it (GPU, --sleep) or stop it."""
@@ -473,7 +482,7 @@ class Router:
     async def start_model(self, slot: Slot, port: int | None = None) -> asyncio.Future[engines.Engine]:
         """POST /api/local-engine/start: begin a load now (clears a held failure)."""
         if slot.state == "failed":
-            slot.state, slot.error_at = "available", 0.0
+            slot.state, slot.hold_until = "available", 0.0
         if slot.loading is None and not (slot.state == "ready" and slot.engine is not None):
             slot.loading = asyncio.ensure_future(self._load(slot, port))
         if slot.loading is None:
@@ -525,19 +534,28 @@ class Router:
         engine = slot.engine
         if await asyncio.to_thread(engines.alive, engine):
             return
-        now = time.monotonic()
-        slot.crashes = [t for t in slot.crashes if now - t < CRASH_WINDOW_S] + [now]
-        slot.engine = None
+        if slot.engine is not engine:
+            return  # the refresh loop saw it first
+        self._crashed(slot, engine)
         if engine.managed:
             with contextlib.suppress(SageLLMError):
                 await asyncio.to_thread(engines.stop, engine.name)  # sweep what is left, drop the record
+
+    def _crashed(self, slot: Slot, engine: engines.Engine) -> None:
+        """`slot`'s engine died (not stopped by anyone): count it; a second death in CRASH_WINDOW_S holds the model
+        failed (reported, not restarted in a loop), else the next request restarts it."""
+        now = time.monotonic()
+        slot.crashes = [t for t in slot.crashes if now - t < CRASH_WINDOW_S] + [now]
+        slot.engine = None
         if len(slot.crashes) >= 2:
             slot.state, slot.error, slot.error_at = "failed", (
                 f"engine {engine.name} died {len(slot.crashes)} times in {int(CRASH_WINDOW_S / 60)} minutes; not "
-                f"restarting it automatically (see `sage llm logs {engine.name}`)"), now
+                f"restarting it automatically (see `sage llm logs {engine.name}`; POST /api/local-engine/start "
+                "retries)"), now
+            slot.hold_until = now + CRASH_WINDOW_S
         else:
             slot.state = "available" if slot.loadable else "gone"
-            slot.error = f"engine {engine.name} died while serving; the next request restarts it"
+            slot.error = f"engine {engine.name} died; the next request restarts it"
         self.bus.publish("failed", model=slot.key, engine=engine.name, error=slot.error)
 
     # -------------------------------------------------------------------------------------------- loops
