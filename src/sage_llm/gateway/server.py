@@ -84,6 +84,7 @@ class Gateway:
         self.bus.loop = asyncio.get_running_loop()
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                             cookie_jar=aiohttp.DummyCookieJar(),  # a relay keeps no cookies
                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         self.router.session = self.session
         await self.router.refresh()  # adopts the engines a previous gateway left running
