@@ -43,6 +43,8 @@ def test_start_status_stop_detached(cli, fake_vllm, hub, home, stop_all) -> None
         assert doc["gateway"]["running"] is True
         assert doc["gateway"]["pid"] == started["pid"]
         assert any(e["name"] == engine for e in doc["engines"])
+        code, _out, err = cli("status")
+        assert f"gateway: http://127.0.0.1:{port}/v1 (pid {started['pid']})" in err
     finally:
         code, out, err = cli("gateway", "stop")
     assert code == 0, err
