@@ -346,3 +346,15 @@ def test_stopping_the_gateway_mid_load_stops_the_loading_engine(gateway, home, m
     assert answers  # answered (an error) rather than left hanging
     assert StateStore().names() == []
     assert live_engines() == []
+
+
+def test_sleep_mode_stops_instead_when_host_ram_cannot_hold_the_weights(gateway, monkeypatch) -> None:
+    monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
+    monkeypatch.setattr("sage_llm.gateway.engines.is_cpu_engine", lambda: False)
+    monkeypatch.setattr("sage_llm.gateway.engines.host_ram_holds", lambda model: False)
+    gw = gateway(max_engines=1, ttl="0", sleep=True)
+    gw.gw.router.cpu = False
+    a = gw.chat(MODEL_A).headers["x-sage-llm-engine"]
+    assert gw.chat(MODEL_B).status_code == 200
+    assert card(gw, MODEL_A)["state"] == "available"
+    assert StateStore().load(a) is None  # stopped, not asleep

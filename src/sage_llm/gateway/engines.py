@@ -219,6 +219,20 @@ def host_memory_check(model: str, cpu_engine: bool) -> None:
                               hint="stop an engine, or lower VLLM_CPU_KVCACHE_SPACE")
 
 
+def host_ram_holds(model: str | None) -> bool:
+    """Sleep level 1 moves the weights to host RAM: is there room for them (their size on disk, plus 10 %)?"""
+    import psutil
+
+    from sage_llm import hf_cache
+
+    size = None
+    with contextlib.suppress(Exception):
+        size = next((m.size_on_disk for m in hf_cache.list_models() if m.repo_id == model), None)
+    if size is None:
+        return False  # unknown size: stop rather than risk the host's memory
+    return size * 1.1 < psutil.virtual_memory().available
+
+
 def is_cpu_engine() -> bool:
     from sage_llm import gpu
     from sage_llm.engine import envs

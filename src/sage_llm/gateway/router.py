@@ -248,11 +248,19 @@ class Router:
         slot = self.find(settings.get("default_model"))
         return slot if slot is not None and slot.loadable else None
 
-    async def route(self, model: str | None) -> Backend:
-        """Where a request naming `model` goes; loads the model first if needed (may wait)."""
+    async def route(self, model: str | None, load: bool = True) -> Backend:
+        """Where a request naming `model` goes; loads the model first if needed (may wait). With `load=False` (GET
+        requests: no state change on a GET) only a model already being served is routed to."""
         name = model or "auto"
         if name in self.opts.upstreams:
             return Backend("local", self.opts.upstreams[name], None, None, name, None)
+        if not load:
+            slot = self.find(name)
+            if slot is None or slot.state != "ready" or slot.engine is None:
+                raise GatewayError(409, f"model {name!r} is not loaded; a GET never loads a model (send a POST "
+                                   "request naming it, or POST /api/local-engine/start)", code="model_not_loaded",
+                                   param="model")
+            return self._local(slot, slot.engine, rewrite=None)
         if name in VIRTUAL_MODELS:
             if name == "cloud":
                 return self._cloud(None, True)
@@ -428,7 +436,9 @@ class Router:
     async def _evict_one(self, exclude: Slot | None, reason: str) -> bool:
         """Free the least recently used idle unpinned engine: sleep it (GPU, --sleep) or stop it."""
         for victim in self._victims(exclude):
-            if victim.state == "ready" and self.opts.sleep and not self.cpu and await self._sleep(victim):
+            if (victim.state == "ready" and self.opts.sleep and not self.cpu
+                    and await asyncio.to_thread(engines.host_ram_holds, victim.engine and victim.engine.model)
+                    and await self._sleep(victim)):
                 return True
             if await self.unload(victim, reason):
                 return True

@@ -283,11 +283,14 @@ class Gateway:
             model = body.get("model")
         else:
             model = request.query.get("model")
+            if not model:
+                return error_response(400, f"GET {path} needs ?model=NAME (the engine to ask)", param="model",
+                                      code="invalid_value")
         if model is not None and not isinstance(model, str):
             return error_response(400, "`model` must be a string", param="model", code="invalid_value")
         label = model or "auto"
         try:
-            backend = await self.router.route(model)
+            backend = await self.router.route(model, load=request.method != "GET")
         except GatewayError as exc:
             self.metrics.request(label, "none", exc.status, time.monotonic() - t0)
             return from_gateway_error(exc)
