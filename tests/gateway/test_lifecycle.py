@@ -107,6 +107,10 @@ def test_management_api(gateway, home) -> None:
     assert bad.json()["error"]["param"] == "gpu_memory_utilization"
     assert gw.post("/api/local-engine/start", {"model": MODEL_A, "quantization": "nope"}).status_code == 400
     assert gw.post("/api/local-engine/start", {}).status_code == 400
+    bad_name = gw.post("/api/local-engine/start", {"model": "not a/model/id"})
+    assert bad_name.status_code == 400
+    assert "neither an existing path nor a hub id" in bad_name.json()["error"]["message"]
+    assert "not a/model/id" not in {c["id"] for c in gw.client.get("/v1/models").json()["data"]}
     assert engine_starts(home) == 0
     r = gw.post("/api/local-engine/start?wait=1", {"model": MODEL_A, "gpu_memory_utilization": 0.5})
     assert r.status_code == 200, r.text

@@ -185,6 +185,17 @@ def alive(engine: Engine) -> bool:
         return False
 
 
+def cache_stamp() -> Any:
+    """Changes when a model repo is added to or removed from the hub cache (its directory's mtime)."""
+    from sage_llm import hf_cache
+
+    try:
+        st = hf_cache.hub_cache_dir().stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_ino)
+
+
 def cached_models() -> list[Any]:
     """Complete models in the Hugging Face cache (hf_cache.LocalModel)."""
     from sage_llm import hf_cache

@@ -20,13 +20,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sage_llm.errors import SageLLMError
+from sage_llm.errors import SageLLMError, UsageError
 from sage_llm.gateway import engines
 from sage_llm.gateway.events import EventBus
 from sage_llm.gateway.metrics import Metrics
 from sage_llm.gateway.options import VIRTUAL_MODELS, GatewayOptions, Profile
 
 FAILURE_HOLD_S = 60.0
+CACHE_RESCAN_S = 30.0  # the HF cache is rescanned when its directory changes, else at most this often
 CRASH_WINDOW_S = 600.0
 VRAM_SETTLE_S = (0.5, 1.0, 2.0)  # waits before retrying a start after an unload: free VRAM shows up late (lesson 6)
 
@@ -117,6 +118,9 @@ class Router:
         self._refresh_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
         self._last_settings: dict[str, dict[str, Any]] = {}
+        self._cached: list[Any] = []
+        self._cache_stamp: Any = None
+        self._cache_read_at = 0.0
         for model, profile in opts.profiles.items():
             self._slot(model).profile = profile
 
@@ -156,7 +160,12 @@ class Router:
         """Re-read engines (records + external vLLMs), the HF cache and the profiles, and reconcile the slots."""
         async with self._refresh_lock:
             found, views = await asyncio.to_thread(engines.inspect, self.own_ports, True, self.opts.external)
-            cached = await asyncio.to_thread(engines.cached_models)
+            stamp = await asyncio.to_thread(engines.cache_stamp)
+            now = time.monotonic()
+            if stamp != self._cache_stamp or now - self._cache_read_at > CACHE_RESCAN_S:
+                self._cached = await asyncio.to_thread(engines.cached_models)
+                self._cache_stamp, self._cache_read_at = stamp, now
+            cached = self._cached
             if self.cpu is None:
                 self.cpu = await asyncio.to_thread(engines.is_cpu_engine)
         self.engines, self.views = found, views
@@ -362,6 +371,10 @@ class Router:
             self.metrics.load(slot.key, False)
             self.bus.publish("failed", model=slot.key, error=exc.message)
             raise
+        except UsageError as exc:  # bad input (e.g. a model name vLLM cannot take): nothing was started
+            slot.state, slot.engine = "available", None
+            raise GatewayError(400, exc.message + (f" (hint: {exc.hint})" if exc.hint else ""),
+                               code="invalid_value", param="model") from None
         except SageLLMError as exc:
             msg = exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
             slot.state, slot.error, slot.error_at, slot.engine = "failed", msg, time.monotonic(), None

@@ -202,6 +202,16 @@ class Gateway:
         if unknown:
             raise GatewayError(400, f"unknown field(s) {', '.join(sorted(unknown))} in LocalEngineStartRequest",
                                code="invalid_value")
+        if self.router.find(model) is None:
+            from sage_llm.engine.vllm import LaunchSpec, validate
+            from sage_llm.errors import UsageError
+
+            try:  # the model name and values, checked as `start` checks them, before anything is recorded
+                validate(LaunchSpec(model=model, host="127.0.0.1", port=port or self.opts.engine_port,
+                                    gpu_memory_utilization=float(util or 0.9), quantization=quant))
+            except UsageError as exc:
+                raise GatewayError(400, exc.message + (f" (hint: {exc.hint})" if exc.hint else ""),
+                                   param="model", code="invalid_value") from None
         slot = self.router.find(model) or self.router._slot(model)
         base = slot.profile or Profile(model=model)
         if util is not None or quant is not None:
