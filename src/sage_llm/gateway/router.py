@@ -75,6 +75,7 @@ class Slot:
     error: str | None = None
     error_at: float = 0.0
     hold_until: float = 0.0  # while failed: no automatic load before this (monotonic)
+    changed_at: float = 0.0  # last lifecycle change by the gateway (monotonic): newer than a refresh's snapshot wins
     crashes: list[float] = field(default_factory=list)
     stage: str | None = None
     progress: float | None = None
@@ -159,6 +160,7 @@ class Router:
     async def refresh(self) -> None:
         """Re-read engines (records + external vLLMs), the HF cache and the profiles, and reconcile the slots."""
         async with self._refresh_lock:
+            taken = time.monotonic()  # what happened to a slot after this is newer than the snapshot
             found, views = await asyncio.to_thread(engines.inspect, self.own_ports, True, self.opts.external)
             stamp = await asyncio.to_thread(engines.cache_stamp)
             now = time.monotonic()
@@ -188,7 +190,7 @@ class Router:
                 self._last_settings[key] = e.settings
                 if slot.profile is not None and not slot.profile.configured:
                     slot.profile.settings = e.settings
-            if slot.state in ("loading", "stopping") or slot.lock.locked():
+            if slot.state in ("loading", "stopping") or slot.lock.locked() or slot.changed_at >= taken:
                 continue
             if slot.state == "sleeping" and slot.engine and slot.engine.name == e.name:
                 continue
@@ -207,7 +209,8 @@ class Router:
                     slot.last_used = time.monotonic()
                     self.bus.publish("adopted", model=key, engine=e.name)
         for key, slot in self.slots.items():
-            if key in seen or slot.engine is None or slot.state in ("loading", "stopping") or slot.lock.locked():
+            if (key in seen or slot.engine is None or slot.state in ("loading", "stopping") or slot.lock.locked()
+                    or slot.changed_at >= taken):
                 continue
             if slot.engine.static:
                 continue
@@ -389,6 +392,7 @@ class Router:
             raise
         finally:
             slot.loading = None
+            slot.changed_at = time.monotonic()
 
     async def _start(self, slot: Slot, port: int | None) -> engines.Engine:
         from sage_llm.engine.placement import InsufficientGpuMemory
@@ -472,7 +476,7 @@ class Router:
                 self.bus.publish("failed", model=slot.key, engine=engine.name, error=exc.message)
                 return False
             slot.engine, slot.state, slot.stage, slot.progress = None, "available", None, None
-            self._freed_at = time.monotonic()
+            self._freed_at = slot.changed_at = time.monotonic()
             self.metrics.unload(slot.key, reason)
             self.bus.publish("stopped", model=slot.key, engine=engine.name, reason=reason)
             return True
@@ -495,6 +499,7 @@ class Router:
                 slot.state, slot.error = "failed", exc.message
                 raise GatewayError(500, exc.message, "server_error", "stop_failed") from None
             slot.engine, slot.state = None, "available" if slot.loadable else "gone"
+            slot.changed_at = time.monotonic()
             self.metrics.unload(slot.key, reason)
             self.bus.publish("stopped", model=slot.key, engine=engine.name, reason=reason)
             if slot.state == "gone":
@@ -525,7 +530,7 @@ class Router:
                 ok = False
             if ok:
                 slot.state = "sleeping"
-                self._freed_at = time.monotonic()
+                self._freed_at = slot.changed_at = time.monotonic()
                 self.metrics.unload(slot.key, "slept")
                 self.bus.publish("sleeping", model=slot.key, engine=slot.engine.name, level=1)
             return ok
@@ -569,7 +574,7 @@ class Router:
         failed (reported, not restarted in a loop), else the next request restarts it."""
         now = time.monotonic()
         slot.crashes = [t for t in slot.crashes if now - t < CRASH_WINDOW_S] + [now]
-        slot.engine = None
+        slot.engine, slot.changed_at = None, now
         if len(slot.crashes) >= 2:
             slot.state, slot.error, slot.error_at = "failed", (
                 f"engine {engine.name} died {len(slot.crashes)} times in {int(CRASH_WINDOW_S / 60)} minutes; not "
