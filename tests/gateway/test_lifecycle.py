@@ -129,6 +129,11 @@ def test_management_api(gateway, home) -> None:
     assert full["schema_version"] == 1
     assert any(e["name"] == rec.name for e in full["engines"])
     assert full["gateway"]["port"] == gw.gw.opts.port
+    llm = gw.client.get("/api/llm/status").json()  # what Studio's frontend polls
+    assert llm["healthy"] is True
+    assert llm["model_name"] == MODEL_A
+    assert llm["base_url"] == f"http://127.0.0.1:{gw.gw.opts.port}/v1"
+    assert set(llm["available_models"]) >= {MODEL_A, MODEL_B}
     stop = gw.post("/api/local-engine/stop", {"model": MODEL_A})
     assert stop.status_code == 200
     assert stop.json()["stopped"] is True

@@ -72,6 +72,7 @@ class Gateway:
         r.add_post("/api/local-engine/stop", self.local_stop)
         r.add_get("/api/status", self.full_status)
         r.add_get("/api/gateway", self.gateway_info)
+        r.add_get("/api/llm/status", self.llm_status)
         r.add_get("/api/events", self.events)
         r.add_route("*", "/v1/{tail:.*}", self.proxy)
         for path in ENGINE_PATHS:
@@ -151,6 +152,21 @@ class Gateway:
     # ------------------------------------------------------------------------------------------------- management
     async def local_status(self, request: web.Request) -> web.Response:
         return web.json_response(engines.local_engine_status(self.router.views))
+
+    async def llm_status(self, request: web.Request) -> web.Response:
+        """The shape SAGE Studio's frontend polls (GET /api/llm/status), for the gateway as its local LLM service."""
+        cards = self.router.catalog()
+        ready = [c for c in cards if c["state"] == "ready"]
+        local = engines.local_engine_status(self.router.views)
+        failed = [c for c in cards if c["state"] == "failed" and c.get("error")]
+        info = self.info()
+        return web.json_response({
+            "running": True, "healthy": bool(ready), "service_type": "sage-llm-gateway",
+            "model_name": local.get("model") or (ready[0]["id"] if ready else None), "base_url": info["url"],
+            "is_local": True, "available_models": [c["id"] for c in cards],
+            "details": {"ready": [c["id"] for c in ready], "local_engine": local, "queued": self.router.queued,
+                        "version": __version__},
+            "error": failed[0]["error"] if failed and not ready else None})
 
     async def full_status(self, request: web.Request) -> web.Response:
         doc = await asyncio.to_thread(engines.status_document)
