@@ -156,7 +156,7 @@ def test_events_stream_shows_loading_stages_ready_and_stopped(gateway) -> None:
 
     t = threading.Thread(target=listen, daemon=True)
     t.start()
-    time.sleep(0.3)
+    wait_for(lambda: gw.gw.bus.subscribers)  # subscribed before the load begins
     assert gw.chat(MODEL_A).status_code == 200
     gw.post("/api/local-engine/stop", {"model": MODEL_A})
     assert done.wait(20)
