@@ -3,6 +3,7 @@ its events, /metrics, crashes mid-stream, client disconnects, adoption after a g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -367,3 +368,22 @@ def test_sleep_mode_stops_instead_when_host_ram_cannot_hold_the_weights(gateway,
     assert gw.chat(MODEL_B).status_code == 200
     assert card(gw, MODEL_A)["state"] == "available"
     assert StateStore().load(a) is None  # stopped, not asleep
+
+
+def test_an_open_events_stream_does_not_hold_up_the_shutdown(gateway) -> None:
+    gw = gateway()
+    got: list[str] = []
+
+    def listen() -> None:
+        with contextlib.suppress(httpx.HTTPError), httpx.stream("GET", f"{gw.url}/api/events", timeout=60) as s:
+            for line in s.iter_lines():
+                got.append(line)
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    wait_for(lambda: gw.gw.bus.subscribers)
+    t0 = time.monotonic()
+    gw.stop()
+    assert time.monotonic() - t0 < 15
+    t.join(10)
+    assert any('"state": "stopping"' in line for line in got)

@@ -283,6 +283,8 @@ class Gateway:
                     await resp.write(b": keep-alive\n\n")
                     continue
                 await resp.write(sse_frame(event))
+                if event["event"] == "gateway" and event.get("state") == "stopping":
+                    break  # let the shutdown finish instead of waiting for this client to go away
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
