@@ -22,8 +22,9 @@ Reference: docs/api.md.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
@@ -98,6 +99,9 @@ class LaunchRequest(LaunchOptions):
     skip_checks: bool = False  # start even if the GPUs lack free memory
     timeout: float | None = None  # seconds to wait until it serves; None: the start_timeout setting
     wait: bool = True  # wait until it serves (False: return once spawned)
+    # variables only the engine's environment gets, never this process's: e.g. the value of `api_key_env` that a
+    # program holds in memory (the gateway's per-engine keys). Never recorded, never printed.
+    engine_env: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -131,6 +135,7 @@ class ResolvedLaunch:
     skip_checks: bool
     timeout: float
     wait: bool
+    engine_env: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 class LocalEngineStatus(TypedDict):
@@ -183,13 +188,14 @@ def resolve_launch(request: LaunchRequest) -> ResolvedLaunch:
         trust_remote_code=bool(request.trust_remote_code), api_key_env=request.api_key_env,
         ray_address=request.ray_address or None, extra_args=extra,
     )
-    validate(spec)
+    validate(spec, {**os.environ, **request.engine_env} if request.engine_env else None)
     if request.name is not None:
         validate_name(request.name)
     timeout = float(settings.get("start_timeout", request.timeout))
     _check_timeout(timeout)
     return ResolvedLaunch(spec=spec, name=request.name, port_explicit=request.port is not None, gpus=request.gpus,
-                          skip_checks=request.skip_checks, timeout=timeout, wait=request.wait)
+                          skip_checks=request.skip_checks, timeout=timeout, wait=request.wait,
+                          engine_env=dict(request.engine_env))
 
 
 def _check_timeout(timeout: float) -> None:
@@ -223,7 +229,8 @@ def start(request: LaunchRequest | ResolvedLaunch, on_progress: ProgressFn | Non
         checked = preflight(launch.spec.model, launch.spec.download_dir)
     result = manager.start(launch.spec, name=launch.name, port_explicit=launch.port_explicit, wait=launch.wait,
                            timeout=launch.timeout, on_progress=on_progress, gpus=launch.gpus,
-                           skip_checks=launch.skip_checks, foreground=foreground, store=store)
+                           skip_checks=launch.skip_checks, foreground=foreground, store=store,
+                           engine_env=launch.engine_env or None)
     result.preflight = checked
     return result
 

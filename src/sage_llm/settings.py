@@ -58,6 +58,7 @@ SETTINGS: tuple[Spec, ...] = (
     Spec("chat_api_key", "SAGE_CHAT_API_KEY", "text", None, "API key for the cloud source.", secret=True),
 )
 BY_KEY = {s.key: s for s in SETTINGS}
+TABLES = ("gateway",)  # tables other modules read (sage_llm/gateway/options.py); not settings, kept on rewrite
 BY_ENV = {s.env: s for s in SETTINGS}
 SOURCES = ("flag", "env", "dotenv", "config", "default")
 
@@ -268,7 +269,7 @@ def resolve_all() -> tuple[list[Resolved], list[str]]:
             out.append(Resolved(spec, None, layer[0] if layer else "default", layer[1] if layer else None,
                                 error=exc.message))
     warnings = [f"config file {config_path()}: unknown setting {k!r} is ignored"
-                for k in read_config() if k not in BY_KEY]
+                for k in read_config() if k not in BY_KEY and k not in TABLES]
     return out, warnings
 
 
@@ -319,15 +320,37 @@ def _toml_scalar(value: Any) -> str:
     return json.dumps(str(value), ensure_ascii=False)  # a valid TOML basic string
 
 
+def _toml_key(k: str) -> str:
+    return k if re.match(r"^[A-Za-z0-9_-]+$", k) else _toml_scalar(k)
+
+
+def _toml_table(keys: list[str], table: dict[str, Any]) -> str:
+    """A table (e.g. [gateway] with its [gateway.models."ORG/NAME"] sub-tables) written back as TOML."""
+    scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    out = f"\n[{'.'.join(_toml_key(k) for k in keys)}]\n"
+    for k, v in scalars.items():
+        value = "[" + ", ".join(_toml_scalar(x) for x in v) + "]" if isinstance(v, list) else _toml_scalar(v)
+        out += f"{_toml_key(k)} = {value}\n"
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out += _toml_table([*keys, k], v)
+    return out
+
+
 def write_config(data: dict[str, Any], path: Path | None = None) -> Path:
     """Write the flat key = value config file atomically, mode 0600 (directory created 0700)."""
     path = path or config_path()
+    tables = {k: v for k, v in data.items() if k in TABLES and isinstance(v, dict)}
     for k, v in data.items():
+        if k in tables:
+            continue
         if isinstance(v, (dict, list)) or not re.match(r"^[A-Za-z0-9_-]+$", k):
             raise ConfigError(f"config file {path} holds {k!r}, which `config set` cannot rewrite",
                               hint="edit the file by hand")
     body = "# sage llm settings (`sage llm config show` explains them). Written by `sage llm config set`.\n"
-    body += "".join(f"{k} = {_toml_scalar(v)}\n" for k, v in sorted(data.items()))
+    body += "".join(f"{k} = {_toml_scalar(v)}\n" for k, v in sorted(data.items()) if k not in tables)
+    for k, v in sorted(tables.items()):
+        body += _toml_table([k], v)
     import tempfile
 
     try:

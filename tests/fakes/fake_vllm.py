@@ -20,6 +20,9 @@ Behaviour knobs (environment):
   FAKE_VLLM_MAX_MODEL_LEN=2048
   FAKE_VLLM_SHM=2             map 2 psm_<random hex> files (like vLLM's message queues) in FAKE_VLLM_SHM_DIR
                               (/dev/shm), log their names, and leave them behind on exit (like a SIGKILLed vLLM)
+Also /v1/completions and /v1/embeddings (tiny answers), and, with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1
+(like vLLM), the dev routes POST /sleep?level=N, POST /wake_up, GET /is_sleeping (unguarded by the API key, as in
+vLLM); a request to a sleeping fake answers 503. FAKE_VLLM_SLEEP_LOG=path appends one line per sleep/wake.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 STATE = {
+    "sleeping": False,
     "prompt_tokens": 0,
     "generation_tokens": 0,
     "success": 0,
@@ -56,7 +60,8 @@ def prompt_token_count(messages: list) -> int:
 
 
 def parse(argv: list[str]) -> dict:
-    opts: dict = {"host": "", "port": 8000, "served": None, "model": None, "max_model_len": None}
+    opts: dict = {"host": "", "port": 8000, "served": None, "model": None, "max_model_len": None,
+                  "sleep_mode": False}
     if not argv or argv[0] != "serve":
         if argv and argv[0] in ("--version", "-v"):
             print("0.32.0+fake")
@@ -78,6 +83,9 @@ def parse(argv: list[str]) -> dict:
         elif a == "--max-model-len":
             opts["max_model_len"] = int(argv[i + 1])
             i += 2
+        elif a == "--enable-sleep-mode":
+            opts["sleep_mode"] = True
+            i += 1
         elif a.startswith("--") and "=" in a:
             i += 1
         elif a.startswith("-"):
@@ -153,6 +161,8 @@ class Handler(BaseHTTPRequestHandler):
                     "root": opts["model"], "parent": None, "max_model_len": max_model_len(opts),
                 }],
             })
+        elif self.path == "/is_sleeping" and _dev_routes(opts):
+            self._json(200, {"is_sleeping": STATE["sleeping"]})
         elif self.path == "/metrics":
             self._send(200, metrics_text(opts["served"]).encode(), "text/plain; version=0.0.4")
         else:
@@ -162,9 +172,20 @@ class Handler(BaseHTTPRequestHandler):
         opts = self.server.opts  # type: ignore[attr-defined]
         length = int(self.headers.get("content-length") or 0)
         raw = self.rfile.read(length) if length else b"{}"
+        path = self.path.split("?", 1)[0]
+        if path in ("/sleep", "/wake_up") and _dev_routes(opts):
+            STATE["sleeping"] = path == "/sleep"
+            if os.environ.get("FAKE_VLLM_SLEEP_LOG"):
+                with open(os.environ["FAKE_VLLM_SLEEP_LOG"], "a") as fh:
+                    fh.write(f"{self.path}\n")
+            self._send(200, b"", "application/octet-stream")
+            return
         if not self._auth_ok():
             return
-        if self.path not in ("/v1/chat/completions", "/tokenize"):
+        if STATE["sleeping"] and path.startswith("/v1"):
+            self._json(503, {"error": {"message": "engine is sleeping", "type": "ServiceUnavailable", "code": 503}})
+            return
+        if path not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize"):
             self._json(404, {"detail": "Not Found"})
             return
         try:
@@ -172,11 +193,18 @@ class Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError:
             self._json(400, {"error": {"message": "invalid JSON", "type": "BadRequestError", "code": 400}})
             return
-        if self.path == "/tokenize":  # vLLM's, with messages: the count the chat request's usage will report
+        if path == "/tokenize":  # vLLM's, with messages: the count the chat request's usage will report
             count = prompt_token_count(req.get("messages") or [])
             self._json(200, {"count": count, "max_model_len": max_model_len(opts), "tokens": list(range(count)),
                              "token_strs": None})
             return
+        if path == "/v1/embeddings":
+            self._json(200, {"object": "list", "model": opts["served"], "data": [
+                {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+            return
+        if path == "/v1/completions":
+            req.setdefault("messages", [{"content": str(req.get("prompt", ""))}])
         model = req.get("model")
         if model and model != opts["served"]:
             self._json(404, {"error": {"message": f"The model `{model}` does not exist.", "type": "NotFoundError",
@@ -245,6 +273,10 @@ class Handler(BaseHTTPRequestHandler):
                 STATE["prompt_tokens"] += prompt_tokens
                 STATE["generation_tokens"] += len(pieces)
                 STATE["success"] += 1
+
+
+def _dev_routes(opts: dict) -> bool:
+    return bool(opts.get("sleep_mode")) and os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
 
 
 def max_model_len(opts: dict) -> int:

@@ -75,6 +75,9 @@ def _register() -> None:
     from sage_llm.cli.commands import run
 
     llm_app.command("run", epilog=run.EPILOG)(run.run)
+    from sage_llm.cli.commands import gateway
+
+    llm_app.add_typer(gateway.gateway_app, name="gateway")
 
 
 _register()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,18 +89,23 @@ def start(
     foreground: bool = False,
     gpus: str | None = None,
     skip_checks: bool = False,
+    engine_env: Mapping[str, str] | None = None,
 ) -> StartResult:
     """Validate, spawn `vllm serve` detached, record it, and (with `wait`) wait until it serves the model.
 
     `gpus` ("0,1" or UUIDs) pins the GPUs; otherwise those with the most free memory are used. Their free memory is
-    checked against --gpu-memory-utilization before spawning, unless `skip_checks` (engine/placement.py)."""
+    checked against --gpu-memory-utilization before spawning, unless `skip_checks` (engine/placement.py).
+
+    `engine_env`: variables only the engine's environment gets, never this process's (a program such as the gateway
+    holds an engine's API key in memory and names it in `spec.api_key_env`: it reaches vLLM as VLLM_API_KEY only)."""
     import secrets
 
     from sage_llm.engine import envs, placement
     from sage_llm.engine.vllm import build_argv, build_env, validate
 
     store = store or StateStore()
-    validate(spec)
+    environ = {**os.environ, **engine_env} if engine_env else None
+    validate(spec, environ)
     if name is not None:
         validate_name(name)
     if timeout <= 0:
@@ -157,7 +162,9 @@ def start(
         engine_id = secrets.token_hex(8)
         argv = build_argv(cmd.prefix, spec)
         cpu_engine = cmd.kind == "cpu" or (cmd.kind is None and _no_gpu())
-        env, added = build_env(spec, engine_id, cpu_engine, offline_ok=cached is True)
+        env, added = build_env(spec, engine_id, cpu_engine, base=environ, offline_ok=cached is True)
+        if engine_env and spec.api_key_env in engine_env:
+            env.pop(spec.api_key_env, None)  # the key reaches vLLM as VLLM_API_KEY, nowhere else
         placed = placement.apply(spec, env, added, gpus, skip_checks, live, cpu_engine)
         if cmd.env_path:
             # the engine venv's bin first, so vLLM's helpers resolve inside its own environment
@@ -189,7 +196,8 @@ def start(
     result = StartResult(record, port_note=note, warnings=warnings, cached=cached)
     result._popen = spawned.popen  # type: ignore[attr-defined]
     if wait:
-        result.ready_after_s = wait_ready(record, timeout, store, on_progress, popen=spawned.popen)
+        key = (engine_env or {}).get(spec.api_key_env) if spec.api_key_env else None
+        result.ready_after_s = wait_ready(record, timeout, store, on_progress, popen=spawned.popen, api_key=key)
     return result
 
 
@@ -233,13 +241,14 @@ def wait_ready(
     popen: Any = None,
     kill_on_fail: bool = True,
     poll: float = 0.05,
+    api_key: str | None = None,
 ) -> float:
     """Block until /health is 200 and /v1/models lists the served name; on death or timeout, clean up and raise."""
     from sage_llm import probe as probes
 
     started = time.monotonic()
     t0 = parse_iso(record.started_at) or time.time()
-    key = api_key_for(record)
+    key = api_key or api_key_for(record)
     last_emit = 0.0
     download_dir = (record.settings or {}).get("download_dir")
     loader = LoadProgress(record.log_file, model=record.model, size_lookup=hub_download_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,9 @@ def check_model_name(model: str | None, what: str = "MODEL", hint: str = MODEL_H
         raise UsageError(f"{what} is empty" + (f" ({model!r})" if model else ""), hint=hint)
 
 
-def validate(spec: LaunchSpec) -> None:
-    """Raise UsageError (exit 2) for anything vLLM would reject later."""
+def validate(spec: LaunchSpec, environ: Mapping[str, str] | None = None) -> None:
+    """Raise UsageError (exit 2) for anything vLLM would reject later. `environ`: where --api-key-env is looked up
+    (default: this process's environment)."""
     check_model_name(spec.model or "")
     if looks_like_path(spec.model):
         p = Path(spec.model).expanduser()
@@ -111,7 +113,7 @@ def validate(spec: LaunchSpec) -> None:
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", spec.api_key_env):
             raise UsageError(f"--api-key-env {spec.api_key_env!r} is not a variable name",
                              hint="give the NAME of an environment variable holding the key, e.g. MY_VLLM_KEY")
-        if not os.environ.get(spec.api_key_env):
+        if not (os.environ if environ is None else environ).get(spec.api_key_env):
             raise UsageError(f"--api-key-env names {spec.api_key_env}, which is not set or empty",
                              hint=f"export {spec.api_key_env}=... first")
     for arg in spec.extra_args:

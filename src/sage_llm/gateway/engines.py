@@ -1,0 +1,353 @@
+"""The gateway's one door to the engine library: start, stop, inspect, cached models, sleep/wake.
+
+Everything else in the gateway talks to engines through here, so that moving to the typed core API (`sage_llm.api`)
+touches this file only. Blocking functions are called from the gateway's event loop through `asyncio.to_thread`.
+
+Engines the gateway starts are ordinary managed engines (records in the state directory: `status`, `logs`, `stop`
+work on them) with one difference: each gets its own API key, which vLLM reads from VLLM_API_KEY in its environment
+(never argv). The record holds only the key's variable name, `SAGE_LLM_GW_KEY_<hex>`; the key itself is an HMAC of
+that name under the gateway secret (`gateway.key` in the state directory, 0600), so a gateway restarted after a crash
+recomputes the keys of the engines it adopts, and a web page cannot reach an engine it does not know the key of.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sage_llm.errors import SageLLMError
+
+KEY_PREFIX = "SAGE_LLM_GW_KEY_"
+SECRET_FILE = "gateway.key"
+
+
+class NotEnoughMemory(SageLLMError):
+    """The engine would not fit (GPU per start's pre-flight rule, or host RAM for a CPU engine)."""
+
+
+@dataclass
+class Engine:
+    """One engine as the gateway routes to it."""
+
+    name: str
+    model: str | None  # what it was started from (hub id or path)
+    served: str | None  # the name its /v1/models lists
+    base_url: str  # http://127.0.0.1:PORT  (no /v1)
+    state: str  # ready | starting | unhealthy | failed | stopped
+    managed: bool  # a sage llm record exists
+    owned: bool  # started by a gateway (has a gateway key)
+    api_key: str | None = None
+    port: int | None = None
+    pid: int | None = None
+    error: str | None = None
+    gpu_memory_bytes: int | None = None
+    started_at: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    stage: str | None = None
+    progress: float | None = None
+    static: bool = False  # a --upstream route
+
+    def names(self) -> set[str]:
+        return {n for n in (self.served, self.model) if n}
+
+
+# ------------------------------------------------------------------------------------------------------ keys
+def _secret() -> bytes:
+    from sage_llm import paths
+
+    root = paths.home()
+    paths.ensure_home(root)
+    path = root / SECRET_FILE
+    with contextlib.suppress(FileNotFoundError):
+        data = path.read_bytes().strip()
+        if len(data) >= 32:
+            return data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, secrets.token_hex(32).encode())
+    finally:
+        os.close(fd)
+    return path.read_bytes().strip()
+
+
+def key_for(var: str) -> str:
+    """The API key of the engine whose record names `var` (derived from the gateway's secret, so a restarted gateway
+    finds it again). It never enters this process's environment: `start` hands it to the engine alone."""
+    return hmac.new(_secret(), var.encode(), hashlib.sha256).hexdigest()
+
+
+_STARTED: set[str] = set()  # key variables of the engines this process started (loading ones included)
+
+
+def new_key_var() -> str:
+    var = KEY_PREFIX + secrets.token_hex(6).upper()
+    _STARTED.add(var)
+    return var
+
+
+def started_here() -> list[str]:
+    """Names of the recorded engines this process started, including those still loading."""
+    from sage_llm.state import EngineRecord, StateStore
+
+    return [r.name for r in StateStore().all() if isinstance(r, EngineRecord) and r.api_key_env in _STARTED]
+
+
+def is_owned(api_key_env: str | None) -> bool:
+    return bool(api_key_env and api_key_env.startswith(KEY_PREFIX))
+
+
+# ------------------------------------------------------------------------------------------------------ inspect
+def local_port() -> int:
+    from sage_llm import status
+
+    return status.local_port()
+
+
+def inspect(exclude_ports: set[int] | None = None, with_gpu: bool = True, external: bool = True
+            ) -> tuple[list[Engine], list[Any]]:
+    """Every engine alive now (managed records, then external vLLM servers found like `status` finds them), plus the
+    raw EngineViews (for LocalEngineStatus). Ports in `exclude_ports` (the gateway's own) are skipped."""
+    from sage_llm import api, status
+    from sage_llm.addresses import url_host
+    from sage_llm.state import api_key_for
+
+    views = api.engines(include_external=external)
+    views = [v for v in views if not (exclude_ports and v.port in exclude_ports and not v.managed)]
+    if with_gpu:
+        with contextlib.suppress(Exception):
+            status.attach_gpu(views)
+    out = []
+    for v in views:
+        if v.port is None or v.state == "stopped":
+            continue
+        rec = v.record
+        owned = rec is not None and is_owned(rec.api_key_env)
+        key = None
+        if owned:
+            key = key_for(rec.api_key_env)
+        elif rec is not None:
+            key = api_key_for(rec)
+        host = url_host(v.host or "127.0.0.1")
+        out.append(Engine(name=v.name or f"external-{v.port}", model=v.model, served=v.served_model_name,
+                          base_url=f"http://{host}:{v.port}", state=v.state, managed=v.managed, owned=owned,
+                          api_key=key, port=v.port, pid=v.pid, error=v.error, gpu_memory_bytes=v.gpu_memory_bytes,
+                          started_at=v.started_at, settings=dict(v.settings or {}), stage=v.stage,
+                          progress=v.progress))
+    return out, views
+
+
+def local_engine_status(views: list[Any]) -> dict[str, Any]:
+    """The seed's LocalEngineStatus, computed exactly as `status --json` computes `local_engine`."""
+    from sage_llm.engine.view import local_engine
+
+    return dict(local_engine(views, local_port()))
+
+
+def status_document() -> dict[str, Any]:
+    """The full `status --json` document."""
+    from sage_llm import status
+
+    doc, _views, _warnings = status.build()
+    return doc
+
+
+def alive(engine: Engine) -> bool:
+    """Is the engine's process still there (after a failed request: did it die)?"""
+    from sage_llm.engine import process
+    from sage_llm.state import EngineRecord, StateStore
+
+    if engine.managed:
+        rec = StateStore().load(engine.name)
+        if not isinstance(rec, EngineRecord):
+            return False
+        return process.leader(rec.pid, rec.create_time) is not None
+    if engine.pid is None:
+        return True
+    import psutil
+
+    try:
+        return psutil.Process(engine.pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def cache_stamp() -> Any:
+    """Changes when a model repo is added to or removed from the hub cache (its directory's mtime)."""
+    from sage_llm import hf_cache
+
+    try:
+        st = hf_cache.hub_cache_dir().stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_ino)
+
+
+def cached_models() -> list[Any]:
+    """Complete models in the Hugging Face cache (hf_cache.LocalModel)."""
+    from sage_llm import hf_cache
+
+    try:
+        return [m for m in hf_cache.list_models() if m.complete and not m.incomplete and not m.error]
+    except Exception:
+        return []
+
+
+# ------------------------------------------------------------------------------------------------------ start/stop
+def host_memory_check(model: str, cpu_engine: bool) -> None:
+    """For a CPU engine: the weights plus vLLM's CPU KV cache must fit in available host RAM."""
+    if not cpu_engine:
+        return
+    import psutil
+
+    from sage_llm import hf_cache
+    from sage_llm.config import DEFAULT_CPU_KVCACHE_GIB
+
+    size = 0
+    with contextlib.suppress(Exception):
+        for m in hf_cache.list_models():
+            if m.repo_id == model:
+                size = m.size_on_disk
+    kv = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or DEFAULT_CPU_KVCACHE_GIB) * 1024**3
+    need = size + kv
+    avail = psutil.virtual_memory().available
+    if need > avail:
+        raise NotEnoughMemory(f"{model} needs about {need / 1024**3:.1f} GiB of host memory (weights + KV cache), "
+                              f"{avail / 1024**3:.1f} GiB is available",
+                              hint="stop an engine, or lower VLLM_CPU_KVCACHE_SPACE")
+
+
+def host_ram_holds(model: str | None) -> bool:
+    """Sleep level 1 moves the weights to host RAM: is there room for them (their size on disk, plus 10 %)?"""
+    import psutil
+
+    from sage_llm import hf_cache
+
+    size = None
+    with contextlib.suppress(Exception):
+        size = next((m.size_on_disk for m in hf_cache.list_models() if m.repo_id == model), None)
+    if size is None:
+        return False  # unknown size: stop rather than risk the host's memory
+    return size * 1.1 < psutil.virtual_memory().available
+
+
+def is_cpu_engine() -> bool:
+    from sage_llm import gpu
+    from sage_llm.engine import envs
+    from sage_llm.state import StateStore
+
+    try:
+        cmd = envs.resolve_vllm(StateStore().root)
+    except Exception:
+        return gpu.gpu_count() == 0
+    return cmd.kind == "cpu" or (cmd.kind is None and gpu.gpu_count() == 0)
+
+
+def start(profile: Any, engine_port: int, timeout: float, on_progress: Any = None, sleep_mode: bool = False,
+          port: int | None = None) -> Engine:
+    """Start `profile.model` through sage_llm.api (blocking until it serves, or raising the same EngineFailed `start`
+    raises: same words) as a managed engine with its own key. InsufficientGpuMemory / NotEnoughMemory when it would
+    not fit. The key and the dev-mode switch go to the engine's environment only, never to the gateway's."""
+    from sage_llm import api, settings
+
+    cpu = is_cpu_engine()
+    host_memory_check(profile.model, cpu)
+    last = dict(profile.settings or {})
+    util = profile.gpu_memory_utilization or last.get("gpu_memory_utilization") or settings.get("gpu_util")
+    extra = list(profile.args) if profile.configured or profile.args else list(last.get("extra_args") or [])
+    if sleep_mode and not cpu and "--enable-sleep-mode" not in extra:
+        extra.append("--enable-sleep-mode")
+    var = new_key_var()
+    engine_env = {var: key_for(var)}
+    if sleep_mode and not cpu:
+        engine_env[SLEEP_ENV] = "1"  # sleep routes exist only in dev mode; the engine stays on loopback
+    request = api.LaunchRequest(
+        model=profile.model, host="127.0.0.1", port=port or engine_port, gpu_memory_utilization=float(util),
+        served_model_name=last.get("served_model_name") if not profile.configured else None,
+        quantization=profile.quantization or last.get("quantization"),
+        max_model_len=profile.max_model_len or last.get("max_model_len"),
+        tensor_parallel_size=last.get("tensor_parallel_size"),
+        pipeline_parallel_size=last.get("pipeline_parallel_size"),
+        dtype=last.get("dtype"), enforce_eager=bool(last.get("enforce_eager")), download_dir=last.get("download_dir"),
+        trust_remote_code=bool(last.get("trust_remote_code")), api_key_env=var, extra_args=extra,
+        timeout=timeout, wait=True, engine_env=engine_env,
+    )
+    launch = api.resolve_launch(request)
+    launch.port_explicit = port is not None
+    result = api.start(launch, on_progress=on_progress)
+    rec = result.record
+    return Engine(name=rec.name, model=rec.model, served=rec.served_model_name, base_url=f"http://127.0.0.1:{rec.port}",
+                  state="ready", managed=True, owned=is_owned(rec.api_key_env), api_key=key_for(rec.api_key_env)
+                  if is_owned(rec.api_key_env) else None, port=rec.port, pid=rec.pid,
+                  started_at=rec.started_at, settings=dict(rec.settings or {}))
+
+
+def stop(name: str, timeout: float | None = None) -> str:
+    """Stop a managed engine (whole process tree, verified) through sage_llm.api; returns the outcome's message."""
+    from sage_llm import api
+
+    outcome = api.stop(name, timeout=timeout)
+    if not outcome.stopped:
+        raise SageLLMError(outcome.message, hint=f"see `sage-llm status {name}`")
+    return outcome.message
+
+
+def log_file(name: str) -> Path | None:
+    from sage_llm.state import EngineRecord, StateStore
+
+    rec = StateStore().load(name)
+    return Path(rec.log_file) if isinstance(rec, EngineRecord) and rec.log_file else None
+
+
+# ------------------------------------------------------------------------------------------------------ sleep mode
+SLEEP_ENV = "VLLM_SERVER_DEV_MODE"
+
+
+async def sleep(session: Any, engine: Engine, level: int = 1, timeout: float = 60.0) -> bool:
+    """Put an idle engine to sleep (vLLM dev endpoint, loopback only, with its key); confirmed by /is_sleeping."""
+    headers = {"Authorization": f"Bearer {engine.api_key}"} if engine.api_key else {}
+    async with session.post(f"{engine.base_url}/sleep", params={"level": str(level)}, headers=headers,
+                            timeout=_timeout(timeout)) as r:
+        if r.status != 200:
+            return False
+    return await is_sleeping(session, engine) is True
+
+
+async def wake(session: Any, engine: Engine, timeout: float = 120.0) -> bool:
+    headers = {"Authorization": f"Bearer {engine.api_key}"} if engine.api_key else {}
+    async with session.post(f"{engine.base_url}/wake_up", headers=headers, timeout=_timeout(timeout)) as r:
+        if r.status != 200:
+            return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await is_sleeping(session, engine) is False:
+            return True
+        import asyncio
+
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def is_sleeping(session: Any, engine: Engine) -> bool | None:
+    headers = {"Authorization": f"Bearer {engine.api_key}"} if engine.api_key else {}
+    try:
+        async with session.get(f"{engine.base_url}/is_sleeping", headers=headers, timeout=_timeout(5)) as r:
+            if r.status != 200:
+                return None
+            data = await r.json(content_type=None)
+            return bool(data.get("is_sleeping"))
+    except Exception:
+        return None
+
+
+def _timeout(seconds: float) -> Any:
+    import aiohttp
+
+    return aiohttp.ClientTimeout(total=seconds)

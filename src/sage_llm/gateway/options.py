@@ -1,0 +1,245 @@
+"""Gateway options and per-model profiles. Stdlib only (the status path reads the gateway record through daemon.py).
+
+Precedence like every other setting: flag > environment (SAGE_LLM_GATEWAY_*) > config file `[gateway]` > default.
+Per-model profiles live in the config file:
+
+    [gateway.models."Qwen/Qwen2.5-1.5B-Instruct"]
+    args = ["--max-model-len", "4096"]     # extra vLLM arguments, verbatim
+    gpu_memory_utilization = 0.5
+    ttl = "30m"                            # idle time before the engine is stopped ("0" = never)
+    pinned = true                          # never unloaded (TTL or eviction)
+    aliases = ["qwen", "small"]            # other names clients may use
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from sage_llm.errors import UsageError
+
+DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+VIRTUAL_MODELS = ("auto", "local", "cloud")
+
+
+def parse_duration(raw: Any, what: str = "--ttl") -> float:
+    """Seconds for '300', '300s', '5m', '1.5h', '0' (0 = never); UsageError otherwise."""
+    if isinstance(raw, bool):
+        raise UsageError(f"{what} {raw!r} is not a duration", hint="e.g. 5m, 300s, 1h, or 0 for never")
+    if isinstance(raw, (int, float)):
+        if raw < 0:
+            raise UsageError(f"{what} {raw!r} is negative", hint="e.g. 5m, 300s, 1h, or 0 for never")
+        return float(raw)
+    m = DURATION_RE.match(str(raw))
+    if not m:
+        raise UsageError(f"{what} {raw!r} is not a duration", hint="e.g. 5m, 300s, 1h, or 0 for never")
+    return float(m.group(1)) * UNITS[m.group(2)]
+
+
+@dataclass
+class Profile:
+    """How to start one model, and how to treat its engine."""
+
+    model: str
+    args: list[str] = field(default_factory=list)
+    gpu_memory_utilization: float | None = None
+    quantization: str | None = None
+    max_model_len: str | None = None
+    ttl: float | None = None  # None: the gateway's --ttl
+    pinned: bool = False
+    aliases: list[str] = field(default_factory=list)
+    configured: bool = False  # from the config file (else: cached model, or last-used flags)
+    settings: dict[str, Any] = field(default_factory=dict)  # last-used launch settings of a previous engine
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "args": self.args, "gpu_memory_utilization": self.gpu_memory_utilization,
+                "quantization": self.quantization, "ttl": self.ttl, "pinned": self.pinned, "aliases": self.aliases,
+                "configured": self.configured}
+
+
+@dataclass
+class GatewayOptions:
+    host: str = "127.0.0.1"
+    port: int = 8901
+    ttl: float = 900.0  # idle seconds before an engine the gateway started is stopped; 0 = never
+    max_engines: int = 0  # 0 = no count limit (memory still limits)
+    api_key_env: str | None = None
+    fallback: bool = True  # models the local side cannot serve go to the cloud (SAGE_CHAT_BASE_URL)
+    engine_port: int = 8902
+    max_queue: int = 64  # requests waiting for loads, in all; past it 503 + Retry-After
+    max_body: int = 32 * 1024 * 1024
+    load_timeout: float = 900.0
+    stop_engines_on_exit: bool = True
+    sleep: bool = False  # GPU only: put evicted engines to sleep (level 1) instead of stopping them
+    upstreams: dict[str, str] = field(default_factory=dict)  # MODEL -> base URL (static routes)
+    external: bool = True  # also route to vLLM servers sage llm did not start (found like `status` finds them)
+    allowed_origins: list[str] = field(default_factory=list)
+    refresh_s: float = 2.0
+    tick_s: float = 1.0
+    profiles: dict[str, Profile] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "ttl": self.ttl, "max_engines": self.max_engines,
+                "api_key_env": self.api_key_env, "fallback": self.fallback, "engine_port": self.engine_port,
+                "max_queue": self.max_queue, "max_body": self.max_body, "load_timeout": self.load_timeout,
+                "stop_engines_on_exit": self.stop_engines_on_exit, "sleep": self.sleep,
+                "upstreams": self.upstreams, "allowed_origins": self.allowed_origins, "external": self.external}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GatewayOptions:
+        known = set(cls.__dataclass_fields__) - {"profiles"}
+        opts = cls(**{k: v for k, v in data.items() if k in known})
+        opts.profiles = read_profiles()
+        return opts
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _gateway_table() -> dict[str, Any]:
+    from sage_llm import settings
+
+    table = settings.read_config().get("gateway") or {}
+    if not isinstance(table, dict):
+        raise UsageError(f"config file {settings.config_path()}: [gateway] must be a table",
+                         hint='e.g. [gateway] then ttl = "15m"')
+    return table
+
+
+def read_profiles() -> dict[str, Profile]:
+    """`[gateway.models."ORG/NAME"]` tables of the config file; UsageError naming the bad key."""
+    from sage_llm import settings
+
+    models = _gateway_table().get("models") or {}
+    out: dict[str, Profile] = {}
+    where = f"config file {settings.config_path()}"
+    if not isinstance(models, dict):
+        raise UsageError(f"{where}: [gateway.models] must be a table of model tables",
+                         hint='e.g. [gateway.models."Qwen/Qwen2.5-1.5B-Instruct"]')
+    for model, t in models.items():
+        if not isinstance(t, dict):
+            raise UsageError(f"{where}: gateway.models.{model!r} must be a table", hint="see docs/gateway.md")
+        p = Profile(model=model, configured=True)
+        args = t.get("args", [])
+        if isinstance(args, str):
+            import shlex
+
+            args = shlex.split(args)
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise UsageError(f"{where}: gateway.models.{model!r}.args must be a list of strings",
+                             hint='e.g. args = ["--max-model-len", "4096"]')
+        p.args = list(args)
+        if "gpu_memory_utilization" in t:
+            u = t["gpu_memory_utilization"]
+            if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+                raise UsageError(f"{where}: gateway.models.{model!r}.gpu_memory_utilization = {u!r} is not in (0, 1]",
+                                 hint="e.g. gpu_memory_utilization = 0.5")
+            p.gpu_memory_utilization = float(u)
+        if "ttl" in t:
+            p.ttl = parse_duration(t["ttl"], f"gateway.models.{model!r}.ttl")
+        p.pinned = bool(t.get("pinned", False))
+        aliases = t.get("aliases", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+            raise UsageError(f"{where}: gateway.models.{model!r}.aliases must be a list of names",
+                             hint='e.g. aliases = ["qwen"]')
+        if any(a in VIRTUAL_MODELS for a in aliases):
+            raise UsageError(f"{where}: gateway.models.{model!r}.aliases uses a reserved name "
+                             f"({', '.join(VIRTUAL_MODELS)})", hint="pick another alias")
+        p.aliases = aliases
+        for key in ("quantization", "max_model_len"):
+            if key in t:
+                setattr(p, key, str(t[key]))
+        out[model] = p
+    return out
+
+
+def resolve(host: str | None = None, port: int | None = None, ttl: str | None = None,
+            max_engines: int | None = None, api_key_env: str | None = None, fallback: bool | None = None,
+            upstreams: list[str] | None = None, engine_port: int | None = None, sleep: bool | None = None,
+            keep_engines: bool | None = None, max_queue: int | None = None,
+            allowed_origins: list[str] | None = None, external: bool | None = None) -> GatewayOptions:
+    """Flags (None = not given) > SAGE_LLM_GATEWAY_* env > [gateway] in the config file > defaults; validated.
+    Raises UsageError (exit 2) naming the bad value before anything starts."""
+    table = _gateway_table()
+
+    def pick(flag: Any, env: str, key: str, default: Any) -> Any:
+        if flag is not None:
+            return flag
+        raw = os.environ.get(env)
+        if raw is not None and raw.strip():
+            return raw.strip()
+        if key in table:
+            return table[key]
+        return default
+
+    def as_int(raw: Any, what: str, lo: int, hi: int) -> int:
+        try:
+            if isinstance(raw, bool):
+                raise ValueError
+            value = int(str(raw).strip())
+        except ValueError:
+            raise UsageError(f"{what} {raw!r} is not a whole number", hint=f"give a number from {lo} to {hi}") \
+                from None
+        if not lo <= value <= hi:
+            raise UsageError(f"{what} {value} is out of range", hint=f"give a number from {lo} to {hi}")
+        return value
+
+    opts = GatewayOptions()
+    opts.host = str(pick(host, "SAGE_LLM_GATEWAY_HOST", "host", "127.0.0.1"))
+    if not opts.host or any(c.isspace() for c in opts.host):
+        raise UsageError(f"--host {opts.host!r} is not an address", hint="e.g. --host 127.0.0.1")
+    opts.port = as_int(pick(port, "SAGE_LLM_GATEWAY_PORT", "port", 8901), "--port", 1, 65535)
+    opts.ttl = parse_duration(pick(ttl, "SAGE_LLM_GATEWAY_TTL", "ttl", "15m"))
+    opts.max_engines = as_int(pick(max_engines, "SAGE_LLM_GATEWAY_MAX_ENGINES", "max_engines", 0),
+                              "--max-engines", 0, 1000)
+    opts.engine_port = as_int(pick(engine_port, "SAGE_LLM_GATEWAY_ENGINE_PORT", "engine_port", 8902),
+                              "--engine-port", 1, 65535)
+    opts.max_queue = as_int(pick(max_queue, "SAGE_LLM_GATEWAY_MAX_QUEUE", "max_queue", 64), "--max-queue", 1,
+                            100000)
+    fb = pick(fallback, "SAGE_LLM_GATEWAY_FALLBACK", "fallback", True)
+    opts.fallback = fb if isinstance(fb, bool) else str(fb).lower() in ("1", "true", "yes", "on")
+    sl = pick(sleep, "SAGE_LLM_GATEWAY_SLEEP", "sleep", False)
+    opts.sleep = sl if isinstance(sl, bool) else str(sl).lower() in ("1", "true", "yes", "on")
+    ex = pick(external, "SAGE_LLM_GATEWAY_EXTERNAL", "external", True)
+    opts.external = ex if isinstance(ex, bool) else str(ex).lower() in ("1", "true", "yes", "on")
+    if keep_engines is not None:
+        opts.stop_engines_on_exit = not keep_engines
+    opts.api_key_env = pick(api_key_env, "SAGE_LLM_GATEWAY_API_KEY_ENV", "api_key_env", None)
+    if opts.api_key_env is not None:
+        if not VAR_RE.match(opts.api_key_env):
+            raise UsageError(f"--api-key-env {opts.api_key_env!r} is not a variable name",
+                             hint="give the NAME of an environment variable holding the key, e.g. SAGE_GATEWAY_KEY")
+        if not os.environ.get(opts.api_key_env):
+            raise UsageError(f"--api-key-env names {opts.api_key_env}, which is not set or empty",
+                             hint=f"export {opts.api_key_env}=... first")
+    if not opts.loopback and not opts.api_key_env:
+        raise UsageError(f"--host {opts.host} would let anyone who can reach this machine use the gateway",
+                         hint="pass --api-key-env VAR (clients send that key), or keep the default 127.0.0.1")
+    for item in upstreams or list(table.get("upstreams", {}).items() if isinstance(table.get("upstreams"), dict)
+                                  else []):
+        model, url = item if isinstance(item, tuple) else (str(item).split("=", 1) + [""])[:2]
+        if not model or not re.match(r"^https?://[^\s/]+", url or ""):
+            raise UsageError(f"--upstream {item!r} is not MODEL=URL", hint="e.g. --upstream my-model=http://127.0.0.1:9000/v1")
+        if model in VIRTUAL_MODELS:
+            raise UsageError(f"--upstream {model!r}: {model} is a reserved model name", hint="pick another name")
+        opts.upstreams[model] = url.rstrip("/")
+    opts.allowed_origins = list(allowed_origins or table.get("allowed_origins", []) or [])
+    env_origins = os.environ.get("SAGE_LLM_GATEWAY_ORIGINS", "")
+    opts.allowed_origins += [o.strip() for o in env_origins.split(",") if o.strip()]
+    from sage_llm import settings
+
+    opts.load_timeout = float(settings.get("start_timeout"))  # SAGE_LLM_STARTUP_TIMEOUT, as `start` waits
+    opts.profiles = read_profiles()
+    return opts

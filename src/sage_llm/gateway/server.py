@@ -1,0 +1,436 @@
+"""The gateway's HTTP application (aiohttp server and client): routes, checks and the streaming proxy.
+
+The proxy relays the upstream's bytes chunk by chunk as they arrive (no SSE re-parsing, no buffering), through one
+long-lived ClientSession whose keep-alive expiry (4 s) is below vLLM's 5 s. A client that disconnects cancels its
+handler (handler_cancellation), which closes the upstream connection: vLLM aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from sage_llm import __version__
+from sage_llm.errors import SageLLMError
+from sage_llm.gateway import engines, security
+from sage_llm.gateway.events import EventBus, sse_frame
+from sage_llm.gateway.metrics import Metrics
+from sage_llm.gateway.options import GatewayOptions, Profile
+from sage_llm.gateway.router import Backend, GatewayError, Router
+
+KEEPALIVE_S = 4.0  # below vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s): no reuse of a connection the server closes
+ENGINE_PATHS = ("/tokenize", "/detokenize", "/pooling", "/classify", "/score", "/rerank")  # vLLM, outside /v1
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                   retry_after: float | None = None, param: str | None = None) -> web.Response:
+    headers = {"Retry-After": str(int(retry_after))} if retry_after else None
+    return web.json_response({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                             status=status, headers=headers)
+
+
+def from_gateway_error(exc: GatewayError) -> web.Response:
+    return error_response(exc.status, exc.message, exc.type, exc.code, exc.retry_after, exc.param)
+
+
+class Gateway:
+    def __init__(self, opts: GatewayOptions) -> None:
+        self.opts = opts
+        self.bus = EventBus()
+        self.metrics = Metrics()
+        self.router = Router(opts, self.bus, self.metrics, own_ports={opts.port})
+        self.session: aiohttp.ClientSession | None = None
+        self.started = time.time()
+        self.api_key = opts.api_key()
+        self.stopped_engines: list[str] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _bg(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------------------------------------- app
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.opts.max_body, middlewares=[self._checks])
+        r = app.router
+        r.add_get("/health", self.health)
+        r.add_get("/v1/models", self.models)
+        r.add_get("/v1/models/{model:.+}", self.model_card)
+        r.add_get("/metrics", self.prometheus)
+        r.add_get("/api/local-engine/status", self.local_status)
+        r.add_get("/api/local-engine/models", self.local_models)
+        r.add_post("/api/local-engine/start", self.local_start)
+        r.add_post("/api/local-engine/stop", self.local_stop)
+        r.add_get("/api/status", self.full_status)
+        r.add_get("/api/gateway", self.gateway_info)
+        r.add_get("/api/llm/status", self.llm_status)
+        r.add_get("/api/events", self.events)
+        r.add_route("*", "/v1/{tail:.*}", self.proxy)
+        for path in ENGINE_PATHS:
+            r.add_post(path, self.proxy)
+        app.on_startup.append(self._startup)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, app: web.Application) -> None:
+        self.bus.loop = asyncio.get_running_loop()
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, enable_cleanup_closed=True)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                             cookie_jar=aiohttp.DummyCookieJar(),  # a relay keeps no cookies
+                                             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        self.router.session = self.session
+        await self.router.refresh()  # adopts the engines a previous gateway left running
+        self.router.start_loops()
+        self.bus.publish("gateway", state="ready", port=self.opts.port)
+
+    async def _cleanup(self, app: web.Application) -> None:
+        self.stopped_engines = await self.router.close(self.opts.stop_engines_on_exit)
+        if self.session is not None:
+            await self.session.close()
+
+    @web.middleware
+    async def _checks(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        refused = security.check(request.method, request.headers, self.opts.host, self.opts.port, self.api_key,
+                                 self.opts.allowed_origins, self.opts.loopback)
+        if refused is not None:
+            status, message, code = refused
+            return error_response(status, message, "invalid_request_error" if status != 401 else
+                                  "authentication_error", code)
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return error_response(404, f"no route {request.method} {request.path}", code="not_found")
+        except web.HTTPMethodNotAllowed:
+            return error_response(405, f"method {request.method} not allowed on {request.path}",
+                                  code="method_not_allowed")
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, f"request body is larger than {self.opts.max_body} bytes",
+                                  code="request_too_large")
+        except GatewayError as exc:
+            return from_gateway_error(exc)
+
+    # ------------------------------------------------------------------------------------------------- basics
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "service": "sage-llm-gateway", "version": __version__})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": self.router.catalog()})
+
+    async def model_card(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        for card in self.router.catalog():
+            if card["id"] == name or name in card.get("aliases", []):
+                return web.json_response(card)
+        return error_response(404, f"The model `{name}` does not exist here. Models: "
+                              f"{', '.join(self.router.known_names()) or 'none'}", code="model_not_found",
+                              param="model")
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        text = self.metrics.render(self.router.engines, self.router.queued)
+        return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "version": __version__, "host": self.opts.host, "port": self.opts.port,
+                "url": f"http://{self.opts.host if ':' not in self.opts.host else f'[{self.opts.host}]'}:"
+                       f"{self.opts.port}/v1",
+                "uptime_s": round(time.time() - self.started, 1), "queued": self.router.queued,
+                "options": self.opts.to_json(), "models": self.router.catalog()}
+
+    async def gateway_info(self, request: web.Request) -> web.Response:
+        return web.json_response(self.info())
+
+    # ------------------------------------------------------------------------------------------------- management
+    async def local_status(self, request: web.Request) -> web.Response:
+        return web.json_response(engines.local_engine_status(self.router.views))
+
+    async def llm_status(self, request: web.Request) -> web.Response:
+        """The shape SAGE Studio's frontend polls (GET /api/llm/status), for the gateway as its local LLM service."""
+        cards = self.router.catalog()
+        ready = [c for c in cards if c["state"] == "ready"]
+        local = engines.local_engine_status(self.router.views)
+        failed = [c for c in cards if c["state"] == "failed" and c.get("error")]
+        info = self.info()
+        return web.json_response({
+            "running": True, "healthy": bool(ready), "service_type": "sage-llm-gateway",
+            "model_name": local.get("model") or (ready[0]["id"] if ready else None), "base_url": info["url"],
+            "is_local": True, "available_models": [c["id"] for c in cards],
+            "details": {"ready": [c["id"] for c in ready], "local_engine": local, "queued": self.router.queued,
+                        "version": __version__},
+            "error": failed[0]["error"] if failed and not ready else None})
+
+    async def full_status(self, request: web.Request) -> web.Response:
+        doc = await asyncio.to_thread(engines.status_document)
+        doc["gateway"] = {k: v for k, v in self.info().items() if k != "models"}
+        return web.json_response(doc)
+
+    async def local_models(self, request: web.Request) -> web.Response:
+        cached = {m.repo_id: m for m in await asyncio.to_thread(engines.cached_models)}
+        out = []
+        for card in self.router.catalog():
+            m = cached.get(card["id"])
+            out.append({**card, "cached": m is not None, "size_on_disk": m.size_on_disk if m else None,
+                        "context_length": m.context_length if m else None,
+                        "quantization": m.quantization if m else None})
+        return web.json_response({"object": "list", "models": out})
+
+    async def _json_body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except ValueError as exc:
+            raise GatewayError(400, f"malformed JSON body: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise GatewayError(400, "the JSON body must be an object", code="invalid_json")
+        return body
+
+    async def local_start(self, request: web.Request) -> web.Response:
+        """LocalEngineStartRequest {model, port, gpu_memory_utilization, quantization}; ?wait=1 waits until ready."""
+        from sage_llm.engine.vllm import QUANTIZATION_METHODS
+
+        body = await self._json_body(request)
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise GatewayError(400, "`model` is required: a Hugging Face id like Qwen/Qwen2.5-1.5B-Instruct",
+                               param="model", code="invalid_value")
+        port = body.get("port")
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
+            raise GatewayError(400, f"`port` {port!r} is not a port number (1-65535)", param="port",
+                               code="invalid_value")
+        util = body.get("gpu_memory_utilization")
+        if util is not None and (isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1):
+            raise GatewayError(400, f"`gpu_memory_utilization` {util!r} is not in (0, 1]",
+                               param="gpu_memory_utilization", code="invalid_value")
+        quant = body.get("quantization")
+        if quant is not None and quant not in QUANTIZATION_METHODS:
+            raise GatewayError(400, f"unknown `quantization` {quant!r} (e.g. awq, gptq, fp8, or null)",
+                               param="quantization", code="invalid_value")
+        unknown = set(body) - {"model", "port", "gpu_memory_utilization", "quantization"}
+        if unknown:
+            raise GatewayError(400, f"unknown field(s) {', '.join(sorted(unknown))} in LocalEngineStartRequest",
+                               code="invalid_value")
+        if self.router.find(model) is None:
+            from sage_llm.engine.vllm import LaunchSpec, validate
+            from sage_llm.errors import UsageError
+
+            try:  # the model name and values, checked as `start` checks them, before anything is recorded
+                validate(LaunchSpec(model=model, host="127.0.0.1", port=port or self.opts.engine_port,
+                                    gpu_memory_utilization=float(util or 0.9), quantization=quant))
+            except UsageError as exc:
+                raise GatewayError(400, exc.message + (f" (hint: {exc.hint})" if exc.hint else ""),
+                                   param="model", code="invalid_value") from None
+        slot = self.router.find(model) or self.router._slot(model)
+        base = slot.profile or Profile(model=model)
+        if util is not None or quant is not None:
+            base = Profile(**{**base.__dict__, "gpu_memory_utilization": util or base.gpu_memory_utilization,
+                              "quantization": quant or base.quantization})
+        slot.profile = base
+        fut = await self.router.start_model(slot, port)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # consumed: reported through events
+        if request.query.get("wait") in ("1", "true", "yes"):
+            try:
+                await asyncio.shield(fut)
+            except GatewayError as exc:
+                return from_gateway_error(exc)
+        return web.json_response({"model": slot.key, "state": slot.state, "engine": slot.engine.name
+                                  if slot.engine else None, "events": "/api/events"},
+                                 status=200 if slot.state == "ready" else 202)
+
+    async def local_stop(self, request: web.Request) -> web.Response:
+        body = await self._json_body(request)
+        target = body.get("model") or body.get("name")
+        if target is not None and not isinstance(target, str):
+            raise GatewayError(400, "`model` must be a model id (or `name` an engine name)", code="invalid_value")
+        running = [s for s in self.router.slots.values() if s.engine is not None and s.engine.managed]
+        if target is None:
+            if len(running) != 1:
+                names = ", ".join(s.key for s in running) or "none"
+                raise GatewayError(400, f"say which model to stop (running: {names})", param="model",
+                                   code="invalid_value")
+            slot = running[0]
+        else:
+            slot = self.router.find(target) or next((s for s in running if s.engine and s.engine.name == target),
+                                                    None)
+            if slot is None:
+                raise GatewayError(404, f"no model or engine {target!r} (running: "
+                                   f"{', '.join(s.key for s in running) or 'none'})", code="model_not_found")
+        message = await self.router.stop_model(slot)
+        return web.json_response({"model": slot.key, "stopped": True, "message": message})
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        q = self.bus.subscribe()
+        try:
+            for card in self.router.catalog():  # where everything stands now, then what happens next
+                await resp.write(sse_frame({"id": 0, "event": "state", "time": round(time.time(), 3),
+                                            "model": card["id"], "state": card["state"], "engine": card["engine"],
+                                            "stage": card["stage"], "progress": card["progress"]}))
+            while True:
+                try:
+                    event = await asyncio.wait_for(q.get(), 15.0)
+                except asyncio.TimeoutError:
+                    await resp.write(b": keep-alive\n\n")
+                    continue
+                await resp.write(sse_frame(event))
+                if event["event"] == "gateway" and event.get("state") == "stopping":
+                    break  # let the shutdown finish instead of waiting for this client to go away
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.bus.unsubscribe(q)
+        return resp
+
+    # ------------------------------------------------------------------------------------------------- proxy
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.monotonic()
+        path = request.path
+        if "/../" in path or path.endswith("/..") or "/./" in path:
+            return error_response(400, f"path {path!r} is not allowed", code="invalid_path")
+        raw = b""
+        body: dict[str, Any] | None = None
+        if request.method in ("POST", "PUT", "PATCH"):
+            raw = await request.read()
+            try:
+                parsed = json.loads(raw) if raw.strip() else {}
+            except ValueError as exc:
+                return error_response(400, f"malformed JSON body: {exc}", code="invalid_json")
+            if not isinstance(parsed, dict):
+                return error_response(400, "the JSON body must be an object", code="invalid_json")
+            body = parsed
+            model = body.get("model")
+        else:
+            model = request.query.get("model")
+            if not model:
+                return error_response(400, f"GET {path} needs ?model=NAME (the engine to ask)", param="model",
+                                      code="invalid_value")
+        if model is not None and not isinstance(model, str):
+            return error_response(400, "`model` must be a string", param="model", code="invalid_value")
+        label = model or "auto"
+        try:
+            backend = await self.router.route(model, load=request.method != "GET")
+        except GatewayError as exc:
+            self.metrics.request(label, "none", exc.status, time.monotonic() - t0)
+            return from_gateway_error(exc)
+        if backend.model is not None and body is not None:
+            body["model"] = backend.model
+            raw = json.dumps(body).encode()
+        if path.startswith("/v1/"):
+            url = backend.v1_base + path[3:]
+        elif backend.root is not None:
+            url = backend.root + path
+        else:
+            return error_response(404, f"{path} is served by local engines only", code="not_found")
+        return await self._relay(request, backend, url, raw, label, t0)
+
+    async def _relay(self, request: web.Request, backend: Backend, url: str, raw: bytes, label: str, t0: float
+                     ) -> web.StreamResponse:
+        assert self.session is not None
+        headers = {"Accept": request.headers.get("Accept", "*/*")}
+        if raw:
+            headers["Content-Type"] = "application/json"
+        if backend.api_key:
+            headers["Authorization"] = f"Bearer {backend.api_key}"
+        params = {k: v for k, v in request.query.items() if k != "model"} if request.method == "GET" else \
+            dict(request.query)
+        self.router.begin(backend.slot)
+        code = 502
+        resp: web.StreamResponse | None = None
+        try:
+            try:
+                up_cm = self.session.request(request.method, url, data=raw or None, headers=headers, params=params)
+                up = await up_cm.__aenter__()
+            except (aiohttp.ClientError, OSError) as exc:
+                if backend.source == "local":
+                    self._bg(self.router.engine_failed(backend.slot, backend.engine))
+                return error_response(502, f"{backend.source} upstream {backend.engine} is not answering: "
+                                      f"{type(exc).__name__}", "server_error", "upstream_unavailable")
+            try:
+                code = up.status
+                resp = web.StreamResponse(status=up.status)
+                ctype = up.headers.get("Content-Type", "application/json")
+                resp.headers["Content-Type"] = ctype
+                resp.headers["x-sage-llm-source"] = backend.source
+                resp.headers["x-sage-llm-engine"] = backend.engine
+                streaming = ctype.startswith("text/event-stream")
+                if streaming:
+                    resp.headers["Cache-Control"] = "no-cache"
+                    resp.headers["X-Accel-Buffering"] = "no"
+                elif up.content_length is not None:
+                    resp.content_length = up.content_length
+                await resp.prepare(request)
+                broke: BaseException | None = None
+                while True:
+                    try:
+                        chunk = await up.content.readany()
+                    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                        broke = exc
+                        break
+                    if not chunk:
+                        if not up.content.is_eof():
+                            continue
+                        break
+                    await resp.write(chunk)  # raises when our client is gone: the upstream is closed below
+                if broke is not None:
+                    code = 502
+                    if backend.source == "local":
+                        self._bg(self.router.engine_failed(backend.slot, backend.engine))
+                    if streaming:
+                        err = {"error": {"message": f"upstream {backend.engine} broke off the stream: "
+                                         f"{type(broke).__name__ if broke else 'connection closed'}",
+                                         "type": "server_error", "code": "upstream_disconnected"}}
+                        with contextlib.suppress(ConnectionResetError):
+                            await resp.write(f"data: {json.dumps(err)}\n\n".encode())
+                with contextlib.suppress(ConnectionResetError):
+                    await resp.write_eof()
+                return resp
+            finally:
+                await up_cm.__aexit__(None, None, None)
+        except ConnectionResetError:
+            code = 499  # the client went away; leaving the `async with` closed the upstream request
+            return resp if resp is not None else web.Response(status=499)
+        finally:
+            self.router.end(backend.slot)
+            self.metrics.request(label, backend.source, code, time.monotonic() - t0)
+
+
+async def _serve(opts: GatewayOptions, ready: Any = None) -> Gateway:
+    gw = Gateway(opts)
+    runner = web.AppRunner(gw.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, opts.host, opts.port, reuse_address=True, backlog=1024)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise SageLLMError(f"cannot listen on {opts.host}:{opts.port}: {exc.strerror}",
+                           hint="is another gateway running (`sage llm gateway status`)? or pass --port") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    gw.loop, gw.stop_event = loop, stop  # type: ignore[attr-defined]
+    if ready is not None:
+        ready(gw)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        gw.bus.publish("gateway", state="stopping")
+    finally:
+        await runner.cleanup()
+    return gw
+
+
+def serve(opts: GatewayOptions, ready: Any = None) -> Gateway:
+    """Run the gateway in the foreground until SIGINT/SIGTERM; returns it (with `stopped_engines`)."""
+    return asyncio.run(_serve(opts, ready))
