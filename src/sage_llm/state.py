@@ -63,6 +63,8 @@ class EngineRecord:
     gpus: list[dict[str, Any]] = field(default_factory=list)
     foreground: bool = False  # started by `sage llm run`
     owner_pid: int | None = None  # the `sage` process that owns a foreground engine
+    dtype: str | None = None  # the --dtype it was started with ("auto": vLLM chose); see engine/vllm.py choose_dtype
+    dtype_source: str | None = None  # user | cpu-default | auto
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:

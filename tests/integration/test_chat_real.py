@@ -19,6 +19,8 @@ from sage_llm.engine import process
 from tests.integration.conftest import TINY_REPLY
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
+LONG_CONTEXT = 16384  # tokens of context the engine gets (the KV cache for it: 4 MiB with this model)
+MAX_TOKENS = 16000  # the reply cancelled mid-way
 
 
 def _port() -> int:
@@ -31,11 +33,24 @@ def _port() -> int:
 
 def _metric(port: int, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.MULTILINE))
+    # `name` is a metric name, or a name with the first labels of the set (`name{engine="0",finished_reason="abort"`)
+    opening = re.escape(name) if "{" in name else re.escape(name) + r"\{"
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{opening}[^}}]*}} (\S+)$", text, re.MULTILINE))
 
 
 def _generated(port: int) -> float:
     return _metric(port, "vllm:generation_tokens_total")
+
+
+def _finished(port: int, reason: str) -> float:
+    """vLLM's count of requests that ended for `reason` (stop, length, abort, error, repetition)."""
+    return _metric(port, f'vllm:request_success_total{{engine="0",finished_reason="{reason}"')
+
+
+def _aborted(log_file: str) -> int:
+    """Requests vLLM logged as aborted ("Aborted request(s) ID." with --enable-log-requests)."""
+    with open(log_file, errors="replace") as fh:
+        return sum(line.count("Aborted request(s)") for line in fh)
 
 
 def _running(port: int) -> bool:
@@ -62,8 +77,11 @@ def _only_our_engine(monkeypatch: pytest.MonkeyPatch):
 @pytest.mark.usefixtures("real_vllm", "stop_all")
 def test_chat_with_the_real_engine(cli, tiny_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
     port = _port()
+    # a context long enough that the Ctrl-C below always lands mid-generation, however fast the CPU: the tiny model
+    # was built with 1024 positions, its RoPE goes further (--hf-overrides lets vLLM use them)
     code, _out, err = cli("start", tiny_model, "--name", "chatreal", "--port", str(port), "--enforce-eager",
-                          "--max-model-len", "512", "--timeout", "300")
+                          "--max-model-len", str(LONG_CONTEXT), "--timeout", "300", "--", "--enable-log-requests",
+                          "--hf-overrides", json.dumps({"max_position_embeddings": LONG_CONTEXT}))
     assert code == 0, err
     url = f"http://127.0.0.1:{port}/v1"
 
@@ -103,12 +121,16 @@ def test_chat_with_the_real_engine(cli, tiny_model: str, monkeypatch: pytest.Mon
     assert (code, out) == (2, "")
     assert f"Error: model 'nope' is not served by local engine 'chatreal' at {url}; it serves: {tiny_model}" in err
 
-    # Ctrl-C in the middle of a reply: the connection is closed and vLLM stops generating (ignore_eos would make it
-    # write all 480 tokens otherwise)
+    # Ctrl-C in the middle of a reply: the connection is closed and vLLM aborts the request (ignore_eos would make it
+    # write all MAX_TOKENS tokens otherwise: tens of seconds on any CPU, so finishing first is no way to pass; with
+    # 480 tokens a fast CPU wrote them all before the third piece was read, issue 12)
     from sage_llm import chat as core
+    from sage_llm.state import StateStore
 
-    before = _generated(port)
-    session = core.ChatSession(core.resolve("local", "chatreal"), temperature=0, max_tokens=480,
+    log_file = StateStore().load("chatreal").log_file
+    aborted_before = _aborted(log_file)
+    before = {"tokens": _generated(port), **{r: _finished(port, r) for r in ("length", "stop")}}
+    session = core.ChatSession(core.resolve("local", "chatreal"), temperature=0, max_tokens=MAX_TOKENS,
                                extra_body={"ignore_eos": True})
     pieces: list[str] = []
 
@@ -123,8 +145,16 @@ def test_chat_with_the_real_engine(cli, tiny_model: str, monkeypatch: pytest.Mon
     deadline = time.monotonic() + 60
     while _running(port) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _running(port)
-    assert _generated(port) - before < 480
+    assert not _running(port), "vLLM still generates for a reply the user cancelled"
+    # vLLM itself says it aborted the request (--enable-log-requests), and the request never finished: no "length"
+    # (all MAX_TOKENS written) or "stop" counted. vLLM 0.32 does not count client aborts in
+    # request_success_total{finished_reason="abort"}, hence the log line.
+    deadline = time.monotonic() + 10
+    while _aborted(log_file) == aborted_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _aborted(log_file) == aborted_before + 1
+    assert (_finished(port, "length"), _finished(port, "stop")) == (before["length"], before["stop"])
+    assert _generated(port) - before["tokens"] < MAX_TOKENS
 
     # the engine stopped under a session: one line naming it
     from sage_llm.engine import manager

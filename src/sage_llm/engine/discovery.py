@@ -32,7 +32,7 @@ def _vllm_cmdline(cmdline: list[str]) -> dict[str, Any] | None:
             break
     if not is_server:
         return None
-    info: dict[str, Any] = {"host": "0.0.0.0", "port": 8000, "model": None, "served": None}
+    info: dict[str, Any] = {"host": "0.0.0.0", "port": 8000, "model": None, "served": None, "dtype": None}
     rest = cmdline[start:]
     j = 0
     while j < len(rest):
@@ -51,6 +51,9 @@ def _vllm_cmdline(cmdline: list[str]) -> dict[str, Any] | None:
             j += step
         elif key == "--served-model-name" and take:
             info["served"] = take
+            j += step
+        elif key == "--dtype" and take:
+            info["dtype"] = take
             j += step
         elif not a.startswith("-") and info["model"] is None and j == 0:
             info["model"] = a
@@ -88,7 +91,7 @@ def discover_external(records: list[EngineRecord | CorruptRecord], local_port: i
             host=info["host"], port=info["port"], base_url=f"http://{url_host(info['host'])}:{info['port']}/v1",
             pid=proc.pid, started_at=datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")
             .replace("+00:00", "Z") if started else None,
-            uptime_s=round(time.time() - started, 1) if started else None,
+            uptime_s=round(time.time() - started, 1) if started else None, dtype=info["dtype"] or "auto",
         )
     if local_port and local_port not in found and local_port not in managed_ports:
         from sage_llm import probe as probes

@@ -12,7 +12,7 @@ from sage_llm.diagnose import Diagnosis, diagnose, is_clean_shutdown
 from sage_llm.engine import process
 from sage_llm.engine.discovery import discover_external
 from sage_llm.engine.view import EngineView, apply_probe
-from sage_llm.progress import snapshot_of
+from sage_llm.progress import engine_dtype, snapshot_of
 from sage_llm.state import CorruptRecord, EngineRecord, StateStore, api_key_for, parse_iso
 
 
@@ -54,6 +54,7 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
             log_file=rec.log_file, settings=rec.settings, record=rec, processes=_tree_procs(tree),
         )
         views.append(view)
+        view.dtype = _view_dtype(rec)
         if tree.leader is not None:
             ts = parse_iso(rec.started_at)
             view.uptime_s = round(time.time() - ts, 1) if ts else None
@@ -87,6 +88,15 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
         ray_cluster.attach(views, store.root)
     return views, warnings
 
+
+
+def _view_dtype(rec: EngineRecord) -> str | None:
+    """The dtype the engine computes in: a concrete --dtype it was given is exactly that (no log read, status stays
+    fast); for vLLM's auto, what its log says it resolved to, else "auto"."""
+    from sage_llm.engine.vllm import concrete_dtype
+
+    asked = rec.dtype or (rec.settings or {}).get("dtype")
+    return concrete_dtype(asked) or (engine_dtype(rec.log_file) if rec.log_file else None) or asked
 
 def _note_owner(view: EngineView, rec: EngineRecord) -> None:
     """An engine of `sage llm run` whose `run` process is gone (SIGKILLed): still recorded, say how to stop it."""

@@ -21,7 +21,7 @@ from sage_llm.diagnose import diagnose
 from sage_llm.engine import process
 from sage_llm.engine.targets import slug
 from sage_llm.errors import EngineFailed, PortInUse, SageLLMError, UsageError
-from sage_llm.progress import LoadProgress, hub_download_size, snapshot_of
+from sage_llm.progress import LoadProgress, engine_dtype, hub_download_size, snapshot_of
 from sage_llm.state import CorruptRecord, EngineRecord, StateStore, api_key_for, parse_iso, utcnow_iso, validate_name
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ class StartResult:
     warnings: list[str] = field(default_factory=list)
     cached: bool | None = None
     preflight: Preflight | None = None  # what the model check before the start found (sage_llm.api.start)
+    dtype_note: str | None = None  # "dtype: float32 (CPU default; --dtype to change)"
 
 
 def _live(store: StateStore) -> list[tuple[EngineRecord, process.Tree]]:
@@ -160,8 +161,9 @@ def start(
         port, note = _choose_port(store, spec.host, spec.port, port_explicit, live)
         spec.port = port
         engine_id = secrets.token_hex(8)
-        argv = build_argv(cmd.prefix, spec)
         cpu_engine = cmd.kind == "cpu" or (cmd.kind is None and _no_gpu())
+        dtype = _choose_dtype(spec, cpu_engine)
+        argv = build_argv(cmd.prefix, spec, dtype)
         env, added = build_env(spec, engine_id, cpu_engine, base=environ, offline_ok=cached is True)
         if engine_env and spec.api_key_env in engine_env:
             env.pop(spec.api_key_env, None)  # the key reaches vLLM as VLLM_API_KEY, nowhere else
@@ -176,6 +178,7 @@ def start(
             log_file=str(log_file), started_at=utcnow_iso(), state="launching", argv=argv,
             settings=spec.settings(), env=added, engine_env=cmd.env_path, api_key_env=spec.api_key_env,
             foreground=foreground, owner_pid=os.getpid() if foreground else None, gpus=placed.record(),
+            dtype=dtype.label(), dtype_source=dtype.source,
         )
         store.save(record)  # before spawning: a CLI killed from here on leaves a record to find the engine by
         _rotate_log(log_file)
@@ -193,12 +196,33 @@ def start(
         record.start_ticks, record.boot_id = spawned.ticks, spawned.boot_id
         record.state = "running"
         store.save(record)
-    result = StartResult(record, port_note=note, warnings=warnings, cached=cached)
+    result = StartResult(record, port_note=note, warnings=warnings, cached=cached, dtype_note=dtype.line())
     result._popen = spawned.popen  # type: ignore[attr-defined]
     if wait:
         key = (engine_env or {}).get(spec.api_key_env) if spec.api_key_env else None
         result.ready_after_s = wait_ready(record, timeout, store, on_progress, popen=spawned.popen, api_key=key)
+        result.dtype_note = dtype.line(engine_dtype(record.log_file))
     return result
+
+
+def _choose_dtype(spec: LaunchSpec, cpu_engine: bool) -> Any:
+    """engine/vllm.py choose_dtype with what it needs to know of the machine: is the model quantized, how large are
+    its weights in float32 (when it is local), how much memory is available."""
+    from sage_llm.engine.vllm import choose_dtype
+
+    quantized, fp32_bytes, available = False, None, None
+    if cpu_engine and not spec.dtype:
+        from sage_llm import hf_cache
+
+        try:
+            quantized, fp32_bytes = hf_cache.local_weights(spec.model, spec.download_dir)
+            import psutil
+
+            available = psutil.virtual_memory().available
+        except Exception:  # unknown size: the CPU default stands
+            pass
+    return choose_dtype(spec, cpu_engine, quantized=quantized, fp32_weight_bytes=fp32_bytes,
+                        memory_available=available)
 
 
 def _rotate_log(log_file: Path, max_bytes: int = 64 * 1024 * 1024) -> None:

@@ -29,6 +29,7 @@ class EngineView:
     gpu_memory_bytes: int | None = None
     gpus: list[dict[str, Any]] = field(default_factory=list)
     max_model_len: int | None = None
+    dtype: str | None = None  # what the engine computes in (its log), else the --dtype it was started with
     settings: dict[str, Any] = field(default_factory=dict)
     record: EngineRecord | None = None
     ray: dict[str, Any] | None = None  # engines on a Ray cluster: address, nodes, workers (engine/ray_cluster.py)
@@ -36,7 +37,7 @@ class EngineView:
     def to_json(self) -> dict[str, Any]:
         keys = ("name", "managed", "state", "model", "served_model_name", "host", "port", "base_url", "pid",
                 "started_at", "uptime_s", "log_file", "error", "stage", "progress", "gpu_memory_bytes", "gpus",
-                "max_model_len", "processes")
+                "max_model_len", "dtype", "processes")
         doc = {k: getattr(self, k) for k in keys}
         if self.ray is not None:
             doc["ray"] = self.ray

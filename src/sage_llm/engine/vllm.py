@@ -125,7 +125,75 @@ def validate(spec: LaunchSpec, environ: Mapping[str, str] | None = None) -> None
             )
 
 
-def build_argv(prefix: list[str], spec: LaunchSpec) -> list[str]:
+# The dtype a CPU engine computes in when the user chose none. vLLM's `--dtype auto` takes bfloat16 on every x86 CPU
+# (even for a float32 checkpoint: vllm/config/model.py _resolve_auto_dtype), and its bf16 kernels differ per CPU
+# (AMX tiles, AVX512-BF16, or AVX2 emulation: vllm/platforms/cpu.py import_kernels, cpu_attn._get_attn_isa). On
+# Intel CPUs with AMX, SmolLM2 in bf16 answered nonsense where float32 answered right (issue 12, docs/benchmarks.md),
+# so CPU engines run float32 by default: right answers first; `--dtype bfloat16` trades them for half the memory.
+CPU_DEFAULT_DTYPE = "float32"
+# float32 weights must leave room for the KV cache and vLLM's own processes (about 3 GB): above this share of the
+# available memory the CPU default falls back to vLLM's auto (bfloat16) and says so.
+CPU_FP32_MAX_MEMORY_SHARE = 0.5
+DTYPE_SOURCES = ("user", "cpu-default", "auto")
+
+
+@dataclass
+class DtypeChoice:
+    """The --dtype a launch passes (None: vLLM's auto), where it came from, and why (one clause, for `start`)."""
+
+    value: str | None
+    source: str  # one of DTYPE_SOURCES
+    reason: str
+
+    def label(self) -> str:
+        return self.value or "auto"
+
+    def line(self, resolved: str | None = None) -> str:
+        """`dtype: float32 (CPU default; --dtype to change)`; `resolved`: what vLLM logged it runs in."""
+        shown = self.value or (f"{resolved} (vLLM's auto)" if resolved else "auto")
+        return f"dtype: {shown} ({self.reason})"
+
+
+def concrete_dtype(value: str | None) -> str | None:
+    """The torch dtype name a --dtype value means ("half" -> "float16"); None for auto, unknown or None."""
+    return {"float": "float32", "float32": "float32", "half": "float16", "float16": "float16",
+            "bfloat16": "bfloat16"}.get(value or "")
+
+
+def dtype_from_args(args: list[str]) -> str | None:
+    """The --dtype given after `--` (`--dtype X` or `--dtype=X`; the last one wins, as in argparse), else None."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg == "--dtype" and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith("--dtype="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def choose_dtype(spec: LaunchSpec, cpu_engine: bool, quantized: bool = False, fp32_weight_bytes: int | None = None,
+                 memory_available: int | None = None) -> DtypeChoice:
+    """The engine's compute dtype. The user's --dtype (option or after `--`) always wins. A CPU engine otherwise gets
+    float32 (CPU_DEFAULT_DTYPE), except for a quantized model (its kernels want 16-bit activations) and for weights
+    that in float32 would take more than CPU_FP32_MAX_MEMORY_SHARE of the available memory; those keep vLLM's auto.
+    GPU engines keep vLLM's auto (the checkpoint's dtype)."""
+    explicit = dtype_from_args(spec.extra_args) or spec.dtype
+    if explicit:
+        return DtypeChoice(explicit, "user", "as asked")
+    if not cpu_engine:
+        return DtypeChoice(None, "auto", "the checkpoint's; --dtype to change")
+    if quantized or spec.quantization:
+        return DtypeChoice(None, "auto", "quantized model on CPU; --dtype to change")
+    if fp32_weight_bytes and memory_available and fp32_weight_bytes > CPU_FP32_MAX_MEMORY_SHARE * memory_available:
+        gib = 1024 ** 3
+        return DtypeChoice(None, "auto", f"not the CPU default float32: its weights ({fp32_weight_bytes / gib:.1f} GiB)"
+                           f" would not fit beside {memory_available / gib:.1f} GiB available; bf16 output can be "
+                           "wrong on some CPUs (docs/troubleshooting.md), --dtype float32 forces it")
+    return DtypeChoice(CPU_DEFAULT_DTYPE, "cpu-default", "CPU default; --dtype to change")
+
+
+def build_argv(prefix: list[str], spec: LaunchSpec, dtype: DtypeChoice | None = None) -> list[str]:
+    """`dtype`: the choice of choose_dtype(); its value is passed when the user gave no --dtype of their own."""
     argv = [*prefix, "serve", spec.model, "--host", spec.host, "--port", str(spec.port),
             "--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
     if spec.served_model_name:
@@ -142,6 +210,8 @@ def build_argv(prefix: list[str], spec: LaunchSpec) -> list[str]:
         argv += ["--data-parallel-size", str(spec.data_parallel_size)]
     if spec.dtype:
         argv += ["--dtype", spec.dtype]
+    elif dtype is not None and dtype.value and dtype.source != "user":
+        argv += ["--dtype", dtype.value]
     if spec.enforce_eager:
         argv.append("--enforce-eager")
     if spec.download_dir:

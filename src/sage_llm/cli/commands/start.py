@@ -47,7 +47,8 @@ def start(
         out.print_json({"name": rec.name, "state": "ready" if wait else "starting", "already_running":
                         result.already_running, "model": rec.model, "served_model_name": rec.served_model_name,
                         "host": rec.host, "port": rec.port, "base_url": rec.base_url, "pid": rec.pid,
-                        "log_file": rec.log_file, "ready_after_s": result.ready_after_s, "gpus": rec.gpus})
+                        "log_file": rec.log_file, "ready_after_s": result.ready_after_s, "gpus": rec.gpus,
+                        "dtype": rec.dtype})
         return
     if result.already_running:
         out.result(f"engine {rec.name!r} already serves {rec.served_model_name} at {rec.base_url} (pid {rec.pid})")
@@ -86,6 +87,8 @@ def launch_and_show(request: LaunchRequest, foreground: bool = False,
         out.warning(w)
     if result.port_note:
         out.info(result.port_note)
+    if result.dtype_note and not result.already_running:
+        out.info(result.dtype_note)
     rec = result.record
     if rec.gpus and not result.already_running:
         how = {"auto": " (most free memory)", "environment": " (from CUDA_VISIBLE_DEVICES)"}
