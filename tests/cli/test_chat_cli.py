@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tests.conftest import free_port
+from tests._ports import free_port
 from tests.fakes.fake_openai import FakeOpenAI
 
 REPLY = "Hello from the fake vLLM."

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,26 +15,9 @@ import pytest
 
 from sage_llm.engine import manager, switch
 from sage_llm.state import EngineRecord, StateStore
+from tests._ports import free_port
 
 pytestmark = pytest.mark.usefixtures("fake_vllm", "stop_all")
-
-
-def free_port_in_range(lo: int = 19600, hi: int = 19659) -> int:
-    """A free port in this project's test range, with the next one free too (for rolling switches)."""
-    import random
-
-    for _ in range(200):
-        p = random.randrange(lo, hi)
-        ok = True
-        for q in (p, p + 1):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", q))
-                except OSError:
-                    ok = False
-        if ok:
-            return p
-    raise RuntimeError("no free port in range")
 
 
 def status_doc(cli) -> dict:
@@ -52,7 +34,7 @@ def alive(pid: int | None) -> bool:
 
 
 def start_engine(cli, *args: str) -> tuple[int, EngineRecord]:
-    port = free_port_in_range()
+    port = free_port(span=2)  # a rolling switch starts the new engine on the next port
     code, _out, err = cli("start", "org/model-a", "--name", "eng", "--port", str(port), *args)
     assert code == 0, err
     rec = StateStore().load("eng")
@@ -161,7 +143,7 @@ def test_failed_rolling_switch_keeps_the_old_engine_serving(cli, monkeypatch):
 
 def _spawn_pair(cli, monkeypatch) -> tuple[EngineRecord, EngineRecord]:
     _port, old = start_engine(cli)
-    code, _out, err = cli("start", "org/model-b", "--name", "eng.next-ab12", "--port", str(free_port_in_range()))
+    code, _out, err = cli("start", "org/model-b", "--name", "eng.next-ab12", "--port", str(free_port()))
     assert code == 0, err
     new = StateStore().load("eng.next-ab12")
     assert isinstance(new, EngineRecord)

@@ -14,7 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import FAKE_VLLM, free_port
+from tests._ports import free_port
+from tests.conftest import FAKE_VLLM
 
 SCHEMA = Path(__file__).resolve().parents[2] / "src" / "sage_llm" / "data" / "status.schema.json"
 

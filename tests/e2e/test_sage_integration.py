@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._support import skip_or_fail
+
 pytestmark = pytest.mark.venv
 
 STANDIN_MAIN = '''
@@ -121,9 +123,8 @@ def sage_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def env(home: Path) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("_SAGE", "PYTHON"))}
-    e["SAGE_LOCAL_ENGINE_PORT"] = "19531"  # our port range; nothing listens there
-    return e
+    # SAGE_LOCAL_ENGINE_PORT is the test's reserved port (tests/_ports.py): nothing listens there
+    return {k: v for k, v in os.environ.items() if not k.startswith(("_SAGE", "PYTHON"))}
 
 
 def _managed(doc: dict) -> list[dict]:
@@ -204,7 +205,7 @@ def test_without_sage_our_sage_serves_llm_alone(env: dict[str, str]) -> None:
     """The dev venv has no SAGE: `sage llm` is ours, and other subcommands are unknown to our app."""
     bindir = Path(sys.executable).parent
     if not (bindir / "sage").exists():
-        pytest.skip("console scripts not installed")
+        skip_or_fail(f"console scripts not installed in {bindir}: `make venv`")
     st = subprocess.run([str(bindir / "sage"), "llm", "status", "--json"], env=env, capture_output=True, text=True,
                         timeout=60)
     assert st.returncode == 0, st.stderr

@@ -20,7 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import FAKE_VLLM, free_port
+from tests._ports import free_port
+from tests.conftest import FAKE_VLLM
 
 SAGE_LLM = str(Path(sys.executable).parent / "sage-llm")
 

@@ -15,18 +15,9 @@ import urllib.request
 
 import pytest
 
-from sage_llm.engine import process
 from tests.integration.conftest import TINY_REPLY
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
-
-
-def _port() -> int:
-    for port in range(19300, 19310):  # this test's own corner of the machine's ports
-        if process.port_is_free("127.0.0.1", port):
-            return port
-    pytest.skip("no free port in 19300-19309")
-    raise AssertionError("unreachable")
 
 
 def _metric(port: int, name: str) -> float:
@@ -60,8 +51,8 @@ def _only_our_engine(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.mark.usefixtures("real_vllm", "stop_all")
-def test_chat_with_the_real_engine(cli, tiny_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    port = _port()
+def test_chat_with_the_real_engine(cli, tiny_model: str, engine_port, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = engine_port()
     code, _out, err = cli("start", tiny_model, "--name", "chatreal", "--port", str(port), "--enforce-eager",
                           "--max-model-len", "512", "--timeout", "300")
     assert code == 0, err
