@@ -41,13 +41,16 @@ def committed(path: str | Path) -> Path:
     return p
 
 
-def wait_for(cond: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str | None = None) -> T:
-    """Poll `cond()` until it returns something truthy (returned), at most `timeout` s; then fail the test."""
+def wait_for(cond: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
+             what: str | Callable[[], str] | None = None) -> T:
+    """Poll `cond()` until it returns something truthy (returned), at most `timeout` s; then fail the test, saying
+    `what` was awaited (a callable is asked then, so it can tell what was seen last)."""
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
         if value:
             return value
         if time.monotonic() >= deadline:
-            pytest.fail(f"waited {timeout:g} s for {what or getattr(cond, '__name__', 'a condition')}", pytrace=False)
+            said = what() if callable(what) else what or getattr(cond, "__name__", "a condition")
+            pytest.fail(f"waited {timeout:g} s for {said}", pytrace=False)
         time.sleep(interval)
