@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from sage_llm.engine import manager, switch
 from sage_llm.state import EngineRecord, StateStore
 from tests._ports import free_port
+from tests._support import wait_for
 
 pytestmark = pytest.mark.usefixtures("fake_vllm", "stop_all")
 
@@ -188,15 +188,14 @@ def test_cli_killed_mid_rolling_switch_leaves_both_engines_manageable(cli, monke
     proc = subprocess.Popen([sys.executable, "-m", "sage_llm", "switch", "eng", "org/model-b", "--rolling"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     store = StateStore()
-    temp = None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and temp is None:
+
+    def spawned() -> EngineRecord | None:  # the new engine of the rolling switch, recorded with its PID
         for n in store.names():
             rec = store.load(n)
             if n.startswith("eng.next-") and isinstance(rec, EngineRecord) and rec.pid:
-                temp = rec
-        time.sleep(0.05)
-    assert temp is not None
+                return rec
+        return None
+    temp = wait_for(spawned, 30, interval=0.05, what="the rolling switch to spawn the new engine")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     views, _ = manager.inspect(store, include_external=False)

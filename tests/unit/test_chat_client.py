@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import httpx
 import pytest
@@ -20,6 +19,7 @@ from sage_llm.client import (
     build_request,
     make_client,
 )
+from tests._support import wait_for
 from tests.fakes.fake_openai import FakeOpenAI
 
 MSGS = [{"role": "user", "content": "hi"}]
@@ -145,9 +145,7 @@ def test_leaving_early_closes_the_connection(api, http):
         for piece in s:
             assert piece == "t0 "
             break
-    deadline = time.monotonic() + 5
-    while api.disconnects == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: api.disconnects, 30, what="the server to see the client disconnect")
     assert api.disconnects == 1
     # the client is still usable for the next turn
     api.tokens, api.delay_s = None, 0.0

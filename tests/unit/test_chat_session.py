@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from sage_llm import chat
 from sage_llm.client import ServerUnreachable
+from tests._support import wait_for
 from tests.fakes.fake_openai import FakeOpenAI
 
 
@@ -269,9 +268,7 @@ def test_ctrl_c_mid_reply_closes_the_connection_and_keeps_no_history(local_api):
     assert s.messages == []
     assert s.history[-1].cancelled
     assert s.history[-1].completion_tokens == 3
-    deadline = time.monotonic() + 5
-    while local_api.disconnects == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: local_api.disconnects, 30, what="the server to see the client disconnect")
     assert local_api.disconnects == 1  # the server saw the disconnect: vLLM aborts the request there
     local_api.tokens, local_api.delay_s = None, 0.0
     assert s.ask("again", lambda p: None, pytest.fail).text == "Hello from local."
