@@ -23,7 +23,8 @@ T = TypeVar("T")
 
 
 def in_ci() -> bool:
-    return bool(os.environ.get("CI", "").strip())
+    """CI set (CI=true, as CI services set it; CI=0/false/no count as unset)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def skip_or_fail(reason: str) -> None:

@@ -35,7 +35,8 @@ def _isolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
-    monkeypatch.setenv("SAGE_LOCAL_ENGINE_PORT", str(free_port()))
+    # `start` without --port takes the next free port from there: a few engines of one test stay in reserved ports
+    monkeypatch.setenv("SAGE_LOCAL_ENGINE_PORT", str(free_port(span=4)))
     # no test touches the network: the hub is a closed local port (connection refused at once)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("SAGE_LLM_CONFIG", str(tmp_path / "config" / "llm.toml"))  # never the user's config file
