@@ -15,8 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_VLLM = ROOT / "tests" / "fakes" / "fake_vllm.py"
 BIN = Path(sys.executable).parent
-# the benchmarks' own ports, beside the tests' windows (tests/_ports.py: 19000-19699) and with the same lock files,
-# so a benchmark and test sessions running at once on this machine never pick the same port
+# the benchmarks' own ports, beside the tests' windows (tests/support/ports.py: 19000-19699) and with the same lock
+# files, so a benchmark and test sessions running at once on this machine never pick the same port
 PORT_WINDOW = range(19700, 20000)
 PORT_LOCKS = Path(os.environ.get("TMPDIR", "/tmp")) / "sage-llm-test-ports"
 _held: list[int] = []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._ports import free_port, release_all
+from tests.support.ports import free_port, release_all
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_VLLM = ROOT / "tests" / "fakes" / "fake_vllm.py"
@@ -54,7 +54,7 @@ def _isolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     _output.reset()
     yield home
     gpu.reset()
-    release_all()  # the ports this test reserved (tests/_ports.py): every other fixture of the test is torn down
+    release_all()  # the ports this test reserved (tests/support/ports.py): every other fixture of the test is torn down
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests import _ports
-from tests._ports import free_port, release_all
-from tests._support import committed, skip_or_fail, wait_for
 from tests.conftest import SHELL_VARS
+from tests.support import ports as _ports
+from tests.support.discipline import committed, skip_or_fail, wait_for
+from tests.support.ports import free_port, release_all
 
 ROOT = Path(__file__).resolve().parent.parent
 

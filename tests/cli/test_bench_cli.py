@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests._ports import free_port
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.usefixtures("fake_vllm", "stop_all")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sage_llm import doctor, gpu
-from tests._ports import free_port
+from tests.support.ports import free_port
 
 try:
     from tests.fakes.fake_nvml import FakeGpu, FakeNVML, GiB, NVMLError_LibraryNotFound

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests._support import wait_for
+from tests.support.discipline import wait_for
 
 
 def managed(out: str) -> list[dict]:

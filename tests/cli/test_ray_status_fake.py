@@ -11,7 +11,7 @@ import pytest
 
 from sage_llm.engine import ray_cluster
 from sage_llm.state import EngineRecord, StateStore
-from tests._ports import free_port
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.usefixtures("fake_vllm", "stop_all")
 

@@ -14,8 +14,8 @@ import pytest
 
 from sage_llm.engine import manager, switch
 from sage_llm.state import EngineRecord, StateStore
-from tests._ports import free_port
-from tests._support import wait_for
+from tests.support.discipline import wait_for
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.usefixtures("fake_vllm", "stop_all")
 

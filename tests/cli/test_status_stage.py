@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests._support import wait_for
+from tests.support.discipline import wait_for
 
 
 @pytest.mark.usefixtures("stop_all")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests._ports import free_port
-from tests._support import skip_or_fail
+from tests.support.discipline import skip_or_fail
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.usefixtures("_dev_shm", "fake_vllm", "stop_all")
 

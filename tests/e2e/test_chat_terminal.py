@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests._support import wait_for
 from tests.fakes.fake_openai import FakeOpenAI
+from tests.support.discipline import wait_for
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
 SAGE_LLM = Path(sys.executable).parent / "sage-llm"

@@ -16,7 +16,7 @@ import pytest
 
 from sage_llm.cli import _complete
 from sage_llm.state import EngineRecord, StateStore
-from tests._support import skip_or_fail
+from tests.support.discipline import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

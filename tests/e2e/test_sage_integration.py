@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._support import skip_or_fail
+from tests.support.discipline import skip_or_fail
 
 pytestmark = pytest.mark.venv
 
@@ -123,7 +123,7 @@ def sage_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def env(home: Path) -> dict[str, str]:
-    # SAGE_LOCAL_ENGINE_PORT is the test's reserved port (tests/_ports.py): nothing listens there
+    # SAGE_LOCAL_ENGINE_PORT is the test's reserved port (tests/support/ports.py): nothing listens there
     return {k: v for k, v in os.environ.items() if not k.startswith(("_SAGE", "PYTHON"))}
 
 

@@ -58,7 +58,7 @@ class FakeHub:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def start(self, port: int | None = None) -> FakeHub:
-        """Listen on `port`, or on a port reserved for the test (tests/_ports.py)."""
+        """Listen on `port`, or on a port reserved for the test (tests/support/ports.py)."""
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -74,7 +74,7 @@ class FakeHub:
                 hub._handle(self, head=False)
 
         if port is None:
-            from tests._ports import free_port
+            from tests.support.ports import free_port
 
             port = free_port()
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)

@@ -19,9 +19,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests._ports import free_port
-from tests._support import wait_for
 from tests.conftest import FAKE_VLLM
+from tests.support.discipline import wait_for
+from tests.support.ports import free_port
 
 SAGE_LLM = str(Path(sys.executable).parent / "sage-llm")
 

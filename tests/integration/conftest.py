@@ -6,8 +6,8 @@
                  python) and visible to vLLM through HF_HUB_CACHE + HF_HUB_OFFLINE=1. Under greedy decoding it answers
                  every short prompt with exactly TINY_REPLY.
 * `engine_port`  a function returning a free port of the "real" window (19000-19099) that no other test session
-                 holds (tests/_ports.py: a lock file per port, kept until teardown): vLLM binds its port only after
-                 ~25 s of loading, so a plain "is it free" check races with the other sessions on this machine.
+                 holds (tests/support/ports.py: a lock file per port, kept until teardown): vLLM binds its port only
+                 after ~25 s of loading, so a plain "is it free" check races with the other sessions on this machine.
 
 Real engines are heavy (about 2.6 GB RSS, 25-40 s to start on 2 cores): run at most two at once, always stop them
 (`stop_all` from the root conftest does at teardown), and pass `--enforce-eager` to skip the torch.compile warm-up.
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from sage_llm.engine.tiny import TINY_REPLY, TINY_REPO, build_tiny_model
-from tests._ports import free_port
-from tests._support import skip_or_fail
+from tests.support.discipline import skip_or_fail
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CACHE = ROOT / ".cache" / "tiny-hub"

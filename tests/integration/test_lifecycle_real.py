@@ -20,7 +20,7 @@ import pytest
 from sage_llm.engine import process
 from sage_llm.engine.tiny import TINY_REPLY
 from sage_llm.state import EngineRecord, StateStore
-from tests._support import committed
+from tests.support.discipline import committed
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 

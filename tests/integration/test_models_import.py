@@ -17,9 +17,9 @@ import pytest
 
 from sage_llm.engine import envs
 from sage_llm.state import atomic_write_json
-from tests._ports import free_port
 from tests.conftest import SHELL_PROXIES
 from tests.integration.conftest import ROOT, engine_dir
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
 

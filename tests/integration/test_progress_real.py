@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._ports import free_port
+from tests.support.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 

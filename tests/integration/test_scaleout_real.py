@@ -1,7 +1,8 @@
 """Scale-out against the real CPU build of vLLM and the tiny model: tensor parallel 2 from start to stop, and a
 loopback-only Ray head against which `start --ray-address` reaches vLLM's CPU error and reports it clearly.
 
-Ports: the engines' from the "real" window, the Ray head's from the "ray" and "ray-workers" windows (tests/_ports.py).
+Ports: the engines' from the "real" window, the Ray head's from the "ray" and "ray-workers" windows
+(tests/support/ports.py).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import pytest
 from sage_llm.engine import process, ray_cluster
 from sage_llm.engine.tiny import TINY_REPLY
 from sage_llm.state import EngineRecord, StateStore
-from tests._ports import free_port, port_range
-from tests._support import skip_or_fail
+from tests.support.discipline import skip_or_fail
+from tests.support.ports import free_port, port_range
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
 

@@ -19,8 +19,8 @@ from sage_llm.client import (
     build_request,
     make_client,
 )
-from tests._support import wait_for
 from tests.fakes.fake_openai import FakeOpenAI
+from tests.support.discipline import wait_for
 
 MSGS = [{"role": "user", "content": "hi"}]
 

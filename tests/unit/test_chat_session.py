@@ -6,8 +6,8 @@ import pytest
 
 from sage_llm import chat
 from sage_llm.client import ServerUnreachable
-from tests._support import wait_for
 from tests.fakes.fake_openai import FakeOpenAI
+from tests.support.discipline import wait_for
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sage_llm.diagnose import CAUSES, diagnose, is_clean_shutdown, root_cause
-from tests._support import committed
+from tests.support.discipline import committed
 
 LOGS = Path(__file__).resolve().parent.parent / "fixtures" / "vllm-logs"
 

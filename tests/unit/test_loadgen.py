@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sage_llm import loadgen
-from tests._ports import free_port
+from tests.support.ports import free_port
 
 FAST_SSE = Path(__file__).resolve().parents[1] / "fakes" / "fast_sse.py"
 

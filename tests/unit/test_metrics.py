@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sage_llm import metrics
-from tests._support import committed
+from tests.support.discipline import committed
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "metrics"
 

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from sage_llm.engine import process
-from tests._support import wait_for
+from tests.support.discipline import wait_for
 
 SLEEPER = "import time, os, sys\nwhile True: time.sleep(1)"
 FORKER = ("import subprocess, sys, time\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sage_llm.progress import STAGES, LoadProgress, StageParser, find_run_start, snapshot_of
-from tests._support import wait_for
+from tests.support.discipline import wait_for
 
 LOGS = Path(__file__).resolve().parent.parent / "fixtures" / "vllm-logs"
 

@@ -92,7 +92,7 @@ def free_port(window: str = "fake", span: int = 1) -> int:
             return start
         for port in taken:
             _unlock(port)
-    from tests._support import skip_or_fail
+    from tests.support.discipline import skip_or_fail
 
     skip_or_fail(f"no {span} free port(s) in the {window!r} test window {ports.start}-{ports.stop - 1}: other test "
                  f"sessions hold them (see {LOCK_DIR})")
@@ -111,7 +111,7 @@ def port_range(window: str) -> range:
         if not (locked and _is_free(port)):
             for p in taken:
                 _unlock(p)
-            from tests._support import skip_or_fail
+            from tests.support.discipline import skip_or_fail
 
             skip_or_fail(f"the {window!r} test window {ports.start}-{ports.stop - 1} is in use: port {port}")
     return ports
