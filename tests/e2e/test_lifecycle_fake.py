@@ -119,10 +119,10 @@ def test_explicit_busy_port_is_refused_and_owner_untouched(cli, fake_vllm, home)
 
 
 def test_auto_port_skips_busy_one(cli, fake_vllm, monkeypatch, stop_all):
+    busy = free_port(span=3)  # this one held below, the next ones reserved for the engine that skips it
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("127.0.0.1", busy))
         s.listen(1)
-        busy = s.getsockname()[1]
         monkeypatch.setenv("SAGE_LOCAL_ENGINE_PORT", str(busy))
         code, out, err = cli("start", "org/auto")
         assert code == 0, err

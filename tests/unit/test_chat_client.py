@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import httpx
 import pytest
 
@@ -21,6 +19,7 @@ from sage_llm.client import (
 )
 from tests.fakes.fake_openai import FakeOpenAI
 from tests.support.discipline import wait_for
+from tests.support.ports import free_port
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -109,9 +108,7 @@ def test_server_error_is_retryable(api, http):
 
 
 def test_connection_refused_says_not_running(http):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # reserved for the test: nothing listens there
     e = Endpoint(base_url=f"http://127.0.0.1:{port}/v1", model="x", label="local engine 'qwen'",
                  down_hint="see `sage llm status qwen`")
     with pytest.raises(ServerUnreachable) as ei, ChatStream(http, e, MSGS):

@@ -8,6 +8,7 @@ from sage_llm import chat
 from sage_llm.client import ServerUnreachable
 from tests.fakes.fake_openai import FakeOpenAI
 from tests.support.discipline import wait_for
+from tests.support.ports import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -111,11 +112,7 @@ def test_port_with_nothing_listening(unused_port):
 
 @pytest.fixture
 def unused_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()  # reserved for the test: nothing listens there
 
 
 # ---------------------------------------------------------------------------------------------------- session
