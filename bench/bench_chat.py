@@ -12,7 +12,7 @@
    request) to the first byte written to stdout; the bare request from building its httpx client to its first
    content token. The cold figure (a new `sage` process, interpreter start and imports included) is reported too.
 
-Usage: python bench/bench_chat.py [--runs N] [--tokens N]   (prints a JSON summary; ports 19300-19399)
+Usage: python bench/bench_chat.py [--runs N] [--tokens N]   (prints a JSON summary; ports from bench/_common.py)
 """
 
 from __future__ import annotations
@@ -32,28 +32,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BIN, ROOT, fake_env, machine, median
+from _common import BIN, ROOT, fake_env, free_port, machine, median
 
 FAKE_OPENAI = ROOT / "tests" / "fakes" / "fake_openai.py"
 STATS = re.compile(r"ttft ([\d.]+) s · ([\d.]+) tokens/s · (\S+) prompt \+ (\d+) completion tokens · ([\d.]+) s")
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def pick_port(lo: int, hi: int) -> int:
-    for p in range(lo, hi):
-        if _free(p):
-            return p
-    raise SystemExit(f"no free port in {lo}-{hi}")
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -155,7 +137,7 @@ def renderer_paced(tokens: int, rate: float = 5000.0) -> dict[str, float]:
 
 
 def bench_renderer(runs: int, tokens: int) -> dict[str, object]:
-    port = pick_port(19320, 19340)
+    port = free_port()
     key = "sk-bench"
     server = subprocess.Popen([sys.executable, str(FAKE_OPENAI), "--port", str(port), "--key", key,
                                "--markdown", str(tokens)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -289,7 +271,7 @@ def cold_ttft(name: str, env: dict[str, str]) -> float:
 def bench_ttft(runs: int) -> dict[str, object]:
     home = Path(tempfile.mkdtemp(prefix="sage-bench-chat-"))
     env = fake_env(home)
-    port = pick_port(19340, 19360)
+    port = free_port()
     os.environ.update({k: env[k] for k in ("SAGE_LLM_HOME", "SAGE_LLM_VLLM", "FAKE_VLLM_LOAD_S")})
     os.environ["SAGE_LOCAL_ENGINE_PORT"] = str(port)
     for var in ("SAGE_CHAT_API_KEY", "OPENAI_API_KEY"):

@@ -20,15 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BIN, fake_env, machine, median
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _common import BIN, fake_env, free_port, machine, median
 
 
 def _stamp(log: Path, key: str) -> float | None:
@@ -42,7 +34,7 @@ def bench_status(runs: int) -> dict:
         env = fake_env(home)
         sage = str(BIN / "sage-llm")
         for i in range(4):
-            subprocess.run([sage, "start", f"bench/model-{i}", "--port", str(_port()), "--name", f"e{i}"],
+            subprocess.run([sage, "start", f"bench/model-{i}", "--port", str(free_port()), "--name", f"e{i}"],
                            env=env, check=True, capture_output=True)
         status_t, typer_t = [], []
         try:
@@ -70,7 +62,7 @@ def bench_start_stop(runs: int) -> dict:
         sage = str(BIN / "sage-llm")
         for i in range(runs):
             name = f"s{i}"
-            subprocess.run([sage, "start", "bench/model", "--port", str(_port()), "--name", name],
+            subprocess.run([sage, "start", "bench/model", "--port", str(free_port()), "--name", name],
                            env=env, check=True, capture_output=True)
             returned = time.time()
             log = home / "logs" / f"{name}.log"

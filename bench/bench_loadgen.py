@@ -8,7 +8,7 @@
 2. With --engine: what the bench measures against the real CPU vLLM serving the tiny model, at concurrency 1, 4, 16
    (needs SAGE_LLM_ENGINE_DIR, like the integration tests).
 
-  python bench/bench_loadgen.py [--runs 3] [--requests 20000] [--engine] [--port 19650]
+  python bench/bench_loadgen.py [--runs 3] [--requests 20000] [--engine] [--port N]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine
+from _common import ROOT, free_port, machine
 
 from sage_llm import loadgen
 
@@ -103,11 +103,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--port", type=int, default=19650)
+    ap.add_argument("--port", type=int, default=None, help="default: a free port (bench/_common.py)")
     ap.add_argument("--engine", action="store_true", help="also bench the real CPU engine with the tiny model")
-    ap.add_argument("--engine-port", type=int, default=19655)
+    ap.add_argument("--engine-port", type=int, default=None, help="default: a free port")
     ap.add_argument("--httpx", action="store_true", help="also measure the httpx transport (slow)")
     args = ap.parse_args()
+    args.port = args.port or free_port()
+    args.engine_port = args.engine_port or free_port()
     print(f"machine: {machine()}")
     res = client_ceiling(args.port, args.runs, args.requests, args.concurrency, "raw")
     print(json.dumps(res))

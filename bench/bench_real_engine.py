@@ -26,7 +26,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BIN, machine  # noqa: E402
+from _common import BIN, free_port, machine  # noqa: E402
 
 sys.path.insert(0, str(ROOT))  # the test support package (tests/support), not shipped in the wheel
 from tests.support.tiny import TINY_REPO, build_tiny_model  # noqa: E402
@@ -43,15 +43,6 @@ def session_procs(sid: int) -> list[psutil.Process]:
         except (psutil.Error, OSError):
             continue
     return out
-
-
-def free_port() -> int:
-    from sage_llm.engine import process
-
-    for port in range(19090, 19100):
-        if process.port_is_free("127.0.0.1", port):
-            return port
-    raise SystemExit("no free port in 19090-19099")
 
 
 def main() -> int:

@@ -25,9 +25,9 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BIN, fake_env, machine, median
+from _common import BIN, fake_env, free_port, machine, median
 
-PORTS = range(19160, 19164)  # this benchmark's share of the project's port range
+ENGINES = 4
 
 
 def _trickle(ports: list[int], stop: threading.Event) -> None:
@@ -95,7 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         env = fake_env(Path(tmp) / "home")
         sage = str(BIN / "sage-llm")
-        ports = list(PORTS)
+        ports = [free_port() for _ in range(ENGINES)]
         for i, port in enumerate(ports):
             subprocess.run([sage, "start", f"bench/model-{i}", "--port", str(port), "--name", f"top{i}"],
                            env=env, check=True, capture_output=True)

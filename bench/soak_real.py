@@ -24,7 +24,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import free_port, machine  # noqa: E402
 
 sys.path.insert(0, str(ROOT))  # the test support package (tests/support), not shipped in the wheel
 from tests.support.tiny import TINY_REPO, build_tiny_model  # noqa: E402
@@ -75,8 +75,9 @@ def port_bound(port: int) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cycles", type=int, default=20)
-    ap.add_argument("--port", type=int, default=19090)
+    ap.add_argument("--port", type=int, default=None, help="default: a free port (bench/_common.py)")
     args = ap.parse_args()
+    args.port = args.port or free_port()
     engine_dir = Path(os.environ.get("SAGE_LLM_ENGINE_DIR", ROOT / ".engines" / "cpu"))
     cache = ROOT / ".cache" / "tiny-hub"
     build_tiny_model(cache, engine_dir / "bin" / "python", TINY_REPO)

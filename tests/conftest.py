@@ -1,26 +1,42 @@
-"""Shared fixtures: every test gets its own state directory, no colour, a wide terminal, and no GPU."""
+"""Shared fixtures: every test gets its own state directory, no colour, a wide terminal, and no GPU; nothing of the
+developer's shell that changes what the code under test does (Ray address, hub settings, GPUs, proxies) gets in."""
 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.ports import free_port, release_all
+
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_VLLM = ROOT / "tests" / "fakes" / "fake_vllm.py"
+
+
+# variables of the developer's shell that would change what a test sees: the default of `start --ray-address`, the
+# hub's offline switch and token file, the GPUs vLLM may use, and proxies (httpx and pip honour them). A test that
+# needs one sets it itself (the integration tier's `tiny_model` sets HF_HUB_OFFLINE=1).
+PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy", "NO_PROXY",
+              "no_proxy")
+SHELL_VARS = ("RAY_ADDRESS", "HF_HUB_OFFLINE", "HF_TOKEN_PATH", "CUDA_VISIBLE_DEVICES", *PROXY_VARS)
+# the proxies of the shell, for the one thing a test may fetch from a package registry (pip in test_models_import.py)
+SHELL_PROXIES = {k: os.environ[k] for k in PROXY_VARS if k in os.environ}
 
 
 @pytest.fixture(autouse=True)
 def _isolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     home = tmp_path / "sage-home"
+    for var in SHELL_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # never the user's token or cache
     monkeypatch.setenv("SAGE_LLM_HOME", str(home))
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
-    monkeypatch.setenv("SAGE_LOCAL_ENGINE_PORT", str(free_port()))
+    # `start` without --port takes the next free port from there: a few engines of one test stay in reserved ports
+    monkeypatch.setenv("SAGE_LOCAL_ENGINE_PORT", str(free_port(span=4)))
     # no test touches the network: the hub is a closed local port (connection refused at once)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("SAGE_LLM_CONFIG", str(tmp_path / "config" / "llm.toml"))  # never the user's config file
@@ -38,17 +54,12 @@ def _isolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     _output.reset()
     yield home
     gpu.reset()
+    release_all()  # the ports this test reserved (tests/support/ports.py): every other fixture of the test is torn down
 
 
 @pytest.fixture
 def home(_isolation: Path) -> Path:
     return _isolation
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -190,15 +190,24 @@ class Event:
     text: str
 
 
+ANCHOR = 4096  # follow(): the last bytes read, compared with the file at the same place to see it was rewritten
+
+
 def follow(path: str | Path, stop: Callable[[], str | None] | None = None, poll: float = 0.2,
            check_every: float = 1.0, start_at_end: bool = True, sleep: Callable[[float], None] = time.sleep
            ) -> Iterator[Event]:
     """Yield lines appended to `path` as they come. Survives truncation (reads on from the top) and rotation (drains
     the old file, then reads the new one from its start). Ends when `stop()` returns a reason (checked every
-    `check_every` s, after reading everything written so far)."""
+    `check_every` s, after reading everything written so far).
+
+    A rotated file is told by its inode. A truncated one by its size (below what was read), and one truncated and
+    rewritten to the old length or beyond by its content: the last bytes read (up to ANCHOR) must still be in the file
+    where they were read, checked after each read and each idle poll (one pread, no need for a mtime that may not
+    move within the same clock tick)."""
     path = Path(path)
     fh = None
     ino = None
+    anchor = b""  # the last bytes read, ending at fh.tell()
     rest = b""
     last_check = 0.0
 
@@ -211,24 +220,44 @@ def follow(path: str | Path, stop: Callable[[], str | None] | None = None, poll:
             yield Event("line", screen_line(p.decode("utf-8", "replace").rstrip("\r")))
 
     def open_current(at_end: bool) -> None:
-        nonlocal fh, ino
+        nonlocal fh, ino, anchor
         try:
             new = open(path, "rb")  # kept open across yields
         except OSError:
             fh, ino = None, None
             return
+        anchor = b""
         if at_end:
-            new.seek(0, os.SEEK_END)
+            end = new.seek(0, os.SEEK_END)
+            anchor = os.pread(new.fileno(), min(ANCHOR, end), max(0, end - ANCHOR))
         fh, ino = new, os.fstat(new.fileno()).st_ino
+
+    def rewritten(pos: int) -> bool:
+        """The open file no longer holds, before `pos`, what was read there: truncated (and maybe written again)."""
+        assert fh is not None
+        try:
+            if os.fstat(fh.fileno()).st_size < pos:
+                return True
+            return bool(anchor) and os.pread(fh.fileno(), len(anchor), pos - len(anchor)) != anchor
+        except OSError:
+            return False
 
     open_current(start_at_end)
     try:
         while True:
             got = False
             if fh is not None:
+                pos = fh.tell()
                 data = fh.read(1 << 20)
+                if rewritten(pos):
+                    # what was just read may be the new content's middle: read the file again from the top
+                    rest = anchor = b""
+                    fh.seek(0)
+                    yield Event("notice", f"log truncated: reading {path.name} from the start")
+                    continue
                 if data:
                     got = True
+                    anchor = (anchor + data)[-ANCHOR:]
                     yield from emit_chunk(data)
                     continue
                 try:
@@ -245,11 +274,6 @@ def follow(path: str | Path, stop: Callable[[], str | None] | None = None, poll:
                     fh.close()
                     yield Event("notice", f"log rotated: reading the new {path.name}")
                     open_current(False)
-                    continue
-                if st is not None and st.st_size < fh.tell():
-                    rest = b""
-                    fh.seek(0)
-                    yield Event("notice", f"log truncated: reading {path.name} from the start")
                     continue
             else:
                 open_current(False)

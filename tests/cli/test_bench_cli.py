@@ -6,24 +6,9 @@ import json
 
 import pytest
 
+from tests.support.ports import free_port
+
 pytestmark = pytest.mark.usefixtures("fake_vllm", "stop_all")
-
-
-def free_port(lo: int = 19600, hi: int = 19660) -> int:
-    """A free port in this suite's range (the Ray test takes 19660-19699)."""
-    import random
-    import socket
-
-    ports = list(range(lo, hi))
-    random.shuffle(ports)
-    for p in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p))
-            except OSError:
-                continue
-            return p
-    raise RuntimeError("no free port")
 
 
 def test_bench_an_engine_by_name_with_json(cli, monkeypatch):
@@ -63,7 +48,7 @@ def test_bench_refuses_unknown_or_ambiguous_targets(cli):
 
 
 def test_bench_reports_failures_with_exit_1(cli):
-    code, out, err = cli("bench", "--url", "http://127.0.0.1:19699/v1", "--model", "m", "-n", "3", "--json")
+    code, out, err = cli("bench", "--url", f"http://127.0.0.1:{free_port()}/v1", "--model", "m", "-n", "3", "--json")
     assert code == 1
     doc = json.loads(out)
     assert doc["failed"] == 3

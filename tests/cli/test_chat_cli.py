@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from tests.conftest import free_port
 from tests.fakes.fake_openai import FakeOpenAI
+from tests.support.ports import free_port
 
 REPLY = "Hello from the fake vLLM."
 STATS_RE = re.compile(r"^ttft \d+\.\d\d s · [\d.]+ tokens/s · \d+ prompt \+ 5 completion tokens · \d+\.\d\d s$",

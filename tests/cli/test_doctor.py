@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from sage_llm import doctor, gpu
+from tests.support.ports import free_port
 
 try:
     from tests.fakes.fake_nvml import FakeGpu, FakeNVML, GiB, NVMLError_LibraryNotFound
@@ -30,16 +31,19 @@ def nv() -> FakeNVML:
 
 
 @pytest.fixture
-def healthy(fake_vllm: str, nv: FakeNVML, monkeypatch: pytest.MonkeyPatch) -> None:
+def healthy(fake_vllm: str, nv: FakeNVML, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The local engine port (reserved for the test, nothing listens there)."""
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("SAGE_LOCAL_ENGINE_PORT", "19541")
+    port = free_port()
+    monkeypatch.setenv("SAGE_LOCAL_ENGINE_PORT", str(port))
+    return port
 
 
 def by_name(doc: dict) -> dict[str, dict]:
     return {c["name"]: c for c in doc["checks"]}
 
 
-def test_healthy_machine_passes_and_never_prints_the_token(cli, healthy: None) -> None:
+def test_healthy_machine_passes_and_never_prints_the_token(cli, healthy: int) -> None:
     code, stdout, stderr = cli("doctor", "--json")
     assert code == 0, stderr
     doc = json.loads(stdout)
@@ -51,7 +55,7 @@ def test_healthy_machine_passes_and_never_prints_the_token(cli, healthy: None) -
     assert checks["nvml"]["message"].startswith("NVML works (driver 550.54.15, CUDA 12.4), 1 GPU(s)")
     assert checks["gpu0"]["status"] == "ok"
     assert "78.0 GiB free of 80.0 GiB" in checks["gpu0"]["message"]
-    assert checks["port"] == {"name": "port", "status": "ok", "message": "port 19541 on 127.0.0.1 is free",
+    assert checks["port"] == {"name": "port", "status": "ok", "message": f"port {healthy} on 127.0.0.1 is free",
                               "fix": None}
     assert checks["hf_token"]["message"] == "Hugging Face token set (from $HF_TOKEN)"
     assert TOKEN not in stdout + stderr
@@ -76,10 +80,10 @@ def test_missing_engine_fails_with_the_install_fix(cli, nv: FakeNVML, monkeypatc
     assert lines[i + 1].startswith("      fix: ")
 
 
-def test_busy_gpu_and_busy_port_are_warnings_with_fixes(cli, healthy: None, nv: FakeNVML) -> None:
+def test_busy_gpu_and_busy_port_are_warnings_with_fixes(cli, healthy: int, nv: FakeNVML) -> None:
     nv.devices[0].used = 70 * GiB
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 19541))
+        s.bind(("127.0.0.1", healthy))
         s.listen()
         code, stdout, _ = cli("doctor", "--json")
     assert code == 0  # warnings only
@@ -88,11 +92,11 @@ def test_busy_gpu_and_busy_port_are_warnings_with_fixes(cli, healthy: None, nv: 
     assert "less than the 0.9 share" in checks["gpu0"]["message"]
     assert "sage llm config set gpu_util 0.07" in checks["gpu0"]["fix"]
     assert checks["port"]["status"] == "warn"
-    assert "port 19541 is in use" in checks["port"]["message"]
+    assert f"port {healthy} is in use" in checks["port"]["message"]
     assert "local_engine_port" in checks["port"]["fix"]
 
 
-def test_invalid_setting_fails(cli, healthy: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invalid_setting_fails(cli, healthy: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SAGE_LOCAL_ENGINE_GPU_UTIL", "3")
     code, stdout, _ = cli("doctor", "--json")
     assert code == 1

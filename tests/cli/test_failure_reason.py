@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from tests.support.discipline import wait_for
+
 
 def managed(out: str) -> list[dict]:
     """This test's engines (other developers' and tests' vLLM servers may show up as external ones)."""
@@ -34,18 +36,10 @@ def test_failed_start_is_diagnosed_and_recorded(cli, fake_vllm, monkeypatch: pyt
 
 @pytest.mark.usefixtures("stop_all")
 def test_engine_crash_after_ready_is_explained_by_status(cli, fake_vllm, monkeypatch: pytest.MonkeyPatch) -> None:
-    import time
-
     monkeypatch.setenv("FAKE_VLLM_FAIL", "ready:0.5")
     assert cli("start", "org/tiny", "--name", "tiny")[0] == 0
-    deadline = time.monotonic() + 10
-    eng: dict = {}
-    while time.monotonic() < deadline:
-        eng = managed(cli("status", "--json")[1])[0]
-        if eng["state"] == "failed":
-            break
-        time.sleep(0.2)
-    assert eng["state"] == "failed"
+    eng = wait_for(lambda: (e := managed(cli("status", "--json")[1])[0])["state"] == "failed" and e, 30, interval=0.2,
+                   what="the engine that crashed after ready to show as failed")
     assert "fake engine crash after ready" in eng["error"]
 
 

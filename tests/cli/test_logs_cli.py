@@ -46,11 +46,25 @@ def test_logs_unknown_engine_and_bad_options(cli) -> None:
 
 
 @pytest.mark.usefixtures("stop_all")
-def test_follow_ends_when_the_engine_is_stopped(cli, fake_vllm) -> None:
+def test_follow_ends_when_the_engine_is_stopped(cli, fake_vllm, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cli("start", "org/one", "--name", "one")[0] == 0
+    from sage_llm import logs
+
+    following = threading.Event()
+    real_ended = logs.engine_ended
+
+    def engine_ended(*args, **kwargs):
+        check = real_ended(*args, **kwargs)
+
+        def first_check_means_following():
+            following.set()  # follow has read the log to its end and now asks whether the engine ended
+            return check()
+        return first_check_means_following
+
+    monkeypatch.setattr(logs, "engine_ended", engine_ended)
 
     def stop_later() -> None:
-        time.sleep(1.5)
+        following.wait(60)  # then stop anyway, so that a follow that never started cannot hang the test
         from sage_llm.engine import manager
 
         manager.stop("one", timeout=5)
@@ -60,6 +74,7 @@ def test_follow_ends_when_the_engine_is_stopped(cli, fake_vllm) -> None:
     t0 = time.monotonic()
     code, out, err = cli("logs", "one", "-f", "-n", "0")
     t.join()
+    assert following.is_set()
     assert code == 0
     assert time.monotonic() - t0 < 10
     assert "engine 'one' was stopped; stopped following" in err

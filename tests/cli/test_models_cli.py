@@ -13,7 +13,8 @@ from sage_llm import hf_cache
 from sage_llm.engine.scripts.hf_layout import layout
 from sage_llm.errors import UsageError
 from sage_llm.state import StateStore
-from tests.fakes.fake_hub import FakeHub, Repo, free_port
+from tests.fakes.fake_hub import FakeHub, Repo
+from tests.support.ports import free_port
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 2048}
 

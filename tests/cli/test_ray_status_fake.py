@@ -11,35 +11,20 @@ import pytest
 
 from sage_llm.engine import ray_cluster
 from sage_llm.state import EngineRecord, StateStore
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.usefixtures("fake_vllm", "stop_all")
 
 
-def free_port(lo: int = 19600, hi: int = 19660) -> int:
-    """A free port in this suite's range (the Ray test takes 19660-19699)."""
-    import random
-    import socket
-
-    ports = list(range(lo, hi))
-    random.shuffle(ports)
-    for p in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p))
-            except OSError:
-                continue
-            return p
-    raise RuntimeError("no free port")
-
-
 def test_ray_address_reaches_the_engine_and_status(cli, monkeypatch):
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:19698")  # the environment variable is the option's default
+    ray = f"127.0.0.1:{free_port()}"  # reserved: nothing listens there
+    monkeypatch.setenv("RAY_ADDRESS", ray)  # the environment variable is the option's default
     code, _out, err = cli("start", "org/model-a", "--name", "r1", "--port", str(free_port()))
     assert code == 0, err
     rec = StateStore().load("r1")
     assert isinstance(rec, EngineRecord)
-    assert rec.settings["ray_address"] == "127.0.0.1:19698"
-    assert rec.env["RAY_ADDRESS"] == "127.0.0.1:19698"
+    assert rec.settings["ray_address"] == ray
+    assert rec.env["RAY_ADDRESS"] == ray
     assert rec.env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
     assert rec.argv[rec.argv.index("--distributed-executor-backend") + 1] == "ray"
     t = time.monotonic()
@@ -54,10 +39,10 @@ def test_ray_address_reaches_the_engine_and_status(cli, monkeypatch):
     jsonschema.validate(doc, schema)
     eng = next(e for e in doc["engines"] if e["name"] == "r1")
     assert eng["state"] == "ready"
-    assert eng["ray"]["address"] == "127.0.0.1:19698"
+    assert eng["ray"]["address"] == ray
     assert eng["ray"]["error"]  # no Ray here to ask: said, not raised
     code, out, _err = cli("status")
-    assert "r1: Ray cluster 127.0.0.1:19698 (" in out
+    assert f"r1: Ray cluster {ray} (" in out
     # an engine without Ray has no "ray" entry
     monkeypatch.delenv("RAY_ADDRESS")
     code, _out, err = cli("start", "org/model-b", "--name", "r2", "--port", str(free_port()))

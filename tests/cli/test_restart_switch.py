@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -17,26 +15,10 @@ import pytest
 from sage_llm.engine import inspect as engine_inspect
 from sage_llm.engine import switch
 from sage_llm.state import EngineRecord, StateStore
+from tests.support.discipline import wait_for
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.usefixtures("fake_vllm", "stop_all")
-
-
-def free_port_in_range(lo: int = 19600, hi: int = 19659) -> int:
-    """A free port in this project's test range, with the next one free too (for rolling switches)."""
-    import random
-
-    for _ in range(200):
-        p = random.randrange(lo, hi)
-        ok = True
-        for q in (p, p + 1):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", q))
-                except OSError:
-                    ok = False
-        if ok:
-            return p
-    raise RuntimeError("no free port in range")
 
 
 def status_doc(cli) -> dict:
@@ -53,7 +35,7 @@ def alive(pid: int | None) -> bool:
 
 
 def start_engine(cli, *args: str) -> tuple[int, EngineRecord]:
-    port = free_port_in_range()
+    port = free_port(span=2)  # a rolling switch starts the new engine on the next port
     code, _out, err = cli("start", "org/model-a", "--name", "eng", "--port", str(port), *args)
     assert code == 0, err
     rec = StateStore().load("eng")
@@ -162,7 +144,7 @@ def test_failed_rolling_switch_keeps_the_old_engine_serving(cli, monkeypatch):
 
 def _spawn_pair(cli, monkeypatch) -> tuple[EngineRecord, EngineRecord]:
     _port, old = start_engine(cli)
-    code, _out, err = cli("start", "org/model-b", "--name", "eng.next-ab12", "--port", str(free_port_in_range()))
+    code, _out, err = cli("start", "org/model-b", "--name", "eng.next-ab12", "--port", str(free_port()))
     assert code == 0, err
     new = StateStore().load("eng.next-ab12")
     assert isinstance(new, EngineRecord)
@@ -207,15 +189,14 @@ def test_cli_killed_mid_rolling_switch_leaves_both_engines_manageable(cli, monke
     proc = subprocess.Popen([sys.executable, "-m", "sage_llm", "switch", "eng", "org/model-b", "--rolling"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     store = StateStore()
-    temp = None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and temp is None:
+
+    def spawned() -> EngineRecord | None:  # the new engine of the rolling switch, recorded with its PID
         for n in store.names():
             rec = store.load(n)
             if n.startswith("eng.next-") and isinstance(rec, EngineRecord) and rec.pid:
-                temp = rec
-        time.sleep(0.05)
-    assert temp is not None
+                return rec
+        return None
+    temp = wait_for(spawned, 30, interval=0.05, what="the rolling switch to spawn the new engine")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     views, _ = engine_inspect.inspect(store, include_external=False)

@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from tests.support.discipline import wait_for
+
 
 @pytest.mark.usefixtures("stop_all")
 def test_status_json_reports_stage_while_loading(cli, fake_vllm, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -35,11 +37,6 @@ def test_status_json_reports_stage_while_loading(cli, fake_vllm, monkeypatch: py
 def test_human_status_names_the_stage(cli, fake_vllm, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_VLLM_LOAD_S", "6")
     assert cli("start", "org/tiny", "--name", "tiny", "--no-wait")[0] == 0
-    deadline = time.monotonic() + 10
-    out = ""
-    while time.monotonic() < deadline:
-        _code, out, _ = cli("status")
-        if "loading weights" in out:
-            break
-        time.sleep(0.2)
+    out = wait_for(lambda: "loading weights" in (text := cli("status")[1]) and text, 30, interval=0.2,
+                   what="`status` to say the engine is loading weights")
     assert "starting: loading weights" in out

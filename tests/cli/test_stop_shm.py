@@ -8,29 +8,20 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.usefixtures("fake_vllm", "stop_all"),
-              pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")]
+from tests.support.discipline import skip_or_fail
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.usefixtures("_dev_shm", "fake_vllm", "stop_all")
 
 
-def free_port(lo: int = 19600, hi: int = 19660) -> int:
-    """A free port in this suite's range (the Ray test takes 19660-19699)."""
-    import random
-    import socket
-
-    ports = list(range(lo, hi))
-    random.shuffle(ports)
-    for p in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p))
-            except OSError:
-                continue
-            return p
-    raise RuntimeError("no free port")
+@pytest.fixture
+def _dev_shm() -> None:
+    if not os.path.isdir("/dev/shm"):
+        skip_or_fail("no /dev/shm on this machine")
 
 
 def test_stop_removes_unheld_leftovers_of_the_engine(cli):
-    port = free_port()
+    port = free_port(span=2)  # port + 1 names another engine's files below
     code, _out, err = cli("start", "org/model-a", "--name", "shm1", "--port", str(port))
     assert code == 0, err
     ours = Path(f"/dev/shm/{port}-tp:0-[0-1]-cpushm_0")  # named after the engine's port, as vLLM's CPU build does

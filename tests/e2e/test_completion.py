@@ -16,13 +16,21 @@ import pytest
 
 from sage_llm.cli import _complete
 from sage_llm.state import EngineRecord, StateStore
+from tests.support.discipline import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import gen_completions  # noqa: E402
 
-needs_scripts = pytest.mark.skipif(not (BIN / "sage-llm").exists(), reason="console scripts not installed")
+
+@pytest.fixture
+def _console_scripts() -> None:
+    if not (BIN / "sage-llm").exists():
+        skip_or_fail(f"console scripts not installed in {BIN}: `make venv`")
+
+
+needs_scripts = pytest.mark.usefixtures("_console_scripts")
 
 
 @pytest.fixture
@@ -99,9 +107,10 @@ def test_zsh_and_fish_protocols_carry_help_text(engines: list[EngineRecord]) -> 
 
 
 @needs_scripts
-@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_bash_runs_the_generated_script(engines: list[EngineRecord]) -> None:
     """What a user gets: bash sources completions/bash/sage-llm and presses TAB after `sage-llm stop `."""
+    if shutil.which("bash") is None:
+        skip_or_fail("no bash on PATH")
     script = ROOT / "completions" / "bash" / "sage-llm"
     shell = (f"source {script}\n"
              "COMP_WORDS=(sage-llm stop ''); COMP_CWORD=2\n"

@@ -14,7 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import FAKE_VLLM, free_port
+from tests.conftest import FAKE_VLLM
+from tests.support.discipline import wait_for
+from tests.support.ports import free_port
 
 SCHEMA = Path(__file__).resolve().parents[2] / "src" / "sage_llm" / "data" / "status.schema.json"
 
@@ -117,10 +119,10 @@ def test_explicit_busy_port_is_refused_and_owner_untouched(cli, fake_vllm, home)
 
 
 def test_auto_port_skips_busy_one(cli, fake_vllm, monkeypatch, stop_all):
+    busy = free_port(span=3)  # this one held below, the next ones reserved for the engine that skips it
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("127.0.0.1", busy))
         s.listen(1)
-        busy = s.getsockname()[1]
         monkeypatch.setenv("SAGE_LOCAL_ENGINE_PORT", str(busy))
         code, out, err = cli("start", "org/auto")
         assert code == 0, err
@@ -162,13 +164,8 @@ def test_crash_after_ready_shows_failed(cli, fake_vllm, monkeypatch, stop_all):
     monkeypatch.setenv("FAKE_VLLM_FAIL", "ready:0.5")
     code, out, err = cli("start", "org/flaky", "--port", str(free_port()))
     assert code == 0
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        e = engine(status_doc(cli), "flaky")
-        if e["state"] == "failed":
-            break
-        time.sleep(0.2)
-    assert e["state"] == "failed"
+    e = wait_for(lambda: (e := engine(status_doc(cli), "flaky"))["state"] == "failed" and e, 30, interval=0.2,
+                 what="the engine that crashed after ready to show as failed")
     assert "exited unexpectedly" in e["error"]
     code, out, err = cli("status", "flaky")
     assert code == 3
@@ -199,7 +196,8 @@ def test_orphans_after_api_server_sigkill(cli, fake_vllm, monkeypatch, home):
     procs = engine(doc, "orph")["processes"]
     leader = engine(doc, "orph")["pid"]
     os.kill(leader, signal.SIGKILL)
-    time.sleep(0.3)
+    wait_for(lambda: not psutil.pid_exists(leader) or psutil.Process(leader).status() == psutil.STATUS_ZOMBIE, 30,
+             what="the SIGKILLed API server to exit")
     e = engine(status_doc(cli), "orph")
     assert e["state"] == "failed"
     assert "left" in e["error"]
@@ -258,9 +256,14 @@ def test_corrupt_record_does_not_break_status(cli, home, content):
 
 def test_hung_engine_does_not_slow_status(cli, fake_vllm, monkeypatch, stop_all):
     monkeypatch.setenv("FAKE_VLLM_HANG", "1")
-    code, out, err = cli("start", "org/hang", "--port", str(free_port()), "--no-wait")
+    hang_port = free_port()
+    code, out, err = cli("start", "org/hang", "--port", str(hang_port), "--no-wait")
     assert code == 0
-    time.sleep(1.0)
+
+    def listening() -> bool:  # it accepts connections, and never answers
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", hang_port)) == 0
+    wait_for(listening, 30, what=f"the hung engine to listen on {hang_port}")
     monkeypatch.delenv("FAKE_VLLM_HANG")
     code, out, err = cli("start", "org/fine", "--port", str(free_port()))
     assert code == 0
@@ -284,15 +287,10 @@ def test_external_vllm_is_listed_unmanaged(cli, home, monkeypatch):
     proc = subprocess.Popen([sys.executable, str(FAKE_VLLM), "serve", "hand/started", "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        e = None
-        while time.monotonic() < deadline:
-            doc = status_doc(cli)
-            e = next((x for x in doc["engines"] if x["port"] == port), None)
-            if e and e["state"] == "ready":
-                break
-            time.sleep(0.2)
-        assert e is not None
+        def ready() -> dict | None:
+            e = next((x for x in status_doc(cli)["engines"] if x["port"] == port), None)
+            return e if e and e["state"] == "ready" else None
+        e = wait_for(ready, 30, interval=0.2, what=f"the external engine on {port} to show as ready")
         assert e["managed"] is False
         assert e["state"] == "ready"
         assert e["pid"] == proc.pid

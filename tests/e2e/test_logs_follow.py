@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -19,9 +18,15 @@ def test_ctrl_c_ends_follow_and_the_engine_keeps_running() -> None:
                           timeout=60).returncode == 0
     proc = subprocess.Popen([*SAGE_LLM, "logs", "one", "-f", "-n", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)
+    assert proc.stderr is not None
+    seen = ""
+    while "following" not in seen:  # it says so when it starts to follow (a process that ends reads "" and fails)
+        line = proc.stderr.readline()
+        assert line, seen
+        seen += line
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=20)
+    err = seen + err
     assert proc.returncode == 0, err
     assert len(out.splitlines()) >= 2
     assert "following" in err

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.discipline import skip_or_fail
+
 pytestmark = pytest.mark.venv
 
 STANDIN_MAIN = '''
@@ -122,9 +124,8 @@ def sage_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def env(home: Path) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("_SAGE", "PYTHON"))}
-    e["SAGE_LOCAL_ENGINE_PORT"] = "19531"  # our port range; nothing listens there
-    return e
+    # SAGE_LOCAL_ENGINE_PORT is the test's reserved port (tests/support/ports.py): nothing listens there
+    return {k: v for k, v in os.environ.items() if not k.startswith(("_SAGE", "PYTHON"))}
 
 
 def _managed(doc: dict) -> list[dict]:
@@ -181,7 +182,7 @@ def test_our_install_has_no_sage_script(env: dict[str, str]) -> None:
     """The dev venv (sage-llm installed, no SAGE): `sage-llm` works, and there is no `sage` of ours to shadow SAGE's."""
     bindir = Path(sys.executable).parent
     if not (bindir / "sage-llm").exists():
-        pytest.skip("console scripts not installed")
+        skip_or_fail(f"console scripts not installed in {bindir}: `make venv`")
     assert not (bindir / "sage").exists()
     st = subprocess.run([str(bindir / "sage-llm"), "status", "--json"], env=env, capture_output=True, text=True,
                         timeout=60)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 import threading
 from dataclasses import dataclass, field
@@ -58,8 +57,8 @@ class FakeHub:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def start(self, port: int | None = None, ports: range = range(19200, 19300)) -> FakeHub:
-        """Listen on `port`, or on a free port of `ports` (the range this project's hub tests may use)."""
+    def start(self, port: int | None = None) -> FakeHub:
+        """Listen on `port`, or on a port reserved for the test (tests/support/ports.py)."""
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -74,14 +73,11 @@ class FakeHub:
             def do_GET(self) -> None:
                 hub._handle(self, head=False)
 
-        candidates = [port] if port is not None else random.sample(list(ports), len(ports))
-        for p in candidates:
-            try:
-                self.server = ThreadingHTTPServer(("127.0.0.1", p), Handler)
-                break
-            except OSError:
-                if p == candidates[-1]:
-                    raise
+        if port is None:
+            from tests.support.ports import free_port
+
+            port = free_port()
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
@@ -193,16 +189,3 @@ class FakeHub:
             return None
         return self._send(h, code, body, headers, head)
 
-
-def free_port(ports: range = range(19200, 19300)) -> int:
-    """A port of `ports` that nothing listens on now."""
-    import socket
-
-    for p in random.sample(list(ports), len(ports)):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p))
-            except OSError:
-                continue
-            return p
-    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")

@@ -13,14 +13,15 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import FAKE_VLLM, free_port
+from tests.conftest import FAKE_VLLM
+from tests.support.discipline import wait_for
+from tests.support.ports import free_port
 
 SAGE_LLM = str(Path(sys.executable).parent / "sage-llm")
 
@@ -117,19 +118,24 @@ def test_08_storm_of_mixed_commands(home):
             if code not in (0, 3):
                 assert [ln for ln in err.splitlines() if ln.startswith("Error: ")], err
         # the final state matches reality: every record is a live, ready engine, and every live engine is recorded
-        time.sleep(0.5)
-        doc = status(home)
-        recorded = {e["name"]: e for e in managed(doc)}
-        for e in recorded.values():
+        # (once the processes of the last stops have exited: they are signalled, not waited for, by a stop that lost)
+        seen: list = []
+
+        def settled() -> bool:
+            recorded = {e["name"]: e for e in managed(status(home))}
+            live_ids = set()
+            for p in marked_processes(home):
+                live_ids.add(p.environ().get("SAGE_LLM_ENGINE_ID"))
+            rec_ids = {json.loads((home / "engines" / f"{n}.json").read_text())["id"] for n in recorded
+                       if recorded[n]["state"] == "ready"}
+            seen[:] = [recorded, live_ids, rec_ids]
+            return live_ids == rec_ids
+
+        wait_for(settled, 30, interval=0.2, what=lambda: f"live engines = ready records: {seen}")
+        for e in seen[0].values():
             assert e["state"] in ("ready", "failed"), e
             if e["state"] == "failed":
                 assert e["processes"] == [], e  # a failed record holds no process
-        live_ids = set()
-        for p in marked_processes(home):
-            live_ids.add(p.environ().get("SAGE_LLM_ENGINE_ID"))
-        rec_ids = {json.loads((home / "engines" / f"{n}.json").read_text())["id"] for n in recorded
-                   if recorded[n]["state"] == "ready"}
-        assert live_ids == rec_ids
     finally:
         run(home, "stop", "--all")
     assert marked_processes(home) == []
@@ -139,20 +145,22 @@ def test_09_cli_killed_mid_start_leaves_a_manageable_engine(home):
     port = free_port()
     proc = subprocess.Popen([SAGE_LLM, "start", "slow/model", "--name", "slow", "--port", str(port)],
                             env=env_for(home, FAKE_VLLM_LOAD_S="3"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not (home / "engines" / "slow.json").exists():
-        time.sleep(0.05)
-    time.sleep(0.5)
+    record = home / "engines" / "slow.json"
+
+    def spawned() -> bool:  # mid-start: the engine is spawned and recorded, still loading (3 s)
+        try:
+            return bool(json.loads(record.read_text()).get("pid"))
+        except (OSError, ValueError):
+            return False
+
+    wait_for(spawned, 30, what="the engine of `start` to be spawned and recorded")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     doc = status(home)
     e = next(e for e in doc["engines"] if e["name"] == "slow")
     assert e["state"] in ("starting", "ready")
-    deadline = time.monotonic() + 15
-    while e["state"] != "ready" and time.monotonic() < deadline:
-        time.sleep(0.3)
-        e = next(e for e in status(home)["engines"] if e["name"] == "slow")
-    assert e["state"] == "ready"
+    wait_for(lambda: next(e for e in status(home)["engines"] if e["name"] == "slow")["state"] == "ready", 30,
+             interval=0.3, what="the engine to become ready without its CLI")
     r = run(home, "stop", "slow")
     assert r.returncode == 0, r.stderr
     assert marked_processes(home) == []
@@ -225,8 +233,13 @@ def test_engine_killed_by_someone_else_is_reported_then_cleaned(home, sig):
     r = run(home, "start", "victim/m", "--name", "victim", "--port", str(port), FAKE_VLLM_CHILDREN="1")
     assert r.returncode == 0, r.stderr
     e = next(e for e in status(home)["engines"] if e["name"] == "victim")
+    leader = psutil.Process(e["pid"])
     os.kill(e["pid"], sig)
-    time.sleep(1.0)
+    if sig == signal.SIGTERM:  # a clean shutdown: the whole engine exits
+        wait_for(lambda: marked_processes(home) == [], 30, what="the engine to shut down on SIGTERM")
+    else:  # the leader dies at once; its children are left running
+        wait_for(lambda: not leader.is_running() or leader.status() == psutil.STATUS_ZOMBIE, 30,
+                 what="the killed leader to exit")
     e = next(e for e in status(home)["engines"] if e["name"] == "victim")
     if sig == signal.SIGTERM:
         assert e["state"] == "stopped"  # a clean shutdown by someone else

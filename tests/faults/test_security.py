@@ -8,7 +8,7 @@ import stat
 
 import psutil
 
-from tests.conftest import free_port
+from tests.support.ports import free_port
 
 
 def test_default_bind_is_loopback(cli, fake_vllm, home, stop_all):

@@ -5,9 +5,9 @@
 * `tiny_model`   the repo id of a tiny chat model built offline (once, cached in .cache/tiny-hub, by the engine's
                  python) and visible to vLLM through HF_HUB_CACHE + HF_HUB_OFFLINE=1. Under greedy decoding it answers
                  every short prompt with exactly TINY_REPLY.
-* `engine_port`  a function returning a free port in 19000-19099 that no other test session using this fixture
-                 holds (a lock file per port, kept until teardown): vLLM binds its port only after ~25 s of loading, so
-                 a plain "is it free" check races with the other sessions on this machine.
+* `engine_port`  a function returning a free port of the "real" window (19000-19099) that no other test session
+                 holds (tests/support/ports.py: a lock file per port, kept until teardown): vLLM binds its port only
+                 after ~25 s of loading, so a plain "is it free" check races with the other sessions on this machine.
 
 Real engines are heavy (about 2.6 GB RSS, 25-40 s to start on 2 cores): run at most two at once, always stop them
 (`stop_all` from the root conftest does at teardown), and pass `--enforce-eager` to skip the torch.compile warm-up.
@@ -15,21 +15,18 @@ Real engines are heavy (about 2.6 GB RSS, 25-40 s to start on 2 cores): run at m
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.support.discipline import skip_or_fail
+from tests.support.ports import free_port
 from tests.support.tiny import TINY_REPLY, TINY_REPO, build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CACHE = ROOT / ".cache" / "tiny-hub"
-PORT_RANGE = range(19000, 19100)
-PORT_LOCKS = Path(os.environ.get("TMPDIR", "/tmp")) / "sage-llm-test-ports"
 
 __all__ = ["TINY_REPLY", "TINY_REPO"]
 
@@ -44,10 +41,7 @@ def engine_dir() -> Path:
         problem = f"SAGE_LLM_ENGINE_DIR={raw} has no bin/vllm"
     if problem is None:
         return Path(raw)
-    message = f"{problem}: run `make engine` (or `make test-integration`) to install the CPU build of vLLM"
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run the real-vLLM tests: {message}", pytrace=False)
-    pytest.skip(message)
+    skip_or_fail(f"{problem}: run `make engine` (or `make test-integration`) to install the CPU build of vLLM")
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -76,33 +70,6 @@ def tiny_model(_tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture
-def engine_port() -> Iterator[Callable[[], int]]:
-    """`engine_port()` -> a port in 19000-19099, free now and reserved for this test against other sessions."""
-    held: list[tuple[int, int]] = []
-    PORT_LOCKS.mkdir(parents=True, exist_ok=True)
-
-    def reserve() -> int:
-        from sage_llm.engine import process
-
-        ports = list(PORT_RANGE)
-        random.shuffle(ports)
-        for port in ports:
-            fd = os.open(PORT_LOCKS / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                continue
-            if process.port_is_free("127.0.0.1", port):
-                held.append((port, fd))
-                return port
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-        pytest.fail("no free port in 19000-19099")
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    yield reserve
-    for _port, fd in held:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+def engine_port() -> Callable[[], int]:
+    """`engine_port()` -> a port of the "real" window, free now and reserved for this test against other sessions."""
+    return lambda: free_port("real")

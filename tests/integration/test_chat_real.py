@@ -15,20 +15,11 @@ import urllib.request
 
 import pytest
 
-from sage_llm.engine import process
 from tests.integration.conftest import TINY_REPLY
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
 LONG_CONTEXT = 16384  # tokens of context the engine gets (the KV cache for it: 4 MiB with this model)
 MAX_TOKENS = 16000  # the reply cancelled mid-way
-
-
-def _port() -> int:
-    for port in range(19300, 19310):  # this test's own corner of the machine's ports
-        if process.port_is_free("127.0.0.1", port):
-            return port
-    pytest.skip("no free port in 19300-19309")
-    raise AssertionError("unreachable")
 
 
 def _metric(port: int, name: str) -> float:
@@ -75,8 +66,8 @@ def _only_our_engine(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.mark.usefixtures("real_vllm", "stop_all")
-def test_chat_with_the_real_engine(cli, tiny_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    port = _port()
+def test_chat_with_the_real_engine(cli, tiny_model: str, engine_port, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = engine_port()
     # a context long enough that the Ctrl-C below always lands mid-generation, however fast the CPU: the tiny model
     # was built with 1024 positions, its RoPE goes further (--hf-overrides lets vLLM use them)
     code, _out, err = cli("start", tiny_model, "--name", "chatreal", "--port", str(port), "--enforce-eager",

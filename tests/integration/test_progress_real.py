@@ -15,20 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm.engine import process
+from tests.support.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 SAGE_LLM = [sys.executable, "-c", "from sage_llm.cli.main import main; main()"]  # the `sage-llm` script
-
-
-def my_port() -> int:
-    """A free port in 19400-19499 (the range this part of the suite uses)."""
-    for port in range(19440, 19500):
-        if process.port_is_free("127.0.0.1", port):
-            return port
-    pytest.fail("no free port in 19440-19499")
-    raise AssertionError
 
 
 def managed(doc: str) -> list[dict]:
@@ -37,7 +28,7 @@ def managed(doc: str) -> list[dict]:
 
 @pytest.mark.usefixtures("stop_all")
 def test_real_engine_stages_logs_and_audit(cli, real_vllm, tiny_model) -> None:
-    port = my_port()
+    port = free_port("real")
     code, _out, err = cli("start", tiny_model, "--name", "tiny", "--port", str(port), "--enforce-eager",
                           "--max-model-len", "512", "--no-wait")
     assert code == 0, err
@@ -77,7 +68,7 @@ def test_real_engine_stages_logs_and_audit(cli, real_vllm, tiny_model) -> None:
 
 @pytest.mark.usefixtures("stop_all")
 def test_real_engine_failure_is_diagnosed_and_recorded(cli, real_vllm, tiny_model) -> None:
-    port = my_port()
+    port = free_port("real")
     # longer than the model's config allows: sage cannot know, vLLM refuses while resolving the config
     code, _out, err = cli("start", tiny_model, "--name", "tiny", "--port", str(port), "--enforce-eager",
                           "--max-model-len", "4000000", "--timeout", "300")
@@ -92,7 +83,7 @@ def test_real_engine_failure_is_diagnosed_and_recorded(cli, real_vllm, tiny_mode
 
 @pytest.mark.usefixtures("stop_all")
 def test_real_engine_run_in_the_foreground_and_ctrl_c(real_vllm, tiny_model, tmp_path: Path) -> None:
-    port = my_port()
+    port = free_port("real")
     err_path = tmp_path / "run.err"
     out_path = tmp_path / "run.out"
     proc = subprocess.Popen([*SAGE_LLM, "run", tiny_model, "--name", "fg", "--port", str(port), "--enforce-eager",

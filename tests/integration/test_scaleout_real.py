@@ -1,16 +1,15 @@
 """Scale-out against the real CPU build of vLLM and the tiny model: tensor parallel 2 from start to stop, and a
 loopback-only Ray head against which `start --ray-address` reaches vLLM's CPU error and reports it clearly.
 
-Ports: 19600-19689 (this suite's range), reserved with lock files like the `engine_port` fixture.
+Ports: the engines' from the "real" window, the Ray head's from the "ray" and "ray-workers" windows
+(tests/support/ports.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -25,39 +24,11 @@ import pytest
 
 from sage_llm.engine import process, ray_cluster
 from sage_llm.state import EngineRecord, StateStore
+from tests.support.discipline import skip_or_fail
+from tests.support.ports import free_port, port_range
 from tests.support.tiny import TINY_REPLY
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
-
-PORT_LOCKS = Path(os.environ.get("TMPDIR", "/tmp")) / "sage-llm-test-ports"
-
-
-@pytest.fixture
-def ports() -> Iterator[callable]:
-    held: list[int] = []
-
-    def reserve(lo: int = 19600, hi: int = 19640) -> int:
-        PORT_LOCKS.mkdir(parents=True, exist_ok=True)
-        candidates = list(range(lo, hi))
-        random.shuffle(candidates)
-        for port in candidates:
-            fd = os.open(PORT_LOCKS / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                continue
-            if process.port_is_free("127.0.0.1", port):
-                held.append(fd)
-                return port
-            os.close(fd)
-        pytest.fail(f"no free port in {lo}-{hi}")
-        raise AssertionError
-
-    yield reserve
-    for fd in held:
-        os.close(fd)
-
 
 def engine_procs(rec: EngineRecord) -> list[psutil.Process]:
     found = []
@@ -84,8 +55,8 @@ def shm_names() -> set[str]:
 
 
 @pytest.mark.usefixtures("stop_all")
-def test_tensor_parallel_2_on_the_cpu_engine(cli, real_vllm, tiny_model, ports):
-    port = ports()
+def test_tensor_parallel_2_on_the_cpu_engine(cli, real_vllm, tiny_model):
+    port = free_port("real")
     shm_before = shm_names()
     code, out, err = cli("start", tiny_model, "--name", "tp2", "--port", str(port), "-tp", "2", "--enforce-eager",
                          "--max-model-len", "256", "--timeout", "360", "--json")
@@ -118,16 +89,14 @@ def test_tensor_parallel_2_on_the_cpu_engine(cli, real_vllm, tiny_model, ports):
 
 
 @pytest.fixture
-def ray_head(real_vllm, ports) -> Iterator[dict]:
-    """A Ray head on loopback only, in its own session (so the test can end exactly it), ports in 19660-19699."""
+def ray_head(real_vllm) -> Iterator[dict]:
+    """A Ray head on loopback only, in its own session (so the test can end exactly it), ports in 19600-19699."""
     engine_bin = Path(real_vllm).parent
     if not (engine_bin / "ray").exists():
-        msg = "Ray is not installed in the engine environment: `make engine` installs it (engine install --ray)"
-        if os.environ.get("CI"):
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
-    gcs = ports(19660, 19670)
-    extra = [ports(19670, 19690) for _ in range(8)]  # workers take 19690-19699
+        skip_or_fail("Ray is not installed in the engine environment: `make engine` installs it (engine install --ray)")
+    gcs = free_port("ray")
+    extra = [free_port("ray") for _ in range(8)]
+    workers = port_range("ray-workers")
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
@@ -136,7 +105,8 @@ def ray_head(real_vllm, ports) -> Iterator[dict]:
             "--ray-client-server-port", str(extra[2]), "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(extra[3]), "--dashboard-agent-listen-port", str(extra[4]),
             "--dashboard-agent-grpc-port", str(extra[5]), "--runtime-env-agent-port", str(extra[6]),
-            "--metrics-export-port", str(extra[7]), "--min-worker-port", "19690", "--max-worker-port", "19699",
+            "--metrics-export-port", str(extra[7]), "--min-worker-port", str(workers.start),
+            "--max-worker-port", str(workers.stop - 1),
             "--num-cpus", "1", "--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats",
             "--temp-dir", temp]
     log = open(Path(temp) / "head.log", "wb")
@@ -179,12 +149,11 @@ def cluster_pids(pgid: int) -> set[int]:
 
 
 @pytest.mark.usefixtures("stop_all")
-def test_ray_address_on_the_cpu_build_is_diagnosed_and_leaves_the_cluster_alone(cli, real_vllm, tiny_model, ports,
-                                                                              ray_head):
+def test_ray_address_on_the_cpu_build_is_diagnosed_and_leaves_the_cluster_alone(cli, real_vllm, tiny_model, ray_head):
     address = ray_head["address"]
     before = cluster_pids(ray_head["pgid"])
     assert len(before) >= 3  # gcs_server, raylet, and friends
-    port = ports()
+    port = free_port("real")
     code, _out, err = cli("start", tiny_model, "--name", "onray", "--port", str(port), "--ray-address", address,
                           "--enforce-eager", "--max-model-len", "256", "--timeout", "300")
     assert code == 1, err

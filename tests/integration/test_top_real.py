@@ -12,18 +12,9 @@ from rich.console import Console
 
 from sage_llm import gpu, metrics
 from sage_llm.cli.commands.top import render
-from sage_llm.engine import process
 from sage_llm.monitor import Monitor
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
-
-
-def _port() -> int:
-    for port in range(19190, 19200):  # this test's own corner of the 19100-19199 range
-        if process.port_is_free("127.0.0.1", port):
-            return port
-    pytest.skip("no free port in 19190-19199")
-    raise AssertionError("unreachable")
 
 
 def _chat(port: int, model: str) -> None:
@@ -37,8 +28,8 @@ def _chat(port: int, model: str) -> None:
 
 
 @pytest.mark.usefixtures("real_vllm", "stop_all")
-def test_live_engine_metrics_and_top(cli, tiny_model: str) -> None:
-    port = _port()
+def test_live_engine_metrics_and_top(cli, tiny_model: str, engine_port) -> None:
+    port = engine_port()
     code, out, err = cli("start", tiny_model, "--name", "topreal", "--port", str(port), "--enforce-eager",
                          "--max-model-len", "512", "--timeout", "300", "--json")
     assert code == 0, err

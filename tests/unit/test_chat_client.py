@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import time
-
 import httpx
 import pytest
 
@@ -21,6 +18,8 @@ from sage_llm.client import (
     make_client,
 )
 from tests.fakes.fake_openai import FakeOpenAI
+from tests.support.discipline import wait_for
+from tests.support.ports import free_port
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -109,9 +108,7 @@ def test_server_error_is_retryable(api, http):
 
 
 def test_connection_refused_says_not_running(http):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # reserved for the test: nothing listens there
     e = Endpoint(base_url=f"http://127.0.0.1:{port}/v1", model="x", label="local engine 'qwen'",
                  down_hint="see `sage llm status qwen`")
     with pytest.raises(ServerUnreachable) as ei, ChatStream(http, e, MSGS):
@@ -145,9 +142,7 @@ def test_leaving_early_closes_the_connection(api, http):
         for piece in s:
             assert piece == "t0 "
             break
-    deadline = time.monotonic() + 5
-    while api.disconnects == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: api.disconnects, 30, what="the server to see the client disconnect")
     assert api.disconnects == 1
     # the client is still usable for the next turn
     api.tokens, api.delay_s = None, 0.0

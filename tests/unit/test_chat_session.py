@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from sage_llm import chat
 from sage_llm.client import ServerUnreachable
 from tests.fakes.fake_openai import FakeOpenAI
+from tests.support.discipline import wait_for
+from tests.support.ports import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -112,11 +112,7 @@ def test_port_with_nothing_listening(unused_port):
 
 @pytest.fixture
 def unused_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()  # reserved for the test: nothing listens there
 
 
 # ---------------------------------------------------------------------------------------------------- session
@@ -269,9 +265,7 @@ def test_ctrl_c_mid_reply_closes_the_connection_and_keeps_no_history(local_api):
     assert s.messages == []
     assert s.history[-1].cancelled
     assert s.history[-1].completion_tokens == 3
-    deadline = time.monotonic() + 5
-    while local_api.disconnects == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: local_api.disconnects, 30, what="the server to see the client disconnect")
     assert local_api.disconnects == 1  # the server saw the disconnect: vLLM aborts the request there
     local_api.tokens, local_api.delay_s = None, 0.0
     assert s.ask("again", lambda p: None, pytest.fail).text == "Hello from local."

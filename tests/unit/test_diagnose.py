@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from sage_llm.diagnose import CAUSES, diagnose, is_clean_shutdown, root_cause
+from tests.support.discipline import committed
 
 LOGS = Path(__file__).resolve().parent.parent / "fixtures" / "vllm-logs"
 
 
 def log(name: str) -> list[str]:
-    return (LOGS / name).read_text(errors="replace").splitlines()
+    return committed(LOGS / name).read_text(errors="replace").splitlines()
 
 
 def gpu_excerpt(*messages: str, proc: str = "EngineCore") -> list[str]:
@@ -37,7 +38,7 @@ CTX = {"port": 19411, "model": "sage-test/tiny-llama", "name": "tiny"}
 
 
 # ---------------------------------------------------------------------------------- captured from the CPU engine
-def test_port_in_use_captured() -> None:
+def test_port_in_uselog() -> None:
     d = diagnose(log("captured-port-in-use.log"), CTX)
     assert d is not None
     assert d.cause == "port_in_use"
@@ -56,7 +57,7 @@ def test_unknown_quantization_lists_valid_methods() -> None:
     assert "--quantization" in (d.hint or "")
 
 
-def test_remote_code_captured() -> None:
+def test_remote_codelog() -> None:
     d = diagnose(log("captured-remote-code.log"), {**CTX, "model": "/home/user/models/remote"})
     assert d is not None
     assert d.cause == "remote_code"
@@ -81,7 +82,7 @@ def test_hub_unreachable_reference_log_suggests_offline_when_cached() -> None:
     assert "network" in (d2.hint or "")
 
 
-def test_offline_and_not_cached_captured() -> None:
+def test_offline_and_not_cachedlog() -> None:
     d = diagnose(log("captured-not-found.log"), {**CTX, "model": "sage-test/does-not-exist"})
     assert d is not None
     assert d.cause == "model_not_found"
@@ -122,15 +123,8 @@ def test_ready_logs_have_no_diagnosis(name: str) -> None:
     assert diagnose(log(name), CTX) is None
 
 
-def _captured(name: str) -> list[str]:
-    path = LOGS / name
-    if not path.exists():
-        pytest.skip(f"{name} was not captured")
-    return path.read_text(errors="replace").splitlines()
-
-
-def test_hub_gated_captured() -> None:
-    d = diagnose(_captured("captured-hub-gated.log"), {**CTX, "model": "sage-test/gated-model"})
+def test_hub_gatedlog() -> None:
+    d = diagnose(log("captured-hub-gated.log"), {**CTX, "model": "sage-test/gated-model"})
     assert d is not None
     assert d.cause == "hub_auth"
     assert "gated" in d.message
@@ -138,22 +132,22 @@ def test_hub_gated_captured() -> None:
     assert "HF_TOKEN" in (d.hint or "")
 
 
-def test_hub_not_found_captured() -> None:
-    d = diagnose(_captured("captured-hub-notfound.log"), {**CTX, "model": "sage-test/notfound-model"})
+def test_hub_not_foundlog() -> None:
+    d = diagnose(log("captured-hub-notfound.log"), {**CTX, "model": "sage-test/notfound-model"})
     assert d is not None
     assert d.cause == "model_not_found"
     assert "hf auth login" in (d.hint or "")
 
 
-def test_hub_bad_token_captured() -> None:
-    d = diagnose(_captured("captured-hub-badtoken.log"), {**CTX, "model": "sage-test/badtoken-model"})
+def test_hub_bad_tokenlog() -> None:
+    d = diagnose(log("captured-hub-badtoken.log"), {**CTX, "model": "sage-test/badtoken-model"})
     assert d is not None
     assert d.cause == "hub_auth"
     assert "HF_TOKEN" in (d.hint or "")
 
 
-def test_max_model_len_captured() -> None:
-    d = diagnose(_captured("captured-max-model-len.log"), CTX)
+def test_max_model_lenlog() -> None:
+    d = diagnose(log("captured-max-model-len.log"), CTX)
     assert d is not None
     assert d.cause == "max_model_len"
     assert "--max-model-len" in (d.hint or "")

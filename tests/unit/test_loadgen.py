@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +9,9 @@ from pathlib import Path
 import pytest
 
 from sage_llm import loadgen
+from tests.support.ports import free_port
 
 FAST_SSE = Path(__file__).resolve().parents[1] / "fakes" / "fast_sse.py"
-
-
-def _free_port() -> int:
-    for port in range(19640, 19660):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port in 19640-19659")
 
 
 @pytest.fixture
@@ -30,7 +19,7 @@ def sse_server(monkeypatch):
     procs = []
 
     def start(tokens: int = 5, delay_ms: float = 0.0, fail_every: int = 0) -> str:
-        port = _free_port()
+        port = free_port()
         env = {"FAST_SSE_FAIL_EVERY": str(fail_every), "PATH": "/usr/bin:/bin"}
         proc = subprocess.Popen([sys.executable, str(FAST_SSE), str(port), "--tokens", str(tokens), "--delay-ms",
                                  str(delay_ms)], stdout=subprocess.PIPE, env=env)
@@ -86,7 +75,7 @@ def test_failed_requests_are_counted_not_fatal(sse_server):
 
 
 def test_unreachable_server_gives_errors_and_no_metrics():
-    cfg = loadgen.BenchConfig(base_url="http://127.0.0.1:19699/v1", model="m", concurrency=2, requests=4)
+    cfg = loadgen.BenchConfig(base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", concurrency=2, requests=4)
     doc = loadgen.run_sync(cfg).to_json()
     assert doc["failed"] == 4
     assert doc["completed"] == 0

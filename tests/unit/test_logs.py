@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -91,50 +91,80 @@ def test_since_on_a_real_log() -> None:
     assert "[shutdown]" in got[0]
 
 
-def _collect(gen, out: list, stop_after: int | None = None) -> None:
-    for ev in gen:
-        out.append(ev)
-        if ev.kind == "end" or (stop_after and len(out) >= stop_after):
-            return
+def _script(f: Path, *steps: Callable[[], None], start_at_end: bool = True) -> list[logs.Event]:
+    """Run `follow` with each step done when it next waits (it has read everything written so far): no threads and
+    no sleeps, so what it sees does not depend on timing. Ends after the last step has been read."""
+    todo = list(steps)
+
+    def wait(_seconds: float) -> None:
+        if todo:
+            todo.pop(0)()
+
+    gen = logs.follow(f, stop=lambda: None if todo else "done", poll=0, check_every=0, start_at_end=start_at_end,
+                      sleep=wait)
+    return list(gen)
+
+
+def _append(f: Path, text: str) -> Callable[[], None]:
+    def step() -> None:
+        with open(f, "a") as fh:
+            fh.write(text)
+    return step
+
+
+def _rewrite(f: Path, text: str) -> Callable[[], None]:
+    """Truncate and write `text` (what `: > file` then a writer does, or copytruncate then the engine's next lines)."""
+    def step() -> None:
+        with open(f, "w") as fh:
+            fh.write(text)
+    return step
 
 
 def test_follow_new_lines_truncation_and_rotation(tmp_path: Path) -> None:
     f = tmp_path / "e.log"
     f.write_text("before\n")
-    done = threading.Event()
-    events: list = []
-    gen = logs.follow(f, stop=lambda: "engine 'x' was stopped" if done.is_set() else None, poll=0.01,
-                      check_every=0.01)
-    t = threading.Thread(target=_collect, args=(gen, events))
-    t.start()
-    time.sleep(0.1)
-    with open(f, "a") as fh:
-        fh.write("one\ntw")
-        fh.flush()
-        time.sleep(0.1)
-        fh.write("o\n")
-    time.sleep(0.1)
-    with open(f, "w") as fh:  # truncated (copytruncate)
-        fh.write("")
-    time.sleep(0.1)
-    with open(f, "a") as fh:
-        fh.write("after truncate\n")
-    time.sleep(0.1)
-    with open(f, "a") as fh:
-        fh.write("last of old\n")
-    os.replace(f, tmp_path / "e.log.1")  # rotated
-    f.write_text("new file\n")
-    time.sleep(0.2)
-    done.set()
-    t.join(5)
-    assert not t.is_alive()
+
+    def rotate() -> None:
+        with open(f, "a") as fh:
+            fh.write("last of old\n")
+        os.replace(f, tmp_path / "e.log.1")
+        f.write_text("new file\n")
+
+    events = _script(f, _append(f, "one\ntw"), _append(f, "o\n"), _rewrite(f, ""), _append(f, "after truncate\n"),
+                     rotate)
     lines = [e.text for e in events if e.kind == "line"]
     assert lines == ["one", "two", "after truncate", "last of old", "new file"]
     notices = [e.text for e in events if e.kind == "notice"]
-    assert any("truncated" in n for n in notices)
-    assert any("rotated" in n for n in notices)
-    assert events[-1].kind == "end"
-    assert events[-1].text == "engine 'x' was stopped"
+    assert notices == ["log truncated: reading e.log from the start", "log rotated: reading the new e.log"]
+    assert events[-1] == logs.Event("end", "done")
+
+
+@pytest.mark.parametrize("new", ["AFTER!\n", "AFTER, and longer\n", "short\n"])
+def test_follow_sees_a_file_truncated_and_rewritten_to_the_same_length_or_longer(tmp_path: Path, new: str) -> None:
+    """Truncated, then written again before follow looked: to exactly the length it had read (the size alone says
+    nothing happened), longer (the size says "appended"), or shorter. Every new line is read, from the top."""
+    f = tmp_path / "e.log"
+    f.write_text("before\n")  # 7 bytes, already read (follow starts at the end)
+    events = _script(f, _rewrite(f, new))
+    assert [e.text for e in events if e.kind == "line"] == [new.rstrip("\n")]
+    assert [e.text for e in events if e.kind == "notice"] == ["log truncated: reading e.log from the start"]
+
+
+def test_follow_rewritten_after_reading_from_the_start(tmp_path: Path) -> None:
+    f = tmp_path / "e.log"
+    f.write_text("")
+    events = _script(f, _append(f, "first run\n"), _rewrite(f, "other run\n"), start_at_end=False)
+    assert [e.text for e in events if e.kind == "line"] == ["first run", "other run"]
+
+
+def test_follow_does_not_see_a_truncation_in_plain_appends(tmp_path: Path) -> None:
+    """Many appends, some larger than the anchor it compares: never a false "truncated"."""
+    f = tmp_path / "e.log"
+    f.write_text("x" * 10000 + "\n")
+    steps = [_append(f, f"line {i} " + "y" * (i * 1500) + "\n") for i in range(6)]
+    events = _script(f, *steps)
+    assert [e.kind for e in events].count("notice") == 0
+    assert [e.text.split(" ")[:2] for e in events if e.kind == "line"] == [["line", str(i)] for i in range(6)]
 
 
 def test_follow_flushes_the_last_partial_line_at_the_end(tmp_path: Path) -> None:

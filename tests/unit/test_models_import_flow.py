@@ -91,7 +91,7 @@ def test_failed_conversion_leaves_nothing_and_keeps_the_old_model(tmp_path: Path
 
 
 def test_force_refuses_while_an_engine_serves_it(tmp_path: Path, converter: str, cli, fake_vllm, stop_all) -> None:
-    from tests.fakes.fake_hub import free_port
+    from tests.support.ports import free_port
 
     models.import_gguf(gguf(tmp_path, b"a" * 1000), "me/model", python=converter)
     code, _, stderr = cli("start", "me/model", "--name", "mine", "--port", str(free_port()))

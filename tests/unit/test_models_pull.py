@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from sage_llm import hf_cache, models
-from tests.fakes.fake_hub import FakeHub, Repo, free_port
+from tests.fakes.fake_hub import FakeHub, Repo
+from tests.support.ports import free_port
 
 CONFIG = json.dumps({"architectures": ["Qwen2ForCausalLM"], "max_position_embeddings": 4096,
                      "quantization_config": {"quant_method": "awq"}}).encode()

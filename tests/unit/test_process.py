@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 
 from sage_llm.engine import process
+from tests.support.discipline import wait_for
 
 SLEEPER = "import time, os, sys\nwhile True: time.sleep(1)"
 FORKER = ("import subprocess, sys, time\n"
@@ -24,14 +24,11 @@ def _spawn(code: str, engine_id: str, tmp_path) -> process.Spawned:
     return process.spawn([sys.executable, "-c", code], env, tmp_path / "x.log")
 
 
-def _wait_children(pid: int, n: int, timeout: float = 5.0) -> list[psutil.Process]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        kids = psutil.Process(pid).children(recursive=True)
-        if len(kids) >= n:
-            return kids
-        time.sleep(0.05)
-    raise AssertionError("children did not appear")
+def _wait_children(pid: int, n: int, timeout: float = 30.0) -> list[psutil.Process]:
+    def kids() -> list[psutil.Process]:
+        found = psutil.Process(pid).children(recursive=True)
+        return found if len(found) >= n else []
+    return wait_for(kids, timeout, what=f"{n} child process(es) of {pid}")
 
 
 def test_spawn_is_a_new_session_with_private_log(tmp_path):
@@ -88,9 +85,10 @@ def test_orphans_are_found_and_stopped_after_leader_dies(tmp_path):
 
 
 def test_sigterm_ignored_escalates_to_sigkill(tmp_path):
-    code = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)"
+    code = ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ignoring', flush=True)\n"
+            "while True: time.sleep(1)")
     s = _spawn(code, "e1", tmp_path)
-    time.sleep(0.3)
+    wait_for(lambda: "ignoring" in (tmp_path / "x.log").read_text(), 30, what="the child to ignore SIGTERM")
     escalated = []
     result = process.stop_tree(s.pid, s.create_time, "e1", timeout=0.5, on_escalate=lambda: escalated.append(1))
     s.popen.wait(timeout=5)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sage_llm.progress import STAGES, LoadProgress, StageParser, find_run_start, snapshot_of
+from tests.support.discipline import wait_for
 
 LOGS = Path(__file__).resolve().parent.parent / "fixtures" / "vllm-logs"
 
@@ -235,8 +236,6 @@ def test_stage_durations_use_the_clock() -> None:
 
 
 def test_expected_size_is_looked_up_once_when_a_download_starts(tmp_path: Path) -> None:
-    import time as _time
-
     cache = tmp_path / "hub"
     blobs = cache / "models--org--big" / "blobs"
     blobs.mkdir(parents=True)
@@ -252,9 +251,8 @@ def test_expected_size_is_looked_up_once_when_a_download_starts(tmp_path: Path) 
 
     lp = LoadProgress(log, offset=0, model="org/big", hf_cache=cache, download_check_s=0, size_lookup=lookup)
     lp.poll()
-    deadline = _time.monotonic() + 5
-    while lp.download.expected_bytes is None and _time.monotonic() < deadline:
-        _time.sleep(0.01)
+    wait_for(lambda: lp.download.expected_bytes is not None, 30, interval=0.01,
+             what="the size lookup (in the background) to answer")
     snap = lp.poll()
     lp.poll()
     assert asked == ["org/big"]

@@ -58,8 +58,8 @@ def logs(
         out.result(line)
     if not follow:
         return
-    out.info(f"following {tgt.path} (Ctrl-C to stop)")
     try:
+        out.info(f"following {tgt.path} (Ctrl-C to stop)")  # in the try: a Ctrl-C right after it is clean too
         for ev in core.follow(tgt.path, stop=core.engine_ended(tgt)):
             if ev.kind == "line":
                 out.result(ev.text)
