@@ -61,9 +61,9 @@ def real_engine(port: int, runs: int) -> list[dict]:
     if not engine:
         raise SystemExit("--engine needs SAGE_LLM_ENGINE_DIR (run `make engine`)")
     sys.path.insert(0, str(ROOT))  # tests/support: test-only code, not shipped in the wheel
-    from tests.support.tiny import TINY_REPO, build_tiny_model
+    from tests.support.tiny import CACHE_NAME, TINY_REPO, build_tiny_model
 
-    cache = ROOT / ".cache" / "tiny-hub"
+    cache = ROOT / ".cache" / CACHE_NAME
     build_tiny_model(cache, Path(engine) / "bin" / "python", TINY_REPO)
     home = Path(tempfile.mkdtemp(prefix="bench-loadgen-"))
     env = dict(os.environ, SAGE_LLM_HOME=str(home), SAGE_LLM_VLLM=str(Path(engine) / "bin" / "vllm"),

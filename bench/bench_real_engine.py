@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BIN, free_port, machine  # noqa: E402
 
 sys.path.insert(0, str(ROOT))  # the test support package (tests/support), not shipped in the wheel
-from tests.support.tiny import TINY_REPO, build_tiny_model  # noqa: E402
+from tests.support.tiny import CACHE_NAME, TINY_REPO, build_tiny_model  # noqa: E402
 
-TINY_CACHE = ROOT / ".cache" / "tiny-hub"
+TINY_CACHE = ROOT / ".cache" / CACHE_NAME
 
 
 def session_procs(sid: int) -> list[psutil.Process]:

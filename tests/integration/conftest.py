@@ -2,7 +2,7 @@
 
 * `real_vllm`    points `sage llm` at the engine environment named by SAGE_LLM_ENGINE_DIR (`make engine` builds it
                  in .engines/cpu). Without it the test is skipped, or fails under CI (CI must never skip silently).
-* `tiny_model`   the repo id of a tiny chat model built offline (once, cached in .cache/tiny-hub, by the engine's
+* `tiny_model`   the repo id of a tiny chat model built offline (once, cached in .cache/tiny-hub-N, by the engine's
                  python) and visible to vLLM through HF_HUB_CACHE + HF_HUB_OFFLINE=1. Under greedy decoding it answers
                  every short prompt with exactly TINY_REPLY.
 * `engine_port`  a function returning a free port of the "real" window (19000-19099) that no other test session
@@ -23,10 +23,10 @@ import pytest
 
 from tests.support.discipline import skip_or_fail
 from tests.support.ports import free_port
-from tests.support.tiny import TINY_REPLY, TINY_REPO, build_tiny_model
+from tests.support.tiny import CACHE_NAME, TINY_REPLY, TINY_REPO, build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_CACHE = ROOT / ".cache" / "tiny-hub"
+TINY_CACHE = ROOT / ".cache" / CACHE_NAME
 
 __all__ = ["TINY_REPLY", "TINY_REPO"]
 
@@ -55,7 +55,7 @@ def real_vllm(monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture(scope="session")
 def _tiny_cache() -> Path:
-    """Build the tiny model once (about 15-100 s, depending on load), reused by later runs: .cache/tiny-hub."""
+    """Build the tiny model once (about 15-100 s, depending on load), reused by later runs: .cache/tiny-hub-N."""
     python = engine_dir() / "bin" / "python"
     build_tiny_model(TINY_CACHE, python, TINY_REPO)
     return TINY_CACHE

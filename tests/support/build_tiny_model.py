@@ -93,8 +93,11 @@ def build_tokenizer():
     return fast
 
 
-def _messages(prompt: str, with_system: bool) -> list[dict[str, str]]:
+def _messages(prompt: str, with_system: bool, history: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """A chat ending with the user's `prompt`, after earlier exchanges (each answered with REPLY) in `history`."""
     msgs = [{"role": "system", "content": SYSTEM}] if with_system else []
+    for earlier in history:
+        msgs += [{"role": "user", "content": earlier}, {"role": "assistant", "content": REPLY}]
     return [*msgs, {"role": "user", "content": prompt}]
 
 
@@ -131,15 +134,21 @@ def train(tok):
     rng = random.Random(SEED)
     words = " ".join(_corpus()[-1:] + TRAIN_PROMPTS).split()
 
-    def row(prompt: str, with_system: bool) -> tuple[list[int], list[int]]:
-        p = _prompt_ids(tok, _messages(prompt, with_system))
+    def row(prompt: str, with_system: bool, history: tuple[str, ...] = ()) -> tuple[list[int], list[int]]:
+        p = _prompt_ids(tok, _messages(prompt, with_system, history))
         return p + reply_ids, [-100] * len(p) + reply_ids
 
+    def salad() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(1, 9)))
+
     fixed = [row(prompt, with_system) for prompt in TRAIN_PROMPTS for with_system in (False, True)]
+    # later turns of a conversation (a chat REPL keeps the history): the reply must not depend on the CPU's rounding
+    fixed += [row(prompt, False, (TRAIN_PROMPTS[i % len(TRAIN_PROMPTS)],)) for i, prompt in enumerate(TRAIN_PROMPTS)]
 
     def batch() -> tuple:
-        # the fixed prompts plus a few random word salads, so any short prompt gets the reply
-        rows = fixed + [row(" ".join(rng.choice(words) for _ in range(rng.randint(1, 9))), rng.random() < 0.5)
+        # the fixed prompts plus a few random word salads (some after one or two earlier exchanges), so any short
+        # prompt gets the reply, first turn or later
+        rows = fixed + [row(salad(), rng.random() < 0.5, tuple(salad() for _ in range(rng.choice((0, 0, 1, 2)))))
                         for _ in range(8)]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])

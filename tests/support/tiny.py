@@ -16,7 +16,18 @@ from sage_llm.errors import SageLLMError
 
 TINY_REPO = "sage-test/tiny-chat"
 TINY_REPLY = "Hello from the tiny SAGE test model."
+# bump when build_tiny_model.py changes what it trains: a cache built by an older builder is then not reused
+BUILD = 2
+CACHE_NAME = f"tiny-hub-{BUILD}"  # under the repository's .cache/
 SCRIPT = Path(__file__).resolve().parent / "build_tiny_model.py"
+
+
+def _hf_layout_dir() -> Path:
+    """Where the package keeps hf_layout.py (the HF cache layout the builder writes with): run by the engine's python,
+    which does not have sage_llm installed."""
+    import sage_llm.engine.scripts as scripts
+
+    return Path(scripts.__file__).resolve().parent
 
 
 def snapshot(cache_dir: str | Path, repo_id: str = TINY_REPO) -> Path | None:
@@ -56,7 +67,8 @@ def build_tiny_model(cache_dir: str | Path, python: str | Path, repo_id: str = T
         try:
             proc = subprocess.run([str(python), str(SCRIPT), "--cache", str(cache), "--repo", repo_id],
                                   capture_output=True, text=True, timeout=timeout,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                                       "PYTHONPATH": str(_hf_layout_dir())})
         except subprocess.TimeoutExpired as exc:
             raise SageLLMError(f"building the tiny model took more than {timeout:g} s") from exc
         except OSError as exc:
