@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,7 +21,7 @@ import pytest
 from sage_llm import gpu
 from tests.conftest import free_port
 from tests.fakes.fake_hub import FakeHub, Repo
-from tests.fakes.fake_nvml import FakeGpu, FakeNVML, GiB
+from tests.fakes.fake_nvml import FakeGpu, FakeNVML, FakeProc, GiB
 from tests.fakes.fake_openai import FakeOpenAI
 from tests.gateway import browser
 from tests.gateway.conftest import MODEL_A, MODEL_B, engine_starts
@@ -59,8 +60,9 @@ def page(chromium):
 
 @pytest.fixture
 def fake_gpu():
-    gpu.set_backend(FakeNVML([FakeGpu(total=80 * GiB, used=3 * GiB, util=37)]))
-    yield
+    nv = FakeNVML([FakeGpu(total=80 * GiB, used=3 * GiB, util=37)])
+    gpu.set_backend(nv)
+    yield nv
     gpu.reset()
 
 
@@ -157,8 +159,12 @@ def test_start_progress_chat_monitor_logs_stop(gateway, page, fake_gpu, monkeypa
     assert not rec["external"]
     assert rec["gpu_memory_utilization"] == 0.8
 
+    fake_gpu.processes[0] = [FakeProc(rec["pid"], 6 * GiB)]  # the engine now holds 6 GiB on GPU 0
+    fake_gpu.devices[0].used = 9 * GiB
     card = page.locator(f".engine-card[data-engine='{rec['name']}']")
     card.wait_for()
+    until(page, f"document.querySelector('.engine-card[data-engine=\"{rec['name']}\"]').textContent"
+                f".includes('6.00 GB')")
     text = card.inner_text()
     assert MODEL_A in text
     assert str(port) in text
@@ -177,14 +183,13 @@ def test_start_progress_chat_monitor_logs_stop(gateway, page, fake_gpu, monkeypa
     page.fill("#chat-input", "Say hello")
     page.click("#chat-send")
     until(page, "document.querySelector('.msg.assistant .content')?.textContent.length > 0 && "
-                           "!document.querySelector('.msg.assistant').dataset.done")  # caught mid-stream
+                "!document.querySelector('.msg.assistant').dataset.done")  # caught mid-stream
     answer = page.locator(".msg.assistant[data-done='1']")
     answer.wait_for()
     assert answer.get_attribute("data-source") == "local"
     assert answer.get_attribute("data-engine") == rec["name"]
     meta = answer.locator(".meta").inner_text()
-    assert meta.startswith(f"local · {rec['name']} · TTFT ")
-    assert "tokens/s" in meta
+    assert re.match(rf"local · {re.escape(rec['name'])} · TTFT \d+\.\d\d s · \d+\.\d tokens/s · \d+ tokens$", meta), meta
     assert answer.locator(".content").inner_text().strip()
     shot(page, "chat")
 
@@ -192,14 +197,34 @@ def test_start_progress_chat_monitor_logs_stop(gateway, page, fake_gpu, monkeypa
     tab(page, "monitor")
     until(page, "Number(document.querySelector('[data-chart=gpu0-mem]')?.dataset.points) >= 2")
     until(page, "Number(document.querySelector('[data-chart=gpu0-util]')?.dataset.points) >= 2")
-    assert "util: 37" in page.inner_text("[data-chart=gpu0-util] .now")
+    assert "util: 37 %" in page.inner_text("[data-chart=gpu0-util] .now")
     key = rec["name"]
     until(page, f"Number(document.querySelector('[data-chart=\"{key}-kv\"]')?.dataset.points) >= 2")
     until(page, f"Number(document.querySelector('[data-chart=\"{key}-req\"]')?.dataset.points) >= 2")
     until(page, "document.querySelector('#log').textContent.includes('Starting vLLM server')")
-    gw.chat(MODEL_A)  # a request made elsewhere shows up in the followed log
-    until(page, "document.querySelector('#log').textContent.includes('POST /v1/chat/completions')")
-    until(page, f"Number(document.querySelector('[data-chart=\"{key}-gen\"]')?.dataset.points) >= 1")
+    # load from elsewhere: the charts show it, the followed log shows its requests
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=gw.url, timeout=30) as c:
+            while not stop.is_set():
+                c.post("/v1/chat/completions", json={"model": MODEL_A, "stream": True, "max_tokens": 30,
+                                                     "messages": [{"role": "user", "content": "hi"}]}).read()
+
+    workers = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        until(page, f"Number(document.querySelector('[data-chart=\"{key}-gen\"]')?.dataset.peak) > 0")
+        until(page, f"Number(document.querySelector('[data-chart=\"{key}-req\"]')?.dataset.peak) >= 1")
+        until(page, f"Number(document.querySelector('[data-chart=\"{key}-kv\"]')?.dataset.peak) > 0")
+        until(page, "document.querySelector('#log').textContent.includes('POST /v1/chat/completions')")
+        if SHOTS:
+            time.sleep(8)  # a few more seconds of curve for the screenshot
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(30)
     shot(page, "monitor")
 
     # models: size and serving engine; removal refused while served
@@ -207,6 +232,12 @@ def test_start_progress_chat_monitor_logs_stop(gateway, page, fake_gpu, monkeypa
     row = page.locator(f"tr[data-model='{MODEL_A}']")
     row.wait_for()
     assert rec["name"] in row.inner_text()
+    size = next(m["size_on_disk"] for m in gw.client.get("/api/models").json()["models"] if m["repo_id"] == MODEL_A)
+    assert f"{size / 1024:.1f} KB" in row.inner_text()  # the size `sage llm models` shows
+    fit = page.inner_text("#recommended-table tr[data-model='Qwen/Qwen2.5-7B-Instruct'] .fit")
+    assert fit == next(r["fit"] for r in gw.client.get("/api/models").json()["recommended"]
+                       if r["repo_id"] == "Qwen/Qwen2.5-7B-Instruct")
+    assert fit
     page.on("dialog", lambda d: d.accept())
     row.locator(".rm-btn").click()
     until(page, "document.querySelector('#models-error').textContent.includes('served by')")

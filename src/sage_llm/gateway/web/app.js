@@ -14,7 +14,8 @@ const el = (tag, attrs = {}, ...kids) => {
   return e;
 };
 const GiB = 1024 ** 3;
-const fmtBytes = (b) => b == null ? "–" : b >= GiB ? `${(b / GiB).toFixed(2)} GB` : `${(b / 1024 ** 2).toFixed(1)} MB`;
+const fmtBytes = (b) => b == null ? "–" : b >= GiB ? `${(b / GiB).toFixed(2)} GB` :
+  b >= 1024 ** 2 ? `${(b / 1024 ** 2).toFixed(1)} MB` : b >= 1024 ? `${(b / 1024).toFixed(1)} KB` : `${b} B`;
 const fmtUptime = (s) => {
   if (s == null) return "–";
   s = Math.floor(s);
@@ -91,6 +92,7 @@ function renderEngines() {
         loading ? el("dd", {text: label(v.stage) + pct(v.progress)}) : null,
         v.error ? el("dt", {text: "Error"}) : null, v.error ? el("dd", {text: v.error}) : null),
       v.external ? el("p", {class: "muted small", text: "started outside sage-llm: not stopped from here"})
+        : ["failed", "stopped"].includes(v.state) ? el("p", {class: "muted small", text: "not running"})
         : el("button", {class: "danger stop-btn", type: "button", text: "Stop",
           onclick: (ev) => stopEngine(v, ev.target)}));
     box.append(card);
@@ -249,6 +251,7 @@ function connectEvents() {
     const ev = JSON.parse(msg.data);
     const mine = state.starting && ev.model === state.starting.model;
     if (kind === "loading" && mine) showProgress(ev.model, ev);
+    if (kind === "loading") scheduleRefresh(false);  // the loading card follows the stages too
     else if (kind === "ready" && mine) startDone(ev.model);
     else if (kind === "failed" && mine) startFailed(ev.model, ev.error);
     if (kind === "pull") renderPull(ev);
@@ -404,20 +407,22 @@ function drawChart(box, lines, now, unit, top) {
   ctx.clearRect(0, 0, W, H);
   ctx.strokeStyle = "#d9dde3";
   ctx.strokeRect(0.5, 0.5, W - 1, H - 1);
-  let max = top || 0;
-  for (const l of lines) for (const [, v] of l.points) max = Math.max(max, v);
+  let peak = 0, oldest = now;
+  for (const l of lines) for (const [t, v] of l.points) { peak = Math.max(peak, v); oldest = Math.min(oldest, t); }
+  let max = Math.max(top || 0, peak);
+  const span = Math.min(WINDOW_S, Math.max(60, now - oldest));  // the last minutes, or since the page opened
   if (max <= 0) max = 1;
   ctx.fillStyle = "#6b7480";
   ctx.font = "10px system-ui";
   ctx.fillText(`${+max.toFixed(2)} ${unit}`, 4, 11);
-  ctx.fillText(`-${WINDOW_S / 60} min`, 4, H - 4);
+  ctx.fillText(span >= 120 ? `-${Math.round(span / 60)} min` : `-${Math.round(span)} s`, 4, H - 4);
   let count = 0;
   for (const l of lines) {
     ctx.strokeStyle = l.color;
     ctx.lineWidth = 1.5;
     ctx.beginPath();
     l.points.forEach(([t, v], i) => {
-      const x = W - ((now - t) / WINDOW_S) * W;
+      const x = W - ((now - t) / span) * W;
       const y = H - 4 - (v / max) * (H - pad);
       if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
     });
@@ -425,9 +430,10 @@ function drawChart(box, lines, now, unit, top) {
     count += l.points.length;
   }
   box.dataset.points = String(count);
+  box.dataset.peak = String(peak);
   box.querySelector(".now").textContent = lines.map((l) => {
     const last = l.points[l.points.length - 1];
-    return `${l.name}: ${last ? +last[1].toFixed(2) : "–"}`;
+    return `${l.name}: ${last ? +last[1].toFixed(2) : "–"}${unit && last ? ` ${unit}` : ""}`;
   }).join(" · ");
 }
 
@@ -515,6 +521,18 @@ async function refreshModels() {
         onclick: (ev) => removeModel(m.repo_id, ev.target)}))));
   }
   if (!doc.models.length) tb.append(el("tr", {}, el("td", {colspan: 5, class: "muted", text: "no models downloaded"})));
+  const rb = $("#recommended-table tbody");
+  rb.replaceChildren();
+  const have = new Set(doc.models.map((m) => m.repo_id));
+  for (const r of doc.recommended || []) {
+    rb.append(el("tr", {"data-model": r.repo_id},
+      el("td", {text: r.repo_id}), el("td", {text: r.tag || ""}),
+      el("td", {text: `${r.weights_gib} GiB`}), el("td", {text: `${r.min_gpu_memory_gib} GiB`}),
+      el("td", {class: "fit", text: r.fit || ""}),
+      el("td", {}, have.has(r.repo_id) ? el("span", {class: "muted small", text: "downloaded"}) :
+        el("button", {type: "button", class: "pull-btn", text: "Pull", onclick: () => pullModel(r.repo_id)}))));
+  }
+  $("#gpu-fit-note").textContent = doc.gpu_error ? `fit: ${doc.gpu_error}` : "";
   for (const p of doc.pulls || []) renderPull(p);
 }
 
@@ -547,15 +565,18 @@ function renderPull(p) {
     (pct != null && p.state === "downloading" ? ` (${pct.toFixed(0)}%)` : "");
 }
 
-$("#pull-form").addEventListener("submit", async (ev) => {
+$("#pull-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
-  const model = $("#pull-model").value.trim();
+  pullModel($("#pull-model").value.trim());
+});
+
+async function pullModel(model) {
   try {
     renderPull(await api("/api/models/pull", {model}));
   } catch (e) {
     renderPull({model, state: "failed", error: e.message, bytes: 0});
   }
-});
+}
 
 // ------------------------------------------------------------------------------------------------ boot
 (async function boot() {
