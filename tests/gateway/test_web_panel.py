@@ -189,7 +189,8 @@ def test_start_progress_chat_monitor_logs_stop(gateway, page, fake_gpu, monkeypa
     assert answer.get_attribute("data-source") == "local"
     assert answer.get_attribute("data-engine") == rec["name"]
     meta = answer.locator(".meta").inner_text()
-    assert re.match(rf"local · {re.escape(rec['name'])} · TTFT \d+\.\d\d s · \d+\.\d tokens/s · \d+ tokens$", meta), meta
+    pattern = rf"local · {re.escape(rec['name'])} · TTFT \d+\.\d\d s · \d+\.\d tokens/s · \d+ tokens$"
+    assert re.match(pattern, meta), meta
     assert answer.locator(".content").inner_text().strip()
     shot(page, "chat")
 
