@@ -307,8 +307,9 @@ def test_auto_source_falls_back_to_the_cloud(gateway, page, monkeypatch) -> None
 
 
 def test_pull_with_progress_then_remove(gateway, page, monkeypatch) -> None:
-    hub = FakeHub(repos={"org/remote": Repo({"config.json": json.dumps({"architectures": ["LlamaForCausalLM"],
-                                                                        "model_type": "llama"}).encode(),
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "quantization_config": {"quant_method": "gptq", "bits": 4}}
+    hub = FakeHub(repos={"org/remote": Repo({"config.json": json.dumps(config).encode(),
                                              "model.safetensors": b"w" * 3_000_000})}).start()
     try:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
@@ -323,6 +324,11 @@ def test_pull_with_progress_then_remove(gateway, page, monkeypatch) -> None:
         assert "MB" in page.inner_text("tr[data-model='org/remote']")
         # the new model is offered in the start form too
         page.wait_for_selector("#start-model option[value='org/remote']", state="attached")
+        assert "gptq" in page.inner_text("tr[data-model='org/remote']")
+        tab(page, "engines")
+        page.select_option("#start-model", "org/remote")
+        assert page.inner_text("#start-quant") == "gptq (from the model's config)"
+        tab(page, "models")
         page.on("dialog", lambda d: d.accept())
         page.locator("tr[data-model='org/remote'] .rm-btn").click()
         page.wait_for_selector("tr[data-model='org/remote']", state="detached")
