@@ -391,3 +391,32 @@ def test_a_page_on_another_origin_cannot_drive_the_api(gateway, page, home) -> N
     cards = httpx.get(target + "/v1/models").json()["data"]
     assert all(c["state"] == "available" for c in cards), cards
     assert gw.gw.web.pulls == {}
+
+
+def test_an_external_engine_is_shown_as_such_without_stop(gateway, page) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import FAKE_VLLM
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(FAKE_VLLM), "serve", "hand/started", "--port", str(port)],
+                            env=dict(os.environ, FAKE_VLLM_LOAD_S="0.1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        gw = gateway(external=True)
+        page.goto(gw.url + "/")
+        card = page.locator(f".engine-card[data-engine='external-{port}']")
+        card.wait_for(timeout=30_000)
+        page.wait_for_selector(f".engine-card[data-engine='external-{port}'][data-state=ready]")
+        assert "external" in card.locator("h3").inner_text()
+        assert "hand/started" in card.inner_text()
+        assert card.locator(".stop-btn").count() == 0
+        assert "not stopped from here" in card.inner_text()
+        # the chat page may use it: local is enabled while an engine is ready
+        tab(page, "chat")
+        page.wait_for_selector("#source-local:not([disabled])")
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait()
