@@ -137,12 +137,14 @@ def test_start_progress_chat_monitor_logs_stop(gateway, page, fake_gpu, monkeypa
 
     page.select_option("#start-model", MODEL_A)
     page.fill("#gpu-util", "0.8")
+    until(page, "document.querySelector('#gpu-util-gb').textContent === '(64.0 of 80 GB on GPU 0)'")
     port = free_port()
     page.fill("#start-port", str(port))
     watch_progress(page)
     page.click("#start-btn")
     assert page.locator("#start-btn").is_disabled()
     page.wait_for_selector("#start-progress[data-stage=loading_weights]")
+    until(page, "/^\\d+%$/.test(document.querySelector('#progress-pct').textContent)")  # a live percentage
     shot(page, "starting")
     page.wait_for_selector("#start-progress[data-stage=ready]")
     seen = page.evaluate("window.__seen")

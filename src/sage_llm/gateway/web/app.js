@@ -92,7 +92,8 @@ function renderEngines() {
         loading ? el("dd", {text: label(v.stage) + pct(v.progress)}) : null,
         v.error ? el("dt", {text: "Error"}) : null, v.error ? el("dd", {text: v.error}) : null),
       v.external ? el("p", {class: "muted small", text: "started outside sage-llm: not stopped from here"})
-        : ["failed", "stopped"].includes(v.state) ? el("p", {class: "muted small", text: "not running"})
+        : !["ready", "unhealthy", "sleeping"].includes(v.state) ?
+          el("p", {class: "muted small", text: v.state === "failed" ? "not running" : "stop is offered once loaded"})
         : el("button", {class: "danger stop-btn", type: "button", text: "Stop",
           onclick: (ev) => stopEngine(v, ev.target)}));
     box.append(card);
@@ -170,7 +171,14 @@ function modelChanged() {
   $("#model-note").textContent = rec ? `${rec.note || ""} needs ~${rec.min_gpu_memory_gib} GiB GPU memory: ${rec.fit}` : "";
 }
 $("#start-model").addEventListener("change", modelChanged);
-$("#gpu-util").addEventListener("input", () => { $("#gpu-util-out").textContent = Number($("#gpu-util").value).toFixed(2); });
+function utilChanged() {
+  const u = Number($("#gpu-util").value);
+  $("#gpu-util-out").textContent = u.toFixed(2);
+  const g = state.frame && state.frame.gpus[0];  // vLLM's share of each GPU it uses: what that is in GB here
+  $("#gpu-util-gb").textContent = g && g.memory_total_bytes ?
+    `(${(u * g.memory_total_bytes / GiB).toFixed(1)} of ${(g.memory_total_bytes / GiB).toFixed(0)} GB on GPU ${g.index})` : "";
+}
+$("#gpu-util").addEventListener("input", utilChanged);
 
 $("#start-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
@@ -201,6 +209,7 @@ function label(stage) { return state.labels[stage] || stage; }
 function showProgress(model, ev) {
   $("#start-progress").classList.remove("hidden");
   $("#progress-model").textContent = model;
+  $("#progress-verb").textContent = ev.stage === "ready" ? "Started" : "Starting";
   const stage = ev.stage || "launching";
   $("#start-progress").dataset.stage = stage;
   $("#progress-stage").textContent = label(stage);
@@ -215,8 +224,9 @@ function showProgress(model, ev) {
   const idx = state.stages.indexOf(stage);
   state.stages.forEach((s, i) => {
     if (s === "downloading" && !seen.includes(s)) return;
-    ol.append(el("li", {class: i < idx || stage === "ready" ? "done" : i === idx ? "current" : "", "data-stage": s,
-      text: label(s)}));
+    // green: stages this load went through (as the events reported them); grey: not (yet) seen
+    const cls = s === stage ? (stage === "ready" ? "done" : "current") : seen.includes(s) && i < idx ? "done" : "";
+    ol.append(el("li", {class: cls, "data-stage": s, text: label(s)}));
   });
 }
 
@@ -385,6 +395,7 @@ async function refreshMonitor() {
   }
   state.monitorAt = t;
   state.frame = f;
+  utilChanged();
   $("#gpu-error").textContent = f.gpu_error ? `GPU: ${f.gpu_error}` : "";
   if (!$("#tab-monitor").classList.contains("hidden")) drawCharts();
 }
