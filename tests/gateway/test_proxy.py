@@ -120,3 +120,14 @@ def test_queue_is_bounded(gateway, monkeypatch) -> None:
     busy = next(a for a in answers if a.status_code == 503)
     assert busy.json()["error"]["code"] == "queue_full"
     assert int(busy.headers["Retry-After"]) >= 1
+
+
+def test_a_get_never_loads_a_model(gateway, home) -> None:
+    gw = gateway()
+    r = gw.client.get("/v1/models/" + MODEL_A)
+    assert r.status_code == 200
+    r = gw.client.get("/v1/anything", params={"model": MODEL_A})
+    assert r.status_code == 409
+    assert r.json()["error"]["code"] == "model_not_loaded"
+    assert gw.client.get("/v1/anything").status_code == 400
+    assert engine_starts(home) == 0

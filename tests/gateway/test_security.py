@@ -86,3 +86,25 @@ def test_gateway_never_forwards_engine_dev_routes(gateway) -> None:
         r = gw.client.post(path, content=b"{}", headers={"Content-Type": "application/json"})
         assert r.status_code in (400, 404), path
     assert httpx.get(f"{gw.url}/is_sleeping").status_code == 404
+
+
+@pytest.mark.parametrize(("host", "ok"), [("localhost:8901", True), ("127.0.0.1", True), ("[::1]:8901", True),
+                                          ("127.0.0.2:8901", True), ("app.localhost", True), ("", False),
+                                          (None, False), ("evil.example:8901", False),
+                                          ("localhost.evil.example", False), ("0.0.0.0:8901", False),
+                                          ("192.168.1.10:8901", False)])
+def test_host_rule(host, ok) -> None:
+    from sage_llm.gateway.security import host_ok
+
+    assert host_ok(host, "127.0.0.1") is ok
+
+
+@pytest.mark.parametrize(("origin", "ok"), [(None, True), ("http://localhost:8765", True), ("http://127.0.0.1", True),
+                                            ("https://[::1]:3000", True), ("null", False), ("", False),
+                                            ("http://evil.example", False), ("file://", False),
+                                            ("http://localhost.evil.example", False),
+                                            ("http://studio.example:8765", True)])
+def test_origin_rule(origin, ok) -> None:
+    from sage_llm.gateway.security import origin_ok
+
+    assert origin_ok(origin, "127.0.0.1", 8901, ["http://studio.example:8765/"]) is ok

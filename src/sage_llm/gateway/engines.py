@@ -185,6 +185,17 @@ def alive(engine: Engine) -> bool:
         return False
 
 
+def cache_stamp() -> Any:
+    """Changes when a model repo is added to or removed from the hub cache (its directory's mtime)."""
+    from sage_llm import hf_cache
+
+    try:
+        st = hf_cache.hub_cache_dir().stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_ino)
+
+
 def cached_models() -> list[Any]:
     """Complete models in the Hugging Face cache (hf_cache.LocalModel)."""
     from sage_llm import hf_cache
@@ -217,6 +228,20 @@ def host_memory_check(model: str, cpu_engine: bool) -> None:
         raise NotEnoughMemory(f"{model} needs about {need / 1024**3:.1f} GiB of host memory (weights + KV cache), "
                               f"{avail / 1024**3:.1f} GiB is available",
                               hint="stop an engine, or lower VLLM_CPU_KVCACHE_SPACE")
+
+
+def host_ram_holds(model: str | None) -> bool:
+    """Sleep level 1 moves the weights to host RAM: is there room for them (their size on disk, plus 10 %)?"""
+    import psutil
+
+    from sage_llm import hf_cache
+
+    size = None
+    with contextlib.suppress(Exception):
+        size = next((m.size_on_disk for m in hf_cache.list_models() if m.repo_id == model), None)
+    if size is None:
+        return False  # unknown size: stop rather than risk the host's memory
+    return size * 1.1 < psutil.virtual_memory().available
 
 
 def is_cpu_engine() -> bool:

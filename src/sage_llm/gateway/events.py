@@ -21,6 +21,7 @@ class EventBus:
         self.queue_size = queue_size
         self.loop: asyncio.AbstractEventLoop | None = None
         self.seq = 0
+        self.listeners: list[Any] = []  # callables(event), e.g. `gateway run` printing one line per event
 
     def publish(self, kind: str, **data: Any) -> dict[str, Any]:
         self.seq += 1
@@ -30,6 +31,11 @@ class EventBus:
             if q.full():
                 q.get_nowait()
             q.put_nowait(event)
+        for fn in self.listeners:
+            try:
+                fn(event)
+            except Exception:  # a printing listener must never break the gateway
+                self.listeners.remove(fn)
         return event
 
     def publish_threadsafe(self, kind: str, **data: Any) -> None:
@@ -43,6 +49,26 @@ class EventBus:
 
     def unsubscribe(self, q: asyncio.Queue[dict[str, Any]]) -> None:
         self.subscribers.discard(q)
+
+
+def describe(event: dict[str, Any]) -> str | None:
+    """One human line for an event (None for the noisy ones: loading progress ticks)."""
+    kind, model = event.get("event"), event.get("model")
+    if kind == "loading":
+        return f"loading {model}" if event.get("stage") == "launching" else None
+    if kind == "ready":
+        took = f" in {event['load_s']:.1f} s" if event.get("load_s") is not None else ""
+        return f"{model} ready{took} (engine {event.get('engine')})" + (" (woken)" if event.get("woke") else "")
+    if kind == "failed":
+        return f"{model}: {event.get('error')}"
+    if kind in ("stopping", "sleeping", "waking", "adopted"):
+        return f"{kind} {model} (engine {event.get('engine')})" + (f": {event['reason']}" if event.get("reason")
+                                                                   else "")
+    if kind == "stopped":
+        return f"stopped {model} (engine {event.get('engine')}, {event.get('reason')})"
+    if kind == "warning":
+        return f"warning: {event.get('error')}"
+    return None
 
 
 def sse_frame(event: dict[str, Any]) -> bytes:

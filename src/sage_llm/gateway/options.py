@@ -238,5 +238,8 @@ def resolve(host: str | None = None, port: int | None = None, ttl: str | None = 
     opts.allowed_origins = list(allowed_origins or table.get("allowed_origins", []) or [])
     env_origins = os.environ.get("SAGE_LLM_GATEWAY_ORIGINS", "")
     opts.allowed_origins += [o.strip() for o in env_origins.split(",") if o.strip()]
+    from sage_llm import settings
+
+    opts.load_timeout = float(settings.get("start_timeout"))  # SAGE_LLM_STARTUP_TIMEOUT, as `start` waits
     opts.profiles = read_profiles()
     return opts

@@ -20,13 +20,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sage_llm.errors import SageLLMError
+from sage_llm.errors import SageLLMError, UsageError
 from sage_llm.gateway import engines
 from sage_llm.gateway.events import EventBus
 from sage_llm.gateway.metrics import Metrics
 from sage_llm.gateway.options import VIRTUAL_MODELS, GatewayOptions, Profile
 
 FAILURE_HOLD_S = 60.0
+CACHE_RESCAN_S = 30.0  # the HF cache is rescanned when its directory changes, else at most this often
 CRASH_WINDOW_S = 600.0
 VRAM_SETTLE_S = (0.5, 1.0, 2.0)  # waits before retrying a start after an unload: free VRAM shows up late (lesson 6)
 
@@ -74,6 +75,7 @@ class Slot:
     error: str | None = None
     error_at: float = 0.0
     hold_until: float = 0.0  # while failed: no automatic load before this (monotonic)
+    changed_at: float = 0.0  # last lifecycle change by the gateway (monotonic): newer than a refresh's snapshot wins
     crashes: list[float] = field(default_factory=list)
     stage: str | None = None
     progress: float | None = None
@@ -117,6 +119,9 @@ class Router:
         self._refresh_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
         self._last_settings: dict[str, dict[str, Any]] = {}
+        self._cached: list[Any] = []
+        self._cache_stamp: Any = None
+        self._cache_read_at = 0.0
         for model, profile in opts.profiles.items():
             self._slot(model).profile = profile
 
@@ -155,8 +160,14 @@ class Router:
     async def refresh(self) -> None:
         """Re-read engines (records + external vLLMs), the HF cache and the profiles, and reconcile the slots."""
         async with self._refresh_lock:
+            taken = time.monotonic()  # what happened to a slot after this is newer than the snapshot
             found, views = await asyncio.to_thread(engines.inspect, self.own_ports, True, self.opts.external)
-            cached = await asyncio.to_thread(engines.cached_models)
+            stamp = await asyncio.to_thread(engines.cache_stamp)
+            now = time.monotonic()
+            if stamp != self._cache_stamp or now - self._cache_read_at > CACHE_RESCAN_S:
+                self._cached = await asyncio.to_thread(engines.cached_models)
+                self._cache_stamp, self._cache_read_at = stamp, now
+            cached = self._cached
             if self.cpu is None:
                 self.cpu = await asyncio.to_thread(engines.is_cpu_engine)
         self.engines, self.views = found, views
@@ -179,7 +190,7 @@ class Router:
                 self._last_settings[key] = e.settings
                 if slot.profile is not None and not slot.profile.configured:
                     slot.profile.settings = e.settings
-            if slot.state in ("loading", "stopping") or slot.lock.locked():
+            if slot.state in ("loading", "stopping") or slot.lock.locked() or slot.changed_at >= taken:
                 continue
             if slot.state == "sleeping" and slot.engine and slot.engine.name == e.name:
                 continue
@@ -198,7 +209,8 @@ class Router:
                     slot.last_used = time.monotonic()
                     self.bus.publish("adopted", model=key, engine=e.name)
         for key, slot in self.slots.items():
-            if key in seen or slot.engine is None or slot.state in ("loading", "stopping") or slot.lock.locked():
+            if (key in seen or slot.engine is None or slot.state in ("loading", "stopping") or slot.lock.locked()
+                    or slot.changed_at >= taken):
                 continue
             if slot.engine.static:
                 continue
@@ -248,11 +260,19 @@ class Router:
         slot = self.find(settings.get("default_model"))
         return slot if slot is not None and slot.loadable else None
 
-    async def route(self, model: str | None) -> Backend:
-        """Where a request naming `model` goes; loads the model first if needed (may wait)."""
+    async def route(self, model: str | None, load: bool = True) -> Backend:
+        """Where a request naming `model` goes; loads the model first if needed (may wait). With `load=False` (GET
+        requests: no state change on a GET) only a model already being served is routed to."""
         name = model or "auto"
         if name in self.opts.upstreams:
             return Backend("local", self.opts.upstreams[name], None, None, name, None)
+        if not load:
+            slot = self.find(name)
+            if slot is None or slot.state != "ready" or slot.engine is None:
+                raise GatewayError(409, f"model {name!r} is not loaded; a GET never loads a model (send a POST "
+                                   "request naming it, or POST /api/local-engine/start)", code="model_not_loaded",
+                                   param="model")
+            return self._local(slot, slot.engine, rewrite=None)
         if name in VIRTUAL_MODELS:
             if name == "cloud":
                 return self._cloud(None, True)
@@ -354,6 +374,10 @@ class Router:
             self.metrics.load(slot.key, False)
             self.bus.publish("failed", model=slot.key, error=exc.message)
             raise
+        except UsageError as exc:  # bad input (e.g. a model name vLLM cannot take): nothing was started
+            slot.state, slot.engine = "available", None
+            raise GatewayError(400, exc.message + (f" (hint: {exc.hint})" if exc.hint else ""),
+                               code="invalid_value", param="model") from None
         except SageLLMError as exc:
             msg = exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
             slot.state, slot.error, slot.error_at, slot.engine = "failed", msg, time.monotonic(), None
@@ -368,6 +392,7 @@ class Router:
             raise
         finally:
             slot.loading = None
+            slot.changed_at = time.monotonic()
 
     async def _start(self, slot: Slot, port: int | None) -> engines.Engine:
         from sage_llm.engine.placement import InsufficientGpuMemory
@@ -428,7 +453,9 @@ class Router:
     async def _evict_one(self, exclude: Slot | None, reason: str) -> bool:
         """Free the least recently used idle unpinned engine: sleep it (GPU, --sleep) or stop it."""
         for victim in self._victims(exclude):
-            if victim.state == "ready" and self.opts.sleep and not self.cpu and await self._sleep(victim):
+            if (victim.state == "ready" and self.opts.sleep and not self.cpu
+                    and await asyncio.to_thread(engines.host_ram_holds, victim.engine and victim.engine.model)
+                    and await self._sleep(victim)):
                 return True
             if await self.unload(victim, reason):
                 return True
@@ -449,7 +476,7 @@ class Router:
                 self.bus.publish("failed", model=slot.key, engine=engine.name, error=exc.message)
                 return False
             slot.engine, slot.state, slot.stage, slot.progress = None, "available", None, None
-            self._freed_at = time.monotonic()
+            self._freed_at = slot.changed_at = time.monotonic()
             self.metrics.unload(slot.key, reason)
             self.bus.publish("stopped", model=slot.key, engine=engine.name, reason=reason)
             return True
@@ -472,6 +499,7 @@ class Router:
                 slot.state, slot.error = "failed", exc.message
                 raise GatewayError(500, exc.message, "server_error", "stop_failed") from None
             slot.engine, slot.state = None, "available" if slot.loadable else "gone"
+            slot.changed_at = time.monotonic()
             self.metrics.unload(slot.key, reason)
             self.bus.publish("stopped", model=slot.key, engine=engine.name, reason=reason)
             if slot.state == "gone":
@@ -502,7 +530,7 @@ class Router:
                 ok = False
             if ok:
                 slot.state = "sleeping"
-                self._freed_at = time.monotonic()
+                self._freed_at = slot.changed_at = time.monotonic()
                 self.metrics.unload(slot.key, "slept")
                 self.bus.publish("sleeping", model=slot.key, engine=slot.engine.name, level=1)
             return ok
@@ -546,7 +574,7 @@ class Router:
         failed (reported, not restarted in a loop), else the next request restarts it."""
         now = time.monotonic()
         slot.crashes = [t for t in slot.crashes if now - t < CRASH_WINDOW_S] + [now]
-        slot.engine = None
+        slot.engine, slot.changed_at = None, now
         if len(slot.crashes) >= 2:
             slot.state, slot.error, slot.error_at = "failed", (
                 f"engine {engine.name} died {len(slot.crashes)} times in {int(CRASH_WINDOW_S / 60)} minutes; not "

@@ -74,6 +74,7 @@ class Gateway:
         r.add_post("/api/local-engine/stop", self.local_stop)
         r.add_get("/api/status", self.full_status)
         r.add_get("/api/gateway", self.gateway_info)
+        r.add_get("/api/llm/status", self.llm_status)
         r.add_get("/api/events", self.events)
         self.web.register(app)  # the panel at / and the routes it uses beyond the seed's API (webapi.py)
         r.add_route("*", "/v1/{tail:.*}", self.proxy)
@@ -87,6 +88,7 @@ class Gateway:
         self.bus.loop = asyncio.get_running_loop()
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                             cookie_jar=aiohttp.DummyCookieJar(),  # a relay keeps no cookies
                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         self.router.session = self.session
         await self.router.refresh()  # adopts the engines a previous gateway left running
@@ -154,6 +156,21 @@ class Gateway:
     async def local_status(self, request: web.Request) -> web.Response:
         return web.json_response(engines.local_engine_status(self.router.views))
 
+    async def llm_status(self, request: web.Request) -> web.Response:
+        """The shape SAGE Studio's frontend polls (GET /api/llm/status), for the gateway as its local LLM service."""
+        cards = self.router.catalog()
+        ready = [c for c in cards if c["state"] == "ready"]
+        local = engines.local_engine_status(self.router.views)
+        failed = [c for c in cards if c["state"] == "failed" and c.get("error")]
+        info = self.info()
+        return web.json_response({
+            "running": True, "healthy": bool(ready), "service_type": "sage-llm-gateway",
+            "model_name": local.get("model") or (ready[0]["id"] if ready else None), "base_url": info["url"],
+            "is_local": True, "available_models": [c["id"] for c in cards],
+            "details": {"ready": [c["id"] for c in ready], "local_engine": local, "queued": self.router.queued,
+                        "version": __version__},
+            "error": failed[0]["error"] if failed and not ready else None})
+
     async def full_status(self, request: web.Request) -> web.Response:
         doc = await asyncio.to_thread(engines.status_document)
         doc["gateway"] = {k: v for k, v in self.info().items() if k != "models"}
@@ -204,6 +221,16 @@ class Gateway:
         if unknown:
             raise GatewayError(400, f"unknown field(s) {', '.join(sorted(unknown))} in LocalEngineStartRequest",
                                code="invalid_value")
+        if self.router.find(model) is None:
+            from sage_llm.engine.vllm import LaunchSpec, validate
+            from sage_llm.errors import UsageError
+
+            try:  # the model name and values, checked as `start` checks them, before anything is recorded
+                validate(LaunchSpec(model=model, host="127.0.0.1", port=port or self.opts.engine_port,
+                                    gpu_memory_utilization=float(util or 0.9), quantization=quant))
+            except UsageError as exc:
+                raise GatewayError(400, exc.message + (f" (hint: {exc.hint})" if exc.hint else ""),
+                                   param="model", code="invalid_value") from None
         slot = self.router.find(model) or self.router._slot(model)
         base = slot.profile or Profile(model=model)
         if util is not None or quant is not None:
@@ -259,6 +286,8 @@ class Gateway:
                     await resp.write(b": keep-alive\n\n")
                     continue
                 await resp.write(sse_frame(event))
+                if event["event"] == "gateway" and event.get("state") == "stopping":
+                    break  # let the shutdown finish instead of waiting for this client to go away
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
@@ -285,11 +314,14 @@ class Gateway:
             model = body.get("model")
         else:
             model = request.query.get("model")
+            if not model:
+                return error_response(400, f"GET {path} needs ?model=NAME (the engine to ask)", param="model",
+                                      code="invalid_value")
         if model is not None and not isinstance(model, str):
             return error_response(400, "`model` must be a string", param="model", code="invalid_value")
         label = model or "auto"
         try:
-            backend = await self.router.route(model)
+            backend = await self.router.route(model, load=request.method != "GET")
         except GatewayError as exc:
             self.metrics.request(label, "none", exc.status, time.monotonic() - t0)
             return from_gateway_error(exc)

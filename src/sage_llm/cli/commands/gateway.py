@@ -69,6 +69,14 @@ def run(host: HostOpt = None, port: PortOpt = None, ttl: TtlOpt = None, max_engi
     from sage_llm.gateway import server
 
     def ready(gw: Any) -> None:
+        from sage_llm.gateway.events import describe
+
+        def show(event: dict[str, Any]) -> None:
+            line = describe(event)
+            if line:
+                out.info(line)
+
+        gw.bus.listeners.append(show)
         host_ = opts.host if ":" not in opts.host else f"[{opts.host}]"
         out.result(f"gateway ready: http://{host_}:{opts.port}/v1 (pid {__import__('os').getpid()})")
         out.hint("models: GET /v1/models | management: /api/local-engine/status | events: /api/events | "

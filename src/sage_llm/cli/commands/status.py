@@ -78,6 +78,10 @@ def status(
 
             if doc["gpu_error"] and doc["gpu_error"] != NO_DRIVER:
                 out.info(f"GPU: {doc['gpu_error']}")
+        gw = doc.get("gateway")
+        if gw is not None and target is None:
+            out.info(f"gateway: {gw['url']} (pid {gw['pid']})" if gw["running"] else
+                     f"gateway: not running (stale record, pid {gw['pid']}; `sage llm gateway stop` clears it)")
     if target is not None:
         if not views:
             out.error(f"no engine named or on port {target!r}", "see `sage llm status`")
