@@ -194,3 +194,31 @@ def test_browser_tests_skip_outside_ci_and_fail_in_ci(tmp_path: Path) -> None:
     out = subprocess.run(cmd, env={**env, "CI": "1"}, cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stdout
     assert "browser tests must run in CI: Chromium is absent" in out.stdout
+
+
+def test_a_followed_log_ends_when_the_gateway_stops(gateway, stop_all) -> None:
+    import threading
+
+    gw = gateway(keep_engines=True)  # the engine lives on: only the gateway's stop can end the stream
+    e = start(gw)
+    got: list[str] = []
+    opened = threading.Event()
+
+    def follow() -> None:
+        with httpx.Client(base_url=gw.url, timeout=60) as c, \
+                c.stream("GET", f"/api/engines/{e['name']}/logs", params={"follow": 1, "n": 1}) as s:
+            for line in s.iter_lines():
+                opened.set()
+                if line.startswith("event: "):
+                    got.append(line[7:])
+
+    t = threading.Thread(target=follow, daemon=True)
+    t.start()
+    assert opened.wait(10)
+    t0 = time.monotonic()
+    gw.stop()
+    took = time.monotonic() - t0
+    t.join(10)
+    assert not t.is_alive()
+    assert got[-1] == "end"
+    assert took < 20, took  # not held up by the open stream (aiohttp's shutdown waits 60 s for handlers)

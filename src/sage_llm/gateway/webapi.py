@@ -217,7 +217,14 @@ class WebAPI:
             seq += 1
             await resp.write(sse_frame({"id": seq, "event": kind, "text": text}))
 
+        async def gateway_stopping() -> None:  # a shutdown ends the stream instead of waiting for the client
+            stop_event = getattr(self.gw, "stop_event", None)
+            if stop_event is not None:
+                await stop_event.wait()
+                put("end", "the gateway is stopping")
+
         thread = threading.Thread(target=reader, daemon=True, name=f"sage-logs-{target.name}")
+        watcher = asyncio.ensure_future(gateway_stopping())
         try:
             for line in lines:
                 await send("line", line)
@@ -235,6 +242,7 @@ class WebAPI:
             pass
         finally:
             quit_.set()
+            watcher.cancel()
         return resp
 
     # ------------------------------------------------------------------------------------------------- models
