@@ -406,6 +406,16 @@ def test_an_external_engine_is_shown_as_such_without_stop(gateway, page) -> None
                             env=dict(os.environ, FAKE_VLLM_LOAD_S="0.1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
+        # ready before the gateway looks (the panel's display is under test here, not the router's adoption of an
+        # external engine still loading)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
         gw = gateway(external=True)
         page.goto(gw.url + "/")
         card = page.locator(f".engine-card[data-engine='external-{port}']")

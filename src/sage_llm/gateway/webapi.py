@@ -127,7 +127,8 @@ class WebAPI:
             slot = by_engine.get(e.name)
             started = parse_iso(e.started_at)
             uptime = round(now - started, 1) if started else None
-            state = slot.state if slot is not None and slot.state in ("sleeping", "stopping", "loading") else e.state
+            # the engine's own state, except what only the gateway knows (it put the engine to sleep, is stopping it)
+            state = slot.state if slot is not None and slot.state in ("sleeping", "stopping") else e.state
             out.append({"name": e.name, "model": e.model, "served_model_name": e.served, "port": e.port, "pid": e.pid,
                         "state": state, "managed": e.managed, "managed_by_gateway": e.owned, "external": not e.managed,
                         "gpu_memory_bytes": e.gpu_memory_bytes,
