@@ -432,3 +432,38 @@ def test_an_external_engine_is_shown_as_such_without_stop(gateway, page) -> None
     finally:
         proc.terminate()
         proc.wait()
+
+
+def test_a_gateway_with_an_api_key_asks_for_it_once(gateway, page, monkeypatch) -> None:
+    monkeypatch.setenv("PANEL_TEST_GW_KEY", "sk-panel-secret")
+    gw = gateway(api_key_env="PANEL_TEST_GW_KEY")
+    assert gw.client.get("/api/engines").status_code == 401  # the data needs the key; the page's files do not
+    assert gw.client.get("/").status_code == 200
+    assert gw.client.get("/static/app.js").status_code == 200
+    assert gw.client.get("/static/nothing.js").status_code == 401
+    page.goto(gw.url + "/")
+    page.wait_for_selector("#key-box:not(.hidden)")
+    page.fill("#key-input", "sk-wrong")
+    page.click("#key-btn")
+    page.wait_for_load_state()
+    until(page, "document.querySelector('#key-error').textContent === 'wrong key'")
+    page.fill("#key-input", "sk-panel-secret")
+    page.click("#key-btn")
+    page.wait_for_load_state()
+    page.wait_for_selector("#status[data-state=idle]")
+    assert page.locator("#key-box").is_hidden()
+    # start with live progress (the event stream carries the key too), chat, log follow
+    page.wait_for_selector(f"#start-model option[value='{MODEL_A}']", state="attached")
+    page.select_option("#start-model", MODEL_A)
+    page.click("#start-btn")
+    page.wait_for_selector("#start-progress[data-stage=ready]")
+    tab(page, "chat")
+    page.wait_for_selector("#source-local:not([disabled])")
+    page.fill("#chat-input", "hi")
+    page.click("#chat-send")
+    answer = page.locator(".msg.assistant[data-done='1']")
+    answer.wait_for()
+    assert answer.get_attribute("data-source") == "local"
+    tab(page, "monitor")
+    until(page, "document.querySelector('#log').textContent.includes('POST /v1/chat/completions')")
+    assert "sk-panel-secret" not in page.url

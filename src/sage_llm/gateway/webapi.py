@@ -32,6 +32,13 @@ MONITOR_MIN_S = 0.9  # several pages polling share one tick per second
 PULL_EVENT_S = 0.25  # at most this often a `pull` progress event per download
 
 
+def is_page_asset(method: str, path: str) -> bool:
+    """GET / and GET /static/NAME: the panel's own files (no data), served without the API key (Host check still
+    applies). Everything the page then asks for carries the key the user typed in (`Authorization: Bearer`)."""
+    return method in ("GET", "HEAD") and (path == "/" or (path.startswith("/static/") and
+                                                           path[len("/static/"):] in ASSETS))
+
+
 def _asset(name: str) -> bytes:
     return resources.files("sage_llm.gateway").joinpath("web", name).read_bytes()
 
@@ -184,9 +191,12 @@ class WebAPI:
             target = await asyncio.to_thread(logs.resolve, name)
         except SageLLMError as exc:
             raise GatewayError(404, exc.message, code="not_found") from None
-        lines = await asyncio.to_thread(logs.tail, target.path, n) if target.path.exists() else []
         if request.query.get("follow") not in ("1", "true", "yes"):
+            lines = await asyncio.to_thread(logs.tail, target.path, n) if target.path.exists() else []
             return web.json_response({"name": target.name, "path": str(target.path), "lines": lines})
+        # the tail ends after the last complete line and the follow goes on from there: nothing lost or shown twice
+        offset = await asyncio.to_thread(logs.complete_end, target.path)
+        lines = await asyncio.to_thread(logs.tail, target.path, n, offset) if target.path.exists() else []
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
@@ -204,7 +214,7 @@ class WebAPI:
 
         def reader() -> None:
             try:
-                for ev in logs.follow(target.path, stop=stop, poll=0.2, check_every=0.5):
+                for ev in logs.follow(target.path, stop=stop, poll=0.2, check_every=0.5, start_offset=offset):
                     if quit_.is_set():
                         return
                     loop.call_soon_threadsafe(put, ev.kind, ev.text)

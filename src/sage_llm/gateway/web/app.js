@@ -23,11 +23,29 @@ const fmtUptime = (s) => {
   return h ? `${h}h ${String(m).padStart(2, "0")}m` : m ? `${m}m ${String(r).padStart(2, "0")}s` : `${r}s`;
 };
 
+// A gateway started with --api-key-env wants `Authorization: Bearer KEY` on every call: the user types the key once;
+// it stays in this tab's sessionStorage (never in a URL, never in a cookie).
+const KEY_ITEM = "sage-llm-gateway-key";
+const authHeaders = () => {
+  const k = sessionStorage.getItem(KEY_ITEM);
+  return k ? {"Authorization": `Bearer ${k}`} : {};
+};
+function needKey(message) {
+  $("#key-box").classList.remove("hidden");
+  $("#key-error").textContent = message || "";
+}
+$("#key-box").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  sessionStorage.setItem(KEY_ITEM, $("#key-input").value.trim());
+  location.reload();
+});
+
 // Every call goes to the gateway itself; state changes are JSON (the gateway refuses anything else).
 async function api(path, body) {
-  const opts = body === undefined ? {} : {method: "POST", headers: {"Content-Type": "application/json"},
-    body: JSON.stringify(body)};
+  const opts = body === undefined ? {headers: authHeaders()} : {method: "POST",
+    headers: {"Content-Type": "application/json", ...authHeaders()}, body: JSON.stringify(body)};
   const r = await fetch(path, opts);
+  if (r.status === 401) needKey(sessionStorage.getItem(KEY_ITEM) ? "wrong key" : "this gateway wants its API key");
   let data = null;
   try { data = await r.json(); } catch (e) { data = null; }
   if (!r.ok) {
@@ -255,10 +273,45 @@ function startFailed(model, message) {
 }
 
 // ------------------------------------------------------------------------------------------------ events
+// Server-Sent Events read with fetch (EventSource cannot send an Authorization header). handlers: {kind: fn(data)};
+// onEnd(error) once the stream ends. Returns {close()}.
+function sse(url, handlers, onEnd) {
+  const ctrl = new AbortController();
+  (async () => {
+    let error = null;
+    try {
+      const r = await fetch(url, {headers: authHeaders(), signal: ctrl.signal});
+      if (r.status === 401) needKey("this gateway wants its API key");
+      if (!r.ok) throw new Error(`${r.status}`);
+      const reader = r.body.getReader();
+      const dec = new TextDecoder();
+      let buf = "", kind = "message", data = [];
+      for (;;) {
+        const {value, done} = await reader.read();
+        if (done) break;
+        buf += dec.decode(value, {stream: true});
+        let i;
+        while ((i = buf.indexOf("\n")) >= 0) {
+          const line = buf.slice(0, i).replace(/\r$/, "");
+          buf = buf.slice(i + 1);
+          if (line === "") {
+            if (data.length && handlers[kind]) handlers[kind](JSON.parse(data.join("\n")));
+            kind = "message"; data = [];
+          } else if (line.startsWith("event:")) kind = line.slice(6).trim();
+          else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+        }
+      }
+    } catch (e) {
+      error = e;
+    }
+    if (!ctrl.signal.aborted && onEnd) onEnd(error);
+  })();
+  return {close: () => ctrl.abort()};
+}
+
 function connectEvents() {
-  const es = new EventSource("/api/events");
-  const handle = (kind) => (msg) => {
-    const ev = JSON.parse(msg.data);
+  const handlers = {};
+  const handle = (kind) => (ev) => {
     const mine = state.starting && ev.model === state.starting.model;
     if (kind === "loading" && mine) showProgress(ev.model, ev);
     if (kind === "loading") scheduleRefresh(false);  // the loading card follows the stages too
@@ -271,8 +324,11 @@ function connectEvents() {
     }
   };
   for (const k of ["state", "loading", "ready", "failed", "stopping", "stopped", "sleeping", "waking", "adopted",
-    "pull", "removed"]) es.addEventListener(k, handle(k));
-  es.onerror = () => { $("#status-text").textContent = "reconnecting to the gateway…"; };
+    "pull", "removed"]) handlers[k] = handle(k);
+  sse("/api/events", handlers, () => {  // the gateway restarted or went away: try again shortly
+    $("#status-text").textContent = "reconnecting to the gateway…";
+    setTimeout(() => { connectEvents(); refreshStatus(); }, 2000);
+  });
 }
 let refreshTimer = null;
 function scheduleRefresh(models) {
@@ -307,7 +363,8 @@ $("#chat-form").addEventListener("submit", async (ev) => {
   const t0 = performance.now();
   let first = null, pieces = 0, usage = null, answer = "";
   try {
-    const r = await fetch("/v1/chat/completions", {method: "POST", headers: {"Content-Type": "application/json"},
+    const r = await fetch("/v1/chat/completions", {method: "POST",
+      headers: {"Content-Type": "application/json", ...authHeaders()},
       body: JSON.stringify({model: source, stream: true, stream_options: {include_usage: true}, messages: history})});
     const src = r.headers.get("x-sage-llm-source"), eng = r.headers.get("x-sage-llm-engine");
     out.dataset.source = src || "";
@@ -503,11 +560,9 @@ function openLog() {
     pre.scrollTop = pre.scrollHeight;
   };
   if ($("#log-follow").checked) {
-    const es = new EventSource(`/api/engines/${encodeURIComponent(name)}/logs?follow=1&n=200`);
-    es.addEventListener("line", (m) => add(JSON.parse(m.data).text));
-    es.addEventListener("notice", (m) => add(`-- ${JSON.parse(m.data).text}`));
-    es.addEventListener("end", (m) => { add(`-- ${JSON.parse(m.data).text}`); es.close(); });
-    state.logSource = es;
+    state.logSource = sse(`/api/engines/${encodeURIComponent(name)}/logs?follow=1&n=200`, {
+      line: (d) => add(d.text), notice: (d) => add(`-- ${d.text}`), end: (d) => add(`-- ${d.text}`),
+    }, (err) => { if (err) add(`-- log stream: ${err.message}`); });
   } else {
     api(`/api/engines/${encodeURIComponent(name)}/logs?n=200`).then((d) => d.lines.forEach(add), (e) => add(e.message));
   }
