@@ -302,8 +302,9 @@ class WebAPI:
         if cur is not None and cur["state"] == "downloading":
             return web.json_response(cur, status=202)
         bus = self.gw.bus
+        # the worker thread only changes values, never keys: /api/models may serialise it meanwhile
         state: dict[str, Any] = {"model": model, "state": "downloading", "bytes": 0, "total": None,
-                                 "error": None, "started": round(time.time(), 3)}
+                                 "error": None, "started": round(time.time(), 3), "seconds": None}
         self.pulls[model] = state
         last = [0.0]
 
