@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ENGINE := .engines/cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv engine test test-fast test-integration test-sage lint demo bench docs completions gpu-carry clean
+.PHONY: all venv engine browser test test-fast test-integration test-sage lint demo bench docs completions gpu-carry clean
 
 all: test
 
@@ -22,13 +22,24 @@ venv: $(STAMP)
 engine: $(STAMP)
 	SAGE_LLM_HOME=$(CURDIR)/.engines/state $(BIN)/sage-llm engine install --cpu --ray --path $(CURDIR)/$(ENGINE)
 
-test-fast: $(STAMP)
+# headless Chromium for the web panel's browser tests (tests/gateway/test_web_panel.py): Debian's `chromium` and
+# `chromium-driver` packages, never a browser download. Installed when missing and we are root (or in CI, with sudo);
+# elsewhere those tests skip with a message, and in CI (CI set) they fail instead.
+browser:
+	@if [ -n "$$SAGE_LLM_CHROMIUM" ] || [ -x /usr/bin/chromium ]; then :; \
+	elif ! command -v apt-get >/dev/null; then echo "note: no apt-get: install Chromium yourself for the browser tests"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	elif [ -n "$$CI" ] && command -v sudo >/dev/null; then sudo apt-get update -qq && \
+		sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "note: Chromium is absent: the web panel's browser tests will skip (apt-get install chromium chromium-driver)"; fi
+
+test-fast: $(STAMP) browser
 	$(BIN)/python -m pytest -m "not integration" -q
 
 test-integration: engine
 	SAGE_LLM_ENGINE_DIR=$(CURDIR)/$(ENGINE) $(BIN)/python -m pytest -m integration -q
 
-test: engine
+test: engine browser
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	SAGE_LLM_ENGINE_DIR=$(CURDIR)/$(ENGINE) $(BIN)/python -m pytest -q

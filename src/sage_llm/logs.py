@@ -81,11 +81,11 @@ def screen_line(raw: str) -> str:
     return parts[-1] if parts else ""
 
 
-def _reverse_lines(path: str | Path, block: int = BLOCK) -> Iterator[str]:
-    """The file's lines (split on \\n, terminal view of \\r), last first, reading blocks from the end."""
+def _reverse_lines(path: str | Path, block: int = BLOCK, end: int | None = None) -> Iterator[str]:
+    """The file's lines (split on \\n, terminal view of \\r), last first, reading blocks from the end (or `end`)."""
     with open(path, "rb") as fh:
         fh.seek(0, os.SEEK_END)
-        pos = fh.tell()
+        pos = fh.tell() if end is None else min(end, fh.tell())
         rest = b""
         first = True
         while pos > 0:
@@ -105,13 +105,14 @@ def _reverse_lines(path: str | Path, block: int = BLOCK) -> Iterator[str]:
             yield screen_line(rest.decode("utf-8", "replace").rstrip("\r"))
 
 
-def tail(path: str | Path, n: int) -> list[str]:
-    """The last `n` lines as a terminal shows them (blank lines kept), seeking from the end: O(n), not O(size)."""
+def tail(path: str | Path, n: int, end: int | None = None) -> list[str]:
+    """The last `n` lines as a terminal shows them (blank lines kept), seeking from the end: O(n), not O(size).
+    With `end` (a byte offset, e.g. `complete_end()`): the last `n` lines before it."""
     if n <= 0:
         return []
     out: list[str] = []
     try:
-        for line in _reverse_lines(path):
+        for line in _reverse_lines(path, end=end):
             out.append(line)
             if len(out) >= n:
                 break
@@ -119,6 +120,25 @@ def tail(path: str | Path, n: int) -> list[str]:
         return []
     out.reverse()
     return out
+
+
+def complete_end(path: str | Path, block: int = BLOCK) -> int:
+    """The byte offset just past the file's last complete line (0 if none): where `tail(end=...)` stops and
+    `follow(start_offset=...)` goes on, so a line written in between is shown once, whole."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            pos = fh.tell()
+            while pos > 0:
+                step = min(block, pos)
+                pos -= step
+                fh.seek(pos)
+                i = fh.read(step).rfind(b"\n")
+                if i >= 0:
+                    return pos + i + 1
+    except OSError:
+        pass
+    return 0
 
 
 def parse_duration(text: str) -> float:
@@ -194,9 +214,10 @@ ANCHOR = 4096  # follow(): the last bytes read, compared with the file at the sa
 
 
 def follow(path: str | Path, stop: Callable[[], str | None] | None = None, poll: float = 0.2,
-           check_every: float = 1.0, start_at_end: bool = True, sleep: Callable[[float], None] = time.sleep
-           ) -> Iterator[Event]:
-    """Yield lines appended to `path` as they come. Survives truncation (reads on from the top) and rotation (drains
+           check_every: float = 1.0, start_at_end: bool = True, sleep: Callable[[float], None] = time.sleep,
+           start_offset: int | None = None) -> Iterator[Event]:
+    """Yield lines appended to `path` as they come (from `start_offset` when given, else from the end or the start).
+    Survives truncation (reads on from the top) and rotation (drains
     the old file, then reads the new one from its start). Ends when `stop()` returns a reason (checked every
     `check_every` s, after reading everything written so far).
 
@@ -242,7 +263,10 @@ def follow(path: str | Path, stop: Callable[[], str | None] | None = None, poll:
         except OSError:
             return False
 
-    open_current(start_at_end)
+    open_current(start_at_end and start_offset is None)
+    if fh is not None and start_offset is not None:
+        start = fh.seek(min(start_offset, os.fstat(fh.fileno()).st_size))
+        anchor = os.pread(fh.fileno(), min(ANCHOR, start), max(0, start - ANCHOR))
     try:
         while True:
             got = False

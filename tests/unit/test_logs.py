@@ -182,3 +182,23 @@ def test_follow_flushes_the_last_partial_line_at_the_end(tmp_path: Path) -> None
 
     events = list(logs.follow(f, stop=stop, poll=0.01, check_every=0))
     assert [e.text for e in events] == ["full", "no newline", "engine 'x' exited"]
+
+
+def test_tail_to_the_last_complete_line_then_follow_from_there_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    """The web panel's log stream: a tail ending at `complete_end()` and a follow starting there show every line
+    exactly once, including one being written (no newline yet) at the moment of the tail and ones written later."""
+    f = tmp_path / "e.log"
+    f.write_bytes(b"one\ntwo\nthree\npart")
+    end = logs.complete_end(f, block=4)  # small blocks: the search crosses block edges
+    assert end == len(b"one\ntwo\nthree\n")
+    assert logs.tail(f, 2, end) == ["two", "three"]
+    assert logs.tail(f, 10, end) == ["one", "two", "three"]
+    with open(f, "ab") as fh:
+        fh.write(b"ial\nfour\n")
+    calls = iter([None, None, "done"])
+    got = [e.text for e in logs.follow(f, stop=lambda: next(calls), poll=0.01, check_every=0, start_offset=end)
+           if e.kind == "line"]
+    assert got == ["partial", "four"]
+    assert logs.complete_end(tmp_path / "absent.log") == 0
+    (tmp_path / "nl.log").write_bytes(b"no newline at all")
+    assert logs.complete_end(tmp_path / "nl.log") == 0

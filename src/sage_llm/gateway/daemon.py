@@ -77,8 +77,7 @@ def start(opts: Any, timeout: float = 30.0) -> dict[str, Any]:
     """Spawn `python -m sage_llm.gateway` detached (its own session), record it, wait for /health."""
     from sage_llm import paths
     from sage_llm.engine import process
-    from sage_llm.engine.manager import utcnow_iso
-    from sage_llm.state import StateStore, atomic_write_json
+    from sage_llm.state import StateStore, atomic_write_json, utcnow_iso
 
     store = StateStore()
     with store.lock():

@@ -25,6 +25,7 @@ from sage_llm.gateway.events import EventBus, sse_frame
 from sage_llm.gateway.metrics import Metrics
 from sage_llm.gateway.options import GatewayOptions, Profile
 from sage_llm.gateway.router import Backend, GatewayError, Router
+from sage_llm.gateway.webapi import WebAPI, is_page_asset
 
 KEEPALIVE_S = 4.0  # below vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s): no reuse of a connection the server closes
 ENGINE_PATHS = ("/tokenize", "/detokenize", "/pooling", "/classify", "/score", "/rerank")  # vLLM, outside /v1
@@ -52,6 +53,7 @@ class Gateway:
         self.api_key = opts.api_key()
         self.stopped_engines: list[str] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.web = WebAPI(self)
 
     def _bg(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -74,6 +76,7 @@ class Gateway:
         r.add_get("/api/gateway", self.gateway_info)
         r.add_get("/api/llm/status", self.llm_status)
         r.add_get("/api/events", self.events)
+        self.web.register(app)  # the panel at / and the routes it uses beyond the seed's API (webapi.py)
         r.add_route("*", "/v1/{tail:.*}", self.proxy)
         for path in ENGINE_PATHS:
             r.add_post(path, self.proxy)
@@ -99,7 +102,9 @@ class Gateway:
 
     @web.middleware
     async def _checks(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        refused = security.check(request.method, request.headers, self.opts.host, self.opts.port, self.api_key,
+        # the panel's static files hold no data: a browser must be able to load them before it has the key to send
+        key = None if is_page_asset(request.method, request.path) else self.api_key
+        refused = security.check(request.method, request.headers, self.opts.host, self.opts.port, key,
                                  self.opts.allowed_origins, self.opts.loopback)
         if refused is not None:
             status, message, code = refused
