@@ -222,7 +222,7 @@ REQUEST_SENT: list[float] = []
 
 def _hook_request_start() -> None:
     """Note when `chat` sends its request (ChatStream.__enter__), to split its TTFT from its set-up."""
-    from sage_llm.client import ChatStream
+    from sage_llm.chat.client import ChatStream
 
     orig = ChatStream.__enter__
     if getattr(orig, "_bench", False):

@@ -24,7 +24,7 @@ from _common import BIN, machine, median
 
 
 def _setup(root: Path, engines: int, models: int) -> dict[str, str]:
-    from sage_llm.state import EngineRecord, atomic_write_json
+    from sage_llm.core.state import EngineRecord, atomic_write_json
 
     home = root / "home"
     (home / "engines").mkdir(parents=True, mode=0o700)

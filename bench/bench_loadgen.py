@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark of `sage llm bench`'s load generator (sage_llm.loadgen).
+"""Benchmark of `sage llm bench`'s load generator (sage_llm.bench.loadgen).
 
 1. Client ceiling: requests/s at concurrency 64 against tests/fakes/fast_sse.py, a minimal asyncio SSE server in its
    own process (8 tokens per request, no delay), so the client, not the server, is what is measured. Target: >= 2,000
@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, free_port, machine
 
-from sage_llm import loadgen
+from sage_llm.bench import loadgen
 
 FAST_SSE = ROOT / "tests" / "fakes" / "fast_sse.py"
 

@@ -94,7 +94,7 @@ def main() -> int:
                 times[key].append(wall)
                 cpu[key].append(used)
         sys.path.insert(0, str(ROOT / "src"))
-        from sage_llm import hf_cache
+        from sage_llm.models import hf_cache
 
         inproc = []
         for _ in range(args.runs):

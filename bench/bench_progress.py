@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine
 
-from sage_llm import logs
-from sage_llm.progress import LoadProgress
+from sage_llm.observe import logs
+from sage_llm.observe.progress import LoadProgress
 
 LOG = ROOT / "tests" / "fixtures" / "vllm-logs" / "cpu-compiled.log"
 _TS = re.compile(rb"\d\d-\d\d (\d\d):(\d\d):(\d\d) \[")

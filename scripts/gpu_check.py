@@ -324,7 +324,7 @@ class Runner:
         return check
 
     def _driver_here(self) -> bool:
-        markers = ("/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/dxg")  # sage_llm.gpu.DRIVER_MARKERS
+        markers = ("/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/dxg")  # sage_llm.observe.gpu.DRIVER_MARKERS
         return any(os.path.exists(p) for p in markers) and shutil.which("nvidia-smi") is not None
 
     def _base_env(self) -> dict[str, str]:
@@ -461,7 +461,7 @@ class Runner:
         problems = []
         if code != 0:
             problems.append(f"sage_llm does not import: {err.strip()[-300:]}")
-        stack = "import sage_llm.cli.main, sage_llm.gpu, typer, rich, httpx, psutil, pynvml, platformdirs"
+        stack = "import sage_llm.cli.main, sage_llm.observe.gpu, typer, rich, httpx, psutil, pynvml, platformdirs"
         icode, _iout, ierr, _ = self.run([self.python, "-c", stack], env=self.env)
         if icode != 0:
             problems.append(f"the CLI's imports fail: {ierr.strip().splitlines()[-1:] or icode}")

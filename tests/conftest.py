@@ -45,8 +45,8 @@ def _isolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
                 "HF_TOKEN", "SAGE_CHAT_API_KEY", "OPENAI_API_KEY", "SAGE_CHAT_BASE_URL", "OPENAI_BASE_URL",
                 "SAGE_CHAT_MODEL", "SAGE_LOCAL_ENGINE_HOST", "SAGE_LLM_STARTUP_TIMEOUT", "SAGE_LLM_STOP_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
-    from sage_llm import gpu
     from sage_llm.cli import _output
+    from sage_llm.observe import gpu
 
     # every test sees "no NVIDIA driver", whatever the host has; GPU tests inject a fake NVML with gpu.set_backend()
     monkeypatch.setattr(gpu, "DRIVER_MARKERS", ("/nonexistent/sage-llm-test/nvidiactl",))
@@ -91,8 +91,8 @@ def cli(capsys: pytest.CaptureFixture[str]):
 def stop_all():
     """Stop every engine recorded in the test's state directory at teardown (so no test leaks a process)."""
     yield
+    from sage_llm.core.state import StateStore
     from sage_llm.engine import manager
-    from sage_llm.state import StateStore
 
     store = StateStore()
     for name in store.names():

@@ -3,9 +3,9 @@
 scripts/gpu_check.py puts this folder on PYTHONPATH of the `sage llm` processes it runs, and only of those; Python
 imports this file at start-up (site.py). It does nothing unless one of these is set:
 
-  SAGE_LLM_CHECK_FAKE_NVML=DIR   sage_llm.gpu talks to a fake NVML fed by the ledger DIR (tests/fakes/fake_gpu.py),
+  SAGE_LLM_CHECK_FAKE_NVML=DIR   sage_llm.observe.gpu talks to a fake NVML fed by the ledger DIR (tests/fakes/fake_gpu.py),
                                  so the whole check runs on a machine without a GPU
-  SAGE_LLM_CHECK_HIDE_DRIVER=1   sage_llm.gpu sees no driver (what tests/conftest.py does in-process), to time
+  SAGE_LLM_CHECK_HIDE_DRIVER=1   sage_llm.observe.gpu sees no driver (what tests/conftest.py does in-process), to time
                                  `status --json` on the no-driver path on a machine that has one
 
 Then it runs the sitecustomize this one shadows, if any.
@@ -17,7 +17,7 @@ import sys
 _here = os.path.dirname(os.path.abspath(__file__))
 
 if os.environ.get("SAGE_LLM_CHECK_HIDE_DRIVER") == "1":
-    from sage_llm import gpu as _gpu
+    from sage_llm.observe import gpu as _gpu
 
     _gpu.DRIVER_MARKERS = ("/nonexistent/sage-llm-gpu-check/nvidiactl",)
     _gpu.reset()
@@ -28,7 +28,7 @@ elif os.environ.get("SAGE_LLM_CHECK_FAKE_NVML"):
     sys.path.append(_fakes)
     import fake_gpu as _fake_gpu
 
-    from sage_llm import gpu as _gpu
+    from sage_llm.observe import gpu as _gpu
 
     _gpu.set_backend(_fake_gpu.ledger_nvml(_Path(os.environ["SAGE_LLM_CHECK_FAKE_NVML"])))
     sys.path.remove(_fakes)

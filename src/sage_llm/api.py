@@ -28,12 +28,12 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
+    from sage_llm.core.state import EngineRecord, StateStore
     from sage_llm.engine.manager import StartResult, StopOutcome
     from sage_llm.engine.switch import SwitchResult
     from sage_llm.engine.view import EngineView
     from sage_llm.engine.vllm import LaunchSpec
-    from sage_llm.hf_cache import LocalModel, Preflight
-    from sage_llm.state import EngineRecord, StateStore
+    from sage_llm.models.hf_cache import LocalModel, Preflight
 
 __all__ = [
     "LaunchOverrides",
@@ -164,9 +164,9 @@ def resolve_launch(request: LaunchRequest) -> ResolvedLaunch:
     """Fill every unset option from the settings (explicit > env > ./.env > config file > default) and validate.
 
     Raises UsageError for bad input; nothing is started."""
-    from sage_llm import settings
+    from sage_llm.core import settings
+    from sage_llm.core.state import validate_name
     from sage_llm.engine.vllm import MODEL_HINT, LaunchSpec, check_model_name, validate
-    from sage_llm.state import validate_name
 
     # '' is a mistake (an unset shell variable), never "the default model"
     check_model_name(request.model, hint=f"{MODEL_HINT}, or leave MODEL out for the default "
@@ -199,7 +199,7 @@ def resolve_launch(request: LaunchRequest) -> ResolvedLaunch:
 
 
 def _check_timeout(timeout: float) -> None:
-    from sage_llm.errors import UsageError
+    from sage_llm.core.errors import UsageError
 
     if timeout <= 0:
         raise UsageError(f"--timeout {timeout:g} must be positive", hint="e.g. --timeout 900")
@@ -209,7 +209,7 @@ def preflight(model: str, download_dir: str | None = None) -> Preflight:
     """The checks on the model before anything is spawned or stopped: is it cached, or how big is the download?
 
     Offline (HF_HUB_OFFLINE) with no cached copy raises UsageError: vLLM could only fail, after loading a while."""
-    from sage_llm import hf_cache
+    from sage_llm.models import hf_cache
 
     return hf_cache.preflight(model, download_dir)
 
@@ -237,7 +237,7 @@ def start(request: LaunchRequest | ResolvedLaunch, on_progress: ProgressFn | Non
 
 def find_foreground_engine(owner_pid: int, store: StateStore | None = None) -> EngineRecord | None:
     """The engine a `run` process (`owner_pid`) launched, when the launch itself did not return (interrupted)."""
-    from sage_llm.state import EngineRecord, StateStore
+    from sage_llm.core.state import EngineRecord, StateStore
 
     store = store or StateStore()
     for rec in store.all():
@@ -248,8 +248,8 @@ def find_foreground_engine(owner_pid: int, store: StateStore | None = None) -> E
 
 def explain_exit(record: EngineRecord) -> str | None:
     """Why an engine exited, from its log (the words `start` uses), or None when the log does not say."""
-    from sage_llm.diagnose import diagnose
-    from sage_llm.logs import run_lines
+    from sage_llm.observe.diagnose import diagnose
+    from sage_llm.observe.logs import run_lines
 
     d = diagnose(run_lines(record.log_file), {"port": record.port, "model": record.model, "name": record.name})
     if d is None:
@@ -260,8 +260,8 @@ def explain_exit(record: EngineRecord) -> str | None:
 # ------------------------------------------------------------------------------------------------ stopping
 def stop_grace(timeout: float | None = None) -> float:
     """Seconds `stop` waits between SIGTERM and SIGKILL: `timeout` if given, else the stop_timeout setting."""
-    from sage_llm import settings
-    from sage_llm.errors import UsageError
+    from sage_llm.core import settings
+    from sage_llm.core.errors import UsageError
 
     value = float(settings.get("stop_timeout", timeout))
     if value < 0:
@@ -275,8 +275,8 @@ def stop(target: str, timeout: float | None = None, force: bool = False,
 
     `timeout`: seconds between SIGTERM and SIGKILL (None: the stop_timeout setting). An engine this tool did not
     start is never signalled (UsageError)."""
+    from sage_llm.core.state import StateStore
     from sage_llm.engine import manager
-    from sage_llm.state import StateStore
 
     store = store or StateStore()
     return manager.stop(resolve(target, store), timeout=stop_grace(timeout), force=force, store=store,
@@ -286,16 +286,16 @@ def stop(target: str, timeout: float | None = None, force: bool = False,
 def resolve(target: str, store: StateStore | None = None) -> str:
     """The recorded engine NAME for a NAME or PORT (the one rule every command uses). Raises EngineNotFound, or
     UsageError for a malformed name or a port held by an engine this tool did not start."""
+    from sage_llm.core.state import StateStore
     from sage_llm.engine import targets
-    from sage_llm.state import StateStore
 
     return targets.resolve_one(target, store or StateStore())
 
 
 def resolve_many(targets_: list[str], all_: bool = False, store: StateStore | None = None) -> list[str]:
     """Engine names for several NAME|PORT arguments, or every recorded engine with `all_`."""
+    from sage_llm.core.state import StateStore
     from sage_llm.engine import targets
-    from sage_llm.state import StateStore
 
     return targets.resolve_targets(targets_, all_, store or StateStore())
 
@@ -334,7 +334,7 @@ def switch(name: str, model: str, rolling: bool = False, overrides: LaunchOverri
 
 
 def _start_timeout(timeout: float | None) -> float:
-    from sage_llm import settings
+    from sage_llm.core import settings
 
     value = float(settings.get("start_timeout", timeout))
     _check_timeout(value)
@@ -346,7 +346,7 @@ def status(target: str | None = None, with_gpu: bool = True, store: StateStore |
     """The `status --json` document: every engine (managed and external), the local engine for Studio, the GPUs.
 
     With `target` (NAME or PORT) `engines` holds that engine only (empty when unknown)."""
-    from sage_llm import status as status_doc
+    from sage_llm.engine import status as status_doc
 
     doc, _views, _warnings = status_doc.build(target, store=store, with_gpu=with_gpu)
     return doc  # type: ignore[return-value]
@@ -355,7 +355,7 @@ def status(target: str | None = None, with_gpu: bool = True, store: StateStore |
 def engines(store: StateStore | None = None, include_external: bool = True) -> list[EngineView]:
     """Every engine with its live state (probed now), as typed views; no GPU figures (see `status`)."""
     from sage_llm.engine import inspect as inspecting
-    from sage_llm.status import local_port
+    from sage_llm.engine.status import local_port
 
     views, _warnings = inspecting.inspect(store, include_external=include_external, local_port=local_port())
     return views
@@ -372,6 +372,6 @@ def not_ready(engines_: list[dict[str, Any]] | list[EngineView]) -> bool:
 
 def models(extra_dirs: list[str] | None = None) -> list[LocalModel]:
     """The models in the local Hugging Face cache (and `extra_dirs`), with size, revision and completeness."""
-    from sage_llm import hf_cache
+    from sage_llm.models import hf_cache
 
     return hf_cache.list_models(extra_dirs)

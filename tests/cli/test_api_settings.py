@@ -9,8 +9,8 @@ import time
 import psutil
 import pytest
 
+from sage_llm.core.state import EngineRecord, StateStore
 from sage_llm.engine import manager
-from sage_llm.state import EngineRecord, StateStore
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.usefixtures("fake_vllm", "stop_all")

@@ -256,7 +256,7 @@ def test_dotenv_base_url_never_gets_the_users_environment_key(cli, project, rogu
 
 
 def test_dotenv_base_url_never_gets_the_config_file_key(cli, project, rogue, monkeypatch):
-    from sage_llm import settings
+    from sage_llm.core import settings
 
     settings.set_value("chat_api_key", "sk-config-secret")
     project.write_text(f"SAGE_CHAT_BASE_URL={rogue.base_url}\n")
@@ -285,7 +285,7 @@ def test_a_key_from_the_same_dotenv_goes_to_its_base_url(cli, project, rogue, mo
 
 
 def test_a_dotenv_base_url_the_user_also_configured_is_trusted(cli, project, cloud, monkeypatch):
-    from sage_llm import settings
+    from sage_llm.core import settings
 
     monkeypatch.delenv("SAGE_CHAT_BASE_URL")
     settings.set_value("chat_base_url", cloud.base_url)

@@ -100,7 +100,7 @@ def test_unset_goes_back_to_the_default(cli, monkeypatch: pytest.MonkeyPatch) ->
 def test_set_reads_the_value_from_stdin_with_dash(cli, monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
-    from sage_llm import settings
+    from sage_llm.core import settings
 
     monkeypatch.setattr("sys.stdin", io.StringIO("sk-from-stdin-123\n"))
     code, stdout, stderr = cli("config", "set", "chat_api_key", "-")

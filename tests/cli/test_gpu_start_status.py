@@ -10,8 +10,8 @@ import psutil
 import pytest
 
 import sage_llm
-from sage_llm import gpu
-from sage_llm.state import EngineRecord, StateStore
+from sage_llm.core.state import EngineRecord, StateStore
+from sage_llm.observe import gpu
 
 try:
     from tests.fakes.fake_nvml import FakeGpu, FakeNVML, FakeProc, GiB, NVMLError_DriverNotLoaded

@@ -48,7 +48,7 @@ def test_logs_unknown_engine_and_bad_options(cli) -> None:
 @pytest.mark.usefixtures("stop_all")
 def test_follow_ends_when_the_engine_is_stopped(cli, fake_vllm, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cli("start", "org/one", "--name", "one")[0] == 0
-    from sage_llm import logs
+    from sage_llm.observe import logs
 
     following = threading.Event()
     real_ended = logs.engine_ended

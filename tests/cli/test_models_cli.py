@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm import hf_cache
+from sage_llm.core.errors import UsageError
+from sage_llm.core.state import StateStore
 from sage_llm.engine.scripts.hf_layout import layout
-from sage_llm.errors import UsageError
-from sage_llm.state import StateStore
+from sage_llm.models import hf_cache
 from tests.fakes.fake_hub import FakeHub, Repo
 from tests.support.ports import free_port
 
@@ -178,8 +178,8 @@ def test_recommend_no_gpu_and_with_gpus(cli) -> None:
 
 
 def test_recommend_fit_from_free_memory() -> None:
-    from sage_llm import models
-    from sage_llm.gpu import GpuInfo, Snapshot
+    from sage_llm.models import catalog as models
+    from sage_llm.observe.gpu import GpuInfo, Snapshot
 
     gib = 1024**3
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from sage_llm.core.state import EngineRecord, StateStore
 from sage_llm.engine import ray_cluster
-from sage_llm.state import EngineRecord, StateStore
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.usefixtures("fake_vllm", "stop_all")

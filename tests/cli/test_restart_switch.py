@@ -12,9 +12,9 @@ import sys
 import psutil
 import pytest
 
+from sage_llm.core.state import EngineRecord, StateStore
 from sage_llm.engine import inspect as engine_inspect
 from sage_llm.engine import switch
-from sage_llm.state import EngineRecord, StateStore
 from tests.support.discipline import wait_for
 from tests.support.ports import free_port
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sage_llm.state import StateStore
+from sage_llm.core.state import StateStore
 
 
 def _engine(cli, name: str) -> dict:
@@ -51,7 +51,7 @@ def test_start_json_carries_the_dtype(cli, fake_vllm, stop_all) -> None:
 
 def test_weights_too_large_for_float32_keep_vllms_auto_and_start_says_why(cli, fake_vllm, stop_all,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from sage_llm import hf_cache
+    from sage_llm.models import hf_cache
 
     monkeypatch.setattr(hf_cache, "local_weights", lambda model, download_dir=None: (False, 1 << 50))  # 1 PiB
     code, _out, err = cli("start", "org/tiny", "--name", "tiny")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sage_llm.cli._progress import LoadDisplay
-from sage_llm.progress import LoadProgress
+from sage_llm.observe.progress import LoadProgress
 
 
 @pytest.mark.usefixtures("stop_all")

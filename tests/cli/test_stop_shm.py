@@ -50,8 +50,8 @@ def test_stop_removes_the_engines_psm_files_and_leaves_a_foreign_one(cli, monkey
     another program's unheld psm_* file, created while the engine runs, survives the stop (the old sweep took it).
 
     A private directory stands for /dev/shm: on a shared machine, other users' stops must not race this test."""
+    from sage_llm.core.state import StateStore
     from sage_llm.engine import process
-    from sage_llm.state import StateStore
 
     shm = tmp_path / "shm"
     shm.mkdir()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sage_llm.cli import _complete
-from sage_llm.state import EngineRecord, StateStore
+from sage_llm.core.state import EngineRecord, StateStore
 from tests.support.discipline import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,8 +146,8 @@ def test_completion_skips_heavy_start_up(engines: list[EngineRecord], hf_models:
     code = ("import os, sys\n"
             "from sage_llm.cli.main import run\n"
             "rc = run([], 'sage-llm')\n"
-            "heavy = sorted(m for m in ('httpx', 'pynvml', 'psutil', 'huggingface_hub', 'rich', 'sage_llm.gpu',"
-            " 'sage_llm.probe', 'sage_llm.cli.sage_plugin') if m in sys.modules)\n"
+            "heavy = sorted(m for m in ('httpx', 'pynvml', 'psutil', 'huggingface_hub', 'rich', 'sage_llm.observe.gpu',"
+            " 'sage_llm.observe.probe', 'sage_llm.cli.sage_plugin') if m in sys.modules)\n"
             "print('HEAVY=' + ','.join(heavy), file=sys.stderr)\n")
     for words, cword in (("sage-llm stop ", 2), ("sage-llm start Q", 2), ("sage-llm ", 1)):
         env = {**os.environ, "_SAGE_LLM_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}

@@ -133,10 +133,10 @@ def test_a_stale_carried_package_is_named(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "src" / "sage_llm", copy, ignore=shutil.ignore_patterns("__pycache__"))
     assert gpu_check.stale_files(copy) == []
     assert gpu_check.stale_files(ROOT / "src" / "sage_llm") == []
-    with open(copy / "gpu.py", "a") as fh:
+    with open(copy / "observe" / "gpu.py", "a") as fh:
         fh.write("# changed\n")
-    (copy / "status.py").unlink()
-    assert gpu_check.stale_files(copy) == ["gpu.py", "status.py"]
+    (copy / "engine" / "status.py").unlink()
+    assert gpu_check.stale_files(copy) == ["engine/status.py", "observe/gpu.py"]
 
 
 def test_fake_ledger_memory_lives_and_dies_with_its_process(tmp_path: Path) -> None:

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from sage_llm.core.errors import EngineFailed
+from sage_llm.core.state import StateStore
 from sage_llm.engine import manager
 from sage_llm.engine.vllm import LaunchSpec
-from sage_llm.errors import EngineFailed
-from sage_llm.state import StateStore
 from tests.conftest import free_port
 
 LOAD_S = "60"  # longer than the joins below: on the old code the load outlasts them, so they fail, not hang

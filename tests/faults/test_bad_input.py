@@ -140,7 +140,7 @@ def test_empty_model_name_is_bad_input(cli, home, fake_vllm, monkeypatch, args, 
 @pytest.mark.parametrize("args", [["switch", "e1", ""], ["switch", "e1", " ", "--rolling"],
                                   ["restart", "e1", "--model", ""]])
 def test_empty_model_name_changes_no_engine(cli, fake_vllm, stop_all, args):
-    from sage_llm.state import StateStore
+    from sage_llm.core.state import StateStore
 
     code, _out, err = cli("start", "org/x", "--name", "e1", "--port", str(free_port()))
     assert code == 0, err

@@ -181,7 +181,7 @@ def test_11_unwritable_state_dir_is_one_clear_line(tmp_path):
 def test_11_full_disk_while_recording_spawns_nothing(home, monkeypatch, cli, fake_vllm):
     import errno
 
-    from sage_llm import state
+    from sage_llm.core import state
 
     real_write = os.write
 

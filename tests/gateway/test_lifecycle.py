@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sage_llm.state import EngineRecord, StateStore
+from sage_llm.core.state import EngineRecord, StateStore
 from tests.gateway.conftest import MODEL_A, MODEL_B, engine_starts, sse_events
 
 
@@ -323,7 +323,7 @@ def test_config_set_keeps_the_gateway_tables(cli, tmp_path) -> None:
                            'aliases = ["tiny", "t"]\nargs = ["--max-model-len", "512"]\n')
     code, _out, err = cli("config", "set", "gpu_util", "0.5")
     assert code == 0, err
-    from sage_llm import settings
+    from sage_llm.core import settings
     from sage_llm.gateway import options
 
     cfg = settings.read_config()

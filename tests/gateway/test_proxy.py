@@ -6,7 +6,7 @@ import concurrent.futures as cf
 
 import httpx
 
-from sage_llm.state import EngineRecord, StateStore
+from sage_llm.core.state import EngineRecord, StateStore
 from tests.gateway.conftest import MODEL_A, MODEL_B, engine_starts, sse_events
 
 

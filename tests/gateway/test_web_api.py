@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sage_llm import gpu
-from sage_llm.progress import LABELS
+from sage_llm.observe import gpu
+from sage_llm.observe.progress import LABELS
 from tests.fakes.fake_hub import FakeHub, Repo
 from tests.fakes.fake_nvml import FakeGpu, FakeNVML, FakeProc, GiB
 from tests.gateway.conftest import MODEL_A, MODEL_B

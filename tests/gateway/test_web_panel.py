@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sage_llm import gpu
+from sage_llm.observe import gpu
 from tests.conftest import free_port
 from tests.fakes.fake_hub import FakeHub, Repo
 from tests.fakes.fake_nvml import FakeGpu, FakeNVML, FakeProc, GiB

@@ -115,8 +115,8 @@ def test_chat_with_the_real_engine(cli, tiny_model: str, engine_port, monkeypatc
     # Ctrl-C in the middle of a reply: the connection is closed and vLLM aborts the request (ignore_eos would make it
     # write all MAX_TOKENS tokens otherwise: tens of seconds on any CPU, so finishing first is no way to pass; with
     # 480 tokens a fast CPU wrote them all before the third piece was read, issue 12)
-    from sage_llm import chat as core
-    from sage_llm.state import StateStore
+    from sage_llm.chat import session as core
+    from sage_llm.core.state import StateStore
 
     log_file = StateStore().load("chatreal").log_file
     aborted_before = _aborted(log_file)

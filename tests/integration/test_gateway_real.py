@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sage_llm.state import StateStore
+from sage_llm.core.state import StateStore
 from tests.integration.conftest import TINY_REPLY
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]

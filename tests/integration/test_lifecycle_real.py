@@ -17,8 +17,8 @@ import httpx
 import psutil
 import pytest
 
+from sage_llm.core.state import EngineRecord, StateStore
 from sage_llm.engine import process
-from sage_llm.state import EngineRecord, StateStore
 from tests.support.discipline import committed
 from tests.support.tiny import TINY_REPLY
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sage_llm.core.state import atomic_write_json
 from sage_llm.engine import envs
-from sage_llm.state import atomic_write_json
 from tests.conftest import SHELL_PROXIES
 from tests.integration.conftest import ROOT, engine_dir
 from tests.support.ports import free_port

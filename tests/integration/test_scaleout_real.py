@@ -22,8 +22,8 @@ import httpx
 import psutil
 import pytest
 
+from sage_llm.core.state import EngineRecord, StateStore
 from sage_llm.engine import process, ray_cluster
-from sage_llm.state import EngineRecord, StateStore
 from tests.support.discipline import skip_or_fail
 from tests.support.ports import free_port, port_range
 from tests.support.tiny import TINY_REPLY

@@ -11,7 +11,7 @@ import httpx
 import psutil
 import pytest
 
-from sage_llm.state import EngineRecord, StateStore
+from sage_llm.core.state import EngineRecord, StateStore
 
 pytestmark = pytest.mark.integration
 SECRET = "sk-sage-test-secret-7f3a9c"

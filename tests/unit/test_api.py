@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from sage_llm import api
-from sage_llm.errors import EngineNotFound, UsageError
+from sage_llm.core.errors import EngineNotFound, UsageError
 from tests.conftest import free_port
 
 LEAN_FORBIDDEN = ("typer", "rich", "httpx", "psutil", "pynvml", "click", "huggingface_hub", "aiohttp")

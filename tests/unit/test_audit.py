@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm import audit
-from sage_llm.errors import EngineFailed
+from sage_llm.core import audit
+from sage_llm.core.errors import EngineFailed
 
 
 def test_record_writes_one_private_json_line(home: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from sage_llm.client import (
+from sage_llm.chat.client import (
     AuthFailed,
     ChatStream,
     ContextTooLong,
@@ -151,7 +151,7 @@ def test_leaving_early_closes_the_connection(api, http):
 
 
 def test_turn_stats_line():
-    from sage_llm.client import ChatResult
+    from sage_llm.chat.client import ChatResult
 
     r = ChatResult(usage={"prompt_tokens": 12, "completion_tokens": 11}, started=10.0, first_token_at=10.25,
                    ended=11.25)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sage_llm import chat
-from sage_llm.client import ServerUnreachable
+from sage_llm.chat import session as chat
+from sage_llm.chat.client import ServerUnreachable
 from tests.fakes.fake_openai import FakeOpenAI
 from tests.support.discipline import wait_for
 from tests.support.ports import free_port

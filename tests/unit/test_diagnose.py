@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm.diagnose import CAUSES, diagnose, is_clean_shutdown, root_cause
+from sage_llm.observe.diagnose import CAUSES, diagnose, is_clean_shutdown, root_cause
 from tests.support.discipline import committed
 
 LOGS = Path(__file__).resolve().parent.parent / "fixtures" / "vllm-logs"
@@ -282,8 +282,8 @@ def test_failure_context_names_live_engines_on_the_same_gpu(home: Path) -> None:
 
     import psutil
 
+    from sage_llm.core.state import EngineRecord, StateStore
     from sage_llm.engine.manager import _diag_context
-    from sage_llm.state import EngineRecord, StateStore
 
     store = StateStore()
     me, ctime = os.getpid(), psutil.Process().create_time()

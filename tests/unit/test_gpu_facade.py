@@ -1,4 +1,5 @@
-"""The NVML facade (sage_llm.gpu) against a fake NVML: laziness, no-driver reasons, fields, defaults, processes."""
+"""The NVML facade (sage_llm.observe.gpu) against a fake NVML: laziness, no-driver reasons, fields, defaults,
+processes."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import sys
 
 import pytest
 
-from sage_llm import gpu
-from sage_llm.errors import UsageError
+from sage_llm.core.errors import UsageError
+from sage_llm.observe import gpu
 
 try:
     from tests.fakes.fake_nvml import (
@@ -55,7 +56,7 @@ def test_injecting_a_backend_does_not_initialise_it() -> None:
 
 def test_import_and_no_driver_never_import_pynvml() -> None:
     # no driver, whatever this machine has: the driver files are looked for only when a snapshot is taken
-    code = ("import sys; import sage_llm.gpu as g; assert 'pynvml' not in sys.modules; "
+    code = ("import sys; import sage_llm.observe.gpu as g; assert 'pynvml' not in sys.modules; "
             "g.DRIVER_MARKERS = ('/nonexistent/sage-llm-test/nvidiactl',); s = g.snapshot(); "
             "print(len(s.gpus), repr(s.error), 'pynvml' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

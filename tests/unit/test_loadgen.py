@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm import loadgen
+from sage_llm.bench import loadgen
 from tests.support.ports import free_port
 
 FAST_SSE = Path(__file__).resolve().parents[1] / "fakes" / "fast_sse.py"
@@ -97,7 +97,7 @@ def test_percentiles_and_metric_parsing():
 
 
 def test_bad_config_is_a_usage_error():
-    from sage_llm.errors import UsageError
+    from sage_llm.core.errors import UsageError
 
     with pytest.raises(UsageError, match="--concurrency 0"):
         loadgen.BenchConfig(base_url="http://x/v1", model="m", concurrency=0).validate()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm import logs
+from sage_llm.observe import logs
 
 LOGS = Path(__file__).resolve().parent.parent / "fixtures" / "vllm-logs"
 

@@ -1,4 +1,4 @@
-"""The Prometheus text parser, counter rates and histogram quantiles (sage_llm.metrics)."""
+"""The Prometheus text parser, counter rates and histogram quantiles (sage_llm.observe.metrics)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm import metrics
+from sage_llm.observe import metrics
 from tests.support.discipline import committed
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "metrics"

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm import hf_cache, models
 from sage_llm.engine.scripts.hf_layout import layout
+from sage_llm.models import catalog as models
+from sage_llm.models import hf_cache
 
 
 def make_model(tmp: Path, name: str, config: dict | None, weights: bytes = b"\0" * 4096,

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm import hf_cache, models
+from sage_llm.models import catalog as models
+from sage_llm.models import hf_cache
 
 CONVERTER = f"""#!{sys.executable}
 import json, os, sys

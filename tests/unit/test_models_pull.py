@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm import hf_cache, models
+from sage_llm.models import catalog as models
+from sage_llm.models import hf_cache
 from tests.fakes.fake_hub import FakeHub, Repo
 from tests.support.ports import free_port
 
@@ -148,7 +149,7 @@ def test_cli_pull_json_and_errors(hub: FakeHub, cli) -> None:
 
 
 def test_pull_and_rm_are_audited(hub: FakeHub) -> None:
-    from sage_llm import audit
+    from sage_llm.core import audit
 
     models.pull("org/tiny")
     with pytest.raises(models.DownloadError):

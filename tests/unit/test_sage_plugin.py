@@ -13,8 +13,8 @@ import pytest
 import typer
 import typer.main
 
-from sage_llm import doctor, sage_cli
-from sage_llm.cli import _output, sage_plugin
+from sage_llm.cli import _output, sage_cli, sage_plugin
+from sage_llm.core import doctor
 
 
 def _parser(*own: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sage_llm.diagnose import diagnose
+from sage_llm.core.errors import UsageError
 from sage_llm.engine.vllm import (
     LaunchSpec,
     build_argv,
@@ -14,7 +14,7 @@ from sage_llm.engine.vllm import (
     ray_address_is_loopback,
     validate,
 )
-from sage_llm.errors import UsageError
+from sage_llm.observe.diagnose import diagnose
 
 
 def spec(**kw) -> LaunchSpec:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm import settings
-from sage_llm.config import env_str
+from sage_llm.core import settings
+from sage_llm.core.config import env_str
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import stat
 
 import pytest
 
-from sage_llm import paths
-from sage_llm.errors import StateError, UsageError
-from sage_llm.state import CorruptRecord, EngineRecord, StateStore, validate_name
+from sage_llm.core import paths
+from sage_llm.core.errors import StateError, UsageError
+from sage_llm.core.state import CorruptRecord, EngineRecord, StateStore, validate_name
 
 
 def _record(name: str = "a", port: int = 8001) -> EngineRecord:

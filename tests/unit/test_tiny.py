@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from sage_llm.core.errors import SageLLMError
 from sage_llm.engine.scripts import hf_layout
-from sage_llm.errors import SageLLMError
 from tests.support import tiny
 
 

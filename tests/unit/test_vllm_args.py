@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from sage_llm.core.errors import UsageError
 from sage_llm.engine.vllm import LaunchSpec, build_argv, build_env, validate
-from sage_llm.errors import UsageError
 
 
 def spec(**kw) -> LaunchSpec:

@@ -19,7 +19,7 @@ Item = tuple[str, str]  # (value, help shown by zsh and fish)
 
 
 def _records() -> Iterator[dict]:
-    from sage_llm import paths
+    from sage_llm.core import paths
 
     try:
         folder = paths.engines_dir()
@@ -62,7 +62,7 @@ def engine_names(incomplete: str = "") -> list[Item]:
 def cached_models(incomplete: str = "") -> list[Item]:
     """Model repo ids in the Hugging Face cache (from the directory listing only)."""
     try:
-        from sage_llm.hf_cache import cached_repo_ids
+        from sage_llm.models.hf_cache import cached_repo_ids
 
         return [(r, "in the Hugging Face cache") for r in cached_repo_ids() if r.startswith(incomplete)]
     except Exception:
@@ -71,6 +71,6 @@ def cached_models(incomplete: str = "") -> list[Item]:
 
 def setting_keys(incomplete: str = "") -> list[Item]:
     """Setting names for `config set/unset`."""
-    from sage_llm.settings import SETTINGS
+    from sage_llm.core.settings import SETTINGS
 
     return [(s.key, s.help) for s in SETTINGS if s.key.startswith(incomplete)]

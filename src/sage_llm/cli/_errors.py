@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from sage_llm.cli import _output as out
-from sage_llm.config import debug_enabled
-from sage_llm.errors import SageLLMError
+from sage_llm.core.config import debug_enabled
+from sage_llm.core.errors import SageLLMError
 
 
 def handle(exc: BaseException, prog: str = "sage llm") -> int:

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from sage_llm.cli import _output as out
-from sage_llm.progress import LABELS
+from sage_llm.observe.progress import LABELS
 
 
 def _fmt_s(seconds: float) -> str:

@@ -8,8 +8,8 @@ import sys
 
 def status_json(target: str | None) -> int:
     from sage_llm.cli import _output as out
-    from sage_llm.errors import SageLLMError
-    from sage_llm.status import build
+    from sage_llm.core.errors import SageLLMError
+    from sage_llm.engine.status import build
 
     try:
         doc, views, warnings = build(target)

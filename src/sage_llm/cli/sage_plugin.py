@@ -9,7 +9,7 @@ SAGE has shipped two shapes of `sage`, and `register` accepts both (as isage-stu
   object, parses with `parse_known_args` and dispatches through `args._handler(args)`, whose return value is the exit
   code. A plugin that raises, or a duplicate subcommand name, makes the whole `sage` fail.
 
-The name is `vllm` (`sage_llm.sage_cli.GROUP`), not `llm`: the published CLI already has an `llm` group (isagellm).
+The name is `vllm` (`sage_llm.cli.sage_cli.GROUP`), not `llm`: the published CLI already has an `llm` group (isagellm).
 `register` never raises and never replaces a command SAGE or another plugin already has: when the name is taken it adds
 nothing (`sage-llm doctor` says where the commands are). It imports nothing heavy: SAGE loads every plugin on every
 `sage` invocation, so our CLI is imported only when `sage vllm ...` runs.
@@ -22,7 +22,7 @@ import argparse
 import sys
 from typing import Any
 
-from sage_llm.sage_cli import GROUP
+from sage_llm.cli.sage_cli import GROUP
 
 PROG = f"sage {GROUP}"
 HELP = "Run and watch local vLLM engines (sage-llm): start, stop, status, chat, logs, models. See `sage vllm --help`."

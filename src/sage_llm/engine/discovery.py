@@ -8,10 +8,10 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from sage_llm.addresses import url_host
+from sage_llm.core.addresses import url_host
+from sage_llm.core.state import CorruptRecord, EngineRecord
 from sage_llm.engine import process
 from sage_llm.engine.view import EngineView
-from sage_llm.state import CorruptRecord, EngineRecord
 
 VLLM_CMD = re.compile(r"vllm", re.IGNORECASE)
 
@@ -94,7 +94,7 @@ def discover_external(records: list[EngineRecord | CorruptRecord], local_port: i
             uptime_s=round(time.time() - started, 1) if started else None, dtype=info["dtype"] or "auto",
         )
     if local_port and local_port not in found and local_port not in managed_ports:
-        from sage_llm import probe as probes
+        from sage_llm.observe import probe as probes
 
         p = probes.probe("127.0.0.1", local_port, timeout=0.5)
         if p.health == 200 and p.owned_by_vllm:

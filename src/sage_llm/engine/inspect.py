@@ -6,14 +6,14 @@ import os
 import time
 from typing import Any
 
-from sage_llm import logs as logtools
-from sage_llm.addresses import reachable_host
-from sage_llm.diagnose import Diagnosis, diagnose, is_clean_shutdown
+from sage_llm.core.addresses import reachable_host
+from sage_llm.core.state import CorruptRecord, EngineRecord, StateStore, api_key_for, parse_iso
 from sage_llm.engine import process
 from sage_llm.engine.discovery import discover_external
 from sage_llm.engine.view import EngineView, apply_probe
-from sage_llm.progress import engine_dtype, snapshot_of
-from sage_llm.state import CorruptRecord, EngineRecord, StateStore, api_key_for, parse_iso
+from sage_llm.observe import logs as logtools
+from sage_llm.observe.diagnose import Diagnosis, diagnose, is_clean_shutdown
+from sage_llm.observe.progress import engine_dtype, snapshot_of
 
 
 def _tree_procs(tree: process.Tree) -> list[dict[str, Any]]:
@@ -29,7 +29,7 @@ def _tree_procs(tree: process.Tree) -> list[dict[str, Any]]:
 def inspect(store: StateStore | None = None, include_external: bool = True, probe_timeout: float = 0.6,
             local_port: int | None = None) -> tuple[list[EngineView], list[str]]:
     """Every engine (managed records, then external vLLM servers) with its live state; plus warnings."""
-    from sage_llm import probe as probes
+    from sage_llm.observe import probe as probes
 
     store = store or StateStore()
     warnings: list[str] = []

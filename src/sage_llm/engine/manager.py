@@ -13,20 +13,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sage_llm import audit
-from sage_llm import logs as logtools
-from sage_llm.addresses import is_loopback, reachable_host
-from sage_llm.config import DEFAULT_STOP_TIMEOUT
-from sage_llm.diagnose import diagnose
+from sage_llm.core import audit
+from sage_llm.core.addresses import is_loopback, reachable_host
+from sage_llm.core.config import DEFAULT_STOP_TIMEOUT
+from sage_llm.core.errors import EngineFailed, PortInUse, SageLLMError, UsageError
+from sage_llm.core.state import (
+    CorruptRecord,
+    EngineRecord,
+    StateStore,
+    api_key_for,
+    parse_iso,
+    utcnow_iso,
+    validate_name,
+)
 from sage_llm.engine import process
 from sage_llm.engine.targets import slug
-from sage_llm.errors import EngineFailed, PortInUse, SageLLMError, UsageError
-from sage_llm.progress import LoadProgress, engine_dtype, hub_download_size, snapshot_of
-from sage_llm.state import CorruptRecord, EngineRecord, StateStore, api_key_for, parse_iso, utcnow_iso, validate_name
+from sage_llm.observe import logs as logtools
+from sage_llm.observe.diagnose import diagnose
+from sage_llm.observe.progress import LoadProgress, engine_dtype, hub_download_size, snapshot_of
 
 if TYPE_CHECKING:
     from sage_llm.engine.vllm import LaunchSpec
-    from sage_llm.hf_cache import Preflight
+    from sage_llm.models.hf_cache import Preflight
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -212,7 +220,7 @@ def _choose_dtype(spec: LaunchSpec, cpu_engine: bool) -> Any:
 
     quantized, fp32_bytes, available = False, None, None
     if cpu_engine and not spec.dtype:
-        from sage_llm import hf_cache
+        from sage_llm.models import hf_cache
 
         try:
             quantized, fp32_bytes = hf_cache.local_weights(spec.model, spec.download_dir)
@@ -232,7 +240,7 @@ def _rotate_log(log_file: Path, max_bytes: int = 64 * 1024 * 1024) -> None:
 
 
 def _no_gpu() -> bool:
-    from sage_llm import gpu
+    from sage_llm.observe import gpu
 
     return gpu.gpu_count() == 0
 
@@ -242,7 +250,7 @@ def _cache_state(model: str) -> bool | None:
     if model.startswith(("/", ".", "~")) or model.count("/") != 1:
         return None
     try:
-        from sage_llm import hf_cache
+        from sage_llm.models import hf_cache
 
         return hf_cache.is_cached(model)
     except Exception:
@@ -268,7 +276,7 @@ def wait_ready(
     api_key: str | None = None,
 ) -> float:
     """Block until /health is 200 and /v1/models lists the served name; on death or timeout, clean up and raise."""
-    from sage_llm import probe as probes
+    from sage_llm.observe import probe as probes
 
     started = time.monotonic()
     t0 = parse_iso(record.started_at) or time.time()

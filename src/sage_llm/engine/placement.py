@@ -17,8 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from sage_llm import gpu
-from sage_llm.errors import SageLLMError, UsageError
+from sage_llm.core.errors import SageLLMError, UsageError
+from sage_llm.observe import gpu
 
 GiB = 1024**3
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sage_llm.config import EnvVars
+from sage_llm.core.config import EnvVars
 
 CREATE_TIME_TOLERANCE = 0.05
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sage_llm.state import EngineRecord
+from sage_llm.core.state import EngineRecord
 
 QUERY_TIMEOUT_S = 6.0
 
@@ -159,7 +159,7 @@ CACHE_TTL_S = 10.0
 
 def _cached_query(address: str, python: str | None, cache_path: Path) -> dict[str, Any]:
     """query() at most once per CACHE_TTL_S per address (status is polled)."""
-    from sage_llm.state import atomic_write_json
+    from sage_llm.core.state import atomic_write_json
 
     try:
         cache = json.loads(cache_path.read_text())

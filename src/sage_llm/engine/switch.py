@@ -23,11 +23,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from sage_llm.config import DEFAULT_GPU_UTIL, DEFAULT_STOP_TIMEOUT
+from sage_llm.core.config import DEFAULT_GPU_UTIL, DEFAULT_STOP_TIMEOUT
+from sage_llm.core.errors import EngineFailed, EngineNotFound, SageLLMError, StopIncomplete, UsageError
+from sage_llm.core.state import CorruptRecord, EngineRecord, StateStore
 from sage_llm.engine import manager, process
 from sage_llm.engine.vllm import LaunchSpec, validate
-from sage_llm.errors import EngineFailed, EngineNotFound, SageLLMError, StopIncomplete, UsageError
-from sage_llm.state import CorruptRecord, EngineRecord, StateStore
 
 LAUNCH_FIELDS = frozenset(f.name for f in fields(LaunchSpec))
 
@@ -107,8 +107,8 @@ def _start(spec: LaunchSpec, name: str, port_explicit: bool, gpus: str | None, *
 def _preflight(spec: LaunchSpec, store: StateStore) -> None:
     """Everything `start` checks before spawning, run before the running engine is touched: the options, the engine
     install, and the model's cache (offline with no cached copy is refused here, not after the old engine is gone)."""
-    from sage_llm import hf_cache
     from sage_llm.engine import envs
+    from sage_llm.models import hf_cache
 
     validate(spec)
     envs.resolve_vllm(store.root)

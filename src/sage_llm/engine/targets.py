@@ -6,9 +6,9 @@ import re
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
+from sage_llm.core.errors import EngineNotFound, UsageError
+from sage_llm.core.state import NAME_RE, EngineRecord, StateStore
 from sage_llm.engine.discovery import discover_external
-from sage_llm.errors import EngineNotFound, UsageError
-from sage_llm.state import NAME_RE, EngineRecord, StateStore
 
 
 class _Addressed(Protocol):

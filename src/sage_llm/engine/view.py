@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sage_llm.state import EngineRecord
+from sage_llm.core.state import EngineRecord
 
 
 @dataclass

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sage_llm.config import DEFAULT_CPU_KVCACHE_GIB, EnvVars
-from sage_llm.errors import UsageError
+from sage_llm.core.config import DEFAULT_CPU_KVCACHE_GIB, EnvVars
+from sage_llm.core.errors import UsageError
 
 # vLLM 0.33 `--quantization` choices (vllm/model_executor/layers/quantization/__init__.py). argparse does not check
 # them; vLLM fails minutes later with "Unknown quantization method", so we check before spawning.

@@ -8,7 +8,7 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    from sage_llm.errors import SageLLMError
+    from sage_llm.core.errors import SageLLMError
     from sage_llm.gateway import server
     from sage_llm.gateway.options import GatewayOptions
 

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sage_llm.errors import SageLLMError, UsageError
+from sage_llm.core.errors import SageLLMError, UsageError
 
 RECORD = "gateway.json"
 
 
 def record_path(root: Path | None = None) -> Path:
-    from sage_llm import paths
+    from sage_llm.core import paths
 
     return (root or paths.home()) / RECORD
 
@@ -75,9 +75,9 @@ def record_status(root: Path | None = None, probe: bool = False) -> dict[str, An
 
 def start(opts: Any, timeout: float = 30.0) -> dict[str, Any]:
     """Spawn `python -m sage_llm.gateway` detached (its own session), record it, wait for /health."""
-    from sage_llm import paths
+    from sage_llm.core import paths
+    from sage_llm.core.state import StateStore, atomic_write_json, utcnow_iso
     from sage_llm.engine import process
-    from sage_llm.state import StateStore, atomic_write_json, utcnow_iso
 
     store = StateStore()
     with store.lock():
@@ -105,7 +105,7 @@ def start(opts: Any, timeout: float = 30.0) -> dict[str, Any]:
     while time.monotonic() < deadline:
         if spawned.popen.poll() is not None:
             record_path().unlink(missing_ok=True)
-            from sage_llm import logs as logtools
+            from sage_llm.observe import logs as logtools
 
             tail = [ln for ln in logtools.run_lines(str(log_file))[-5:] if ln.strip()]
             raise SageLLMError(f"the gateway exited at start (code {spawned.popen.returncode})"
@@ -118,8 +118,8 @@ def start(opts: Any, timeout: float = 30.0) -> dict[str, Any]:
 
 def stop(timeout: float = 60.0) -> str:
     """SIGTERM the recorded gateway (it stops the engines it started), SIGKILL after `timeout`; remove the record."""
+    from sage_llm.core.state import StateStore
     from sage_llm.engine import process
-    from sage_llm.state import StateStore
 
     rec = load_record()
     if rec is None:

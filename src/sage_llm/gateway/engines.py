@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sage_llm.errors import SageLLMError
+from sage_llm.core.errors import SageLLMError
 
 KEY_PREFIX = "SAGE_LLM_GW_KEY_"
 SECRET_FILE = "gateway.key"
@@ -60,7 +60,7 @@ class Engine:
 
 # ------------------------------------------------------------------------------------------------------ keys
 def _secret() -> bytes:
-    from sage_llm import paths
+    from sage_llm.core import paths
 
     root = paths.home()
     paths.ensure_home(root)
@@ -95,7 +95,7 @@ def new_key_var() -> str:
 
 def started_here() -> list[str]:
     """Names of the recorded engines this process started, including those still loading."""
-    from sage_llm.state import EngineRecord, StateStore
+    from sage_llm.core.state import EngineRecord, StateStore
 
     return [r.name for r in StateStore().all() if isinstance(r, EngineRecord) and r.api_key_env in _STARTED]
 
@@ -106,7 +106,7 @@ def is_owned(api_key_env: str | None) -> bool:
 
 # ------------------------------------------------------------------------------------------------------ inspect
 def local_port() -> int:
-    from sage_llm import status
+    from sage_llm.engine import status
 
     return status.local_port()
 
@@ -115,9 +115,10 @@ def inspect(exclude_ports: set[int] | None = None, with_gpu: bool = True, extern
             ) -> tuple[list[Engine], list[Any]]:
     """Every engine alive now (managed records, then external vLLM servers found like `status` finds them), plus the
     raw EngineViews (for LocalEngineStatus). Ports in `exclude_ports` (the gateway's own) are skipped."""
-    from sage_llm import api, status
-    from sage_llm.addresses import url_host
-    from sage_llm.state import api_key_for
+    from sage_llm import api
+    from sage_llm.core.addresses import url_host
+    from sage_llm.core.state import api_key_for
+    from sage_llm.engine import status
 
     views = api.engines(include_external=external)
     views = [v for v in views if not (exclude_ports and v.port in exclude_ports and not v.managed)]
@@ -153,7 +154,7 @@ def local_engine_status(views: list[Any]) -> dict[str, Any]:
 
 def status_document() -> dict[str, Any]:
     """The full `status --json` document."""
-    from sage_llm import status
+    from sage_llm.engine import status
 
     doc, _views, _warnings = status.build()
     return doc
@@ -161,8 +162,8 @@ def status_document() -> dict[str, Any]:
 
 def alive(engine: Engine) -> bool:
     """Is the engine's process still there (after a failed request: did it die)?"""
+    from sage_llm.core.state import EngineRecord, StateStore
     from sage_llm.engine import process
-    from sage_llm.state import EngineRecord, StateStore
 
     if engine.managed:
         rec = StateStore().load(engine.name)
@@ -181,7 +182,7 @@ def alive(engine: Engine) -> bool:
 
 def cache_stamp() -> Any:
     """Changes when a model repo is added to or removed from the hub cache (its directory's mtime)."""
-    from sage_llm import hf_cache
+    from sage_llm.models import hf_cache
 
     try:
         st = hf_cache.hub_cache_dir().stat()
@@ -192,7 +193,7 @@ def cache_stamp() -> Any:
 
 def cached_models() -> list[Any]:
     """Complete models in the Hugging Face cache (hf_cache.LocalModel)."""
-    from sage_llm import hf_cache
+    from sage_llm.models import hf_cache
 
     try:
         return [m for m in hf_cache.list_models() if m.complete and not m.incomplete and not m.error]
@@ -207,8 +208,8 @@ def host_memory_check(model: str, cpu_engine: bool) -> None:
         return
     import psutil
 
-    from sage_llm import hf_cache
-    from sage_llm.config import DEFAULT_CPU_KVCACHE_GIB
+    from sage_llm.core.config import DEFAULT_CPU_KVCACHE_GIB
+    from sage_llm.models import hf_cache
 
     size = 0
     with contextlib.suppress(Exception):
@@ -228,7 +229,7 @@ def host_ram_holds(model: str | None) -> bool:
     """Sleep level 1 moves the weights to host RAM: is there room for them (their size on disk, plus 10 %)?"""
     import psutil
 
-    from sage_llm import hf_cache
+    from sage_llm.models import hf_cache
 
     size = None
     with contextlib.suppress(Exception):
@@ -239,9 +240,9 @@ def host_ram_holds(model: str | None) -> bool:
 
 
 def is_cpu_engine() -> bool:
-    from sage_llm import gpu
+    from sage_llm.core.state import StateStore
     from sage_llm.engine import envs
-    from sage_llm.state import StateStore
+    from sage_llm.observe import gpu
 
     try:
         cmd = envs.resolve_vllm(StateStore().root)
@@ -255,7 +256,8 @@ def start(profile: Any, engine_port: int, timeout: float, on_progress: Any = Non
     """Start `profile.model` through sage_llm.api (blocking until it serves, or raising the same EngineFailed `start`
     raises: same words) as a managed engine with its own key. InsufficientGpuMemory / NotEnoughMemory when it would
     not fit. The key and the dev-mode switch go to the engine's environment only, never to the gateway's."""
-    from sage_llm import api, settings
+    from sage_llm import api
+    from sage_llm.core import settings
 
     cpu = is_cpu_engine()
     host_memory_check(profile.model, cpu)
@@ -300,7 +302,7 @@ def stop(name: str, timeout: float | None = None) -> str:
 
 
 def log_file(name: str) -> Path | None:
-    from sage_llm.state import EngineRecord, StateStore
+    from sage_llm.core.state import EngineRecord, StateStore
 
     rec = StateStore().load(name)
     return Path(rec.log_file) if isinstance(rec, EngineRecord) and rec.log_file else None

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sage_llm.errors import UsageError
+from sage_llm.core.errors import UsageError
 
 DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -109,7 +109,7 @@ def is_loopback(host: str) -> bool:
 
 
 def _gateway_table() -> dict[str, Any]:
-    from sage_llm import settings
+    from sage_llm.core import settings
 
     table = settings.read_config().get("gateway") or {}
     if not isinstance(table, dict):
@@ -120,7 +120,7 @@ def _gateway_table() -> dict[str, Any]:
 
 def read_profiles() -> dict[str, Profile]:
     """`[gateway.models."ORG/NAME"]` tables of the config file; UsageError naming the bad key."""
-    from sage_llm import settings
+    from sage_llm.core import settings
 
     models = _gateway_table().get("models") or {}
     out: dict[str, Profile] = {}
@@ -238,7 +238,7 @@ def resolve(host: str | None = None, port: int | None = None, ttl: str | None = 
     opts.allowed_origins = list(allowed_origins or table.get("allowed_origins", []) or [])
     env_origins = os.environ.get("SAGE_LLM_GATEWAY_ORIGINS", "")
     opts.allowed_origins += [o.strip() for o in env_origins.split(",") if o.strip()]
-    from sage_llm import settings
+    from sage_llm.core import settings
 
     opts.load_timeout = float(settings.get("start_timeout"))  # SAGE_LLM_STARTUP_TIMEOUT, as `start` waits
     opts.profiles = read_profiles()

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sage_llm.errors import SageLLMError, UsageError
+from sage_llm.core.errors import SageLLMError, UsageError
 from sage_llm.gateway import engines
 from sage_llm.gateway.events import EventBus
 from sage_llm.gateway.metrics import Metrics
@@ -229,7 +229,7 @@ class Router:
 
     # -------------------------------------------------------------------------------------------- routing
     def _cloud(self, model: str | None, virtual: bool) -> Backend:
-        from sage_llm import chat
+        from sage_llm.chat import session as chat
 
         try:
             target = chat.resolve_cloud(None)
@@ -247,7 +247,7 @@ class Router:
     def _local_default(self) -> Slot | None:
         """The model `local`/`auto` mean: the ready engine Studio's LocalEngineStatus names, else the default
         model (SAGE_LOCAL_ENGINE_DEFAULT_MODEL) when it can be loaded."""
-        from sage_llm import settings
+        from sage_llm.core import settings
 
         local = engines.local_engine_status(self.views) if self.views else {"running": False}
         if local.get("running"):

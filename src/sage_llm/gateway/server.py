@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from sage_llm import __version__
-from sage_llm.errors import SageLLMError
+from sage_llm.core.errors import SageLLMError
 from sage_llm.gateway import engines, security
 from sage_llm.gateway.events import EventBus, sse_frame
 from sage_llm.gateway.metrics import Metrics
@@ -224,8 +224,8 @@ class Gateway:
             raise GatewayError(400, f"unknown field(s) {', '.join(sorted(unknown))} in LocalEngineStartRequest",
                                code="invalid_value")
         if self.router.find(model) is None:
+            from sage_llm.core.errors import UsageError
             from sage_llm.engine.vllm import LaunchSpec, validate
-            from sage_llm.errors import UsageError
 
             try:  # the model name and values, checked as `start` checks them, before anything is recorded
                 validate(LaunchSpec(model=model, host="127.0.0.1", port=port or self.opts.engine_port,

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sage_llm.errors import SageLLMError, UsageError
+from sage_llm.core.errors import SageLLMError, UsageError
 from sage_llm.gateway.events import sse_frame
 from sage_llm.gateway.router import GatewayError
 
@@ -120,8 +120,8 @@ class WebAPI:
     async def engines(self, request: web.Request) -> web.Response:
         """The engines this gateway routes to (its own view: `--no-external` hides external ones), one object per
         engine with the seed's running info, plus the models loading now."""
+        from sage_llm.core.state import parse_iso
         from sage_llm.engine.view import human_uptime
-        from sage_llm.state import parse_iso
 
         router = self.gw.router
         seen: dict[str, Any] = {e.name: e for e in router.engines if not e.static}
@@ -157,7 +157,7 @@ class WebAPI:
 
     async def stages(self, request: web.Request) -> web.Response:
         """The load stages in order with the labels `start` prints (progress.LABELS)."""
-        from sage_llm.progress import LABELS
+        from sage_llm.observe.progress import LABELS
 
         return web.json_response({"stages": [{"name": k, "label": v} for k, v in LABELS.items()]})
 
@@ -167,7 +167,7 @@ class WebAPI:
         async with self._monitor_lock:
             if self._frame is None or time.monotonic() - self._frame_at >= MONITOR_MIN_S:
                 if self._monitor is None:
-                    from sage_llm.monitor import Monitor
+                    from sage_llm.observe.monitor import Monitor
 
                     self._monitor = Monitor(interval=1.0, history_s=300.0,
                                             include_external=self.gw.opts.external)
@@ -179,7 +179,7 @@ class WebAPI:
     async def logs(self, request: web.Request) -> web.StreamResponse:
         """The engine's log tail (`?n=`, default 200); `?follow=1`: Server-Sent Events, `line` per log line, `notice`
         (rotation, truncation) and `end` (the engine stopped or exited), like `sage llm logs -f`."""
-        from sage_llm import logs
+        from sage_llm.observe import logs
 
         name = request.match_info["name"]
         try:
@@ -261,7 +261,7 @@ class WebAPI:
     async def models(self, request: web.Request) -> web.Response:
         """`sage llm models` (cached models with their size and the engines serving them) and `models recommend`
         (the curated list with the GPU fit), plus the downloads in progress."""
-        from sage_llm import models
+        from sage_llm.models import catalog as models
 
         def collect() -> dict[str, Any]:
             found, warnings = models.local_models()
@@ -282,7 +282,7 @@ class WebAPI:
 
     async def pull(self, request: web.Request) -> web.Response:
         """{"model": ORG/NAME, "revision"?}: 202, then `pull` events on /api/events (bytes, total, state)."""
-        from sage_llm import models
+        from sage_llm.models import catalog as models
 
         body = await self.gw._json_body(request)
         model = body.get("model")
@@ -338,7 +338,7 @@ class WebAPI:
 
     async def remove(self, request: web.Request) -> web.Response:
         """{"model": ORG/NAME}: deletes every cached copy; 409 while an engine serves it (nothing removed)."""
-        from sage_llm import models
+        from sage_llm.models import catalog as models
 
         body = await self.gw._json_body(request)
         model = body.get("model")

@@ -39,8 +39,8 @@ def bench(
     Measures time to first token (p50/p90/p99), inter-token latency, output tokens/s and requests/s, and
     cross-checks the token counts with the engine's /metrics counters.
     """
-    from sage_llm import loadgen
-    from sage_llm.engine import bench_target
+    from sage_llm.bench import loadgen
+    from sage_llm.bench import target as bench_target
 
     base_url, served, api_key, name = bench_target.resolve(target, url, model)
     cfg = loadgen.BenchConfig(base_url=base_url, model=served, concurrency=concurrency, requests=requests,

@@ -370,8 +370,8 @@ def _setup_history() -> Any:
         import readline
     except ImportError:  # pragma: no cover - not on Linux
         return lambda: None
-    from sage_llm import paths
-    from sage_llm.chat import history_file
+    from sage_llm.chat.session import history_file
+    from sage_llm.core import paths
 
     try:
         paths.ensure_home()
@@ -421,8 +421,8 @@ def chat(
     In the REPL: /help, /exit, /clear, /system TEXT, /model NAME, /source auto|local|cloud, /stats; \"\"\" starts
     multi-line input; Ctrl-C cancels the reply being written; Ctrl-D exits.
     """
-    from sage_llm import chat as core
-    from sage_llm.errors import UsageError
+    from sage_llm.chat import session as core
+    from sage_llm.core.errors import UsageError
 
     if source not in core.SOURCES:
         raise UsageError(f"--source must be one of {', '.join(core.SOURCES)}, not {source!r}",
@@ -489,7 +489,7 @@ def _one_shot(session: Any, text: str, json_: bool, plain: bool) -> None:
 
 
 def _repl(session: Any, plain: bool, tty: bool) -> None:
-    from sage_llm.chat import run_chat
+    from sage_llm.chat.session import run_chat
 
     save = _setup_history() if tty else (lambda: None)
     read_line = _line_reader(tty)

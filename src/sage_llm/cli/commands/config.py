@@ -25,7 +25,7 @@ KeyArg = Annotated[str, typer.Argument(
 
 
 def _shown(r: object) -> object:
-    from sage_llm.settings import Resolved
+    from sage_llm.core.settings import Resolved
 
     assert isinstance(r, Resolved)
     if r.spec.secret:
@@ -36,7 +36,7 @@ def _shown(r: object) -> object:
 @config_app.command("show")
 def config_show(json_: JsonOpt = False) -> None:
     """Every setting: its effective value, where it came from, and its variable. Secrets show only as set/unset."""
-    from sage_llm import settings
+    from sage_llm.core import settings
 
     resolved, warnings = settings.resolve_all()
     dot = settings.dotenv_path()
@@ -79,7 +79,7 @@ def config_show(json_: JsonOpt = False) -> None:
 @config_app.command("path")
 def config_path() -> None:
     """Print the config file's path (it may not exist yet)."""
-    from sage_llm import settings
+    from sage_llm.core import settings
 
     out.result(str(settings.config_path()))
 
@@ -94,7 +94,7 @@ def config_set(
     """Validate VALUE and store it in the config file (written atomically, mode 0600)."""
     import sys
 
-    from sage_llm import settings
+    from sage_llm.core import settings
 
     if value == "-":
         value = sys.stdin.readline().rstrip("\r\n")
@@ -110,7 +110,7 @@ def config_set(
 @config_app.command("unset")
 def config_unset(key: KeyArg) -> None:
     """Remove a setting from the config file (back to the environment, .env or the default)."""
-    from sage_llm import settings
+    from sage_llm.core import settings
 
     spec, present, path = settings.unset_value(key)
     out.result(f"{spec.key} removed from {path}" if present else f"{spec.key} was not set in {path}")

@@ -27,8 +27,8 @@ def engine_install(
     """Create (or repair) the engine environment and record it so `start` uses it. Safe to re-run."""
     from pathlib import Path
 
+    from sage_llm.core.errors import UsageError
     from sage_llm.engine import envs
-    from sage_llm.errors import UsageError
 
     if cpu and gpu:
         raise UsageError("--cpu and --gpu exclude each other", hint="pick one, or neither to detect")
@@ -41,8 +41,8 @@ def engine_install(
 @engine_app.command("show")
 def engine_show(json_: JsonOpt = False) -> None:
     """Show which vLLM `start` will run, and the version it reports."""
+    from sage_llm.core.errors import SageLLMError
     from sage_llm.engine import envs
-    from sage_llm.errors import SageLLMError
 
     recorded = envs.load_recorded()
     try:

@@ -109,7 +109,7 @@ def start(host: HostOpt = None, port: PortOpt = None, ttl: TtlOpt = None, max_en
 def stop(timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait before SIGKILL (the gateway "
                                                 "first stops the engines it started).")] = 120.0) -> None:
     """Stop the background gateway (and, unless it was started with --keep-engines, the engines it started)."""
-    from sage_llm.errors import UsageError
+    from sage_llm.core.errors import UsageError
     from sage_llm.gateway import daemon
 
     if timeout < 0:

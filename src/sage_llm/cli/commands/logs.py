@@ -29,8 +29,8 @@ def logs(
     json_: JsonOpt = False,
 ) -> None:
     """Show an engine's log (stdout and stderr of `vllm serve`), or with --audit the audit log."""
-    from sage_llm import logs as core
-    from sage_llm.errors import UsageError
+    from sage_llm.core.errors import UsageError
+    from sage_llm.observe import logs as core
 
     if lines is not None and lines < 0:
         raise UsageError(f"-n {lines} must not be negative", hint="e.g. -n 100")
@@ -73,8 +73,8 @@ def logs(
 
 
 def _audit(lines: int, json_: bool, target: str | None, follow: bool) -> None:
-    from sage_llm import audit
-    from sage_llm.errors import UsageError
+    from sage_llm.core import audit
+    from sage_llm.core.errors import UsageError
 
     if target is not None or follow:
         raise UsageError("--audit takes neither an engine nor -f", hint="sage llm logs --audit -n 20")

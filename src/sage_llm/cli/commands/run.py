@@ -47,9 +47,9 @@ def run(launch: LaunchRequest, model: ModelArg = None, vllm_args: ExtraArg = Non
 
 def _run(launch: LaunchRequest) -> None:
     from sage_llm import api
-    from sage_llm import logs as logtools
-    from sage_llm.errors import EngineFailed, SageLLMError
-    from sage_llm.state import EngineRecord, StateStore
+    from sage_llm.core.errors import EngineFailed, SageLLMError
+    from sage_llm.core.state import EngineRecord, StateStore
+    from sage_llm.observe import logs as logtools
 
     launch.wait = True
     grace = api.stop_grace()  # resolved up front: a bad SAGE_LLM_STOP_TIMEOUT is refused before anything starts

@@ -27,8 +27,8 @@ def status(
 
     With NAME or PORT, exit 3 unless that engine is ready.
     """
+    from sage_llm.engine.status import build
     from sage_llm.engine.view import human_uptime
-    from sage_llm.status import build
 
     doc, views, warnings = build(target)
     for w in warnings:
@@ -55,7 +55,7 @@ def status(
             for v in views:
                 label = v.state + ("" if v.managed else " (external)")
                 if v.state == "starting" and v.stage:
-                    from sage_llm.progress import LABELS
+                    from sage_llm.observe.progress import LABELS
 
                     label += f": {LABELS.get(v.stage, v.stage)}" + (f" {v.progress:.0%}" if v.progress is not None
                                                                      else "")
@@ -74,7 +74,7 @@ def status(
                     from sage_llm.engine.ray_cluster import describe
 
                     out.result(f"{v.name}: {describe(v.ray)}")
-            from sage_llm.gpu import NO_DRIVER
+            from sage_llm.observe.gpu import NO_DRIVER
 
             if doc["gpu_error"] and doc["gpu_error"] != NO_DRIVER:
                 out.info(f"GPU: {doc['gpu_error']}")

@@ -26,8 +26,8 @@ def stop(
 ) -> None:
     """Stop engines. Exit 0 when stopped or already gone, 1 when a process survived (it is named)."""
     from sage_llm import api
-    from sage_llm.errors import UsageError
-    from sage_llm.state import StateStore
+    from sage_llm.core.errors import UsageError
+    from sage_llm.core.state import StateStore
 
     store = StateStore()
     names = api.resolve_many(list(targets or []), all_, store)

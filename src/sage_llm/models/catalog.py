@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sage_llm import hf_cache
-from sage_llm.errors import SageLLMError, UsageError
+from sage_llm.core.errors import SageLLMError, UsageError
+from sage_llm.models import hf_cache
 
 LIVE_STATES = ("ready", "starting", "unhealthy")
 REPO_ID_HINT = "give a Hugging Face repo id like Qwen/Qwen2.5-1.5B-Instruct"
@@ -43,14 +43,14 @@ def check_repo_id(repo_id: str) -> str:
 def _engine_views(store: Any) -> tuple[list[Any], list[str]]:
     """Live views of managed engines; nothing is imported or probed when no engine is recorded."""
     if store is None:
-        from sage_llm import paths
+        from sage_llm.core import paths
 
         try:
             if not any(n.endswith(".json") for n in os.listdir(paths.engines_dir())):
                 return [], []
         except OSError:
             return [], []
-        from sage_llm.state import StateStore
+        from sage_llm.core.state import StateStore
 
         store = StateStore()
     if not store.names():
@@ -122,7 +122,7 @@ def plan_remove(repo_id: str, store: Any = None) -> RemovePlan:
 
 def remove(plan: RemovePlan) -> int:
     """Delete every cached copy in the plan (through huggingface_hub's delete strategy); returns the bytes freed."""
-    from sage_llm import audit
+    from sage_llm.core import audit
 
     with audit.operation("model rm", {"repo_id": plan.repo_id}) as op:
         op.result = {"paths": [m.repo_path for m in plan.entries]}
@@ -207,7 +207,7 @@ def pull(repo_id: str, revision: str | None = None, include: list[str] | None = 
          on_bytes: BytesProgress | None = None, cache_dir: str | None = None) -> PullResult:
     """Download (or finish downloading) a model into the hub cache. Honours HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE."""
     check_repo_id(repo_id)
-    from sage_llm import audit
+    from sage_llm.core import audit
 
     with audit.operation("model pull", {"repo_id": repo_id, "revision": revision, "include": include,
                                         "endpoint": _endpoint()}) as op:
@@ -346,7 +346,7 @@ def import_gguf(gguf: str | Path, repo_id: str, cache_dir: str | Path | None = N
                 python: str | None = None, force: bool = False) -> ImportResult:
     """Convert a GGUF file to a bf16 safetensors checkpoint and lay it out in the hub cache as `repo_id`."""
     check_repo_id(repo_id)
-    from sage_llm import audit
+    from sage_llm.core import audit
 
     with audit.operation("model import", {"file": str(gguf), "repo_id": repo_id, "force": force}) as op:
         result = _import_gguf(gguf, repo_id, cache_dir, progress, install_missing, python, force)
@@ -380,7 +380,7 @@ def _import_gguf(gguf: str | Path, repo_id: str, cache_dir: str | Path | None, p
     import shutil
     import tempfile
 
-    script = Path(__file__).parent / "engine" / "scripts" / "gguf_import.py"
+    script = Path(__file__).resolve().parents[1] / "engine" / "scripts" / "gguf_import.py"
     t0 = time.monotonic()
     cache.mkdir(parents=True, exist_ok=True)
     # converted into a staging cache on the same filesystem, then moved in whole: an interrupted or failed import
@@ -445,7 +445,7 @@ def recommended() -> list[dict[str, Any]]:
 def recommend(snapshot: Any = None) -> tuple[list[dict[str, Any]], str | None]:
     """The curated list, each with a `fit` computed from the GPUs' free memory now. Returns (rows, gpu_error)."""
     if snapshot is None:
-        from sage_llm import gpu
+        from sage_llm.observe import gpu
 
         snapshot = gpu.snapshot(with_processes=False)
     frees = [(g.index, g.memory_free_bytes) for g in snapshot.gpus]

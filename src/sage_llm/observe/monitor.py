@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from sage_llm import gpu, metrics
+from sage_llm.observe import gpu, metrics
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -122,7 +122,7 @@ class Monitor:
     # ---- engines ----
     def _discover(self, now: float) -> None:
         from sage_llm.engine.inspect import inspect
-        from sage_llm.status import local_port
+        from sage_llm.engine.status import local_port
 
         self.views, self.warnings = inspect(self.store, include_external=self.include_external, probe_timeout=0.3,
                                             local_port=local_port())
@@ -133,7 +133,7 @@ class Monitor:
                 del table[k]
 
     def _scrape_all(self, targets: list[Any]) -> list[tuple[str | None, str | None]]:
-        from sage_llm.addresses import reachable_host
+        from sage_llm.core.addresses import reachable_host
 
         def one(v: Any) -> tuple[str | None, str | None]:
             try:
@@ -149,7 +149,7 @@ class Monitor:
 
     # ---- one tick ----
     def tick(self) -> Frame:
-        from sage_llm.status import attach_gpu
+        from sage_llm.engine.status import attach_gpu
 
         now = self.clock()
         if self._discovered_at is None or now - self._discovered_at >= self.rediscover_s:

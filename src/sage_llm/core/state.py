@@ -19,8 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sage_llm import paths
-from sage_llm.errors import StateError, UsageError
+from sage_llm.core import paths
+from sage_llm.core.errors import StateError, UsageError
 
 SCHEMA_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -96,7 +96,7 @@ class EngineRecord:
 
 def connect_host(host: str) -> str:
     """Where to connect for a server bound to `host`, as it goes into a URL (addresses.url_host)."""
-    from sage_llm.addresses import url_host
+    from sage_llm.core.addresses import url_host
 
     return url_host(host)
 

@@ -59,7 +59,7 @@ def last_line(path: str | Path) -> str | None:
 def run_lines(path: str | Path, max_bytes: int = 2 * 1024 * 1024) -> list[str]:
     """The non-empty lines of the engine's latest run (after the last `sage llm start` header), at most the last
     `max_bytes` of it: what failure diagnosis reads, so a root cause far above the last 200 lines is still seen."""
-    from sage_llm.progress import find_run_start
+    from sage_llm.observe.progress import find_run_start
 
     try:
         with open(path, "rb") as fh:
@@ -333,8 +333,8 @@ class LogTarget:
 def resolve(target: str | None, store: object | None = None) -> LogTarget:
     """The log to show for NAME|PORT (optional when exactly one engine is recorded). A stopped engine's log is still
     found by name."""
-    from sage_llm.errors import EngineNotFound, UsageError
-    from sage_llm.state import EngineRecord, StateStore
+    from sage_llm.core.errors import EngineNotFound, UsageError
+    from sage_llm.core.state import EngineRecord, StateStore
 
     st = store if isinstance(store, StateStore) else StateStore()
     records = [r for r in (st.load(n) for n in st.names()) if isinstance(r, EngineRecord)]
@@ -350,8 +350,8 @@ def resolve(target: str | None, store: object | None = None) -> LogTarget:
         listing = ", ".join(f"{r.name} (port {r.port})" for r in records)
         raise UsageError(f"{len(records)} engines are running; say which: {listing}",
                          hint=f"e.g. `sage llm logs {records[0].name}`")
+    from sage_llm.core.state import NAME_RE
     from sage_llm.engine.targets import select
-    from sage_llm.state import NAME_RE
 
     for r in select(target, records):
         return LogTarget(r.name, Path(r.log_file or st.log_path(r.name)), r)
@@ -364,8 +364,8 @@ def resolve(target: str | None, store: object | None = None) -> LogTarget:
 
 def engine_ended(target: LogTarget, store: object | None = None) -> Callable[[], str | None]:
     """For `follow(stop=...)`: a reason once the engine is stopped (record removed or replaced) or has exited."""
+    from sage_llm.core.state import EngineRecord, StateStore
     from sage_llm.engine import process
-    from sage_llm.state import EngineRecord, StateStore
 
     st = store if isinstance(store, StateStore) else StateStore()
     rec = target.record

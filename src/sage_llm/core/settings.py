@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sage_llm.errors import SageLLMError, UsageError
+from sage_llm.core.errors import SageLLMError, UsageError
 
 CONFIG_ENV = "SAGE_LLM_CONFIG"
 DOTENV_ENV = "SAGE_LLM_DOTENV"

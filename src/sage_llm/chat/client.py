@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from sage_llm.errors import SageLLMError
+from sage_llm.core.errors import SageLLMError
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 300.0  # between two bytes of a reply; a CPU engine can be slow to start a long answer

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sage_llm import paths
+from sage_llm.core import paths
 
 FILE_NAME = "audit.jsonl"
 REDACTED = "***"
@@ -146,7 +146,7 @@ def operation(command: str, args: Any, root: Path | None = None) -> Iterator[Ope
         record(command, args, "interrupted", time.monotonic() - started, "interrupted (Ctrl-C)", op.result, root)
         raise
     except BaseException as exc:
-        from sage_llm.errors import UsageError
+        from sage_llm.core.errors import UsageError
 
         if isinstance(exc, UsageError):
             raise  # bad input changed nothing: not an operation, and nothing may be written for it
@@ -219,7 +219,7 @@ def summarize_default(value: Any, op: Operation) -> None:
 
 def read(n: int | None = None, root: Path | None = None) -> list[dict[str, Any]]:
     """The last `n` entries (all with None), oldest first; unreadable lines are skipped."""
-    from sage_llm.logs import tail_lines
+    from sage_llm.observe.logs import tail_lines
 
     target = path(root)
     if n is not None:

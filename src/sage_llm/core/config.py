@@ -33,7 +33,7 @@ def env_str(name: str, default: str | None = None) -> str | None:
     value = os.environ.get(name)
     if value is None or value.strip() == "":
         if name.startswith("SAGE_"):
-            from sage_llm.settings import layered_env
+            from sage_llm.core.settings import layered_env
 
             layered = layered_env(name)
             if layered is not None:

@@ -16,8 +16,8 @@ import os
 import stat
 from pathlib import Path
 
-from sage_llm.config import EnvVars
-from sage_llm.errors import StateError
+from sage_llm.core.config import EnvVars
+from sage_llm.core.errors import StateError
 
 
 def home() -> Path:

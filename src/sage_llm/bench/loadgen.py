@@ -41,7 +41,7 @@ class BenchConfig:
     metrics: bool = True  # read /metrics before and after
 
     def validate(self) -> None:
-        from sage_llm.errors import UsageError
+        from sage_llm.core.errors import UsageError
 
         for label, value in (("--concurrency", self.concurrency), ("--requests", self.requests),
                              ("--prompt-tokens", self.prompt_tokens), ("--max-tokens", self.max_tokens)):
@@ -572,7 +572,7 @@ async def run(cfg: BenchConfig, on_progress: Callable[[dict[str, Any]], None] | 
 
         raw = _raw_target(cfg.base_url) if transport != "httpx" else None
         if transport == "raw" and raw is None:
-            from sage_llm.errors import UsageError
+            from sage_llm.core.errors import UsageError
 
             raise UsageError(f"the raw transport needs a plain http:// URL, not {cfg.base_url}")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sage_llm.errors import EngineNotFound, SageLLMError, UsageError
+from sage_llm.core.errors import EngineNotFound, SageLLMError, UsageError
 
 
 def resolve(target: str | None, url: str | None, model: str | None) -> tuple[str, str, str | None, str | None]:
@@ -24,8 +24,8 @@ def resolve(target: str | None, url: str | None, model: str | None) -> tuple[str
                              hint="see the server's /v1/models")
         return url.rstrip("/"), model, os.environ.get("OPENAI_API_KEY") or None, None
     from sage_llm import api
+    from sage_llm.core.state import api_key_for
     from sage_llm.engine.targets import select
-    from sage_llm.state import api_key_for
 
     views = api.engines()
     if target is None:

@@ -367,7 +367,7 @@ class LoadProgress:
 
 def hub_download_size(model: str) -> int | None:
     """The download size the hub lists for `model` (None when it cannot tell): LoadProgress's size_lookup."""
-    from sage_llm import hf_cache
+    from sage_llm.models import hf_cache
 
     return hf_cache.download_size(model, timeout=10.0)[0]
 
@@ -383,7 +383,7 @@ def _gib(n: int) -> str:
 def _repo_blobs(model: str | None, hf_cache: Path | None) -> Path | None:
     if not model or model.startswith(("/", ".", "~")) or model.count("/") != 1:
         return None
-    from sage_llm import hf_cache as cache
+    from sage_llm.models import hf_cache as cache
 
     return cache.repo_dir(model, hf_cache) / "blobs"
 

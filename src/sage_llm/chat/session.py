@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sage_llm.config import EnvVars, env_str
-from sage_llm.errors import SageLLMError, UsageError
+from sage_llm.core.config import EnvVars, env_str
+from sage_llm.core.errors import SageLLMError, UsageError
 
 SOURCES = ("auto", "local", "cloud")
 DEFAULT_CLOUD_URL = "https://api.openai.com/v1"
@@ -67,7 +67,7 @@ class Target:
         return f"local engine {self.engine!r}" if self.source == "local" and self.engine else f"{self.source} API"
 
     def endpoint(self, model: str | None = None) -> Any:
-        from sage_llm.client import Endpoint
+        from sage_llm.chat.client import Endpoint
 
         return Endpoint(base_url=self.base_url, model=model or self.model, api_key=self.api_key, label=self.label,
                         key_hint=self.key_hint, down_hint=self.down_hint, max_model_len=self.max_model_len)
@@ -87,7 +87,7 @@ def _local_port() -> int | None:
 
 
 def _local_target(view: Any, record: Any = None) -> Target:
-    from sage_llm.state import api_key_for
+    from sage_llm.core.state import api_key_for
 
     rec = record if record is not None else getattr(view, "record", None)
     key = api_key_for(rec) if rec is not None else None
@@ -108,9 +108,9 @@ START_HINT = "start one with `sage llm start MODEL` (e.g. sage llm start Qwen/Qw
 
 def _probe_view(host: str, port: int, record: Any = None) -> Any:
     """An EngineView for one address, probed now (no process scan)."""
-    from sage_llm import probe as probes
+    from sage_llm.core.state import api_key_for
     from sage_llm.engine.view import EngineView, apply_probe
-    from sage_llm.state import api_key_for
+    from sage_llm.observe import probe as probes
 
     served = record.served_model_name if record is not None else None
     view = EngineView(name=record.name if record is not None else f"external-{port}", managed=record is not None,
@@ -128,9 +128,9 @@ def _probe_view(host: str, port: int, record: Any = None) -> Any:
 
 def resolve_local(target: str | None = None, store: Any = None) -> Target:
     """The named engine (NAME or PORT), else the one on SAGE_LOCAL_ENGINE_PORT, else the first ready one."""
-    from sage_llm.addresses import reachable_host
+    from sage_llm.core.addresses import reachable_host
+    from sage_llm.core.state import EngineRecord, StateStore
     from sage_llm.engine.inspect import inspect
-    from sage_llm.state import EngineRecord, StateStore
 
     store = store or StateStore()
     records = [r for r in store.all() if isinstance(r, EngineRecord)]
@@ -180,7 +180,7 @@ def _check_key_destination(base: str, key_var: str) -> None:
     and is fine. A loopback URL is no exception (any local process can listen there, and the repository chose it).
     The .env URL is trusted when it equals one the user set (OPENAI_BASE_URL in the environment, the config file).
     """
-    from sage_llm import settings
+    from sage_llm.core import settings
 
     base_src = settings.source_of(ChatEnv.BASE_URL)
     if base_src is None or base_src[0] != "dotenv":
@@ -271,7 +271,7 @@ class ChatSession:
     def client(self) -> Any:
         tls = not self.target.base_url.startswith("http://")
         if tls not in self.http:
-            from sage_llm.client import make_client
+            from sage_llm.chat.client import make_client
 
             self.http[tls] = make_client(base_url=self.target.base_url)
         return self.http[tls]
@@ -291,7 +291,7 @@ class ChatSession:
         A local engine that breaks (refused, dropped, 5xx) in auto mode with a cloud configured: the turn is retried
         on the cloud, announced through `on_notice`, and the session stays on the cloud.
         """
-        from sage_llm.client import ChatError
+        from sage_llm.chat.client import ChatError
 
         try:
             return self._ask_once(text, on_text)
@@ -314,7 +314,7 @@ class ChatSession:
             return turn
 
     def _ask_once(self, text: str, on_text: Callable[[str], None]) -> Turn:
-        from sage_llm.client import ChatStream, TurnStats
+        from sage_llm.chat.client import ChatStream, TurnStats
 
         target = self.target
         stream = ChatStream(self.client(), target.endpoint(), self.request_messages(text), stream=self.stream,
@@ -486,7 +486,7 @@ def run_chat(read_line: Callable[[str], str], send: Callable[[str], None], write
 
 
 def history_file() -> str:
-    from sage_llm import paths
+    from sage_llm.core import paths
 
     return str(paths.home() / "chat_history")
 

@@ -402,7 +402,7 @@ def preflight(model: str, download_dir: str | None = None, size_timeout: float =
     With HF_HUB_OFFLINE set and no cached copy, raise UsageError: vLLM could only fail, after loading for a while.
     Paths and anything that is not ORG/NAME are left to vLLM (is_repo_id False).
     """
-    from sage_llm.errors import UsageError
+    from sage_llm.core.errors import UsageError
 
     if model.startswith(("/", ".", "~")) or model.count("/") != 1 or os.path.exists(model):
         return Preflight(model, is_repo_id=False)

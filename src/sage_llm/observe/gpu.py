@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sage_llm.errors import UsageError
+from sage_llm.core.errors import UsageError
 
 _lock = threading.RLock()
 _state: dict[str, Any] = {"init": False, "error": None, "nvml": None, "backend": None}

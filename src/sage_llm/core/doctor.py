@@ -38,7 +38,7 @@ def _truthy(value: str | None) -> bool:
 
 
 def check_settings() -> list[Check]:
-    from sage_llm import settings
+    from sage_llm.core import settings
 
     try:
         resolved, warnings = settings.resolve_all()
@@ -52,8 +52,8 @@ def check_settings() -> list[Check]:
 
 
 def check_engine(version_timeout: float = 120.0) -> list[Check]:
+    from sage_llm.core.errors import SageLLMError
     from sage_llm.engine import envs
-    from sage_llm.errors import SageLLMError
 
     try:
         cmd = envs.resolve_vllm()
@@ -69,7 +69,7 @@ def check_engine(version_timeout: float = 120.0) -> list[Check]:
 
 
 def check_gpus(gpu_util: float | None, engine_kind: str | None) -> list[Check]:
-    from sage_llm import gpu
+    from sage_llm.observe import gpu
 
     reason = gpu.error()
     if reason is not None:
@@ -108,8 +108,8 @@ def check_gpus(gpu_util: float | None, engine_kind: str | None) -> list[Check]:
 
 
 def check_port(port: int, host: str) -> list[Check]:
+    from sage_llm.core.state import EngineRecord, StateStore
     from sage_llm.engine import process
-    from sage_llm.state import EngineRecord, StateStore
 
     for rec in StateStore().all():
         if isinstance(rec, EngineRecord) and rec.port == port and process.leader(rec.pid, process.birth_of(rec)):
@@ -131,7 +131,7 @@ def _existing_parent(path: Path) -> Path:
 
 
 def check_hf_cache() -> list[Check]:
-    from sage_llm.hf_cache import cached_repo_ids, hub_cache_dir
+    from sage_llm.models.hf_cache import cached_repo_ids, hub_cache_dir
 
     cache = hub_cache_dir()
     base = _existing_parent(cache)
@@ -156,8 +156,8 @@ def check_hf_cache() -> list[Check]:
 
 
 def check_state_dir() -> list[Check]:
-    from sage_llm import paths
-    from sage_llm.config import EnvVars
+    from sage_llm.core import paths
+    from sage_llm.core.config import EnvVars
 
     root = paths.home()
     try:
@@ -228,7 +228,7 @@ def check_hf_access() -> list[Check]:
 def check_sage() -> list[Check]:
     """Whether SAGE's `sage` is installed and under which name our commands are reached there (read from the package
     metadata: SAGE itself is never imported)."""
-    from sage_llm import sage_cli
+    from sage_llm.cli import sage_cli
 
     cli = sage_cli.installed()
     if cli is None:
@@ -246,7 +246,7 @@ def check_sage() -> list[Check]:
 
 def run_checks(version_timeout: float = 120.0, on_check: Callable[[Check], None] | None = None) -> list[Check]:
     """Every check, in order; `on_check` sees each result as soon as it is known."""
-    from sage_llm import settings
+    from sage_llm.core import settings
     from sage_llm.engine import envs
 
     def safe(name: str, fn: Callable[[], list[Check]]) -> list[Check]:

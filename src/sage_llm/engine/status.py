@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sage_llm.config import DEFAULT_PORT, EnvVars, env_str
+from sage_llm.core.config import DEFAULT_PORT, EnvVars, env_str
+from sage_llm.core.state import StateStore
 from sage_llm.engine.inspect import inspect
 from sage_llm.engine.view import EngineView, local_engine
-from sage_llm.state import StateStore
 
 SCHEMA_VERSION = 1
 
@@ -42,7 +42,7 @@ def attach_gpu(views: list[EngineView], snap: Any = None) -> tuple[list[dict[str
     An engine's `gpus` lists the GPUs it holds memory on plus those it was placed on (`EngineRecord.gpus`), each as
     {index, uuid, memory_bytes}; memory_bytes is None where unknown (not measured yet, or the driver does not say).
     """
-    from sage_llm import gpu
+    from sage_llm.observe import gpu
 
     if snap is None:
         snap = gpu.snapshot(with_processes=True)
@@ -81,7 +81,7 @@ def build(target: str | None = None, store: StateStore | None = None, with_gpu: 
     port = local_port()
     if with_gpu:
         # NVML initialisation runs while the engines are probed
-        from sage_llm import gpu
+        from sage_llm.observe import gpu
 
         warm = threading.Thread(target=gpu.error, daemon=True)
         warm.start()

@@ -1,0 +1,1 @@
+"""Settings, paths, engine records, the audit log, errors: what every other part stands on."""

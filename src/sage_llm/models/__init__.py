@@ -1,0 +1,1 @@
+"""The local Hugging Face cache: listing, pulling, removing, importing GGUF, recommendations."""

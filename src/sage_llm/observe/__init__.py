@@ -1,0 +1,1 @@
+"""Watching engines: HTTP probes, /metrics, logs, load stages, failure diagnosis, NVML, `top`'s data."""
