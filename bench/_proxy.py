@@ -144,12 +144,14 @@ def start_upstream(port: int | None = None) -> Proc:
 
 def relay(kind: str, upstream_port: int, port: int | None = None) -> Proc:
     """A minimal relay of bench/relays/: aiohttp, aiohttp-uvloop, starlette (uvicorn's auto: httptools + uvloop when
-    installed), starlette-h11 (uvicorn with h11 and the asyncio loop), asyncio, asyncio-uvloop."""
+    installed), starlette-h11 (uvicorn with h11 and the asyncio loop), starlette-aiohttp (the same server, aiohttp as
+    the upstream client), asyncio, asyncio-uvloop."""
     port = port or free_port()
     script, extra = {
         "aiohttp": ("relay_aiohttp.py", []), "aiohttp-uvloop": ("relay_aiohttp.py", ["--uvloop"]),
         "starlette": ("relay_starlette.py", []),
         "starlette-h11": ("relay_starlette.py", ["--loop", "asyncio", "--http", "h11"]),
+        "starlette-aiohttp": ("relay_starlette.py", ["--client", "aiohttp"]),
         "asyncio": ("relay_asyncio.py", []), "asyncio-uvloop": ("relay_asyncio.py", ["--uvloop"]),
     }[kind]
     return Proc(kind, [sys.executable, str(RELAYS / script), str(port), str(upstream_port), *extra], port)

@@ -8,6 +8,7 @@ script that forwards any request and relays the response body as raw bytes, no S
   aiohttp-uvloop   the same on uvloop
   starlette        uvicorn (httptools + uvloop, its "auto" when installed) + Starlette + httpx.AsyncClient (aiter_raw)
   starlette-h11    the same on uvicorn's pure-Python h11 and the asyncio loop
+  starlette-aiohttp  uvicorn + Starlette with an aiohttp ClientSession as the client (server vs client cost)
   asyncio          raw asyncio server + raw pooled asyncio client (the floor for Python; not shippable as is)
   litellm          LiteLLM's proxy (litellm[proxy]==1.106.12, one worker, no master key, local cost map), when
                    installed in .cache/bench-venv-litellm (or --litellm PATH); bench-only, never a dependency
@@ -87,8 +88,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stacks", default="aiohttp,starlette,asyncio,litellm",
-                    help="comma list of: aiohttp, aiohttp-uvloop, starlette, starlette-h11, asyncio, asyncio-uvloop, "
-                         "litellm")
+                    help="comma list of: aiohttp, aiohttp-uvloop, starlette, starlette-h11, starlette-aiohttp, "
+                         "asyncio, asyncio-uvloop, litellm")
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--litellm", help="path of the litellm executable (default: .cache/bench-venv-litellm)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the request counts (e.g. 0.25 for a smoke run)")
