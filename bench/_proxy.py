@@ -110,23 +110,28 @@ class Proc:
         root = psutil.Process(self.popen.pid)
         return [root, *root.children(recursive=True)]
 
-    def cpu_s(self) -> float:
-        """CPU seconds of the process and its live descendants: the sum over their threads of
-        /proc/PID/task/TID/schedstat (nanoseconds on a CPU), where psutil's cpu_times (user + system, what getrusage
-        reports) counts in 10 ms clock ticks, too coarse for a few hundred requests. Falls back to cpu_times."""
-        total = 0.0
+    def cpu_s(self) -> tuple[float, float]:
+        """CPU seconds of the process and its live descendants, two ways: the sum over their live threads of
+        /proc/PID/task/TID/schedstat (nanoseconds on a CPU), and psutil's cpu_times (user + system, what getrusage
+        reports: 10 ms clock ticks, too coarse for a few hundred requests, but it keeps the time of threads that
+        have exited). `cpu_delta` picks between them."""
+        fine = coarse = 0.0
         for p in self._tree():
-            try:
-                ns = 0
+            with contextlib.suppress(Exception):
+                t = p.cpu_times()
+                coarse += t.user + t.system
+            with contextlib.suppress(OSError):
                 for task in Path(f"/proc/{p.pid}/task").iterdir():
                     with contextlib.suppress(OSError, ValueError, IndexError):
-                        ns += int((task / "schedstat").read_text().split()[0])
-                total += ns / 1e9
-            except OSError:
-                with contextlib.suppress(Exception):
-                    t = p.cpu_times()
-                    total += t.user + t.system
-        return total
+                        fine += int((task / "schedstat").read_text().split()[0]) / 1e9
+        return fine, coarse
+
+    def cpu_delta(self, before: tuple[float, float]) -> float:
+        """CPU seconds since `before`: the schedstat figure, unless threads that exited meanwhile (thread pools)
+        make the tick count larger by more than its rounding (2 ticks per process sample)."""
+        fine, coarse = self.cpu_s()
+        d_fine, d_coarse = fine - before[0], coarse - before[1]
+        return d_coarse if d_coarse > d_fine + 0.02 * len(self._tree()) + 0.02 else d_fine
 
     def rss_mib(self) -> float:
         total = 0
@@ -192,9 +197,9 @@ def measure(port: int, model: str, concurrency: int, requests: int, upstream_por
                               requests=requests, prompt_tokens=16, max_tokens=max_tokens, metrics=False,
                               timeout_s=120.0)
     tok0 = upstream_tokens(upstream_port)
-    cpu0 = proxy.cpu_s() if proxy else 0.0
+    cpu0 = proxy.cpu_s() if proxy else (0.0, 0.0)
     doc = loadgen.run_sync(cfg, transport="raw").to_json()
-    cpu = proxy.cpu_s() - cpu0 if proxy else None
+    cpu = proxy.cpu_delta(cpu0) if proxy else None
     tok = upstream_tokens(upstream_port) - tok0
     if doc["failed"]:
         raise SystemExit(f"{port}: {doc['failed']} failed requests: {doc['errors']}")
@@ -210,6 +215,20 @@ def measure(port: int, model: str, concurrency: int, requests: int, upstream_por
         out["cpu_us_per_request"] = cpu / requests * 1e6
         out["cpu_us_per_token"] = cpu / max(1, doc["total_output_tokens"]) * 1e6
     return out
+
+
+def cpu_split(proxy: Proc, model: str, upstream_port: int, concurrency: int = 16, requests: int = 320,
+              reps: int = 3) -> dict[str, float]:
+    """The proxy's CPU as a fixed cost per request plus a marginal cost per token: runs of 1-token requests and of
+    64-token requests, alternated; per request = CPU(1-token run) / n, per token = (CPU(64) - CPU(1)) / (63 n)."""
+    one, full = [], []
+    for _ in range(reps):
+        one.append(measure(proxy.port, model, concurrency, requests, upstream_port, proxy, max_tokens=1)["cpu_s"])
+        full.append(measure(proxy.port, model, concurrency, requests, upstream_port, proxy)["cpu_s"])
+    per_req, per_req_full = statistics.median(one) / requests, statistics.median(full) / requests
+    return {"us_per_request": per_req * 1e6, "us_per_token": (per_req_full - per_req) / (TOKENS - 1) * 1e6,
+            "us_per_request_of_64_tokens": per_req_full * 1e6, "runs": reps, "requests_per_run": requests,
+            "concurrency": concurrency}
 
 
 def med(rows: list[dict[str, Any]], key: str) -> float | None:

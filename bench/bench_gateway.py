@@ -4,8 +4,9 @@
 Setup, in a throw-away SAGE_LLM_HOME: 8 managed engines started with `sage-llm start`, each a
 tests/fakes/fast_sse.py in its vLLM form (64 tokens 1 ms apart, the issue's anchor), then the proxy under test.
 Engine 1 is the upstream of every load run; the 8 engines are what GET /api/local-engine/status reports.
-The proxy is a command template (--proxy-cmd); the default is the aiohttp relay prototype (bench/relays/), --gateway
-runs the real `sage-llm gateway run` (in the same home, so it routes by model to the engines it finds there).
+The proxy is a command template (--proxy-cmd). By default the real `sage-llm gateway run` when this checkout has it
+(in the same home, so it routes by model to the engines it finds there), else the aiohttp relay prototype
+(bench/relays/relay_aiohttp.py); --gateway / --prototype force one.
 Client: the `sage llm bench` load generator (sage_llm.loadgen, raw transport) in this process.
 
 Budgets checked (direct and proxy alternate within each round; medians over the rounds):
@@ -18,7 +19,8 @@ Budgets checked (direct and proxy alternate within each round; medians over the 
     rounds warmed it) <= 2 MiB
 CPU is read from /proc/PID/task/*/schedstat (ns) of the proxy's process tree before and after each run.
 
-  python bench/bench_gateway.py [--rounds 5] [--soak 10000] [--gateway | --proxy-cmd TEMPLATE] [--json OUT]
+  python bench/bench_gateway.py [--rounds 5] [--soak 10000] [--gateway | --prototype | --proxy-cmd TEMPLATE]
+                                [--json OUT]
 Template fields: {python} {sage_llm} {relays} {port} {upstream_port} {upstream_url} {model}.
 Exit status: 0 when every budget measured is met, 1 otherwise.
 """
@@ -46,6 +48,12 @@ PROTOTYPE = "{python} {relays}/relay_aiohttp.py {port} {upstream_port}"
 GATEWAY = "{sage_llm} gateway run --host 127.0.0.1 --port {port} --ttl 0"
 ENGINES = 8
 REQUESTS = {1: 40, 16: 320, 64: 1280}
+
+
+def has_gateway() -> bool:
+    """Whether this checkout's CLI has `sage-llm gateway run`."""
+    r = subprocess.run([str(BIN / "sage-llm"), "gateway", "run", "--help"], capture_output=True, timeout=60)
+    return r.returncode == 0
 
 
 def start_engines(env: dict[str, str], n: int) -> list[tuple[str, int]]:
@@ -89,13 +97,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--soak", type=int, default=10000, help="requests of the memory soak (0: skip)")
     ap.add_argument("--gateway", action="store_true", help=f"run the real gateway: {GATEWAY}")
+    ap.add_argument("--prototype", action="store_true", help=f"run the relay prototype: {PROTOTYPE}")
     ap.add_argument("--proxy-cmd", help=f"command template of the proxy under test (default: {PROTOTYPE})")
     ap.add_argument("--litellm", help="litellm executable (default: .cache/bench-venv-litellm/bin/litellm if there)")
     ap.add_argument("--no-litellm", action="store_true")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the request counts (e.g. 0.25: smoke run)")
     ap.add_argument("--json", help="write every figure here")
     args = ap.parse_args()
-    template = args.proxy_cmd or (GATEWAY if args.gateway else PROTOTYPE)
+    template = args.proxy_cmd or (GATEWAY if args.gateway else PROTOTYPE if args.prototype
+                                  else GATEWAY if has_gateway() else PROTOTYPE)
+    print(f"proxy under test: {template}", flush=True)
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} at start", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     env = dict(os.environ, SAGE_LLM_HOME=str(tmp / "home"), SAGE_LLM_CONFIG=str(tmp / "none.toml"), NO_COLOR="1",
@@ -153,14 +164,7 @@ def main() -> int:
                                        if r["target"] == "proxy" and r["concurrency"] == 64)}
 
         # CPU: fixed cost per request (1-token requests) and marginal cost per token (64 - 1 tokens), alternated
-        n = n_for(16)
-        one, full = [], []
-        for _ in range(3):
-            one.append(px.measure(port, model, 16, n, up_port, proxy, max_tokens=1)["cpu_s"] / n)
-            full.append(px.measure(port, model, 16, n, up_port, proxy)["cpu_s"] / n)
-        per_req, per_req_64 = statistics.median(one), statistics.median(full)
-        res["cpu"] = {"us_per_request": per_req * 1e6, "us_per_token": (per_req_64 - per_req) / (px.TOKENS - 1) * 1e6,
-                      "us_per_request_of_64_tokens": per_req_64 * 1e6, "runs": 3, "requests_per_run": n}
+        res["cpu"] = px.cpu_split(proxy, model, up_port, 16, n_for(16))
         print(json.dumps({"cpu": res["cpu"]}), flush=True)
 
         st = status_latency(port, 200)

@@ -14,11 +14,13 @@ script that forwards any request and relays the response body as raw bytes, no S
                    installed in .cache/bench-venv-litellm (or --litellm PATH); bench-only, never a dependency
 Client: the `sage llm bench` load generator (sage_llm.loadgen, raw transport) in this process, at concurrency 1, 16
 and 64. Each round runs every target at each concurrency, the order rotated every round; figures are medians over
-the rounds, and ratios against direct are taken within a round. The relay's CPU (user + system, its process tree)
-is read before and after each run; RSS when idle (started, no request yet) and after all runs. Every run checks that
+the rounds, and ratios against direct are taken within a round. The relay's CPU (its process tree's threads)
+is read before and after each run (schedstat, ns); RSS when idle (started, no request yet) and after all runs.
+--cpu-split adds each relay's CPU as a fixed cost per request plus a marginal cost per token. Every run checks that
 the upstream's token counter grew by exactly the tokens the client received.
 
-  python bench/bench_proxy_stacks.py [--rounds 3] [--stacks aiohttp,starlette,asyncio,litellm] [--json OUT]
+  python bench/bench_proxy_stacks.py [--rounds 3] [--stacks aiohttp,starlette,asyncio,litellm] [--cpu-split]
+                                     [--json OUT]
 
 Needs aiohttp, uvicorn[standard] and starlette in the venv (bench-only: `.venv/bin/pip install aiohttp
 'uvicorn[standard]' starlette`); LiteLLM: `python3 -m venv .cache/bench-venv-litellm &&
@@ -94,6 +96,9 @@ def main() -> int:
     ap.add_argument("--litellm", help="path of the litellm executable (default: .cache/bench-venv-litellm)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the request counts (e.g. 0.25 for a smoke run)")
     ap.add_argument("--json", help="write every run and the summary here")
+    ap.add_argument("--cpu-split", action="store_true",
+                    help="also split each relay's CPU into a cost per request and a cost per token (1- vs 64-token "
+                         "requests at concurrency 16)")
     args = ap.parse_args()
     concs = [int(c) for c in args.concurrency.split(",")]
     stacks = [s for s in args.stacks.split(",") if s]
@@ -136,15 +141,28 @@ def main() -> int:
                         mem[t]["requests"] += n
                     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}),
                           flush=True)
+        split = {}
+        if args.cpu_split:  # fixed CPU per request + marginal CPU per token, relays only (LiteLLM: too slow)
+            for k, p in procs.items():
+                if k != "litellm":
+                    split[k] = px.cpu_split(p, MODEL, upstream.port, 16, n_for(k, 16))
+                    mem[k]["requests"] += 6 * n_for(k, 16)
+                    print(json.dumps({"cpu_split": k, **split[k]}), flush=True)
         for k, p in procs.items():
             mem[k]["after"] = p.rss_mib()
         summary = summarize(rows, targets, concs)
         loads = [r["loadavg_1m"] for r in rows]
         print(f"\nmedian of {args.rounds} rounds; load average {min(loads):.1f}-{max(loads):.1f} during the runs\n")
         print(table(summary, mem))
+        if split:
+            print("\n| stack | CPU per request (1 token) | CPU per extra token | CPU per 64-token request |\n"
+                  "|---|---|---|---|")
+            for k, c in split.items():
+                print(f"| {k} | {c['us_per_request']:.0f} us | {c['us_per_token']:.1f} us | "
+                      f"{c['us_per_request_of_64_tokens']:.0f} us |")
         if args.json:
             Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows, "summary": summary,
-                                                   "memory": mem}, indent=1))
+                                                   "memory": mem, "cpu_split": split}, indent=1))
     finally:
         for p in procs.values():
             p.stop()
