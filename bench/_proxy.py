@@ -90,6 +90,8 @@ class Proc:
         raise SystemExit(f"{self.name} not ready on port {self.port} after {self.ready_timeout:.0f} s: {self.cmd}")
 
     def stop(self) -> None:
+        if self.log is not None:  # a start-up failure has already shown its tail
+            self.log.unlink(missing_ok=True)
         if self.popen is None or self.popen.poll() is not None:
             return
         import signal

@@ -33,6 +33,7 @@ import http.client
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -211,6 +212,7 @@ def main() -> int:
             p.stop()
         if engines:
             subprocess.run([str(BIN / "sage-llm"), "stop", "--all"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(tmp, ignore_errors=True)
     verdicts = budgets(res)
     res["budgets"] = verdicts
     print()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -167,6 +168,7 @@ def main() -> int:
         for p in procs.values():
             p.stop()
         upstream.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
