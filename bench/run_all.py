@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FAST = ["bench_lifecycle.py", "bench_completion.py", "bench_models.py", "bench_progress.py", "bench_chat.py",
-        "bench_top.py", "bench_loadgen.py"]
+        "bench_top.py", "bench_loadgen.py", "bench_gateway.py"]
 
 
 def main() -> int:

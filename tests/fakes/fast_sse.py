@@ -3,11 +3,15 @@
 
 Not the threaded fake_vllm: one event loop, an asyncio Protocol, HTTP/1.1 keep-alive, chunked SSE, and responses
 built once per distinct request body, so the server costs little next to the client it measures. Serves
-POST /v1/chat/completions (streamed: N content chunks, a usage chunk when asked, [DONE]) and GET /metrics with
-vLLM's token counters.
+POST /v1/chat/completions (streamed: N content chunks, a usage chunk when asked, [DONE]), GET /metrics with
+vLLM's token counters, and, so that sage-llm (status, the gateway) takes it for a vLLM server, GET /health,
+/v1/models (owned_by "vllm") and /version.
 
   python fast_sse.py PORT [--tokens N] [--delay-ms D]     prints "ready PORT" once listening
-Environment: FAST_SSE_FAIL_EVERY=K answers every K-th request with HTTP 500.
+  python fast_sse.py serve MODEL --port P [--host H] [--served-model-name NAME] [other vLLM flags, ignored]
+      the way sage-llm runs vLLM (SAGE_LLM_VLLM="python fast_sse.py"); tokens and delay from the environment
+Environment: FAST_SSE_FAIL_EVERY=K answers every K-th request with HTTP 500; FAST_SSE_TOKENS=N (default 8) and
+FAST_SSE_DELAY_MS=D (default 0) for the `serve` form.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import sys
 
 STATE = {"prompt": 0, "gen": 0, "n": 0}
+MODEL = {"id": "fast", "root": "fast"}
 FAIL_EVERY = int(os.environ.get("FAST_SSE_FAIL_EVERY", "0") or 0)
 CACHE: dict[bytes, tuple[list[bytes], int, int]] = {}  # body -> (response pieces, prompt tokens, output tokens)
 FAILURE = (b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: 55\r\n\r\n"
@@ -75,11 +80,8 @@ class Server(asyncio.Protocol):
 
     def handle(self, head: bytes, body: bytes) -> None:
         assert self.transport is not None
-        if head.startswith(b"GET /metrics "):
-            text = (f'vllm:prompt_tokens_total{{model_name="fast"}} {float(STATE["prompt"])}\n'
-                    f'vllm:generation_tokens_total{{model_name="fast"}} {float(STATE["gen"])}\n').encode()
-            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%s"
-                                 % (len(text), text))
+        if head.startswith(b"GET "):
+            self.get(head.split(b" ", 2)[1].split(b"?")[0])
             return
         if not head.startswith(b"POST /v1/chat/completions "):
             self.transport.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
@@ -99,6 +101,28 @@ class Server(asyncio.Protocol):
         else:
             asyncio.get_running_loop().create_task(self.slow(pieces))
 
+    def get(self, path: bytes) -> None:
+        assert self.transport is not None
+        ctype = b"application/json"
+        if path == b"/metrics":
+            name = MODEL["id"]
+            text = (f'vllm:prompt_tokens_total{{model_name="{name}"}} {float(STATE["prompt"])}\n'
+                    f'vllm:generation_tokens_total{{model_name="{name}"}} {float(STATE["gen"])}\n').encode()
+            ctype = b"text/plain"
+        elif path == b"/health":
+            text = b""
+        elif path == b"/v1/models":
+            text = json.dumps({"object": "list", "data": [{
+                "id": MODEL["id"], "object": "model", "created": 0, "owned_by": "vllm", "root": MODEL["root"],
+                "parent": None, "max_model_len": 2048}]}).encode()
+        elif path == b"/version":
+            text = b'{"version": "0.32.0+fast-sse"}'
+        else:
+            self.transport.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+            return
+        self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
+                             % (ctype, len(text), text))
+
     async def slow(self, pieces: list[bytes]) -> None:
         assert self.transport is not None
         for piece in pieces[:-1]:
@@ -107,20 +131,44 @@ class Server(asyncio.Protocol):
         self.transport.write(pieces[-1])
 
 
-async def main(port: int, tokens: int, delay: float) -> None:
+async def main(port: int, tokens: int, delay: float, host: str = "127.0.0.1") -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Server(tokens, delay), "127.0.0.1", port, backlog=1024)
+    server = await loop.create_server(lambda: Server(tokens, delay), host, port, backlog=1024)
     print(f"ready {port}", flush=True)
     async with server:
         await server.serve_forever()
 
 
+def opt(args: list[str], name: str, default: str) -> str:
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return default
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    port = int(args[0])
-    tokens = int(args[args.index("--tokens") + 1]) if "--tokens" in args else 8
-    delay = float(args[args.index("--delay-ms") + 1]) / 1000 if "--delay-ms" in args else 0.0
+    host = "127.0.0.1"
+    if args and args[0] in ("--version", "-v"):
+        print("0.32.0+fast-sse")
+        sys.exit(0)
+    if args and args[0] == "serve":  # vLLM's command line
+        if len(args) < 2 or args[1].startswith("-"):
+            print("usage: fast_sse.py serve MODEL --port P", file=sys.stderr)
+            sys.exit(2)
+        MODEL["root"] = args[1]
+        MODEL["id"] = opt(args, "--served-model-name", args[1])
+        port = int(opt(args, "--port", "8000"))
+        host = opt(args, "--host", "127.0.0.1") or "127.0.0.1"
+        tokens = int(os.environ.get("FAST_SSE_TOKENS", "8") or 8)
+        delay = float(os.environ.get("FAST_SSE_DELAY_MS", "0") or 0) / 1000
+    else:
+        port = int(args[0])
+        tokens = int(opt(args, "--tokens", "8"))
+        delay = float(opt(args, "--delay-ms", "0")) / 1000
     try:
-        asyncio.run(main(port, tokens, delay))
+        asyncio.run(main(port, tokens, delay, host))
     except KeyboardInterrupt:
         pass
