@@ -24,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT
 
-from sage_llm import loadgen
+from sage_llm.bench import loadgen
 
 FAST_SSE = ROOT / "tests" / "fakes" / "fast_sse.py"
 RELAYS = Path(__file__).resolve().parent / "relays"

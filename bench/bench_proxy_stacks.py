@@ -12,7 +12,7 @@ script that forwards any request and relays the response body as raw bytes, no S
   asyncio          raw asyncio server + raw pooled asyncio client (the floor for Python; not shippable as is)
   litellm          LiteLLM's proxy (litellm[proxy]==1.106.12, one worker, no master key, local cost map), when
                    installed in .cache/bench-venv-litellm (or --litellm PATH); bench-only, never a dependency
-Client: the `sage llm bench` load generator (sage_llm.loadgen, raw transport) in this process, at concurrency 1, 16
+Client: the `sage-llm bench` load generator (sage_llm.bench.loadgen, raw transport) here, at concurrency 1, 16
 and 64. Each round runs every target at each concurrency, the order rotated every round; figures are medians over
 the rounds, and ratios against direct are taken within a round. The relay's CPU (its process tree's threads)
 is read before and after each run (schedstat, ns); RSS when idle (started, no request yet) and after all runs.

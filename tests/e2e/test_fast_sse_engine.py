@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
-from sage_llm import loadgen
+from sage_llm.bench import loadgen
 from tests.conftest import free_port
 from tests.unit.test_loadgen import FAST_SSE
 
