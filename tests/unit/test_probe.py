@@ -106,3 +106,23 @@ def test_a_name_that_resolves_is_probed(monkeypatch: pytest.MonkeyPatch):
         server.close()
     assert result.health == 200
     assert host_headers(server) == [f"engine.test:{server.port}"]
+
+
+def test_one_chunked_decoder_whole_or_fed_piece_by_piece():
+    """probe.split_chunks is the package's only chunked-body decoder: the probes decode whole bodies with it, the load
+    generator feeds it whatever each read brought; both must give the same payloads."""
+    from sage_llm.observe.probe import _dechunk, split_chunks
+
+    payloads = [b"data: {\"a\": 1}\n\n", b"x" * 300, b"data: [DONE]\n\n"]
+    body = b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in payloads) + b"0\r\n\r\n"
+    assert _dechunk(body) == b"".join(payloads)
+    got: list[bytes] = []
+    buf, finished = b"", False
+    for i in range(len(body)):  # one byte at a time: every cut point
+        buf += body[i:i + 1]
+        parts, pos, finished = split_chunks(buf)
+        got += parts
+        buf = buf[pos:]
+    assert finished
+    assert got == payloads
+    assert buf == b""

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sage_llm.observe.probe import split_chunks
+
 PROMPT_WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing about rivers mountains "
                 "and cities under bright stars").split()
 _TIMEOUT_CM = getattr(asyncio, "timeout", None)
@@ -421,25 +423,12 @@ class _HttpProtocol(asyncio.Protocol):
                     self._done()
             self.buf = b""
             return
-        parts = []  # what arrived together is parsed together (same arrival time)
-        while True:
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                break
-            size = int(buf[pos:eol].split(b";", 1)[0], 16)
-            if size == 0:
-                if len(buf) < eol + 4:  # the final CRLF (no trailers) is still on its way
-                    break
-                self._feed(parts)
-                self.buf = b""
-                self._done()
-                return
-            end = eol + 2 + size + 2
-            if len(buf) < end:
-                break
-            parts.append(buf[eol + 2:end - 2])
-            pos = end
+        parts, pos, finished = split_chunks(buf, pos)  # what arrived together is parsed together (same arrival time)
         self._feed(parts)
+        if finished:
+            self.buf = b""
+            self._done()
+            return
         self.buf = buf[pos:]
 
     def _feed(self, parts: list[bytes]) -> None:

@@ -37,27 +37,22 @@ def _alive(rec: dict[str, Any]) -> bool:
 
 
 def _health(host: str, port: int, timeout: float = 1.0) -> int | None:
-    import http.client
+    """GET /health of the gateway on the probes' raw-socket client (with its key when it has one)."""
+    import time
 
-    conn = http.client.HTTPConnection(_connect_host(host), port, timeout=timeout)
+    from sage_llm.core.addresses import reachable_host
+    from sage_llm.observe.probe import http_get
+
+    headers = {}
+    rec = load_record()
+    key_env = (rec.get("options") or {}).get("api_key_env") if rec else None
+    if key_env and os.environ.get(key_env):
+        headers["Authorization"] = f"Bearer {os.environ[key_env]}"
     try:
-        headers = {"Host": f"127.0.0.1:{port}"}
-        key_env = None
-        rec = load_record()
-        if rec:
-            key_env = (rec.get("options") or {}).get("api_key_env")
-        if key_env and os.environ.get(key_env):
-            headers["Authorization"] = f"Bearer {os.environ[key_env]}"
-        conn.request("GET", "/health", headers=headers)
-        return conn.getresponse().status
-    except OSError:
+        status, _body = http_get(reachable_host(host), port, "/health", time.monotonic() + timeout, headers)
+    except (OSError, ValueError):  # refused, timeout, or not HTTP
         return None
-    finally:
-        conn.close()
-
-
-def _connect_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "", "*") else "::1" if host == "::" else host
+    return status
 
 
 def record_status(root: Path | None = None, probe: bool = False) -> dict[str, Any] | None:

@@ -10,7 +10,6 @@ suffix (`vllm:prompt_tokens_total`, `vllm:generation_tokens_total`, `vllm:reques
 
 from __future__ import annotations
 
-import http.client
 import math
 import time
 from collections.abc import Iterable
@@ -225,14 +224,13 @@ def ttft_p50(window: Iterable[Scrape]) -> tuple[float | None, bool]:
 
 
 def fetch(host: str, port: int, timeout: float = 0.5) -> str:
-    """GET /metrics (vLLM serves it without the API key). Raises OSError/HTTPException on failure."""
-    conn = http.client.HTTPConnection(host.strip("[]"), port, timeout=timeout)
-    try:
-        conn.request("GET", "/metrics")
-        resp = conn.getresponse()
-        body = resp.read(8 << 20)
-        if resp.status != 200:
-            raise http.client.HTTPException(f"/metrics answered {resp.status}")
-        return body.decode("utf-8", "replace")
-    finally:
-        conn.close()
+    """GET /metrics (vLLM serves it without the API key), on the probes' raw-socket client. Raises OSError on
+    failure (refused, timeout, an answer other than 200)."""
+    import time
+
+    from sage_llm.observe.probe import http_get
+
+    status, body = http_get(host, port, "/metrics", time.monotonic() + timeout, limit=8 << 20)
+    if status != 200:
+        raise OSError(f"/metrics answered {status}")
+    return body.decode("utf-8", "replace")

@@ -36,7 +36,7 @@ class Probe:
         return any(isinstance(m, dict) and m.get("owned_by") == "vllm" for m in self.models)
 
 
-class _Refused(Exception):
+class _Refused(ConnectionRefusedError):
     pass
 
 
@@ -135,19 +135,29 @@ def http_get(host: str, port: int, path: str, deadline: float, headers: dict[str
     return status, body
 
 
-def _dechunk(data: bytes) -> bytes:
-    out = bytearray()
-    pos = 0
-    while pos < len(data):
-        end = data.find(b"\r\n", pos)
-        if end < 0:
-            break
-        size = int(data[pos:end].split(b";")[0] or b"0", 16)
+def split_chunks(buf: bytes, pos: int = 0) -> tuple[list[bytes], int, bool]:
+    """The complete chunks of a chunked HTTP/1.1 body in `buf[pos:]`: (their payloads, where the first incomplete one
+    starts, whether the last chunk was seen). The one chunked-body decoder of the package: the probes read whole
+    bodies with it, the load generator's streaming client feeds it what each read brought."""
+    parts: list[bytes] = []
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return parts, pos, False
+        size = int(buf[pos:eol].split(b";", 1)[0], 16)
         if size == 0:
-            break
-        out += data[end + 2: end + 2 + size]
-        pos = end + 2 + size + 2
-    return bytes(out)
+            if len(buf) < eol + 4:  # the final CRLF (no trailers) is still on its way
+                return parts, pos, False
+            return parts, eol + 4, True
+        end = eol + 2 + size + 2
+        if len(buf) < end:
+            return parts, pos, False
+        parts.append(buf[eol + 2:end - 2])
+        pos = end
+
+
+def _dechunk(data: bytes) -> bytes:
+    return b"".join(split_chunks(data)[0])
 
 
 def probe(host: str, port: int, timeout: float = 0.6, api_key: str | None = None, want_models: bool = True
