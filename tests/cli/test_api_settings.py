@@ -133,3 +133,13 @@ def test_status_exit_3_rule_is_the_same_on_the_fast_path_and_the_full_cli(cli, m
         fast = cli("status", target, "--json")[0]
         table = cli("status", target)[0]
         assert (fast, typer_json(target), table) == (want, want, want), target
+
+
+def test_version_fast_path_prints_what_typer_prints(cli, capsys):
+    from sage_llm.cli.main import _run_typer
+
+    code, out, _err = cli("--version")
+    assert code == 0
+    assert out.startswith("sage-llm ")
+    typer_code = _run_typer(["--version"], "sage-llm")
+    assert (typer_code, capsys.readouterr().out) == (0, out)

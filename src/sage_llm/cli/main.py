@@ -40,6 +40,11 @@ def run(argv: list[str], prog: str = PROG) -> int:
     if completing():
         # no fast paths, no settings or state reads: straight to Typer's completion protocol
         return _run_typer(argv, prog)
+    if argv == ["--version"]:  # scripts ask this often: no Typer for one line (the same line `llm.py` prints)
+        from sage_llm import __version__
+
+        sys.stdout.write(f"sage-llm {__version__}\n")
+        return 0
     fast = _fast_status_args(argv)
     if fast is not None:
         from sage_llm.cli.fast_status import status_json

@@ -11,9 +11,6 @@ from sage_llm.core.state import CorruptRecord, EngineRecord, StateStore, api_key
 from sage_llm.engine import process
 from sage_llm.engine.discovery import discover_external
 from sage_llm.engine.view import EngineView, apply_probe
-from sage_llm.observe import logs as logtools
-from sage_llm.observe.diagnose import Diagnosis, diagnose, is_clean_shutdown
-from sage_llm.observe.progress import engine_dtype, snapshot_of
 
 
 def _tree_procs(tree: process.Tree) -> list[dict[str, Any]]:
@@ -96,7 +93,11 @@ def _view_dtype(rec: EngineRecord) -> str | None:
     from sage_llm.engine.vllm import concrete_dtype
 
     asked = rec.dtype or (rec.settings or {}).get("dtype")
-    return concrete_dtype(asked) or (engine_dtype(rec.log_file) if rec.log_file else None) or asked
+    if concrete_dtype(asked):
+        return concrete_dtype(asked)
+    from sage_llm.observe.progress import engine_dtype  # only for vLLM's auto: the log says what it chose
+
+    return (engine_dtype(rec.log_file) if rec.log_file else None) or asked
 
 def _note_owner(view: EngineView, rec: EngineRecord) -> None:
     """An engine of `sage llm run` whose `run` process is gone (SIGKILLed): still recorded, say how to stop it."""
@@ -116,6 +117,8 @@ def _attach_stage(view: EngineView, rec: EngineRecord) -> None:
     if view.state == "ready":
         view.stage, view.progress = "ready", 1.0
     elif view.state == "starting" and rec.log_file:
+        from sage_llm.observe.progress import snapshot_of  # imported only while an engine loads: status stays lean
+
         snap = snapshot_of(rec.log_file, rec.model)
         if snap.stage == "ready":  # uvicorn said so but /health does not answer yet
             snap.stage, snap.progress = "starting_server", None
@@ -132,8 +135,11 @@ def _explain_dead(view: EngineView, rec: EngineRecord, table: dict[int, process.
         view.state = "failed"
         view.error = "engine was never started (the CLI stopped before spawning it)"
         return
+    from sage_llm.observe import logs as logtools  # only for an engine that died: why, from its log
+    from sage_llm.observe.diagnose import diagnose, is_clean_shutdown
+
     lines = logtools.run_lines(rec.log_file)
-    diag: Diagnosis | None = diagnose(lines, {"port": rec.port, "model": rec.model, "name": rec.name})
+    diag = diagnose(lines, {"port": rec.port, "model": rec.model, "name": rec.name})
     if diag is None and is_clean_shutdown(lines):
         view.state = "stopped"
         view.error = "engine shut down (not by `sage llm stop`)"
