@@ -387,3 +387,38 @@ def test_an_open_events_stream_does_not_hold_up_the_shutdown(gateway) -> None:
     assert time.monotonic() - t0 < 15
     t.join(10)
     assert any('"state": "stopping"' in line for line in got)
+
+
+def test_an_external_engine_seen_while_loading_is_routed_once_ready(gateway) -> None:
+    """The gateway's refresh marks an external vLLM that is still loading as "loading"; it must follow it to ready
+    (it stayed "loading" for ever, and requests for it got 503, because refresh skipped every loading slot)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import FAKE_VLLM, free_port
+
+    port = free_port()
+    gw = gateway(external=True)
+    proc = subprocess.Popen([sys.executable, str(FAKE_VLLM), "serve", "hand/loading", "--port", str(port)],
+                            env=dict(os.environ, FAKE_VLLM_LOAD_S="3"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        states = []
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline:
+            cards = {m["id"]: m for m in gw.client.get("/v1/models").json()["data"]}
+            card = cards.get("hand/loading")
+            if card is not None:
+                states.append(card.get("state") or card.get("sage_llm", {}).get("state"))
+                if states[-1] == "ready":
+                    break
+            time.sleep(0.2)
+        assert states, "the gateway never listed the external engine"
+        assert states[-1] == "ready", states[-5:]
+        r = gw.chat("hand/loading")
+        assert r.status_code == 200, r.text
+        assert r.headers["x-sage-llm-source"] == "local"
+    finally:
+        proc.terminate()
+        proc.wait()

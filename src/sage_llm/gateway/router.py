@@ -190,7 +190,9 @@ class Router:
                 self._last_settings[key] = e.settings
                 if slot.profile is not None and not slot.profile.configured:
                     slot.profile.settings = e.settings
-            if slot.state in ("loading", "stopping") or slot.lock.locked() or slot.changed_at >= taken:
+            # a load or stop of the gateway's own holds the slot's lock; a "loading" that only mirrors an engine
+            # seen starting (one the gateway did not start) must follow that engine, or it would stay loading forever
+            if slot.state == "stopping" or slot.lock.locked() or slot.changed_at >= taken:
                 continue
             if slot.state == "sleeping" and slot.engine and slot.engine.name == e.name:
                 continue
@@ -209,7 +211,7 @@ class Router:
                     slot.last_used = time.monotonic()
                     self.bus.publish("adopted", model=key, engine=e.name)
         for key, slot in self.slots.items():
-            if (key in seen or slot.engine is None or slot.state in ("loading", "stopping") or slot.lock.locked()
+            if (key in seen or slot.engine is None or slot.state == "stopping" or slot.lock.locked()
                     or slot.changed_at >= taken):
                 continue
             if slot.engine.static:
@@ -219,7 +221,7 @@ class Router:
                 self._crashed(slot, gone)  # its record says it died: a crash, not a stop
                 continue
             slot.engine = None
-            if slot.state in ("ready", "sleeping"):
+            if slot.state in ("ready", "sleeping", "loading"):
                 slot.state = "available" if slot.loadable else "gone"
                 self.bus.publish("stopped", model=key, engine=gone.name, reason="engine gone")
         for key in [k for k, s in self.slots.items() if s.state == "gone"]:
