@@ -1,7 +1,7 @@
 """`sage llm run`: start an engine in the foreground, show its load, then stream its log until Ctrl-C.
 
-Same options, checks and launch path as `start` (it calls start's `launch()` and so `manager.start(...,
-foreground=True, wait=True)`). While it runs the engine is recorded like any other, so `status`, `logs`, `chat` and
+Same options, checks and launch path as `start` (start's `launch_and_show()`, so `api.start(...,
+foreground=True)` with wait). While it runs the engine is recorded like any other, so `status`, `logs`, `chat` and
 `stop NAME` from another terminal see it; `stop NAME` from elsewhere ends `run` cleanly. Ctrl-C, SIGTERM or SIGHUP to
 `run` stop the engine's whole process group and remove its record; once that stop has begun it runs to the end,
 whatever signals arrive (cli/_signals.py: handlers only record them). If `run` itself is SIGKILLed the engine keeps
