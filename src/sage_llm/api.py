@@ -98,6 +98,8 @@ class LaunchRequest(LaunchOptions):
     skip_checks: bool = False  # start even if the GPUs lack free memory
     timeout: float | None = None  # seconds to wait until it serves; None: the start_timeout setting
     wait: bool = True  # wait until it serves (False: return once spawned)
+    cluster: str | None = None  # HOST:PORT of a Ray head: place the whole engine on a node of that cluster
+    node: str | None = None  # with `cluster`: the node (id, address, hostname or a custom resource of its own)
 
 
 @dataclass
@@ -131,6 +133,8 @@ class ResolvedLaunch:
     skip_checks: bool
     timeout: float
     wait: bool
+    cluster: str | None = None
+    node: str | None = None
 
 
 class LocalEngineStatus(TypedDict):
@@ -188,8 +192,31 @@ def resolve_launch(request: LaunchRequest) -> ResolvedLaunch:
         validate_name(request.name)
     timeout = float(settings.get("start_timeout", request.timeout))
     _check_timeout(timeout)
+    cluster = settings.get("cluster", request.cluster) or None
+    _check_cluster(cluster, request.node, spec)
     return ResolvedLaunch(spec=spec, name=request.name, port_explicit=request.port is not None, gpus=request.gpus,
-                          skip_checks=request.skip_checks, timeout=timeout, wait=request.wait)
+                          skip_checks=request.skip_checks, timeout=timeout, wait=request.wait, cluster=cluster,
+                          node=request.node)
+
+
+def _check_cluster(cluster: str | None, node: str | None, spec: LaunchSpec) -> None:
+    """--cluster places the whole engine on a node; --ray-address spreads one engine's ranks: never both."""
+    from sage_llm.errors import UsageError
+
+    if node is not None and not cluster:
+        raise UsageError("--node needs --cluster (or $SAGE_LLM_CLUSTER)", hint="e.g. --cluster 10.0.0.1:6379 "
+                         "--node 10.0.0.2")
+    if node is not None and not node.strip():
+        raise UsageError("--node is empty", hint="name a node by id, address, hostname or custom resource")
+    if not cluster:
+        return
+    from sage_llm.engine.cluster import check_address
+
+    check_address(cluster)
+    if spec.ray_address:
+        raise UsageError("--cluster and --ray-address do not go together: --cluster places whole engines on nodes, "
+                         "--ray-address spreads one engine's ranks over the cluster",
+                         hint="pick one (docs/distributed.md says which)")
 
 
 def _check_timeout(timeout: float) -> None:
@@ -219,6 +246,17 @@ def start(request: LaunchRequest | ResolvedLaunch, on_progress: ProgressFn | Non
     from sage_llm.engine import manager
 
     launch = request if isinstance(request, ResolvedLaunch) else resolve_launch(request)
+    if launch.cluster:
+        from sage_llm.engine import cluster
+        from sage_llm.errors import UsageError
+
+        if foreground:
+            raise UsageError("`run` serves in this terminal; engines on a Ray cluster are started with "
+                             "`sage llm start MODEL --cluster ADDRESS`", hint="unset SAGE_LLM_CLUSTER for `run`")
+
+        # the model is read on the node: this machine's cache says nothing about it
+        return cluster.start(launch.spec, launch.cluster, node=launch.node, name=launch.name, wait=launch.wait,
+                             timeout=launch.timeout, store=store, on_progress=on_progress)
     if checked is None:
         checked = preflight(launch.spec.model, launch.spec.download_dir)
     result = manager.start(launch.spec, name=launch.name, port_explicit=launch.port_explicit, wait=launch.wait,

@@ -63,6 +63,9 @@ class EngineRecord:
     gpus: list[dict[str, Any]] = field(default_factory=list)
     foreground: bool = False  # started by `sage llm run`
     owner_pid: int | None = None  # the `sage` process that owns a foreground engine
+    # engines placed on a Ray cluster (`start --cluster`, engine/cluster.py): address, node_id, node_ip, agent, gpus,
+    # pid (on that node). Their pid above stays None: no process of this machine is theirs.
+    cluster: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:

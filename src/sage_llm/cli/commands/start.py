@@ -69,11 +69,12 @@ def launch_and_show(request: LaunchRequest, foreground: bool = False,
     `checkpoint` is called with every progress update while the engine loads (`run`: raises on a received signal)."""
     from sage_llm import api
     from sage_llm.cli._progress import LoadDisplay
-    from sage_llm.cli.commands.models import announce_start
+    from sage_llm.cli.commands.models import StartNote, announce_start
 
     launch = api.resolve_launch(request)  # bad input: exit 2, before anything runs
-    checked = api.preflight(launch.spec.model, launch.spec.download_dir)  # offline + not cached: exit 2
-    note = announce_start(checked)
+    # offline + not cached: exit 2 (a cluster engine reads its model on its node: nothing to check here)
+    checked = None if launch.cluster else api.preflight(launch.spec.model, launch.spec.download_dir)
+    note = announce_start(checked) if checked is not None else StartNote(None)
     progress = LoadDisplay(enabled=launch.wait)
     update = note.wrap(progress.update)
     on_progress = update if checkpoint is None else (lambda ev: (checkpoint(), update(ev)))
