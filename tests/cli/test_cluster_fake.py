@@ -157,6 +157,12 @@ def test_place_by_node_name_serve_status_logs_stop(cli, cluster):
     r = httpx.get(view["base_url"] + "/models", timeout=5)
     assert r.status_code == 200
     assert r.json()["data"][0]["id"] == "org/model-a"
+    code, out, err = cli("chat", "c1", "-p", "hi", "--plain")
+    assert code == 0, err
+    assert out.strip()
+    code, out, err = cli("bench", "c1", "-c", "1", "-n", "2", "--max-tokens", "2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["completed"] == 2
     code, out, _err = cli("logs", "c1", "-n", "50")
     assert code == 0
     assert "sage llm start c1 (cluster agent" in out
@@ -194,14 +200,39 @@ def test_placement_by_resources_and_pending_when_full(cli, cluster):
     assert "was not placed within 3 s" in err
     assert "0/1 GPU" in err
     assert StateStore().load("c4") is None
-    code, _out, err = cli("stop", "c3")
-    assert code == 0, err
-    assert StateStore().load("c3") is None
-    assert "sage-llm-engine:c3" not in _actor_names()
+    # once c2 is stopped, Ray places c3: its agent launches it by itself (the --no-wait CLI is long gone)
     pid = rec.cluster["pid"]
     code, _out, err = cli("stop", "c2")
     assert code == 0, err
     assert _wait_gone(pid, 1.0)
+    deadline = time.monotonic() + 60
+    while (view := _status(cli, "c3")[0])["state"] != "ready" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert view["state"] == "ready", view
+    rec3 = StateStore().load("c3")
+    assert isinstance(rec3, EngineRecord)
+    assert rec3.cluster
+    assert rec3.cluster["node_id"] == cluster["node_b"]
+    assert rec3.state == "running"
+    assert _pid_alive(rec3.cluster["pid"])
+    code, _out, err = cli("stop", "c3")
+    assert code == 0, err
+    assert _wait_gone(rec3.cluster["pid"], 1.0)
+    assert StateStore().load("c3") is None
+    assert "sage-llm-engine:c3" not in _actor_names()
+    assert _entries(cluster["state"]["b"]) == []
+
+    # a pending engine that is stopped before it is ever placed: its agent goes, nothing was started
+    api.start(api.LaunchRequest(model="org/model-b", name="c5", cluster=cluster["address"], port=free_port(),
+                                wait=False))
+    api.start(api.LaunchRequest(model="org/model-b", name="c6", cluster=cluster["address"], port=free_port(),
+                                wait=False))
+    pending = [n for n in ("c5", "c6") if _status(cli, n)[0]["stage"] == "pending"]
+    assert len(pending) == 1
+    for name in (*pending, *({"c5", "c6"} - set(pending))):
+        code, _out, err = cli("stop", name)
+        assert code == 0, err
+    assert StateStore().names() == []
     assert _entries(cluster["state"]["b"]) == []
 
 

@@ -190,18 +190,18 @@ def start(spec: LaunchSpec, address: str, node: str | None = None, name: str | N
           timeout: float = 900.0, store: StateStore | None = None, on_progress: Any = None) -> StartResult:
     """Place the engine on a node of the cluster, start it there through its agent, record it, and (with `wait`)
     wait until it serves. Bad input (unknown node, not enough GPUs, unreachable cluster): UsageError, nothing left."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     from sage_llm.engine.manager import StartResult
     from sage_llm.engine.targets import slug
     from sage_llm.engine.vllm import validate
-    from sage_llm.state import EngineRecord, StateStore, api_key_for, utcnow_iso, validate_name
+    from sage_llm.state import EngineRecord, StateStore, utcnow_iso, validate_name
 
     store = store or StateStore()
     validate(spec)
     chosen = name or slug(spec.model)
     validate_name(chosen)
     ray = connect(address)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     nodes = cluster_nodes(ray)
     gpus = gpus_for(spec, nodes)
     target = choose_node(nodes, node, gpus)
@@ -226,11 +226,16 @@ def start(spec: LaunchSpec, address: str, node: str | None = None, name: str | N
                                "num_cpus": 0, "num_gpus": gpus, "max_restarts": 0}
     if target is not None:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(target["node_id"], soft=False)
-    agent = _agent_class(ray).options(**options).remote(chosen, engine_id)
+    agent = _agent_class(ray).options(**options).remote(chosen, engine_id, _spec_doc(spec))
     t0 = time.time()
     deadline = time.monotonic() + timeout
     where_ref = agent.where.remote()
     if not wait:
+        # the agent launches the engine itself once placed; `status` records where (see _view)
+        done, _ = ray.wait([where_ref], timeout=2.0)
+        if done:
+            with contextlib.suppress(Exception):
+                _placed(ray.get(where_ref), record, store)
         return StartResult(record)
     # placement: the agent's first call answers once Ray has found it a node with the GPUs free
     while True:
@@ -248,15 +253,15 @@ def start(spec: LaunchSpec, address: str, node: str | None = None, name: str | N
                                hint="stop an engine of the cluster, or pass --node / a longer --timeout")
     try:
         where = ray.get(where_ref)
-        key = api_key_for(record) if spec.api_key_env else None
-        secret_env = {"VLLM_API_KEY": key} if key else None
-        launched = ray.get(agent.launch.remote(_spec_doc(spec), bind_host(spec.host, where["node_ip"]),
-                                                secret_env), timeout=60)
     except Exception as exc:
         _abandon(ray, agent, record, store)
         raise EngineFailed(f"engine {chosen!r}: its agent failed on the node: {str(exc).splitlines()[-1][:200]}",
-                           hint="the node needs sage-llm and vLLM installed (`sage llm doctor` there)") from None
-    _record_launch(record, where, launched, store)
+                           hint="the node needs sage-llm (and Ray 2.60.0) installed") from None
+    if where.get("launch_error"):
+        _abandon(ray, agent, record, store)
+        raise EngineFailed(f"engine {chosen!r} could not be started on {where['node_ip']}: {where['launch_error']}",
+                           hint="check the node's vLLM (`sage llm doctor` there)")
+    _record_launch(record, where, where["launched"], store)
     result = StartResult(record)
     if wait:
         result.ready_after_s = _wait_ready(ray, agent, record, store, deadline, t0, on_progress)
@@ -269,6 +274,22 @@ def bind_host(host: str, node_ip: str) -> str:
     from sage_llm.addresses import is_loopback
 
     return node_ip if is_loopback(host) and node_ip else host
+
+
+def _placed(where: dict[str, Any], record: EngineRecord, store: StateStore) -> None:
+    """Record where a --no-wait engine was placed, once its agent says so (at most once: state `launching` only)."""
+    if not where.get("launched"):
+        if where.get("launch_error"):
+            with store.lock():
+                current = store.load(record.name)
+                if getattr(current, "id", None) == record.id and current.state == "launching":  # type: ignore
+                    current.state, current.error = "failed", where["launch_error"]  # type: ignore[union-attr]
+                    store.save(current)  # type: ignore[arg-type]
+        return
+    current = store.load(record.name)
+    if getattr(current, "id", None) == record.id and current.state == "launching":  # type: ignore[union-attr]
+        _record_launch(current, where, where["launched"], store)  # type: ignore[arg-type]
+        record.__dict__.update(current.__dict__)  # type: ignore[union-attr]
 
 
 def _spec_doc(spec: LaunchSpec) -> dict[str, Any]:
@@ -334,8 +355,10 @@ def _failed(ray: Any, agent: Any, record: EngineRecord, store: StateStore, what:
 
 def _abandon(ray: Any, agent: Any, record: EngineRecord, store: StateStore) -> None:
     """A start that never got its engine going: the agent goes, and so does the record (nothing left behind)."""
-    with contextlib.suppress(Exception):
-        ray.get(agent.stop.remote(5.0), timeout=30)
+    ready, _ = ray.wait([agent.where.remote()], timeout=1.0)
+    if ready:  # placed: it may have launched something
+        with contextlib.suppress(Exception):
+            ray.get(agent.stop.remote(5.0), timeout=30)
     with contextlib.suppress(Exception):
         ray.kill(agent)
     with store.lock():
@@ -348,8 +371,6 @@ def _abandon(ray: Any, agent: Any, record: EngineRecord, store: StateStore) -> N
 def stop(rec: EngineRecord, grace: float, force: bool, store: StateStore) -> StopOutcome:
     """Stop a cluster engine through its agent (or, when the agent is gone, through a sweep task on its node); the
     record goes once nothing of it is left."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     from sage_llm.engine.manager import StopOutcome
 
     info = rec.cluster or {}
@@ -364,10 +385,18 @@ def stop(rec: EngineRecord, grace: float, force: bool, store: StateStore) -> Sto
             store.remove(rec.name)
         return StopOutcome(rec.name, stopped=False, message=f"forgot {rec.name!r} ({exc.message}); its engine may "
                            "still run on its node: the next agent started there stops it")
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     outcome = StopOutcome(rec.name, stopped=True)
     agent = _get_actor(ray, rec.name)
     node = next((n for n in cluster_nodes(ray) if n["node_id"] == info.get("node_id")), None)
     result: dict[str, Any] | None = None
+    if agent is not None and not ray.wait([agent.where.remote()], timeout=2.0)[0]:
+        # never placed (waiting for GPUs): nothing of it runs anywhere
+        ray.kill(agent)
+        result = {"stopped": True, "survivors": [], "escalated": False, "shm_removed": []}
+        outcome.already_gone = True
+        agent = None
     if agent is not None:
         try:
             result = ray.get(agent.stop.remote(0.0 if force else grace), timeout=grace + 60)
@@ -416,7 +445,7 @@ def stop(rec: EngineRecord, grace: float, force: bool, store: StateStore) -> Sto
 
 
 # ----------------------------------------------------------------------------------------------------- status
-def attach(views: list[EngineView], timeout: float = 4.0) -> None:
+def attach(views: list[EngineView], store: StateStore, timeout: float = 4.0) -> None:
     """Live state of every cluster engine's view, from its agent (bounded; a cluster that does not answer makes the
     view `unhealthy` with the reason)."""
     by_address: dict[str, list[EngineView]] = {}
@@ -433,10 +462,10 @@ def attach(views: list[EngineView], timeout: float = 4.0) -> None:
                 v.state, v.error = "unhealthy", f"cannot ask the cluster: {msg}"
             continue
         for v in group:
-            _view(ray, v, nodes, timeout)
+            _view(ray, v, nodes, timeout, store)
 
 
-def _view(ray: Any, v: EngineView, nodes: dict[str, dict[str, Any]], timeout: float) -> None:
+def _view(ray: Any, v: EngineView, nodes: dict[str, dict[str, Any]], timeout: float, store: StateStore) -> None:
     from sage_llm.engine import cluster_agent
 
     rec = v.record
@@ -464,9 +493,19 @@ def _view(ray: Any, v: EngineView, nodes: dict[str, dict[str, Any]], timeout: fl
                    f"`sage llm stop {rec.name}` removes the record")
         return
     if rec.state == "launching":
-        v.state, v.stage = "starting", "pending"
-        v.error = "waiting for Ray to place it on a node with the GPUs free"
-        return
+        ref = agent.where.remote()
+        if not ray.wait([ref], timeout=1.0)[0]:
+            v.state, v.stage = "starting", "pending"
+            v.error = "waiting for Ray to place it on a node with the GPUs free"
+            return
+        with contextlib.suppress(Exception):
+            _placed(ray.get(ref), rec, store)
+        v.host, v.port, v.base_url, v.pid = rec.host, rec.port, rec.base_url, (rec.cluster or {}).get("pid")
+        info = rec.cluster or info
+        v.cluster.update({"node_id": info.get("node_id"), "node_address": info.get("node_ip")})
+        if rec.state == "failed":
+            v.state, v.error = "failed", rec.error
+            return
     try:
         st = ray.get(agent.poll.remote(5), timeout=timeout)
     except Exception as exc:

@@ -167,27 +167,46 @@ def _no_nice() -> None:
 class EngineAgent:
     """One engine on this node (wrapped with ray.remote by engine/cluster.py; plain Python here, testable alone)."""
 
-    def __init__(self, name: str, engine_id: str) -> None:
+    def __init__(self, name: str, engine_id: str, spec_doc: dict[str, Any] | None = None) -> None:
+        """Runs once Ray has placed the agent on its node: sweep what crashed agents left here, then launch the engine
+        (so a `start --no-wait` whose CLI is gone still gets its engine). No secret is passed: with --api-key-env the
+        variable is read from the node's own environment."""
         self.name = name
         self.engine_id = engine_id
         self.entry: dict[str, Any] | None = None
         self.popen: Any = None
+        self.launched: dict[str, Any] | None = None
+        self.launch_error: str | None = None
         self.swept = sweep()  # engines left behind by an earlier crash of Ray (or of an agent) on this node
+        if spec_doc is not None:
+            try:
+                self.launched = self.launch(spec_doc)
+            except Exception as exc:
+                self.launch_error = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+                hint = getattr(exc, "hint", None)
+                if hint:
+                    self.launch_error += f" (hint: {hint})"
 
     def where(self) -> dict[str, Any]:
         return {"node_id": _node_id(), "node_ip": _node_ip(), "pid": os.getpid(), "hostname": socket.gethostname(),
-                "swept": self.swept}
+                "swept": self.swept, "launched": self.launched, "launch_error": self.launch_error}
 
-    def launch(self, spec_doc: dict[str, Any], host: str | None, secret_env: dict[str, str] | None = None,
-               offline_ok: bool = False) -> dict[str, Any]:
+    def launch(self, spec_doc: dict[str, Any]) -> dict[str, Any]:
         """Spawn `vllm serve` for the spec on this node: its own session, log and temp dir under the node state dir."""
         import subprocess
 
+        from sage_llm.addresses import is_loopback
         from sage_llm.engine import envs, process
         from sage_llm.engine.vllm import LaunchSpec, build_argv, build_env
+        from sage_llm.errors import UsageError
 
         spec = LaunchSpec(**spec_doc)
-        spec.host = host or _node_ip()
+        if is_loopback(spec.host):
+            spec.host = _node_ip()  # reachable from the other nodes (an explicit --host is kept)
+        if spec.api_key_env and not os.environ.get(spec.api_key_env):
+            raise UsageError(f"--api-key-env {spec.api_key_env}: the variable is not set on node {_node_ip()}",
+                             hint="set it in the environment of `ray start` on every node (the key never travels "
+                                  "through Ray)")
         cmd = envs.resolve_vllm()
         port = spec.port
         for _ in range(200):
@@ -197,9 +216,7 @@ class EngineAgent:
         spec.port = port
         argv = build_argv(cmd.prefix, spec)
         cpu_engine = cmd.kind == "cpu" or not _has_gpu()
-        base = dict(os.environ)
-        base.update(secret_env or {})
-        env, added = build_env(spec, self.engine_id, cpu_engine, base=base, offline_ok=offline_ok)
+        env, added = build_env(spec, self.engine_id, cpu_engine, base=dict(os.environ))
         # inherited from the Ray worker: Ray limits its workers to one OpenMP thread; vLLM sets its own
         env.pop("OMP_NUM_THREADS", None)
         for var in [k for k in env if k.startswith("RAY_") and k != "RAY_ADDRESS"]:
@@ -234,7 +251,8 @@ class EngineAgent:
             "agent_ticks": me.ticks if me else None, "node_id": _node_id(),
         }
         _write_entry(self.entry)
-        return {**self.entry, "argv": argv, "env": added, "node_ip": _node_ip(), "cpu_engine": cpu_engine}
+        return {**self.entry, "argv": argv, "env": added, "node_ip": _node_ip(), "cpu_engine": cpu_engine,
+                "api_key_env": spec.api_key_env}
 
     def poll(self, lines: int = 40) -> dict[str, Any]:
         """Alive? serving? and the log's last lines (for the stage and the diagnosis on the client)."""
@@ -246,7 +264,8 @@ class EngineAgent:
         alive = self.popen.poll() is None if self.popen is not None else engine_alive(self.entry)
         ready = False
         if alive:
-            key = os.environ.get("VLLM_API_KEY")
+            key_env = self.launched and self.launched.get("api_key_env")
+            key = os.environ.get(key_env) if key_env else None
             p = probes.probe(reachable_host(self.entry["host"]), self.entry["port"], timeout=1.0, api_key=key)
             ready = p.health == 200 and (p.models_status == 401 or bool(p.model_ids))
         return {"alive": alive, "ready": ready, "lines": self.log_lines(lines), "launched": True,

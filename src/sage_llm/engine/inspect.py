@@ -95,7 +95,7 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
     if any(v.record is not None and v.record.cluster for v in views):
         from sage_llm.engine import cluster  # Ray is imported only when cluster engines are recorded
 
-        cluster.attach(views)
+        cluster.attach(views, store)
         for v in views:
             if v.cluster is not None and v.state == "ready":
                 ts = parse_iso(v.started_at)
