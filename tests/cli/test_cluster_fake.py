@@ -37,20 +37,26 @@ def cluster(tmp_path_factory):
     os.environ["FAKE_VLLM_LOAD_S"] = "0.3"
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     state = {"a": base / "node-a", "b": base / "node-b"}
+    engine = {"SAGE_LLM_VLLM": os.environ["SAGE_LLM_VLLM"], "FAKE_VLLM_LOAD_S": "0.3"}  # what the nodes run
     common = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False,
               "min_worker_port": 24100, "max_worker_port": 24199, "object_store_memory": 80 * 1024 * 1024}
+    # a dead node is declared after 2 missed health checks 1 s apart (Ray's default: about 14 s)
+    fast_death = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2, "health_check_timeout_ms": 1000}
     c = Cluster(initialize_head=True, head_node_args={**common, "resources": {"node_a": 1},
-                                                      "env_vars": {"SAGE_LLM_NODE_STATE_DIR": str(state["a"])}})
-    node_b = c.add_node(**{**common, "min_worker_port": 24200, "max_worker_port": 24299}, num_gpus=1,
-                        resources={"node_b": 1}, env_vars={"SAGE_LLM_NODE_STATE_DIR": str(state["b"])})
+                                                      "_system_config": fast_death,
+                                                      "env_vars": {**engine, "SAGE_LLM_NODE_STATE_DIR": str(state["a"])}})
+    node_b_args = {**common, "min_worker_port": 24200, "max_worker_port": 24299, "num_gpus": 1,
+                   "resources": {"node_b": 1}, "env_vars": {**engine, "SAGE_LLM_NODE_STATE_DIR": str(state["b"])}}
+    node_b = c.add_node(**node_b_args)
     c.wait_for_nodes()
     try:
         yield {"address": c.address, "cluster": c, "node_b": node_b.node_id, "head": c.head_node.node_id,
-               "state": state}
+               "state": state, "node_b_obj": node_b, "node_b_args": node_b_args}
     finally:
         if ray.is_initialized():
             ray.shutdown()
         c.shutdown()
+        _sweep_left(state)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -58,9 +64,27 @@ def cluster(tmp_path_factory):
                 os.environ[k] = v
 
 
+def _sweep_left(state: dict[str, Path]) -> None:
+    """Whatever a failed test left on the nodes: stopped by the agents' own sweep, node by node (with Ray down, no
+    agent is alive, so every recorded engine is an orphan)."""
+    from sage_llm.engine import cluster_agent
+
+    saved = os.environ.get(cluster_agent.NODE_STATE_ENV)
+    try:
+        for d in state.values():
+            os.environ[cluster_agent.NODE_STATE_ENV] = str(d)
+            cluster_agent.sweep(grace=2.0)
+    finally:
+        if saved is None:
+            os.environ.pop(cluster_agent.NODE_STATE_ENV, None)
+        else:
+            os.environ[cluster_agent.NODE_STATE_ENV] = saved
+
+
 def _status(cli, name: str | None = None) -> list[dict]:
     args = ["status", "--json"] + ([name] if name else [])
     code, out, err = cli(*args)
+    assert out.startswith("{"), (out[:300], err[-300:])
     return json.loads(out)["engines"]
 
 
@@ -279,5 +303,39 @@ def test_agent_sigkilled_orphan_reported_stopped_and_swept(cli, cluster):
     for name in ("o2", "o3"):
         code, _out, err = cli("stop", name)
         assert code == 0, err
+    assert StateStore().names() == []
+    assert _entries(cluster["state"]["b"]) == []
+
+
+def test_dead_node_fails_its_engines_and_the_next_agent_there_sweeps_them(cli, cluster):
+    """Runs last: it kills node B's raylet (and brings a new node B up on the same node state)."""
+    addr = cluster["address"]
+    code, _out, err = cli("start", "org/model-a", "--name", "d1", "--cluster", addr, "--port", str(free_port()))
+    assert code == 0, err
+    rec = StateStore().load("d1")
+    assert isinstance(rec, EngineRecord)
+    assert rec.cluster
+    engine_pid = rec.cluster["pid"]
+    cluster["cluster"].remove_node(cluster["node_b_obj"], allow_graceful=False)  # raylet and workers SIGKILLed
+    deadline = time.monotonic() + 60
+    while (view := _status(cli, "d1")[0])["state"] != "failed" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert view["state"] == "failed", view
+    assert "is dead" in view["error"]
+    assert view["cluster"]["node_alive"] is False
+    # whether the engine outlived its raylet depends on how the node died (here, Cluster.remove_node's kill takes it
+    # along; a raylet SIGKILLed alone leaves it running): either way the next agent on the node must leave nothing
+    code, out, err = cli("stop", "d1")
+    assert code == 0, err
+    assert StateStore().load("d1") is None
+    # node B comes back (same node-local state): the first agent placed there stops what the dead one left
+    cluster["node_b_obj"] = cluster["cluster"].add_node(**cluster["node_b_args"])
+    cluster["cluster"].wait_for_nodes()
+    code, _out, err = cli("start", "org/model-a", "--name", "d2", "--cluster", addr, "--node", "node_b",
+                          "--port", str(free_port()))
+    assert code == 0, err
+    assert _wait_gone(engine_pid, 1.0)
+    code, _out, err = cli("stop", "d2")
+    assert code == 0, err
     assert StateStore().names() == []
     assert _entries(cluster["state"]["b"]) == []

@@ -77,6 +77,7 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:
                          hint="check the address and that `ray start --head` runs there") from None
     import threading
 
+    _quiet(ray)
     failure: list[BaseException] = []
 
     def join() -> None:
@@ -99,6 +100,22 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:
                          hint="the head must run Ray 2.60.0 (`ray --version`) and be reachable from here") from None
     connect._address = address  # type: ignore[attr-defined]
     return ray
+
+
+def _quiet(ray: Any) -> None:
+    """Ray's driver prints the cluster's error messages ("The node ... missed too many heartbeats") to stdout, which
+    would break `status --json`; `status` reports dead nodes and agents itself. With SAGE_LLM_DEBUG they go to
+    stderr."""
+    from ray._private import worker
+
+    def to_stderr(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        if os.environ.get("SAGE_LLM_DEBUG"):
+            import sys
+
+            for line in data.get("lines", []):
+                print(f"(ray {data.get('pid')}) {line}", file=sys.stderr)
+
+    worker.print_to_stdstream = to_stderr
 
 
 # -------------------------------------------------------------------------------------------------- placement
