@@ -42,9 +42,9 @@ def cluster(tmp_path_factory):
               "min_worker_port": 24100, "max_worker_port": 24199, "object_store_memory": 80 * 1024 * 1024}
     # a dead node is declared after 2 missed health checks 1 s apart (Ray's default: about 14 s)
     fast_death = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2, "health_check_timeout_ms": 1000}
+    head_env = {**engine, "SAGE_LLM_NODE_STATE_DIR": str(state["a"])}
     c = Cluster(initialize_head=True, head_node_args={**common, "resources": {"node_a": 1},
-                                                      "_system_config": fast_death,
-                                                      "env_vars": {**engine, "SAGE_LLM_NODE_STATE_DIR": str(state["a"])}})
+                                                      "_system_config": fast_death, "env_vars": head_env})
     node_b_args = {**common, "min_worker_port": 24200, "max_worker_port": 24299, "num_gpus": 1,
                    "resources": {"node_b": 1}, "env_vars": {**engine, "SAGE_LLM_NODE_STATE_DIR": str(state["b"])}}
     node_b = c.add_node(**node_b_args)
