@@ -166,6 +166,7 @@ def test_place_by_node_name_serve_status_logs_stop(cli, cluster):
     assert _pid_alive(engine_pid)
     # the engine runs in its own session (not the Ray worker's), not niced, without Ray's OMP_NUM_THREADS
     assert os.getsid(engine_pid) == engine_pid
+    assert Path(rec.cluster["tmp_dir"]).is_dir()
     assert os.getpriority(os.PRIO_PROCESS, engine_pid) == 0
     environ = Path(f"/proc/{engine_pid}/environ").read_bytes().split(b"\0")
     assert not any(e.startswith(b"OMP_NUM_THREADS=") for e in environ)
@@ -181,6 +182,9 @@ def test_place_by_node_name_serve_status_logs_stop(cli, cluster):
     r = httpx.get(view["base_url"] + "/models", timeout=5)
     assert r.status_code == 200
     assert r.json()["data"][0]["id"] == "org/model-a"
+    code, out, err = cli("status")
+    assert code == 0, err
+    assert f"c1: on node 127.0.0.1 ({cluster['node_b'][:8]}) of Ray cluster {cluster['address']}, 1 GPU(s)" in out
     code, out, err = cli("chat", "c1", "-p", "hi", "--plain")
     assert code == 0, err
     assert out.strip()
@@ -195,7 +199,8 @@ def test_place_by_node_name_serve_status_logs_stop(cli, cluster):
     assert _wait_gone(engine_pid, 1.0)
     assert StateStore().names() == []
     assert _entries(cluster["state"]["b"]) == []
-    assert not (cluster["state"]["b"] / "tmp" / rec.id).exists()
+    assert rec.cluster["tmp_dir"].endswith(f"/sage-llm-{rec.id}")
+    assert not Path(rec.cluster["tmp_dir"]).exists()
     assert "sage-llm-engine:c1" not in _actor_names()
 
 

@@ -322,7 +322,7 @@ def _record_launch(record: EngineRecord, where: dict[str, Any], launched: dict[s
         record.argv, record.env = launched["argv"], launched["env"]
         record.cluster = {**(record.cluster or {}), "node_id": where["node_id"], "node_ip": where["node_ip"],
                           "hostname": where.get("hostname"), "agent_pid": where["pid"], "pid": launched["pid"],
-                          "node_log_file": launched["log_file"]}
+                          "node_log_file": launched["log_file"], "tmp_dir": launched["tmp_dir"]}
         record.settings = {**record.settings, "host": launched["host"], "port": launched["port"]}
         record.state = "running"
         store.save(record)
@@ -538,6 +538,14 @@ def _view(ray: Any, v: EngineView, nodes: dict[str, dict[str, Any]], timeout: fl
         d = diagnose(st["lines"], {"port": rec.port, "model": rec.model, "name": rec.name})
         v.state = "failed"
         v.error = "engine exited unexpectedly" + (f": {d.message}" if d else "")
+
+
+def describe_view(info: dict[str, Any]) -> str:
+    """One line for the human status view."""
+    node = info.get("node_address") or "no node yet"
+    short = f" ({info['node_id'][:8]})" if info.get("node_id") else ""
+    dead = ", dead" if info.get("node_alive") is False else ""
+    return f"on node {node}{short}{dead} of Ray cluster {info['address']}, {info.get('gpus') or 0} GPU(s)"
 
 
 def _orphan_alive(ray: Any, cluster_agent: Any, info: dict[str, Any], engine_id: str, timeout: float) -> bool:

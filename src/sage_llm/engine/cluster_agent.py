@@ -108,7 +108,7 @@ def stop_entry(entry: dict[str, Any], grace: float) -> dict[str, Any]:
     if not result.survivors:
         removed = process.sweep_shm(entry.get("create_time"), entry.get("port"), owned=result.shm_seen)
         tmp = entry.get("tmp_dir")
-        if tmp and Path(tmp).is_dir() and Path(tmp).parent == node_state_dir() / "tmp":
+        if tmp and Path(tmp).is_dir() and Path(tmp).name == engine_tmp_dir(entry["engine_id"]).name:
             shutil.rmtree(tmp, ignore_errors=True)
         _drop_entry(entry["engine_id"])
     return {"stopped": not result.survivors, "survivors": result.survivors, "escalated": result.escalated,
@@ -132,6 +132,17 @@ def sweep(engine_id: str | None = None, grace: float = 5.0) -> list[dict[str, An
 def node_engines() -> list[dict[str, Any]]:
     """Every engine recorded on this node, with whether its processes and its agent are alive."""
     return [{**e, "alive": engine_alive(e), "agent_alive": _agent_alive(e)} for e in _read_entries()]
+
+
+def engine_tmp_dir(engine_id: str) -> Path:
+    """The engine's own TMPDIR: short, because vLLM binds ZMQ IPC sockets there and a socket path is at most 107
+    bytes (a TMPDIR under a deep state directory makes vLLM fail at startup)."""
+    import tempfile
+
+    root = tempfile.gettempdir()
+    if len(root) > 40 or not os.path.isdir(root):
+        root = "/tmp"
+    return Path(root) / f"sage-llm-{engine_id}"
 
 
 def _node_ip() -> str:
@@ -225,8 +236,8 @@ class EngineAgent:
             env["PATH"] = str(Path(cmd.env_path) / "bin") + os.pathsep + env.get("PATH", "")
             env["VIRTUAL_ENV"] = cmd.env_path
         state = node_state_dir()
-        tmp_dir = state / "tmp" / self.engine_id
-        tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp_dir = engine_tmp_dir(self.engine_id)
+        tmp_dir.mkdir(mode=0o700, exist_ok=True)
         env["TMPDIR"] = str(tmp_dir)  # vLLM's socket files: removed with the engine
         logs = state / "logs"
         logs.mkdir(parents=True, exist_ok=True, mode=0o700)
