@@ -155,8 +155,9 @@ def test_place_by_node_name_serve_status_logs_stop(cli, cluster):
     code, out, err = cli("start", "org/model-a", "--name", "c1", "--cluster", cluster["address"], "--node", "node_b",
                          "--port", str(port))
     assert code == 0, err
-    assert "ready" in out
     rec = StateStore().load("c1")
+    assert "ready" in out
+    assert f"(pid {rec.cluster['pid']} on node 127.0.0.1)" in out
     assert isinstance(rec, EngineRecord)
     assert rec.cluster
     assert rec.pid is None

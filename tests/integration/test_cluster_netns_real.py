@@ -180,9 +180,11 @@ def test_real_engine_on_node_b_chat_from_a_then_stop_ray_stop_and_raylet_kill(ne
     view = json.loads(r.stdout)["engines"][0]
     assert view["state"] == "ready"
     assert view["cluster"]["node_address"] == B_IP
+    assert f":{rec['port']} " in b.nsexec("ss", "-ltnH").stdout
     r = cli("stop", "t1")
     assert r.returncode == 0, r.stderr[-2000:]
     _nothing_left(rec["id"], node_state, shm_before)
+    assert f":{rec['port']} " not in b.nsexec("ss", "-ltnH").stdout  # its port is free on node B
 
     # 2. `ray stop --force` on B leaves the engine running (its own session); the agent's restart sweeps it
     r = cli(*start, "--name", "t2")

@@ -49,15 +49,18 @@ def start(
                         "host": rec.host, "port": rec.port, "base_url": rec.base_url, "pid": rec.pid,
                         "log_file": rec.log_file, "ready_after_s": result.ready_after_s, "gpus": rec.gpus})
         return
+    where = f"pid {rec.pid}"
+    if rec.cluster:
+        where = f"pid {rec.cluster.get('pid')} on node {rec.cluster.get('node_ip') or '?'}"
     if result.already_running:
-        out.result(f"engine {rec.name!r} already serves {rec.served_model_name} at {rec.base_url} (pid {rec.pid})")
+        out.result(f"engine {rec.name!r} already serves {rec.served_model_name} at {rec.base_url} ({where})")
         return
     if wait:
         took = f" in {result.ready_after_s:.1f} s" if result.ready_after_s is not None else ""
-        out.result(f"engine {rec.name!r} ready{took}: {rec.served_model_name} at {rec.base_url} (pid {rec.pid})")
+        out.result(f"engine {rec.name!r} ready{took}: {rec.served_model_name} at {rec.base_url} ({where})")
         out.hint(f"chat: sage llm chat {rec.name} | logs: sage llm logs {rec.name} -f | stop: sage llm stop {rec.name}")
     else:
-        out.result(f"engine {rec.name!r} starting: {rec.served_model_name} on {rec.base_url} (pid {rec.pid})")
+        out.result(f"engine {rec.name!r} starting: {rec.served_model_name} on {rec.base_url} ({where})")
         out.hint(f"check with `sage llm status {rec.name}` (exit 0 once ready); log: {rec.log_file}")
 
 
