@@ -65,16 +65,16 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:
         # read when Ray is imported: without it Ray rewrites 127.0.0.1 to this machine's other address
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = ray_module()
-    if ray.is_initialized():
-        if getattr(connect, "_address", None) == address:
-            return ray
-        ray.shutdown()
-    try:
+    if ray.is_initialized() and getattr(connect, "_address", None) == address:
+        return ray
+    try:  # before leaving a cluster this process is joined to: a wrong address must not cost that connection
         with socket.create_connection((host, port), timeout=timeout):
             pass
     except OSError as exc:
         raise UsageError(f"the Ray cluster at {address} is unreachable ({exc.strerror or exc})",
                          hint="check the address and that `ray start --head` runs there") from None
+    if ray.is_initialized():
+        ray.shutdown()
     import threading
 
     _quiet(ray)
