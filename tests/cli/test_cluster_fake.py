@@ -19,9 +19,13 @@ import pytest
 from sage_llm.state import EngineRecord, StateStore
 from tests.conftest import FAKE_VLLM, free_port
 
-# a loopback cluster: Ray reads this when it is imported (docs/distributed.md, "Loopback clusters")
+# a loopback cluster: Ray reads this when it is imported (docs/distributed.md, "Loopback clusters"); set for the
+# import only, so the other tests of the session see the environment they expect
+_had_flag = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in os.environ
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray")
+if not _had_flag:
+    os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
 from ray.cluster_utils import Cluster  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning"),

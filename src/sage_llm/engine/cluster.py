@@ -15,6 +15,7 @@ import contextlib
 import os
 import secrets
 import socket
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -61,9 +62,15 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:
     from sage_llm.engine.vllm import ray_address_is_loopback
 
     host, port = check_address(address)
-    if ray_address_is_loopback(address):
-        # read when Ray is imported: without it Ray rewrites 127.0.0.1 to this machine's other address
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    var = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    if ray_address_is_loopback(address) and "ray" not in sys.modules and var not in os.environ:
+        # read once, when Ray is imported: without it Ray rewrites 127.0.0.1 to this machine's other address. Set
+        # for the import only, so that engines started later from this process do not inherit it by accident.
+        os.environ[var] = "0"
+        try:
+            ray = ray_module()
+        finally:
+            os.environ.pop(var, None)
     ray = ray_module()
     if ray.is_initialized() and getattr(connect, "_address", None) == address:
         return ray
