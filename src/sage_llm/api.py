@@ -102,6 +102,8 @@ class LaunchRequest(LaunchOptions):
     # variables only the engine's environment gets, never this process's: e.g. the value of `api_key_env` that a
     # program holds in memory (the gateway's per-engine keys). Never recorded, never printed.
     engine_env: dict[str, str] = field(default_factory=dict, repr=False)
+    cluster: str | None = None  # HOST:PORT of a Ray head: place the whole engine on a node of that cluster
+    node: str | None = None  # with `cluster`: the node (id, address, hostname or a custom resource of its own)
 
 
 @dataclass
@@ -136,6 +138,8 @@ class ResolvedLaunch:
     timeout: float
     wait: bool
     engine_env: dict[str, str] = field(default_factory=dict, repr=False)
+    cluster: str | None = None
+    node: str | None = None
 
 
 class LocalEngineStatus(TypedDict):
@@ -193,9 +197,31 @@ def resolve_launch(request: LaunchRequest) -> ResolvedLaunch:
         validate_name(request.name)
     timeout = float(settings.get("start_timeout", request.timeout))
     _check_timeout(timeout)
+    cluster = settings.get("cluster", request.cluster) or None
+    _check_cluster(cluster, request.node, spec)
     return ResolvedLaunch(spec=spec, name=request.name, port_explicit=request.port is not None, gpus=request.gpus,
-                          skip_checks=request.skip_checks, timeout=timeout, wait=request.wait,
-                          engine_env=dict(request.engine_env))
+                          skip_checks=request.skip_checks, timeout=timeout, wait=request.wait, cluster=cluster,
+                          node=request.node, engine_env=dict(request.engine_env))
+
+
+def _check_cluster(cluster: str | None, node: str | None, spec: LaunchSpec) -> None:
+    """--cluster places the whole engine on a node; --ray-address spreads one engine's ranks: never both."""
+    from sage_llm.core.errors import UsageError
+
+    if node is not None and not cluster:
+        raise UsageError("--node needs --cluster (or $SAGE_LLM_CLUSTER)", hint="e.g. --cluster 10.0.0.1:6379 "
+                         "--node 10.0.0.2")
+    if node is not None and not node.strip():
+        raise UsageError("--node is empty", hint="name a node by id, address, hostname or custom resource")
+    if not cluster:
+        return
+    from sage_llm.engine.cluster import check_address
+
+    check_address(cluster)
+    if spec.ray_address:
+        raise UsageError("--cluster and --ray-address do not go together: --cluster places whole engines on nodes, "
+                         "--ray-address spreads one engine's ranks over the cluster",
+                         hint="pick one (docs/distributed.md says which)")
 
 
 def _check_timeout(timeout: float) -> None:
@@ -225,6 +251,17 @@ def start(request: LaunchRequest | ResolvedLaunch, on_progress: ProgressFn | Non
     from sage_llm.engine import manager
 
     launch = request if isinstance(request, ResolvedLaunch) else resolve_launch(request)
+    if launch.cluster:
+        from sage_llm.core.errors import UsageError
+        from sage_llm.engine import cluster
+
+        if foreground:
+            raise UsageError("`run` serves in this terminal; engines on a Ray cluster are started with "
+                             "`sage llm start MODEL --cluster ADDRESS`", hint="unset SAGE_LLM_CLUSTER for `run`")
+
+        # the model is read on the node: this machine's cache says nothing about it
+        return cluster.start(launch.spec, launch.cluster, node=launch.node, name=launch.name, wait=launch.wait,
+                             timeout=launch.timeout, store=store, on_progress=on_progress)
     if checked is None:
         checked = preflight(launch.spec.model, launch.spec.download_dir)
     result = manager.start(launch.spec, name=launch.name, port_explicit=launch.port_explicit, wait=launch.wait,

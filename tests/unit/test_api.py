@@ -13,7 +13,7 @@ from sage_llm import api
 from sage_llm.core.errors import EngineNotFound, UsageError
 from tests.conftest import free_port
 
-LEAN_FORBIDDEN = ("typer", "rich", "httpx", "psutil", "pynvml", "click", "huggingface_hub", "aiohttp")
+LEAN_FORBIDDEN = ("typer", "rich", "httpx", "psutil", "pynvml", "click", "huggingface_hub", "aiohttp", "ray")
 
 
 def _imported_after(code: str) -> list[str]:

@@ -64,6 +64,11 @@ _START_ONLY: tuple[_Opt, ...] = (
          "the GPUs with the most free memory, as many as tensor x pipeline parallel size"),
     _Opt("skip_checks", bool, ("--skip-checks",), "Start even if the GPUs lack free memory for "
          "--gpu-memory-utilization."),
+    _Opt("cluster", str, ("--cluster",), "Place the whole engine on a node of this Ray cluster (HOST:PORT of its "
+         "head; needs sage-llm[ray]); Ray picks a node with tensor x pipeline parallel size GPUs free.",
+         "$SAGE_LLM_CLUSTER, else this machine"),
+    _Opt("node", str, ("--node",), "With --cluster: the node (id, address, hostname or a custom resource only it "
+         "has)."),
 )
 _OVERRIDE_ONLY: tuple[_Opt, ...] = (
     _Opt("timeout", float, ("--timeout",), "Seconds to wait until the engine serves (default: "

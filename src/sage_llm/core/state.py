@@ -65,6 +65,9 @@ class EngineRecord:
     owner_pid: int | None = None  # the `sage` process that owns a foreground engine
     dtype: str | None = None  # the --dtype it was started with ("auto": vLLM chose); see engine/vllm.py choose_dtype
     dtype_source: str | None = None  # user | cpu-default | auto
+    # engines placed on a Ray cluster (`start --cluster`, engine/cluster.py): address, node_id, node_ip, agent, gpus,
+    # pid (on that node). Their pid above stays None: no process of this machine is theirs.
+    cluster: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:

@@ -44,6 +44,13 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
             warnings.append(f"engine record {rec.path} is unreadable: {rec.error}")
             views.append(EngineView(name=rec.name, managed=True, state="failed", error=rec.error))
             continue
+        if rec.cluster:
+            # on a node of a Ray cluster: its state comes from its agent (engine/cluster.py), below
+            views.append(EngineView(
+                name=rec.name, managed=True, state="starting", model=rec.model,
+                served_model_name=rec.served_model_name, host=rec.host, port=rec.port, base_url=rec.base_url,
+                started_at=rec.started_at, log_file=rec.log_file, settings=rec.settings, record=rec))
+            continue
         tree = process.find_tree(rec.pid, process.birth_of(rec), rec.id, table)
         view = EngineView(
             name=rec.name, managed=True, state="stopped", model=rec.model, served_model_name=rec.served_model_name,
@@ -83,6 +90,14 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
         from sage_llm.engine import ray_cluster
 
         ray_cluster.attach(views, store.root)
+    if any(v.record is not None and v.record.cluster for v in views):
+        from sage_llm.engine import cluster  # Ray is imported only when cluster engines are recorded
+
+        cluster.attach(views, store)
+        for v in views:
+            if v.cluster is not None and v.state == "ready":
+                ts = parse_iso(v.started_at)
+                v.uptime_s = round(time.time() - ts, 1) if ts else None
     return views, warnings
 
 

@@ -55,7 +55,7 @@ class StartResult:
 def _live(store: StateStore) -> list[tuple[EngineRecord, process.Tree]]:
     out = []
     for rec in store.all():
-        if isinstance(rec, CorruptRecord):
+        if isinstance(rec, CorruptRecord) or rec.cluster:
             continue
         tree = process.find_tree(rec.pid, process.birth_of(rec), rec.id)
         if tree.alive:
@@ -145,6 +145,8 @@ def start(
         chosen = name or slug(spec.model)
         existing = store.load(chosen)
         live_names = {r.name: r for r, _ in live}
+        # engines on a Ray cluster (engine/cluster.py) keep their name too; they are not processes of this machine
+        live_names.update({r.name: r for r in store.all() if isinstance(r, EngineRecord) and r.cluster})
         if chosen in live_names:
             if name is not None:
                 other = live_names[chosen]
@@ -397,6 +399,10 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
                                message=f"removed corrupt record {rec.path} ({rec.error})")
         raise SageLLMError(f"engine record {rec.path} is corrupt ({rec.error}); nothing was signalled",
                            hint=f"check no engine of it runs, then `sage llm stop {name} --force` removes the record")
+    if rec.cluster:
+        from sage_llm.engine import cluster
+
+        return cluster.stop(rec, timeout, force, store)
     tree = process.find_tree(rec.pid, process.birth_of(rec), rec.id)
     gone_before = not tree.alive
     if not gone_before:

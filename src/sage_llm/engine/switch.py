@@ -86,6 +86,10 @@ def _load(name: str, store: StateStore) -> EngineRecord:
     if isinstance(rec, CorruptRecord):
         raise UsageError(f"engine record {rec.path} is corrupt ({rec.error})",
                          hint=f"remove it with `sage llm stop {name} --force`, then start again")
+    if rec.cluster:
+        raise UsageError(f"engine {name!r} runs on a node of the Ray cluster {rec.cluster.get('address')}; restart "
+                         "and switch work on local engines only", hint=f"`sage llm stop {name}`, then `sage llm start "
+                         f"MODEL --cluster {rec.cluster.get('address')}` again")
     if rec.foreground:
         raise UsageError(f"engine {name!r} runs in the foreground of `sage llm run` (pid {rec.owner_pid})",
                          hint="stop it there (Ctrl-C) and run it again with the new options")

@@ -33,6 +33,7 @@ class EngineView:
     settings: dict[str, Any] = field(default_factory=dict)
     record: EngineRecord | None = None
     ray: dict[str, Any] | None = None  # engines on a Ray cluster: address, nodes, workers (engine/ray_cluster.py)
+    cluster: dict[str, Any] | None = None  # whole engines placed on a Ray cluster (engine/cluster.py)
 
     def to_json(self) -> dict[str, Any]:
         keys = ("name", "managed", "state", "model", "served_model_name", "host", "port", "base_url", "pid",
@@ -41,6 +42,8 @@ class EngineView:
         doc = {k: getattr(self, k) for k in keys}
         if self.ray is not None:
             doc["ray"] = self.ray
+        if self.cluster is not None:
+            doc["cluster"] = self.cluster
         return doc
 
 

@@ -46,6 +46,14 @@ def logs(
     if json_:
         raise UsageError("--json goes with --audit", hint="engine logs are plain text: sage llm logs NAME")
     tgt = core.resolve(target)
+    if getattr(tgt.record, "cluster", None):
+        from sage_llm.engine import cluster
+
+        if follow:
+            raise UsageError(f"engine {tgt.name!r} runs on a node of a Ray cluster: -f is not supported for it yet",
+                             hint=f"sage llm logs {tgt.name} -n 200")
+        if not cluster.fetch_log(tgt.record, tgt.path):  # type: ignore[arg-type]
+            out.info(f"the agent of {tgt.name!r} is gone; showing the copy fetched last ({tgt.path})")
     if seconds is not None:
         shown = core.since(tgt.path, seconds)
         if lines is not None:

@@ -50,15 +50,18 @@ def start(
                         "log_file": rec.log_file, "ready_after_s": result.ready_after_s, "gpus": rec.gpus,
                         "dtype": rec.dtype})
         return
+    where = f"pid {rec.pid}"
+    if rec.cluster:
+        where = f"pid {rec.cluster.get('pid')} on node {rec.cluster.get('node_ip') or '?'}"
     if result.already_running:
-        out.result(f"engine {rec.name!r} already serves {rec.served_model_name} at {rec.base_url} (pid {rec.pid})")
+        out.result(f"engine {rec.name!r} already serves {rec.served_model_name} at {rec.base_url} ({where})")
         return
     if wait:
         took = f" in {result.ready_after_s:.1f} s" if result.ready_after_s is not None else ""
-        out.result(f"engine {rec.name!r} ready{took}: {rec.served_model_name} at {rec.base_url} (pid {rec.pid})")
+        out.result(f"engine {rec.name!r} ready{took}: {rec.served_model_name} at {rec.base_url} ({where})")
         out.hint(f"chat: sage llm chat {rec.name} | logs: sage llm logs {rec.name} -f | stop: sage llm stop {rec.name}")
     else:
-        out.result(f"engine {rec.name!r} starting: {rec.served_model_name} on {rec.base_url} (pid {rec.pid})")
+        out.result(f"engine {rec.name!r} starting: {rec.served_model_name} on {rec.base_url} ({where})")
         out.hint(f"check with `sage llm status {rec.name}` (exit 0 once ready); log: {rec.log_file}")
 
 
@@ -70,11 +73,12 @@ def launch_and_show(request: LaunchRequest, foreground: bool = False,
     `checkpoint` is called with every progress update while the engine loads (`run`: raises on a received signal)."""
     from sage_llm import api
     from sage_llm.cli._progress import LoadDisplay
-    from sage_llm.cli.commands.models import announce_start
+    from sage_llm.cli.commands.models import StartNote, announce_start
 
     launch = api.resolve_launch(request)  # bad input: exit 2, before anything runs
-    checked = api.preflight(launch.spec.model, launch.spec.download_dir)  # offline + not cached: exit 2
-    note = announce_start(checked)
+    # offline + not cached: exit 2 (a cluster engine reads its model on its node: nothing to check here)
+    checked = None if launch.cluster else api.preflight(launch.spec.model, launch.spec.download_dir)
+    note = announce_start(checked) if checked is not None else StartNote(None)
     progress = LoadDisplay(enabled=launch.wait)
     update = note.wrap(progress.update)
     on_progress = update if checkpoint is None else (lambda ev: (checkpoint(), update(ev)))

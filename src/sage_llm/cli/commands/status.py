@@ -74,6 +74,10 @@ def status(
                     from sage_llm.engine.ray_cluster import describe
 
                     out.result(f"{v.name}: {describe(v.ray)}")
+                if v.cluster is not None:
+                    from sage_llm.engine.cluster import describe_view
+
+                    out.result(f"{v.name}: {describe_view(v.cluster)}")
             from sage_llm.observe.gpu import NO_DRIVER
 
             if doc["gpu_error"] and doc["gpu_error"] != NO_DRIVER:
