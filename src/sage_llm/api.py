@@ -193,6 +193,8 @@ def resolve_launch(request: LaunchRequest) -> ResolvedLaunch:
         ray_address=request.ray_address or None, extra_args=extra,
     )
     validate(spec, {**os.environ, **request.engine_env} if request.engine_env else None)
+    if request.host is None:
+        _check_dotenv_host(spec.host)
     if request.name is not None:
         validate_name(request.name)
     timeout = float(settings.get("start_timeout", request.timeout))
@@ -222,6 +224,23 @@ def _check_cluster(cluster: str | None, node: str | None, spec: LaunchSpec) -> N
         raise UsageError("--cluster and --ray-address do not go together: --cluster places whole engines on nodes, "
                          "--ray-address spreads one engine's ranks over the cluster",
                          hint="pick one (docs/distributed.md says which)")
+
+
+def _check_dotenv_host(host: str) -> None:
+    """A ./.env file (a cloned repository's) must not be what exposes an engine beyond this machine: a non-loopback
+    bind needs the user's own word (--host, the environment or the config file)."""
+    from sage_llm.core import settings
+    from sage_llm.core.addresses import is_loopback
+    from sage_llm.core.errors import UsageError
+
+    if is_loopback(host):
+        return
+    source = settings.source_of("SAGE_LOCAL_ENGINE_HOST")
+    if source is not None and source[0] == "dotenv":
+        raise UsageError(f"SAGE_LOCAL_ENGINE_HOST={host} comes only from {source[1]}: an engine is not exposed to the "
+                         "network because a .env file says so; nothing was started",
+                         hint=f"pass --host {host} yourself (with --api-key-env VAR), or set it in the environment or "
+                              "with `sage llm config set host`")
 
 
 def _check_timeout(timeout: float) -> None:

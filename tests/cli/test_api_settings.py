@@ -143,3 +143,19 @@ def test_version_fast_path_prints_what_typer_prints(cli, capsys):
     assert out.startswith("sage-llm ")
     typer_code = _run_typer(["--version"], "sage-llm")
     assert (typer_code, capsys.readouterr().out) == (0, out)
+
+
+def test_a_dotenv_file_cannot_expose_an_engine_to_the_network(cli, monkeypatch, tmp_path):
+    """A cloned repository's ./.env setting SAGE_LOCAL_ENGINE_HOST=0.0.0.0 used to bind the engine to every interface
+    (with a warning only): a non-loopback bind needs the user's own word."""
+    dotenv = tmp_path / "repo.env"
+    dotenv.write_text("SAGE_LOCAL_ENGINE_HOST=0.0.0.0\n")
+    monkeypatch.setenv("SAGE_LLM_DOTENV", str(dotenv))
+    code, out, err = cli("start", "org/x", "--port", str(free_port()))
+    assert (code, out) == (2, ""), err
+    assert "SAGE_LOCAL_ENGINE_HOST=0.0.0.0 comes only from" in err
+    assert len(err.strip().splitlines()) == 1
+    assert StateStore().names() == []
+    dotenv.write_text("SAGE_LOCAL_ENGINE_HOST=127.0.0.1\n")  # loopback from .env is harmless
+    code, _out, err = cli("start", "org/x", "--name", "lo", "--port", str(free_port()))
+    assert code == 0, err
