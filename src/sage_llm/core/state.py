@@ -233,6 +233,14 @@ class StateStore:
         with contextlib.suppress(FileNotFoundError):
             (self.engines / f"{name}.json").unlink()
 
+    def forget(self, name: str, engine_id: str) -> None:
+        """Under the lock, remove `name`'s record only if it is still engine `engine_id`'s (a racing `start` may have
+        recorded a new engine under the name meanwhile)."""
+        with self.lock():
+            current = self.load(name)
+            if isinstance(current, EngineRecord) and current.id == engine_id:
+                self.remove(name)
+
 
 def atomic_write_json(path: Path, data: Any) -> None:
     """Write JSON to a temp file in the same directory (0600), fsync, then rename over `path`."""

@@ -385,10 +385,7 @@ def _abandon(ray: Any, agent: Any, record: EngineRecord, store: StateStore) -> N
             ray.get(agent.stop.remote(5.0), timeout=30)
     with contextlib.suppress(Exception):
         ray.kill(agent)
-    with store.lock():
-        current = store.load(record.name)
-        if getattr(current, "id", None) == record.id:
-            store.remove(record.name)
+    store.forget(record.name, record.id)
 
 
 # ------------------------------------------------------------------------------------------------------- stop
@@ -457,10 +454,7 @@ def stop(rec: EngineRecord, grace: float, force: bool, store: StateStore) -> Sto
     if agent is not None:
         with contextlib.suppress(Exception):
             ray.kill(agent)
-    with store.lock():
-        current = store.load(rec.name)
-        if getattr(current, "id", None) == rec.id:
-            store.remove(rec.name)
+    store.forget(rec.name, rec.id)
     where = f" on {info.get('node_ip')}"
     how = " (SIGKILL after the grace period)" if outcome.escalated else (" (forced)" if force else "")
     outcome.message = (f"engine {rec.name!r} was not running; record removed" if outcome.already_gone

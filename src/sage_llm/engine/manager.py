@@ -422,10 +422,7 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
         outcome.message = f"engine {name!r}: still running after SIGKILL: {left}"
         return outcome
     outcome.shm_removed, outcome.notes = _leftovers(rec, {p.pid for p in tree.members}, owned=result.shm_seen)
-    with store.lock():
-        current = store.load(name)
-        if isinstance(current, EngineRecord) and current.id == rec.id:
-            store.remove(name)
+    store.forget(name, rec.id)
     if gone_before:
         outcome.message = f"engine {name!r} was not running; record removed"
     else:
