@@ -26,7 +26,7 @@ from sage_llm.core.state import (
     utcnow_iso,
     validate_name,
 )
-from sage_llm.engine import process
+from sage_llm.engine import portlocks, process
 from sage_llm.engine.targets import slug
 from sage_llm.observe import logs as logtools
 from sage_llm.observe.diagnose import diagnose
@@ -65,7 +65,9 @@ def _live(store: StateStore) -> list[tuple[EngineRecord, process.Tree]]:
 
 
 def _choose_port(store: StateStore, host: str, port: int, explicit: bool,
-                 live: list[tuple[EngineRecord, process.Tree]]) -> tuple[int, str | None]:
+                 live: list[tuple[EngineRecord, process.Tree]]) -> tuple[int, str | None, portlocks.Claim]:
+    """The engine's port: the user's (checked), else the first free one from `port` up that no other program holds
+    a lock on (engine/portlocks.py); with the lock taken, for the engine to hold."""
     claimed = {r.port for r, _ in live}
     if explicit:
         if port in claimed:
@@ -77,12 +79,14 @@ def _choose_port(store: StateStore, host: str, port: int, explicit: bool,
             who = f" by {pname} (pid {pid})" if pid else ""
             raise PortInUse(f"port {port} is already in use{who}",
                             hint="choose another --port, or leave --port out to take the next free one")
-        return port, None
+        return port, None, portlocks.Claim(True)
     candidate = port
     for _ in range(200):
         if candidate <= 65535 and candidate not in claimed and process.port_is_free(host, candidate):
-            note = None if candidate == port else f"port {port} is busy; using {candidate}"
-            return candidate, note
+            lock = portlocks.claim(candidate)  # a port another program reserved but has not bound yet is skipped
+            if lock.usable:
+                note = None if candidate == port else f"port {port} is busy; using {candidate}"
+                return candidate, note, lock
         candidate += 1
     raise PortInUse(f"no free port found from {port} upwards", hint="pass a free --port")
 
@@ -169,7 +173,8 @@ def start(
             while isinstance(store.load(chosen), CorruptRecord) or chosen in live_names:
                 chosen = f"{base}-{n}"
                 n += 1
-        port, note = _choose_port(store, spec.host, spec.port, port_explicit, live)
+        port, note, port_lock = _choose_port(store, spec.host, spec.port, port_explicit, live)
+        locked.callback(port_lock.release)  # the engine holds its own copy of the lock from its spawn
         spec.port = port
         engine_id = secrets.token_hex(8)
         cpu_engine = cmd.kind == "cpu" or (cmd.kind is None and _no_gpu())
@@ -196,7 +201,7 @@ def start(
         with open(log_file, "ab") as fh:
             fh.write(f"\n===== sage llm start {chosen} at {record.started_at}: {' '.join(argv)}\n".encode())
         try:
-            spawned = process.spawn(argv, env, log_file)
+            spawned = process.spawn(argv, env, log_file, keep_fds=(port_lock.fd,) if port_lock.fd is not None else ())
         except OSError as exc:
             record.state = "failed"
             record.error = f"cannot run {argv[0]}: {exc.strerror}"
