@@ -186,3 +186,35 @@ def test_todays_studio_finds_an_engine_started_under_sage(venv: Path, env: dict[
     assert found["answer"]
     stopped = _run(venv, env, "sage", "vllm", "stop", "--all")
     assert stopped.returncode == 0, stopped.stderr
+
+
+def test_studio_finds_the_detached_gateways_pid(venv: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """`sage studio stop --stop-llm` stops the local LLM only when Studio's `StudioManager.is_llm_running` (from the
+    isage-studio wheel) finds its PID: it looks for `sage-llm gateway` in the command lines of the processes. Our
+    detached gateway says so. Studio probes ports 8001 and 8901; the test points it at the gateway's test port, and
+    shows it only the gateway's process (other sessions' gateways may run on this machine)."""
+    port = free_port()
+    started = _run(venv, env, "sage-llm", "gateway", "start", "--port", str(port), "--engine-port", str(free_port()),
+                   "--no-external", "--json")
+    assert started.returncode == 0, started.stderr
+    pid = json.loads(started.stdout)["pid"]
+    probe = (
+        "import json, psutil\n"
+        "from sage.studio.config.ports import StudioPorts\n"
+        "from sage.studio.application import studio_manager\n"
+        f"StudioPorts.LLM_DEFAULT = StudioPorts.SAGELLM_SERVE_PORT = {port}\n"
+        "every = psutil.process_iter\n"
+        f"studio_manager.psutil.process_iter = lambda *a, **k: (p for p in every(*a, **k) if p.pid == {pid})\n"
+        "print(json.dumps(studio_manager.StudioManager().is_llm_running()))\n")
+    studio_home = tmp_path / "studio-home"
+    studio_env = {**env, "HOME": str(studio_home), "XDG_CONFIG_HOME": str(studio_home / ".config"),
+                  "XDG_STATE_HOME": str(studio_home / ".state"), "XDG_CACHE_HOME": str(studio_home / ".cache"),
+                  "XDG_DATA_HOME": str(studio_home / ".data")}
+    try:
+        res = subprocess.run([str(venv / "bin" / "python"), "-c", probe], env=studio_env, capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout.strip().splitlines()[-1]) == pid  # -1: running, but its PID not found
+    finally:
+        stopped = _run(venv, env, "sage-llm", "gateway", "stop")
+        assert stopped.returncode == 0, stopped.stderr
