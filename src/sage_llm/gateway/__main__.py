@@ -11,9 +11,8 @@ import sys
 def main(argv: list[str]) -> int:
     from sage_llm.core.errors import SageLLMError
     from sage_llm.gateway import server
-    from sage_llm.gateway.options import GatewayOptions
-
     from sage_llm.gateway.daemon import PROCESS_TITLE
+    from sage_llm.gateway.options import GatewayOptions
 
     if tuple(argv[:2]) == PROCESS_TITLE:
         argv = argv[2:]
