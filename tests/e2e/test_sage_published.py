@@ -85,12 +85,14 @@ def _assert_sage_works(venv: Path, env: dict[str, str]) -> str:
     assert SAGE_SCRIPT_MARK in (venv / "bin" / "sage").read_text()
     top = _run(venv, env, "sage", "--help")
     assert top.returncode == 0, top.stderr
+    assert "sage-llm" not in top.stderr  # no warning of ours on every `sage` call (`llm` is taken here: said nothing)
     for name in ("status", "studio", "llm", "advanced"):
         assert f" {name} " in top.stdout, name
     assert "无法" not in top.stdout + top.stderr  # no SAGE command group failed to load ("cannot import/load")
     st = _run(venv, env, "sage", "status")
     assert st.returncode == 0, st.stderr
     assert "SAGE" in st.stdout
+    assert "sage-llm" not in st.stderr
     llm = _run(venv, env, "sage", "llm", "--help")  # SAGE's own isagellm group, not ours
     assert llm.returncode == 0, llm.stderr
     assert "list-models" in llm.stdout
@@ -131,7 +133,9 @@ def test_sage_first_then_sage_llm(venv: Path, env: dict[str, str]) -> None:
     [check] = [c for c in doc["checks"] if c["name"] == "sage"]
     assert check["status"] == "ok"
     assert "isage-cli 0.2.4.43" in check["message"]
-    assert "`sage vllm ...`" in check["message"]
+    # asked of SAGE's own `sage`: `vllm` is ours, `llm` stays SAGE's (isagellm's group)
+    assert "the commands are also under `vllm` there" in check["message"]
+    assert "`llm` not ours: SAGE's `sage` has an `llm` command of its own" in check["message"]
 
 
 def test_uninstall_keeps_sage_and_sage_llm_first_then_sage_works(venv: Path, env: dict[str, str],
