@@ -83,8 +83,11 @@ def report(shape: str, names: list[Name]) -> None:
     """Write the names register() took into the file REPORT_VAR names (only `names_in_sage` sets it)."""
     path = os.environ.get(REPORT_VAR)
     if path:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump({"shape": shape, "names": [n.to_json() for n in names]}, fh)
+        try:
+            with open(path, "w", encoding="utf-8") as fh:
+                json.dump({"shape": shape, "names": [n.to_json() for n in names]}, fh)
+        except OSError:  # the asker (doctor) then says it could not learn the names; SAGE's `sage` goes on
+            pass
 
 
 def installed() -> SageCli | None:
