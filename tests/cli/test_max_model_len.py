@@ -85,3 +85,13 @@ def test_which_engines_take_auto() -> None:
             "131072 to 13920 to fit in available KV cache memory (0.50 GiB CPU)")
     assert fitted_len(["x", line, "y"]) == (131072, 13920)
     assert fitted_len(["Auto-fit max_model_len: full model context length 2048 fits in available KV cache"]) is None
+
+
+@pytest.mark.usefixtures("stop_all", "long_model")
+def test_a_length_passed_through_to_vllm_is_kept(cli) -> None:
+    code, _out, err = cli("start", "org/long", "--name", "long", "--", "--max-model-len", "1024")
+    assert code == 0, err
+    rec = StateStore().load("long")
+    assert "auto" not in rec.argv
+    assert rec.max_model_len == 1024
+    assert "context: 1024 tokens (--max-model-len 1024)" in err

@@ -241,15 +241,15 @@ def context_line(record: EngineRecord) -> str | None:
 
     if record.max_model_len is None:
         return None
-    asked = (record.settings or {}).get("max_model_len")
-    if asked is not None:
-        return f"context: {record.max_model_len} tokens (--max-model-len {asked})"
     fitted = fitted_len(logtools.run_lines(record.log_file))
     if fitted is not None:
         return (f"context: {fitted[1]} tokens (fitted to the KV cache memory: the model's {fitted[0]} does not fit; "
                 "--max-model-len to choose)")
-    if "--max-model-len" in record.argv:
+    given = [value for flag, value in zip(record.argv, record.argv[1:]) if flag == "--max-model-len"]
+    if given and given[-1] == "auto":
         return f"context: {record.max_model_len} tokens (the model's full length fits)"
+    if given:
+        return f"context: {record.max_model_len} tokens (--max-model-len {given[-1]})"
     return f"context: {record.max_model_len} tokens (the model's length)"
 
 

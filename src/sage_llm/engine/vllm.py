@@ -224,7 +224,7 @@ def build_argv(prefix: list[str], spec: LaunchSpec, dtype: DtypeChoice | None = 
         argv += ["--quantization", spec.quantization]
     if spec.max_model_len is not None:
         argv += ["--max-model-len", str(spec.max_model_len)]
-    elif auto_len:
+    elif auto_len and not any(a.split("=", 1)[0] == "--max-model-len" for a in spec.extra_args):
         argv += ["--max-model-len", "auto"]
     if spec.tensor_parallel_size is not None:
         argv += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
