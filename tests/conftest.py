@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.ports import free_port, release_all
+from tests.support.ports import LOCK_DIR, OWNER, free_port, release_all
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_VLLM = ROOT / "tests" / "fakes" / "fake_vllm.py"
@@ -37,6 +37,9 @@ def _isolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
     # `start` without --port takes the next free port from there: a few engines of one test stay in reserved ports
     monkeypatch.setenv("SAGE_LOCAL_ENGINE_PORT", str(free_port(span=4)))
+    # ... skipping ports other test sessions hold (tests/support/ports.py): suites run side by side never collide
+    monkeypatch.setenv("SAGE_LLM_PORT_LOCK_DIR", str(LOCK_DIR))
+    monkeypatch.setenv("SAGE_LLM_PORT_LOCK_OWNER", OWNER)
     # no test touches the network: the hub is a closed local port (connection refused at once)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("SAGE_LLM_CONFIG", str(tmp_path / "config" / "llm.toml"))  # never the user's config file

@@ -122,3 +122,31 @@ def test_failed_start_is_audited_as_error(cli, fake_vllm, monkeypatch: pytest.Mo
     assert entry["command"] == "start"
     assert entry["outcome"] == "error"
     assert "exited during startup" in entry["error"]
+
+
+@pytest.mark.usefixtures("stop_all")
+def test_follow_shows_a_line_written_between_the_tail_and_the_follow(cli, fake_vllm,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`logs -f` prints the last lines, then follows: a line the engine writes after the tail was read and before the
+    follow opened the file is shown (it was lost when the follow started at the file's end)."""
+    assert cli("start", "org/one", "--name", "one")[0] == 0
+    from sage_llm.observe import logs
+
+    real_tail = logs.tail
+    written = []
+
+    def tail_then_the_engine_writes(path, n, end=None):
+        shown = real_tail(path, n, end)
+        with open(path, "a", encoding="utf-8") as fh:  # the engine writes a line right after the tail was read
+            fh.write("INFO between the tail and the follow\n")
+        written.append(path)
+        return shown
+
+    monkeypatch.setattr(logs, "tail", tail_then_the_engine_writes)
+    # the follow ends at its first check, which comes only after it has read everything written so far
+    monkeypatch.setattr(logs, "engine_ended", lambda *a, **k: lambda: "test done")
+    code, out, err = cli("logs", "one", "-f", "-n", "2")
+    assert code == 0, err
+    assert written
+    assert "test done; stopped following" in err
+    assert out.count("INFO between the tail and the follow") == 1

@@ -29,6 +29,7 @@ STANDIN_MAIN = '''
 from __future__ import annotations
 
 import argparse
+import os
 from importlib.metadata import entry_points
 
 
@@ -38,6 +39,8 @@ def _build_parser():
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("version", help="Show SAGE version information")
     sub.add_parser("status", help="Show local SAGE status summary")
+    if os.environ.get("STANDIN_OWN_LLM") == "1":  # a SAGE whose `llm` is its own (the branch retired it)
+        sub.add_parser("llm", help="SAGE's own llm (stand-in)")
     _load_cli_plugins(sub)
     return parser
 
@@ -59,6 +62,9 @@ def main(argv=None):
         return 0
     if args.command == "version":
         print("SAGE 9.9.9 (stand-in)")
+        return 0
+    if args.command == "llm" and not hasattr(args, "_handler"):
+        print("SAGE llm (stand-in)")
         return 0
     if hasattr(args, "_handler"):
         if hasattr(args, "studio_args") and unknown:
@@ -188,3 +194,49 @@ def test_our_install_has_no_sage_script(env: dict[str, str]) -> None:
                         timeout=60)
     assert st.returncode == 0, st.stderr
     assert _managed(json.loads(st.stdout)) == []
+
+
+def _sage_line(venv: Path, env: dict[str, str]) -> dict:
+    doc = json.loads(_run(venv, env, "sage-llm", "doctor", "--json").stdout)
+    [check] = [c for c in doc["checks"] if c["name"] == "sage"]
+    return check
+
+
+def test_where_sage_has_no_llm_sage_llm_is_ours(sage_venv: Path, env: dict[str, str]) -> None:
+    """SAGE's development branch retired `sage llm`: there `sage llm ...` runs our commands, beside `sage vllm ...`."""
+    _script(sage_venv, "sage", "sage.cli.main", "main")
+    top = _run(sage_venv, env, "sage", "--help")
+    assert "{version,status,studio,vllm,llm}" in top.stdout, top.stdout
+    st = _run(sage_venv, env, "sage", "llm", "status", "--json")
+    assert st.returncode == 0, st.stderr
+    assert _managed(json.loads(st.stdout)) == []
+    helped = _run(sage_venv, env, "sage", "llm", "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert "Usage: sage llm [OPTIONS] COMMAND" in helped.stdout
+    missing = _run(sage_venv, env, "sage", "llm", "status", "nope")
+    assert missing.returncode == 3
+    assert "see `sage llm status`" in missing.stderr
+    assert _run(sage_venv, env, "sage", "vllm", "status", "--json").returncode == 0
+    line = _sage_line(sage_venv, env)
+    assert line["status"] == "ok", line
+    assert "the commands are also under `vllm` and `llm` there" in line["message"]
+    assert "`llm` ours: free" in line["message"]
+
+
+def test_where_sage_has_its_own_llm_nothing_of_ours_is_there(sage_venv: Path, env: dict[str, str]) -> None:
+    """A SAGE whose `llm` is taken: SAGE's stays SAGE's, `sage vllm` is ours, no error and no warning on any call."""
+    _script(sage_venv, "sage", "sage.cli.main", "main")
+    env = {**env, "STANDIN_OWN_LLM": "1"}
+    llm = _run(sage_venv, env, "sage", "llm", "status", "--json")
+    assert llm.returncode == 0
+    assert llm.stdout.strip() == "SAGE llm (stand-in)"
+    assert llm.stderr == ""
+    st = _run(sage_venv, env, "sage", "status")
+    assert (st.returncode, st.stdout.strip(), st.stderr) == (0, "SAGE status (stand-in)", "")
+    ours = _run(sage_venv, env, "sage", "vllm", "status", "--json")
+    assert ours.returncode == 0, ours.stderr
+    assert _managed(json.loads(ours.stdout)) == []
+    line = _sage_line(sage_venv, env)
+    assert line["status"] == "ok", line
+    assert "the commands are also under `vllm` there" in line["message"]
+    assert "`llm` not ours: SAGE's `sage` has an `llm` command of its own" in line["message"]

@@ -85,12 +85,14 @@ def _assert_sage_works(venv: Path, env: dict[str, str]) -> str:
     assert SAGE_SCRIPT_MARK in (venv / "bin" / "sage").read_text()
     top = _run(venv, env, "sage", "--help")
     assert top.returncode == 0, top.stderr
+    assert "sage-llm" not in top.stderr  # no warning of ours on every `sage` call (`llm` is taken here: said nothing)
     for name in ("status", "studio", "llm", "advanced"):
         assert f" {name} " in top.stdout, name
     assert "无法" not in top.stdout + top.stderr  # no SAGE command group failed to load ("cannot import/load")
     st = _run(venv, env, "sage", "status")
     assert st.returncode == 0, st.stderr
     assert "SAGE" in st.stdout
+    assert "sage-llm" not in st.stderr
     llm = _run(venv, env, "sage", "llm", "--help")  # SAGE's own isagellm group, not ours
     assert llm.returncode == 0, llm.stderr
     assert "list-models" in llm.stdout
@@ -131,7 +133,9 @@ def test_sage_first_then_sage_llm(venv: Path, env: dict[str, str]) -> None:
     [check] = [c for c in doc["checks"] if c["name"] == "sage"]
     assert check["status"] == "ok"
     assert "isage-cli 0.2.4.43" in check["message"]
-    assert "`sage vllm ...`" in check["message"]
+    # asked of SAGE's own `sage`: `vllm` is ours, `llm` stays SAGE's (isagellm's group)
+    assert "the commands are also under `vllm` there" in check["message"]
+    assert "`llm` not ours: SAGE's `sage` has an `llm` command of its own" in check["message"]
 
 
 def test_uninstall_keeps_sage_and_sage_llm_first_then_sage_works(venv: Path, env: dict[str, str],
@@ -186,3 +190,35 @@ def test_todays_studio_finds_an_engine_started_under_sage(venv: Path, env: dict[
     assert found["answer"]
     stopped = _run(venv, env, "sage", "vllm", "stop", "--all")
     assert stopped.returncode == 0, stopped.stderr
+
+
+def test_studio_finds_the_detached_gateways_pid(venv: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """`sage studio stop --stop-llm` stops the local LLM only when Studio's `StudioManager.is_llm_running` (from the
+    isage-studio wheel) finds its PID: it looks for `sage-llm gateway` in the command lines of the processes. Our
+    detached gateway says so. Studio probes ports 8001 and 8901; the test points it at the gateway's test port, and
+    shows it only the gateway's process (other sessions' gateways may run on this machine)."""
+    port = free_port()
+    started = _run(venv, env, "sage-llm", "gateway", "start", "--port", str(port), "--engine-port", str(free_port()),
+                   "--no-external", "--json")
+    assert started.returncode == 0, started.stderr
+    pid = json.loads(started.stdout)["pid"]
+    probe = (
+        "import json, psutil\n"
+        "from sage.studio.config.ports import StudioPorts\n"
+        "from sage.studio.application import studio_manager\n"
+        f"StudioPorts.LLM_DEFAULT = StudioPorts.SAGELLM_SERVE_PORT = {port}\n"
+        "every = psutil.process_iter\n"
+        f"studio_manager.psutil.process_iter = lambda *a, **k: (p for p in every(*a, **k) if p.pid == {pid})\n"
+        "print(json.dumps(studio_manager.StudioManager().is_llm_running()))\n")
+    studio_home = tmp_path / "studio-home"
+    studio_env = {**env, "HOME": str(studio_home), "XDG_CONFIG_HOME": str(studio_home / ".config"),
+                  "XDG_STATE_HOME": str(studio_home / ".state"), "XDG_CACHE_HOME": str(studio_home / ".cache"),
+                  "XDG_DATA_HOME": str(studio_home / ".data")}
+    try:
+        res = subprocess.run([str(venv / "bin" / "python"), "-c", probe], env=studio_env, capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout.strip().splitlines()[-1]) == pid  # -1: running, but its PID not found
+    finally:
+        stopped = _run(venv, env, "sage-llm", "gateway", "stop")
+        assert stopped.returncode == 0, stopped.stderr

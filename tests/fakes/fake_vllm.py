@@ -17,7 +17,9 @@ Behaviour knobs (environment):
   FAKE_VLLM_HANG=1            accept connections but never answer
   FAKE_VLLM_REPLY=text        the chat reply
   FAKE_VLLM_TOKEN_DELAY_S=0   delay between streamed tokens
-  FAKE_VLLM_MAX_MODEL_LEN=2048
+  FAKE_VLLM_MAX_MODEL_LEN=2048 the model's configured context
+  FAKE_VLLM_KV_TOKENS=21824   tokens the KV cache holds: a longer context fails the start, or with
+                              `--max-model-len auto` is reduced to it ("Auto-fit max_model_len: reduced from A to B")
   FAKE_VLLM_SHM=2             map 2 psm_<random hex> files (like vLLM's message queues) in FAKE_VLLM_SHM_DIR
                               (/dev/shm), log their names, and leave them behind on exit (like a SIGKILLed vLLM)
 Also /v1/completions and /v1/embeddings (tiny answers), and, with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1
@@ -59,6 +61,12 @@ def prompt_token_count(messages: list) -> int:
     return sum(len(str(m.get("content", "")).split()) + 4 for m in messages)
 
 
+def human_int(text: str) -> int:
+    """vLLM's lengths: 2k = 2000, 2K = 2048 (also m/M, g/G)."""
+    mult = {"k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:])
+    return int(float(text[:-1]) * mult) if mult else int(text)
+
+
 def parse(argv: list[str]) -> dict:
     opts: dict = {"host": "", "port": 8000, "served": None, "model": None, "max_model_len": None,
                   "sleep_mode": False, "dtype": "auto"}
@@ -81,7 +89,7 @@ def parse(argv: list[str]) -> dict:
             opts["served"] = argv[i + 1]
             i += 2
         elif a == "--max-model-len":
-            opts["max_model_len"] = int(argv[i + 1])
+            opts["max_model_len"] = "auto" if argv[i + 1] in ("auto", "-1") else human_int(argv[i + 1])
             i += 2
         elif a == "--enable-sleep-mode":
             opts["sleep_mode"] = True
@@ -283,7 +291,39 @@ def _dev_routes(opts: dict) -> bool:
 
 
 def max_model_len(opts: dict) -> int:
-    return opts["max_model_len"] or int(os.environ.get("FAKE_VLLM_MAX_MODEL_LEN", "2048"))
+    """The model's configured context (FAKE_VLLM_MAX_MODEL_LEN) unless --max-model-len was given (`auto`: resolved
+    by fit_context() at start)."""
+    given = opts["max_model_len"]
+    return given if isinstance(given, int) else int(os.environ.get("FAKE_VLLM_MAX_MODEL_LEN", "2048"))
+
+
+def fit_context(opts: dict) -> bool:
+    """Like vLLM 0.32 after profiling: the KV cache holds FAKE_VLLM_KV_TOKENS tokens (default 21,824). With
+    `--max-model-len auto` a longer context is reduced to that (logged as vLLM logs it); without, a context longer
+    than that fails the start with vLLM's error."""
+    kv_tokens = int(os.environ.get("FAKE_VLLM_KV_TOKENS", "21824"))
+    want = max_model_len(opts)
+    if opts["max_model_len"] == "auto":
+        if want > kv_tokens:
+            log(f"Auto-fit max_model_len: reduced from {want} to {kv_tokens} to fit in available KV cache memory "
+                "(1.00 GiB CPU)", proc="EngineCore")
+        else:
+            log(f"Auto-fit max_model_len: full model context length {want} fits in available KV cache memory "
+                "(1.00 GiB CPU)", proc="EngineCore")
+        opts["max_model_len"] = min(want, kv_tokens)
+        return True
+    if want > kv_tokens:
+        log(f"ValueError: To serve at least one request with the models's max seq len ({want}), "
+            f"({want / kv_tokens:.2f} GiB KV cache is needed, which is larger than the available KV cache memory "
+            f"(1.00 GiB). Based on the available memory, the estimated maximum model length is {kv_tokens}. Try "
+            "increasing `gpu_memory_utilization` or decreasing `max_model_len` when initializing the engine.",
+            "ERROR", proc="EngineCore")
+        log("EngineCore failed to start.", "ERROR", proc="EngineCore")
+        sys.stderr.write("RuntimeError: Engine core initialization failed. See root cause above. "
+                         "Failed core proc(s): {'EngineCore': 1}\n")
+        sys.stderr.flush()
+        return False
+    return True
 
 
 def metrics_text(name: str) -> str:
@@ -435,6 +475,10 @@ def main() -> None:
             proc="EngineCore")
     log("Loading weights took 0.01 seconds", proc="EngineCore")
     log("Available KV cache memory: 1.0 GiB", proc="EngineCore")
+    if not fit_context(opts):
+        for c in children:
+            c.kill()
+        sys.exit(1)
     log("GPU KV cache size: 21,824 tokens, Maximum concurrency for 2,048 tokens per request: 10.66x",
         proc="EngineCore")
     log("init engine (profile, create kv cache, warmup model) took 0.10 s (compilation: 0.00 s)", proc="EngineCore")

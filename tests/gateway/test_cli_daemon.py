@@ -112,3 +112,17 @@ def test_gateway_run_prints_engine_events(fake_vllm, hub, home, stop_all) -> Non
     assert f"{MODEL_A} ready in" in err
     assert "stopped engine 'tiny-chat'" in err
     assert not (home / "engines" / "tiny-chat.json").exists()
+
+
+def test_the_detached_gateways_command_line_says_sage_llm_gateway(cli, fake_vllm, hub, home) -> None:
+    """Tools find the local gateway by its command line (SAGE Studio's `sage studio stop --stop-llm` looks for
+    `sage-llm gateway`; the published Studio itself runs in tests/e2e/test_sage_published.py)."""
+    import psutil
+
+    code, out, err = cli("gateway", "start", "--port", str(free_port()), "--engine-port", str(free_port()),
+                         "--no-external", "--json")
+    assert code == 0, err
+    try:
+        assert "sage-llm gateway" in " ".join(psutil.Process(json.loads(out)["pid"]).cmdline())
+    finally:
+        assert cli("gateway", "stop")[0] == 0

@@ -171,6 +171,9 @@ def test_start_progress_chat_monitor_logs_stop(gateway, page, fake_gpu, monkeypa
     assert MODEL_A in text
     assert str(port) in text
     assert "Uptime" in text
+    # the context the engine serves (the fake model's 2048 fits its KV cache)
+    until(page, f"document.querySelector('.engine-card[data-engine=\"{rec['name']}\"] dd.context').textContent"
+                " === '2,048 tokens'")
     assert "GPU memory" in text
     assert card.locator(".stop-btn").is_visible()
     page.wait_for_selector("#status[data-state=ready]")

@@ -10,7 +10,9 @@ safe to use for the rest of the test:
 * A lock file per port, `$TMPDIR/sage-llm-test-ports/<port>.lock`, held with flock(2) until the end of the test:
   several pytest sessions (and `bench/`, which uses the same directory) run on this machine at once, and a port
   that one of them has picked but not yet bound looks free to the others. A lock dies with its process, so a killed
-  session frees its ports; no stale files to clean.
+  session frees its ports; no stale files to clean. sage-llm's own choice of port (`start` without --port) reads the
+  same locks (SAGE_LLM_PORT_LOCK_DIR, set by the root conftest): it skips ports other sessions hold, takes those
+  whose lock names this session (OWNER), and holds the lock of a port it takes for the engine's life.
 
 Windows (they do not overlap; the bench/ window is bench/_common.py's, with the same lock files):
 
@@ -41,6 +43,9 @@ WINDOWS: dict[str, range] = {
     "ray-workers": range(19690, 19700),
 }
 LOCK_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / "sage-llm-test-ports"
+# this session's token in the lock files it holds; the root conftest gives it to sage-llm (SAGE_LLM_PORT_LOCK_OWNER,
+# with SAGE_LLM_PORT_LOCK_DIR), whose own choice of port then skips ports other sessions hold (engine/portlocks.py)
+OWNER = f"sage-llm-tests {os.getpid()}"
 
 _held: dict[int, int] = {}  # port -> fd of its lock file, held by this process until release_all()
 
@@ -56,6 +61,8 @@ def _lock(port: int) -> bool:
     except OSError:
         os.close(fd)
         return False
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, OWNER.encode(), 0)  # `start` (engine/portlocks.py) takes a port whose lock names its own session
     _held[port] = fd
     return True
 

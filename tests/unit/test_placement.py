@@ -152,3 +152,15 @@ def test_apply_sets_the_engine_environment() -> None:
     want = f"{nv.devices[0].uuid},{nv.devices[1].uuid}"
     assert env["CUDA_VISIBLE_DEVICES"] == added["CUDA_VISIBLE_DEVICES"] == want
     assert len(p.gpus) == 2
+
+
+def test_a_ready_engine_claims_nothing_beyond_what_it_holds() -> None:
+    """A ready engine has allocated all it will (here 20 GiB of its 0.45 share): the rest of its share is free for the
+    next start. Before readiness was in the record, its unused 16 GiB counted as claimed and a start that fits was
+    refused."""
+    nv = machine(20, procs={0: [FakeProc(901, 20 * GiB)]})
+    rec, tree = engine("first", [900, 901], gpus=[{"index": 0, "uuid": nv.devices[0].uuid}], util=0.45)
+    with pytest.raises(InsufficientGpuMemory, match="claimed by engines still starting"):
+        plan(needed=1, utilization=0.7, live=[(rec, tree)])  # still starting: its 36 GiB share is spoken for
+    rec.ready_at = "2026-12-06T18:00:00Z"
+    assert [g.index for g in plan(needed=1, utilization=0.7, live=[(rec, tree)]).gpus] == [0]

@@ -13,8 +13,8 @@ import pytest
 import typer
 import typer.main
 
-from sage_llm.cli import _output, sage_cli, sage_plugin
-from sage_llm.core import doctor
+from sage_llm.cli import _output, sage_plugin
+from sage_llm.core import doctor, sage_cli
 
 
 def _parser(*own: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -87,12 +87,65 @@ def test_argparse_handler_returns_our_exit_code_and_names_sage_vllm(monkeypatch:
 
 
 def test_argparse_taken_name_is_left_alone(capsys: pytest.CaptureFixture[str]) -> None:
-    """A duplicate subparser raises in SAGE's branch (Python >= 3.11): when `vllm` exists, we add nothing."""
+    """A duplicate subparser raises in SAGE's branch (Python >= 3.11): when `vllm` exists, we add nothing there."""
     parser, sub = _parser("vllm")
     sage_plugin.register(sub)
     args, _ = parser.parse_known_args(["vllm"])
     assert args._handler(args) == 42  # still the other owner's
     assert capsys.readouterr().err == ""
+
+
+def test_argparse_llm_is_ours_where_free(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """SAGE's development branch retired `sage llm`: there the name is ours, beside `vllm`, and names itself."""
+    parser, sub = _parser()
+    sage_plugin.register(sub)
+    assert {"llm", "vllm"} <= set(sub.choices)
+    argv = ["--trace-dir", "llm", "llm", "stop", "nope"]
+    monkeypatch.setattr(sys, "argv", ["sage", *argv])
+    args, _ = parser.parse_known_args(argv)
+    assert sage_plugin.group_args_from(args, argv) == ["stop", "nope"]
+    assert args._handler(args) == 2
+    assert "`sage llm status`" in capsys.readouterr().err  # the hint names the command the user typed
+
+
+def test_argparse_llm_taken_by_sage_stays_theirs(capsys: pytest.CaptureFixture[str]) -> None:
+    parser, sub = _parser("llm")
+    sage_plugin.register(sub)
+    args, _ = parser.parse_known_args(["llm"])
+    assert args._handler(args) == 42
+    assert "vllm" in sub.choices
+    assert capsys.readouterr().err == ""  # nothing said on every `sage` call
+
+
+def test_argparse_a_plugin_loaded_after_us_gets_llm(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without giving way, its add_parser("llm") would raise `conflicting subparser` and fail SAGE's whole `sage`."""
+    parser, sub = _parser()
+    sage_plugin.register(sub)
+    sub.add_parser("llm", help="theirs").set_defaults(_handler=lambda args: 7)
+    args, _ = parser.parse_known_args(["llm"])
+    assert args._handler(args) == 7
+    helped = parser.format_help()
+    assert "{status,vllm,llm}" in helped  # listed once
+    assert "theirs" in helped
+    assert capsys.readouterr().err == ""
+
+
+def test_a_plugin_registered_as_llm_keeps_the_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sage_cli, "other_plugins", lambda: {"studio", "llm"})
+    parser, sub = _parser()
+    sage_plugin.register(sub)
+    assert "llm" not in sub.choices
+    assert "vllm" in sub.choices
+
+
+def test_choose_names_says_why() -> None:
+    vllm, llm = sage_cli.choose_names({"status", "llm"}, {"studio"})
+    assert (vllm.name, vllm.got, llm.name, llm.got) == ("vllm", True, "llm", False)
+    assert "of its own" in llm.why
+    vllm, llm = sage_cli.choose_names({"status", "vllm"}, set())
+    assert (vllm.got, llm.got) == (False, True)
+    assert "free" in llm.why
+    assert not sage_cli.choose_names(set(), {"llm"})[1].got
 
 
 def test_argparse_register_never_raises(capsys: pytest.CaptureFixture[str]) -> None:
@@ -138,6 +191,31 @@ def test_typer_adds_vllm_and_keeps_sages_llm_and_status(capsys: pytest.CaptureFi
     assert capsys.readouterr().out.strip() == "SAGE status"
     assert _run_typer(app, "llm", "status") == 0
     assert capsys.readouterr().out.strip() == "isagellm status"
+
+
+def test_typer_published_shape_gives_us_vllm_only(capsys: pytest.CaptureFixture[str]) -> None:
+    """The published CLI has its own `llm` group: nothing of ours goes under `llm`, and nothing is said about it."""
+    app = _sage_typer_app()
+    before = [(g.name, g.typer_instance) for g in app.registered_groups]
+    sage_plugin.register(app)
+    assert [(g.name, g.typer_instance) for g in app.registered_groups] == before
+    assert [c.name for c in app.registered_commands if c.name in ("llm", "vllm")] == ["vllm"]
+    assert capsys.readouterr().err == ""
+
+
+def test_typer_llm_is_ours_where_free(capsys: pytest.CaptureFixture[str]) -> None:
+    app = typer.Typer(name="sage")
+
+    @app.command("status")
+    def status() -> None:
+        print("SAGE status")
+
+    sage_plugin.register(app)
+    assert {"llm", "vllm"} <= sage_plugin.typer_names(app)
+    assert _run_typer(app, "llm", "status", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["schema_version"] == 1
+    assert _run_typer(app, "llm", "status", "nope") == 3
+    assert "see `sage llm status`" in capsys.readouterr().err
 
 
 def test_typer_taken_name_is_left_alone(capsys: pytest.CaptureFixture[str]) -> None:
@@ -192,11 +270,21 @@ def test_doctor_says_where_the_commands_are(monkeypatch: pytest.MonkeyPatch) -> 
     assert "`sage-llm ...`" in c.message
     published = sage_cli.SageCli("isage-cli", "0.2.4.43", "typer", "sage.cli.main:app")
     monkeypatch.setattr(sage_cli, "installed", lambda: published)
+    monkeypatch.setattr(sage_cli, "names_in_sage", lambda cli, timeout: sage_cli.choose_names({"llm"}, set()))
     [c] = doctor.check_sage()
     assert c.status == doctor.OK
-    assert "`sage vllm ...`" in c.message
-    assert "isagellm" in c.message  # SAGE's own `sage llm` is not ours
+    assert "the commands are also under `vllm` there" in c.message
+    assert "`llm` not ours: SAGE's `sage` has an `llm` command of its own" in c.message
+    assert "isagellm" in c.message
     assert _output.named(c.message, "sage-llm") == c.message  # nothing in it is respelled
+    monkeypatch.setattr(sage_cli, "names_in_sage", lambda cli, timeout: sage_cli.choose_names(set(), set()))
+    [c] = doctor.check_sage()
+    assert "the commands are also under `vllm` and `llm` there" in c.message
+    assert "`llm` ours: free" in c.message
+    monkeypatch.setattr(sage_cli, "names_in_sage", lambda cli, timeout: "`sage --help` did not finish")
+    [c] = doctor.check_sage()
+    assert c.status == doctor.WARN
+    assert "did not finish" in c.message
     monkeypatch.setattr(sage_cli, "plugin_registered", lambda: False)
     [c] = doctor.check_sage()
     assert c.status == doctor.WARN

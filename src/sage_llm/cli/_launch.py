@@ -37,7 +37,8 @@ _TABLE: tuple[_Opt, ...] = (
     _Opt("gpu_memory_utilization", float, ("--gpu-memory-utilization", "-u"), "Fraction of GPU memory for the "
          "engine, in (0, 1].", "$SAGE_LOCAL_ENGINE_GPU_UTIL or 0.9"),
     _Opt("quantization", str, ("--quantization", "-q"), "awq, gptq, fp8, ..."),
-    _Opt("max_model_len", str, ("--max-model-len",), "Context length, e.g. 4096 or 32k."),
+    _Opt("max_model_len", str, ("--max-model-len",), "Context length, e.g. 4096 or 32k; unset: the longest the KV "
+         "cache holds (auto)."),
     _Opt("served_model_name", str, ("--served-model-name",), "Model name the API serves."),
     _Opt("tensor_parallel_size", int, ("--tensor-parallel-size", "-tp"), "GPUs per model replica (tensor parallel)."),
     _Opt("pipeline_parallel_size", int, ("--pipeline-parallel-size", "-pp"), "Pipeline stages."),

@@ -225,10 +225,10 @@ def check_hf_access() -> list[Check]:
     return out
 
 
-def check_sage() -> list[Check]:
-    """Whether SAGE's `sage` is installed and under which name our commands are reached there (read from the package
-    metadata: SAGE itself is never imported)."""
-    from sage_llm.cli import sage_cli
+def check_sage(names_timeout: float = 60.0) -> list[Check]:
+    """Whether SAGE's `sage` is installed and under which names our commands are reached there, and why: read from the
+    package metadata, then asked of SAGE's `sage` itself in a child process (core/sage_cli.py names_in_sage)."""
+    from sage_llm.core import sage_cli
 
     cli = sage_cli.installed()
     if cli is None:
@@ -238,10 +238,20 @@ def check_sage() -> list[Check]:
         return [Check("sage", WARN, f"{where} is installed, but sage-llm's `{sage_cli.PLUGIN_GROUP}` entry point is "
                                     "missing: only `sage-llm ...` works", "reinstall sage-llm: pip install "
                                     "--force-reinstall --no-deps sage-llm")]
-    # (never the words "sage llm" here: the CLI respells those as the running program's name)
-    own_llm = " (its `llm` group is SAGE's own, isagellm)" if cli.shape == "typer" else ""
-    return [Check("sage", OK, f"{where} is installed: the commands are also `sage {sage_cli.GROUP} ...` there"
-                              f"{own_llm}; `sage-llm ...` works everywhere")]
+    names = sage_cli.names_in_sage(cli, timeout=names_timeout)
+    if isinstance(names, str):
+        return [Check("sage", WARN, f"{where} is installed, but which names it gives sage-llm's commands is unknown "
+                                    f"({names}); `sage-llm ...` works everywhere",
+                      "run `sage --help`: it lists `vllm` (always ours) and `llm` (ours where SAGE has none)")]
+    # (never the two words "sage llm" together here: the CLI respells those as the running program's name)
+    got = [n for n in names if n.got]
+    said = "; ".join(f"`{n.name}` {'ours' if n.got else 'not ours'}: {n.why}" for n in names)
+    if not got:
+        return [Check("sage", WARN, f"{where} is installed, but none of sage-llm's names is free there ({said}); "
+                                    "`sage-llm ...` works everywhere", "use `sage-llm ...`")]
+    listed = " and ".join(f"`{n.name}`" for n in got)
+    return [Check("sage", OK, f"{where} is installed: the commands are also under {listed} there ({said}); "
+                              "`sage-llm ...` works everywhere")]
 
 
 def run_checks(version_timeout: float = 120.0, on_check: Callable[[Check], None] | None = None) -> list[Check]:

@@ -54,6 +54,9 @@ class EngineRecord:
     log_file: str = ""
     started_at: str = ""  # ISO 8601, UTC
     state: str = "launching"  # launching | running | failed (live state is computed by probing)
+    ready_at: str | None = None  # ISO 8601, UTC: when it first served the model (its memory is allocated from then)
+    # the context length it serves: the user's --max-model-len, or the one vLLM chose (`--max-model-len auto`)
+    max_model_len: int | None = None
     error: str | None = None
     argv: list[str] = field(default_factory=list)  # the full command line (holds no secret)
     settings: dict[str, Any] = field(default_factory=dict)  # launch options, enough to start it again

@@ -59,6 +59,7 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
         )
         views.append(view)
         view.dtype = _view_dtype(rec)
+        view.max_model_len = rec.max_model_len  # what it served when ready; a live /v1/models answer wins
         if tree.leader is not None:
             ts = parse_iso(rec.started_at)
             view.uptime_s = round(time.time() - ts, 1) if ts else None

@@ -26,7 +26,7 @@ from sage_llm.core.state import (
     utcnow_iso,
     validate_name,
 )
-from sage_llm.engine import process
+from sage_llm.engine import portlocks, process
 from sage_llm.engine.targets import slug
 from sage_llm.observe import logs as logtools
 from sage_llm.observe.diagnose import diagnose
@@ -50,6 +50,7 @@ class StartResult:
     cached: bool | None = None
     preflight: Preflight | None = None  # what the model check before the start found (sage_llm.api.start)
     dtype_note: str | None = None  # "dtype: float32 (CPU default; --dtype to change)"
+    context_note: str | None = None  # "context: 2048 tokens (...)": the length it serves and who chose it
 
 
 def _live(store: StateStore) -> list[tuple[EngineRecord, process.Tree]]:
@@ -64,7 +65,9 @@ def _live(store: StateStore) -> list[tuple[EngineRecord, process.Tree]]:
 
 
 def _choose_port(store: StateStore, host: str, port: int, explicit: bool,
-                 live: list[tuple[EngineRecord, process.Tree]]) -> tuple[int, str | None]:
+                 live: list[tuple[EngineRecord, process.Tree]]) -> tuple[int, str | None, portlocks.Claim]:
+    """The engine's port: the user's (checked), else the first free one from `port` up that no other program holds
+    a lock on (engine/portlocks.py); with the lock taken, for the engine to hold."""
     claimed = {r.port for r, _ in live}
     if explicit:
         if port in claimed:
@@ -76,12 +79,14 @@ def _choose_port(store: StateStore, host: str, port: int, explicit: bool,
             who = f" by {pname} (pid {pid})" if pid else ""
             raise PortInUse(f"port {port} is already in use{who}",
                             hint="choose another --port, or leave --port out to take the next free one")
-        return port, None
+        return port, None, portlocks.Claim(True)
     candidate = port
     for _ in range(200):
         if candidate <= 65535 and candidate not in claimed and process.port_is_free(host, candidate):
-            note = None if candidate == port else f"port {port} is busy; using {candidate}"
-            return candidate, note
+            lock = portlocks.claim(candidate)  # a port another program reserved but has not bound yet is skipped
+            if lock.usable:
+                note = None if candidate == port else f"port {port} is busy; using {candidate}"
+                return candidate, note, lock
         candidate += 1
     raise PortInUse(f"no free port found from {port} upwards", hint="pass a free --port")
 
@@ -168,12 +173,13 @@ def start(
             while isinstance(store.load(chosen), CorruptRecord) or chosen in live_names:
                 chosen = f"{base}-{n}"
                 n += 1
-        port, note = _choose_port(store, spec.host, spec.port, port_explicit, live)
+        port, note, port_lock = _choose_port(store, spec.host, spec.port, port_explicit, live)
+        locked.callback(port_lock.release)  # the engine holds its own copy of the lock from its spawn
         spec.port = port
         engine_id = secrets.token_hex(8)
         cpu_engine = cmd.kind == "cpu" or (cmd.kind is None and _no_gpu())
         dtype = _choose_dtype(spec, cpu_engine)
-        argv = build_argv(cmd.prefix, spec, dtype)
+        argv = build_argv(cmd.prefix, spec, dtype, auto_len=_auto_len(spec, cmd, store.root))
         env, added = build_env(spec, engine_id, cpu_engine, base=environ, offline_ok=cached is True)
         if engine_env and spec.api_key_env in engine_env:
             env.pop(spec.api_key_env, None)  # the key reaches vLLM as VLLM_API_KEY, nowhere else
@@ -195,7 +201,7 @@ def start(
         with open(log_file, "ab") as fh:
             fh.write(f"\n===== sage llm start {chosen} at {record.started_at}: {' '.join(argv)}\n".encode())
         try:
-            spawned = process.spawn(argv, env, log_file)
+            spawned = process.spawn(argv, env, log_file, keep_fds=(port_lock.fd,) if port_lock.fd is not None else ())
         except OSError as exc:
             record.state = "failed"
             record.error = f"cannot run {argv[0]}: {exc.strerror}"
@@ -212,7 +218,58 @@ def start(
         key = (engine_env or {}).get(spec.api_key_env) if spec.api_key_env else None
         result.ready_after_s = wait_ready(record, timeout, store, on_progress, popen=spawned.popen, api_key=key)
         result.dtype_note = dtype.line(engine_dtype(record.log_file))
+        result.context_note = context_line(record)
     return result
+
+
+def _auto_len(spec: LaunchSpec, cmd: Any, root: Path) -> bool:
+    """Start with `--max-model-len auto` (the context that fits the KV cache memory): when the user gave no length and
+    the engine is a vLLM that takes it (its version from the engine environment's record, else its metadata)."""
+    from sage_llm.engine import envs
+    from sage_llm.engine.vllm import supports_auto_len
+
+    if spec.max_model_len is not None:
+        return False
+    recorded = envs.load_recorded(root) if cmd.source == "engine-env" else None
+    version = recorded.version if recorded is not None else envs.reported_version(cmd.prefix, timeout=60)
+    return supports_auto_len(version)
+
+
+def context_line(record: EngineRecord) -> str | None:
+    """`context: N tokens (...)`: the length the engine serves and who chose it (start's output)."""
+    from sage_llm.engine.vllm import fitted_len
+
+    if record.max_model_len is None:
+        return None
+    fitted = fitted_len(logtools.run_lines(record.log_file))
+    if fitted is not None:
+        return (f"context: {fitted[1]} tokens (fitted to the KV cache memory: the model's {fitted[0]} does not fit; "
+                "--max-model-len to choose)")
+    given = [value for flag, value in zip(record.argv, record.argv[1:]) if flag == "--max-model-len"]
+    if given and given[-1] == "auto":
+        return f"context: {record.max_model_len} tokens (the model's full length fits)"
+    if given:
+        return f"context: {record.max_model_len} tokens (--max-model-len {given[-1]})"
+    return f"context: {record.max_model_len} tokens (the model's length)"
+
+
+def _mark_ready(record: EngineRecord, store: StateStore, p: Any) -> None:
+    """Write into the record that the engine is ready (it has allocated its memory) and the context it serves."""
+
+    record.ready_at = record.ready_at or utcnow_iso()
+    for m in p.models:
+        if m.get("id") == record.served_model_name and isinstance(m.get("max_model_len"), int):
+            record.max_model_len = m["max_model_len"]
+    if record.max_model_len is None:  # /v1/models behind a key we do not hold: the log says what vLLM chose
+        from sage_llm.engine.vllm import fitted_len
+
+        fitted = fitted_len(logtools.run_lines(record.log_file))
+        record.max_model_len = fitted[1] if fitted else None
+    with store.lock():
+        current = store.load(record.name)
+        if isinstance(current, EngineRecord) and current.id == record.id and current.state != "failed":
+            current.ready_at, current.max_model_len = record.ready_at, record.max_model_len
+            store.save(current)
 
 
 def _choose_dtype(spec: LaunchSpec, cpu_engine: bool) -> Any:
@@ -264,6 +321,7 @@ def _already(rec: EngineRecord, store: StateStore, wait: bool, timeout: float, o
     result = StartResult(rec, already_running=True)
     if wait:
         result.ready_after_s = wait_ready(rec, timeout, store, on_progress, kill_on_fail=False)
+        result.context_note = context_line(rec)
     return result
 
 
@@ -304,6 +362,7 @@ def wait_ready(
         p = probes.probe(reachable_host(record.host), record.port,
                          timeout=1.0, api_key=key)
         if p.health == 200 and (record.served_model_name in p.model_ids or p.models_status == 401):
+            _mark_ready(record, store, p)
             if loader is not None:
                 loader.mark_ready()
                 emit()

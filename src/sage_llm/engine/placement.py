@@ -72,10 +72,13 @@ def _owners(live: list[tuple[Any, Any]]) -> dict[int, str]:
 
 
 def _pending(snap: gpu.Snapshot, live: list[tuple[Any, Any]], owners: dict[int, str]) -> dict[str, int]:
-    """Bytes per GPU UUID that engines placed there have claimed (utilisation x total) but not allocated yet."""
+    """Bytes per GPU UUID that engines placed there have claimed (utilisation x total) but not allocated yet. An
+    engine that is ready (`ready_at` in its record) has allocated all it will: the rest of its share is free."""
     out: dict[str, int] = {}
     by_uuid = snap.by_uuid()
     for rec, _tree in live:
+        if getattr(rec, "ready_at", None):
+            continue
         util = (rec.settings or {}).get("gpu_memory_utilization")
         if not isinstance(util, (int, float)):
             continue

@@ -197,8 +197,9 @@ class Spawned:
         return Birth(self.ticks, self.boot_id, self.create_time)
 
 
-def spawn(argv: list[str], env: dict[str, str], log_file: Path, cwd: str | None = None) -> Spawned:
-    """Start `argv` in a new session with stdout+stderr appended to `log_file` (0600)."""
+def spawn(argv: list[str], env: dict[str, str], log_file: Path, cwd: str | None = None,
+          keep_fds: tuple[int, ...] = ()) -> Spawned:
+    """Start `argv` in a new session with stdout+stderr appended to `log_file` (0600); `keep_fds` stay open in it."""
     import subprocess
 
     fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -213,6 +214,7 @@ def spawn(argv: list[str], env: dict[str, str], log_file: Path, cwd: str | None 
             cwd=cwd,
             start_new_session=True,
             close_fds=True,
+            pass_fds=keep_fds,
         )
     finally:
         os.close(fd)

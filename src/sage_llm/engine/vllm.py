@@ -192,8 +192,30 @@ def choose_dtype(spec: LaunchSpec, cpu_engine: bool, quantized: bool = False, fp
     return DtypeChoice(CPU_DEFAULT_DTYPE, "cpu-default", "CPU default; --dtype to change")
 
 
-def build_argv(prefix: list[str], spec: LaunchSpec, dtype: DtypeChoice | None = None) -> list[str]:
-    """`dtype`: the choice of choose_dtype(); its value is passed when the user gave no --dtype of their own."""
+# `--max-model-len auto` (vLLM PR #29431; 0.32 here): fit the context to the KV cache memory instead of failing
+AUTO_LEN_SINCE = (0, 13)
+AUTO_FIT_RE = re.compile(r"Auto-fit max_model_len: reduced from (\d+) to (\d+)")
+
+
+def supports_auto_len(version: str | None) -> bool:
+    """Whether a vLLM of this version (`0.32.0+cpu`, ...) takes `--max-model-len auto`; False when unknown."""
+    m = re.match(r"(\d+)\.(\d+)", version or "")
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= AUTO_LEN_SINCE
+
+
+def fitted_len(lines: list[str]) -> tuple[int, int] | None:
+    """(the model's context length, the one vLLM fitted) when `--max-model-len auto` had to shorten it, from the log."""
+    for line in reversed(lines):
+        m = AUTO_FIT_RE.search(line)
+        if m:
+            return int(m.group(1)), int(m.group(2))
+    return None
+
+
+def build_argv(prefix: list[str], spec: LaunchSpec, dtype: DtypeChoice | None = None,
+               auto_len: bool = False) -> list[str]:
+    """`dtype`: the choice of choose_dtype(); its value is passed when the user gave no --dtype of their own.
+    `auto_len`: the engine takes `--max-model-len auto`, passed when the user gave no --max-model-len."""
     argv = [*prefix, "serve", spec.model, "--host", spec.host, "--port", str(spec.port),
             "--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
     if spec.served_model_name:
@@ -202,6 +224,8 @@ def build_argv(prefix: list[str], spec: LaunchSpec, dtype: DtypeChoice | None = 
         argv += ["--quantization", spec.quantization]
     if spec.max_model_len is not None:
         argv += ["--max-model-len", str(spec.max_model_len)]
+    elif auto_len and not any(a.split("=", 1)[0] == "--max-model-len" for a in spec.extra_args):
+        argv += ["--max-model-len", "auto"]
     if spec.tensor_parallel_size is not None:
         argv += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
     if spec.pipeline_parallel_size is not None:

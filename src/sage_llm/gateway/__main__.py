@@ -1,5 +1,6 @@
-"""`python -m sage_llm.gateway --options JSON`: what `sage llm gateway start` runs detached (no secret in argv: the
-options name the API key's variable, never the key)."""
+"""`python -m sage_llm.gateway sage-llm gateway --options JSON`: what `sage-llm gateway start` runs detached (no
+secret in argv: the options name the API key's variable, never the key). The words `sage-llm gateway` are only there
+for the tools that find the gateway by its command line (daemon.PROCESS_TITLE); `--options JSON` alone works too."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import sys
 def main(argv: list[str]) -> int:
     from sage_llm.core.errors import SageLLMError
     from sage_llm.gateway import server
+    from sage_llm.gateway.daemon import PROCESS_TITLE
     from sage_llm.gateway.options import GatewayOptions
 
+    if tuple(argv[:2]) == PROCESS_TITLE:
+        argv = argv[2:]
     if len(argv) != 2 or argv[0] != "--options":
-        sys.stderr.write("usage: python -m sage_llm.gateway --options JSON\n")
+        sys.stderr.write("usage: python -m sage_llm.gateway [sage-llm gateway] --options JSON\n")
         return 2
     try:
         opts = GatewayOptions.from_json(json.loads(argv[1]))

@@ -14,6 +14,7 @@ from typing import Any
 from sage_llm.core.errors import SageLLMError, UsageError
 
 RECORD = "gateway.json"
+PROCESS_TITLE = ("sage-llm", "gateway")  # words of the detached gateway's command line (see start())
 
 
 def record_path(root: Path | None = None) -> Path:
@@ -69,7 +70,9 @@ def record_status(root: Path | None = None, probe: bool = False) -> dict[str, An
 
 
 def start(opts: Any, timeout: float = 30.0) -> dict[str, Any]:
-    """Spawn `python -m sage_llm.gateway` detached (its own session), record it, wait for /health."""
+    """Spawn `python -m sage_llm.gateway sage-llm gateway --options JSON` detached (its own session), record it, wait
+    for /health. The words `sage-llm gateway` are in its command line for the tools that find it there (SAGE Studio's
+    `sage studio stop --stop-llm`, `pgrep -f "sage-llm gateway"`)."""
     from sage_llm.core import paths
     from sage_llm.core.state import StateStore, atomic_write_json, utcnow_iso
     from sage_llm.engine import process
@@ -87,7 +90,7 @@ def start(opts: Any, timeout: float = 30.0) -> dict[str, Any]:
         paths.ensure_home(store.root)
         store.logs.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_file = store.logs / "gateway.log"
-        argv = [sys.executable, "-m", "sage_llm.gateway", "--options", json.dumps(opts.to_json())]
+        argv = [sys.executable, "-m", "sage_llm.gateway", *PROCESS_TITLE, "--options", json.dumps(opts.to_json())]
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         spawned = process.spawn(argv, env, log_file)

@@ -49,6 +49,7 @@ class Engine:
     error: str | None = None
     gpu_memory_bytes: int | None = None
     started_at: str | None = None
+    max_model_len: int | None = None  # the context it serves (/v1/models, else its record)
     settings: dict[str, Any] = field(default_factory=dict)
     stage: str | None = None
     progress: float | None = None
@@ -140,8 +141,8 @@ def inspect(exclude_ports: set[int] | None = None, with_gpu: bool = True, extern
         out.append(Engine(name=v.name or f"external-{v.port}", model=v.model, served=v.served_model_name,
                           base_url=f"http://{host}:{v.port}", state=v.state, managed=v.managed, owned=owned,
                           api_key=key, port=v.port, pid=v.pid, error=v.error, gpu_memory_bytes=v.gpu_memory_bytes,
-                          started_at=v.started_at, settings=dict(v.settings or {}), stage=v.stage,
-                          progress=v.progress))
+                          started_at=v.started_at, max_model_len=v.max_model_len, settings=dict(v.settings or {}),
+                          stage=v.stage, progress=v.progress))
     return out, views
 
 

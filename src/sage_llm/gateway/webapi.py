@@ -143,6 +143,7 @@ class WebAPI:
                         "gpu_memory_usage": round(e.gpu_memory_bytes / 1024**3, 2) if e.gpu_memory_bytes else None,
                         "uptime_s": uptime, "uptime": human_uptime(uptime), "started_at": e.started_at,
                         "stage": e.stage, "progress": e.progress, "error": e.error,
+                        "max_model_len": e.max_model_len,
                         "gpu_memory_utilization": (e.settings or {}).get("gpu_memory_utilization"),
                         "quantization": (e.settings or {}).get("quantization")})
         loading = [{"model": s.key, "stage": s.stage, "progress": s.progress} for s in router.slots.values()

@@ -178,15 +178,15 @@ def line_time(line: str, now: datetime | None = None) -> float | None:
     return None
 
 
-def since(path: str | Path, seconds: float, now: float | None = None) -> list[str]:
+def since(path: str | Path, seconds: float, now: float | None = None, end: int | None = None) -> list[str]:
     """Lines written in the last `seconds`, by the times the lines carry (a line without one goes with the line
-    above it), reading backwards only as far as needed."""
+    above it), reading backwards only as far as needed (from byte `end` when given, as `tail`)."""
     cutoff = (now if now is not None else time.time()) - seconds
     out: list[str] = []
     now_dt = datetime.fromtimestamp(now) if now is not None else None
     reached_older = False
     try:
-        for line in _reverse_lines(path):
+        for line in _reverse_lines(path, end=end):
             t = line_time(line, now_dt)
             if t is not None and t < cutoff:
                 reached_older = True

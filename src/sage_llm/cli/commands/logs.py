@@ -54,12 +54,15 @@ def logs(
                              hint=f"sage llm logs {tgt.name} -n 200")
         if not cluster.fetch_log(tgt.record, tgt.path):  # type: ignore[arg-type]
             out.info(f"the agent of {tgt.name!r} is gone; showing the copy fetched last ({tgt.path})")
+    # with -f the lines shown end after the file's last complete line and the follow goes on from exactly there (as
+    # the panel does): a line written in between is shown once, not lost
+    offset = core.complete_end(tgt.path) if follow else None
     if seconds is not None:
-        shown = core.since(tgt.path, seconds)
+        shown = core.since(tgt.path, seconds, end=offset)
         if lines is not None:
             shown = shown[-lines:] if lines else []
     else:
-        shown = core.tail(tgt.path, 100 if lines is None else lines)
+        shown = core.tail(tgt.path, 100 if lines is None else lines, offset)
     if not tgt.path.exists():
         out.info(f"engine {tgt.name!r} has no log yet ({tgt.path})")
     for line in shown:
@@ -68,7 +71,7 @@ def logs(
         return
     try:
         out.info(f"following {tgt.path} (Ctrl-C to stop)")  # in the try: a Ctrl-C right after it is clean too
-        for ev in core.follow(tgt.path, stop=core.engine_ended(tgt)):
+        for ev in core.follow(tgt.path, stop=core.engine_ended(tgt), start_offset=offset):
             if ev.kind == "line":
                 out.result(ev.text)
             elif ev.kind == "notice":

@@ -48,7 +48,7 @@ def start(
                         result.already_running, "model": rec.model, "served_model_name": rec.served_model_name,
                         "host": rec.host, "port": rec.port, "base_url": rec.base_url, "pid": rec.pid,
                         "log_file": rec.log_file, "ready_after_s": result.ready_after_s, "gpus": rec.gpus,
-                        "dtype": rec.dtype})
+                        "dtype": rec.dtype, "max_model_len": rec.max_model_len})
         return
     where = f"pid {rec.pid}"
     if rec.cluster:
@@ -93,6 +93,8 @@ def launch_and_show(request: LaunchRequest, foreground: bool = False,
         out.info(result.port_note)
     if result.dtype_note and not result.already_running:
         out.info(result.dtype_note)
+    if result.context_note and not result.already_running:
+        out.info(result.context_note)
     rec = result.record
     if rec.gpus and not result.already_running:
         how = {"auto": " (most free memory)", "environment": " (from CUDA_VISIBLE_DEVICES)"}

@@ -105,6 +105,8 @@ function renderEngines() {
         el("dt", {text: "Model"}), el("dd", {text: v.served_model_name || v.model || "–"}),
         el("dt", {text: "Port"}), el("dd", {text: v.port ?? "–"}),
         el("dt", {text: "GPU memory"}), el("dd", {text: gb}),
+        el("dt", {text: "Context"}), el("dd", {class: "context", text: v.max_model_len != null ?
+          `${v.max_model_len.toLocaleString("en-US")} tokens` : "–"}),
         el("dt", {text: "Uptime"}), el("dd", {class: "uptime", text: fmtUptime(v.uptime_s)}),
         loading ? el("dt", {text: "Stage"}) : null,
         loading ? el("dd", {text: label(v.stage) + pct(v.progress)}) : null,
