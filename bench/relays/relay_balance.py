@@ -17,11 +17,9 @@ import json
 from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+from relay_aiohttp import HOP, serve  # beside this file
 
 from sage_llm.gateway import balance
-
-HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "te", "trailer", "upgrade",
-       "proxy-connection", "content-encoding"}
 
 
 def app(upstreams: list[int], policy: str) -> web.Application:
@@ -82,15 +80,7 @@ def app(upstreams: list[int], policy: str) -> web.Application:
 
 
 async def main(port: int, upstreams: list[int], policy: str) -> None:
-    runner = web.AppRunner(app(upstreams, policy), access_log=None, handle_signals=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
-    await site.start()
-    print(f"ready {port}", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
+    await serve(app(upstreams, policy), port)
 
 
 if __name__ == "__main__":
