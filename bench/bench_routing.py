@@ -2,8 +2,10 @@
 (sage_llm.gateway.balance, in the relay harness bench/relays/relay_balance.py), in front of two real CPU vLLM
 engines of the tiny model with prefix caching, measured in the same run:
 
-- added TTFT: c=1 streamed chat requests, the paths interleaved request by request (direct to the engines, A and
-  B in turn, then each router), so that load from elsewhere on the machine falls on all of them alike; p50 over direct;
+- added TTFT: c=1 streamed chat requests, the paths interleaved request by request (direct, then each router), so
+  that load from elsewhere on the machine falls on all of them alike; p50 over direct. Twice: in front of two fast
+  fake upstreams (the hop alone), and in front of real engine A alone (every router configured with that one
+  worker, so that no path wins by picking the less loaded engine);
 - CPU per request of each router process (its whole process tree, schedstat), over the interleaved window, and its
   idle CPU (health checks and the like) over a quiet few seconds;
 - prefix-cache hit rate: K conversations x 10 turns (turn t of every conversation, then turn t+1; K odd, so that
@@ -11,7 +13,9 @@ engines of the tiny model with prefix caching, measured in the same run:
   `vllm:prefix_cache_hits_total` / `vllm:prefix_cache_queries_total` (tokens) of both engines, read from /metrics
   before and after. Every scenario's conversations start with their own nonce, so one scenario never hits the cache
   entries of another.
-- the cost of balance.choose itself (microseconds per call, this process).
+- the cost of balance.choose itself (microseconds per call, this process);
+- as the reference for the hop, the gateway of this checkout (`sage-llm gateway run --upstream MODEL=URL`, one
+  static route to the first fake upstream): the hop every request pays today, routers or not.
 
 Public tools only: the engines are started and stopped with the `sage-llm` CLI (a private SAGE_LLM_HOME), vllm-router
 with its own console script from a throw-away venv (not the project's):
@@ -59,42 +63,48 @@ WORDS = ("routing replicas prefix cache affinity conversation engine gateway clu
 
 
 # ----------------------------------------------------------------------------------------------------- client
-_CONNS: dict[int, http.client.HTTPConnection] = {}
+_SOCKS: dict[int, socket.socket] = {}
 
 
-def _conn(port: int) -> http.client.HTTPConnection:
-    """A kept-alive connection per port (as a real client and every router keep theirs), TCP_NODELAY: http.client
-    writes the head and the body apart, and Nagle would hold the body until the server's delayed ACK."""
-    conn = _CONNS.get(port)
-    if conn is None or conn.sock is None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        conn.connect()
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _CONNS[port] = conn
-    return conn
+def _post(port: int, path: str, body: bytes, headers: dict[str, str]) -> tuple[http.client.HTTPResponse, float]:
+    """POST on a kept-alive connection per port (as a real client and every router keep theirs), the head and the
+    body in one write with TCP_NODELAY: written apart (as http.client does), the server's event loop wakes twice,
+    and on a loaded machine each wake-up of vLLM's API server costs tens of milliseconds, to direct requests only.
+    Returns the response (head read) and the time the request was written; a kept-alive connection the server
+    closed meanwhile is opened again, untimed."""
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    raw = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+           f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+    for attempt in (1, 2):
+        sock = _SOCKS.get(port)
+        if sock is None:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=300)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _SOCKS[port] = sock
+        t0 = time.perf_counter()
+        try:
+            sock.sendall(raw)
+            r = http.client.HTTPResponse(sock, method="POST")
+            r.begin()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            sock.close()
+            _SOCKS.pop(port, None)
+            if attempt == 2:
+                raise
+            continue
+        if r.will_close:
+            _SOCKS.pop(port, None)
+        return r, t0
+    raise AssertionError("unreachable")
 
 
 def chat(port: int, messages: list[dict[str, str]], headers: dict[str, str] | None = None
          ) -> tuple[float, str, str | None]:
     """One streamed chat request: TTFT (first `data:` event) in seconds, the reply's text, and the replica named in
-    `x-sage-llm-engine` (when the router names it). A kept-alive connection the server closed meanwhile is opened
-    again, untimed."""
+    `x-sage-llm-engine` (when the router names it)."""
     body = json.dumps({"model": TINY_REPO, "messages": messages, "max_tokens": MAX_TOKENS, "stream": True,
-                       "temperature": 0})
-    for attempt in (1, 2):
-        conn = _conn(port)
-        t0 = time.perf_counter()
-        try:
-            conn.request("POST", "/v1/chat/completions", body=body,
-                         headers={"Content-Type": "application/json", **(headers or {})})
-            r = conn.getresponse()
-        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-            conn.close()
-            _CONNS.pop(port, None)
-            if attempt == 2:
-                raise
-            continue
-        break
+                       "temperature": 0}).encode()
+    r, t0 = _post(port, "/v1/chat/completions", body, headers or {})
     if r.status != 200:
         raise SystemExit(f"port {port}: HTTP {r.status}: {r.read()[:300]!r}")
     first: float | None = None
@@ -203,6 +213,16 @@ def start_routers(binary: Path, ports: list[int]) -> dict[str, Proc]:
             proc.stop()
         raise
     return routers
+
+
+def gateway(upstream: int, home: Path) -> Proc:
+    """The gateway of this checkout (`sage-llm gateway run`) with one static route to `upstream`: the hop every
+    request pays today, the reference for the routers' hops (its own SAGE_LLM_HOME, nothing started or adopted)."""
+    port = free_port()
+    env = {**os.environ, "SAGE_LLM_HOME": str(home), "NO_COLOR": "1"}
+    return Proc("gateway", [str(BIN / "sage-llm"), "gateway", "run", "--host", "127.0.0.1", "--port", str(port),
+                            "--engine-port", str(free_port()), "--ttl", "0", "--no-fallback", "--no-external",
+                            "--upstream", f"{TINY_REPO}=http://127.0.0.1:{upstream}/v1"], port, env=env)
 
 
 def start_upstream_fake() -> Proc:
@@ -318,11 +338,13 @@ def main() -> int:
     engines: Engines | None = None
     routers: dict[str, Proc] = {}
     fakes: list[Proc] = []
+    gw_home = Path(tempfile.mkdtemp(prefix="bench-routing-gw-"))
     try:
         # the hop alone: the same routers in front of two fast fake upstreams (fixed 8 tokens, 1 ms apart), where
         # the engine's own noise does not hide a millisecond
         fakes = [start_upstream_fake() for _ in range(2)]
         routers = start_routers(args.vllm_router, [f.port for f in fakes])
+        routers["gateway (one upstream)"] = gateway(fakes[0].port, gw_home).start()
         report_ttft(f"hop alone (two fast fake upstreams), TTFT at c=1, {args.hop_requests} requests per path, "
                     "interleaved", routers, ttft_round(routers, [f.port for f in fakes], args.hop_requests))
         for proc in [*routers.values(), *fakes]:
@@ -336,9 +358,15 @@ def main() -> int:
             build_tiny_model(TINY_CACHE, engine_dir / "bin" / "python")
             engines = Engines(engine_dir)
             ports = engines.start(2)
+        # the hop on a real engine: every router (and the gateway) in front of engine A alone, against direct to A,
+        # so that no path is faster only because it happens to pick the less loaded engine
+        routers = start_routers(args.vllm_router, ports[:1])
+        routers["gateway (one upstream)"] = gateway(ports[0], gw_home).start()
+        report_ttft(f"real CPU vLLM engine A behind every router, TTFT at c=1, {args.requests} requests per path, "
+                    "interleaved", routers, ttft_round(routers, ports[:1], args.requests))
+        for proc in routers.values():
+            proc.stop()
         routers = start_routers(args.vllm_router, ports)
-        report_ttft(f"real CPU vLLM engines (tiny model), TTFT at c=1, {args.requests} requests per path, interleaved",
-                    routers, ttft_round(routers, ports, args.requests))
         print(f"\nprefix cache, {args.conversations} conversations x {args.turns} turns, interleaved by turn:")
         nonce = f"{time.time_ns():x}"
         for name, proc in routers.items():
@@ -353,6 +381,7 @@ def main() -> int:
                 proc.stop()
         if engines is not None:
             engines.stop()
+        shutil.rmtree(gw_home, ignore_errors=True)
     return 0
 
 
