@@ -68,10 +68,10 @@ _SOCKS: dict[int, socket.socket] = {}
 
 def _post(port: int, path: str, body: bytes, headers: dict[str, str]) -> tuple[http.client.HTTPResponse, float]:
     """POST on a kept-alive connection per port (as a real client and every router keep theirs), the head and the
-    body in one write with TCP_NODELAY: written apart (as http.client does), the server's event loop wakes twice,
-    and on a loaded machine each wake-up of vLLM's API server costs tens of milliseconds, to direct requests only.
-    Returns the response (head read) and the time the request was written; a kept-alive connection the server
-    closed meanwhile is opened again, untimed."""
+    body in one write with TCP_NODELAY (http.client writes them apart: a wait on Nagle and delayed ACKs, or an
+    extra wake-up of the server, that no router pays on its own upstream connection). Returns the response (head
+    read) and the time the request was written; a kept-alive connection the server closed meanwhile is opened
+    again, untimed."""
     extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     raw = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
