@@ -17,12 +17,9 @@ import time
 import pytest
 
 from tests.conftest import free_port
+from tests.support.ray_loopback import import_ray
 
-_had_flag = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in os.environ
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-ray = pytest.importorskip("ray")
-if not _had_flag:
-    os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+ray = import_ray()
 from ray.cluster_utils import Cluster  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning"),
