@@ -1,9 +1,9 @@
 """Which replica of a model answers a request: least outstanding requests, with affinity.
 
 Pure policy (no I/O, no clock, no randomness): the gateway hands it the model's ready replicas and the request's
-parsed JSON body (and headers), and gets one replica back. The rule, the consensus of the routers we compared
-(docs/gateway.md, "A cluster behind one endpoint"; vllm-router's cache_aware policy, Ray Serve's prefix and session
-routers, production-stack's session router):
+parsed JSON body (and headers), and gets one replica back. The rule is the consensus of vllm-router's cache_aware
+policy, Ray Serve's prefix and session routers and production-stack's session router (docs/gateway.md, "A cluster
+behind one endpoint"; measured against vllm-router in docs/benchmarks.md, "Routing across replicas"):
 
 - A request that carries a conversation key goes to the replica the key hashes to, so that every turn of a
   conversation lands where its prefix is already in the KV cache. The key is, first found: a session header
@@ -58,7 +58,7 @@ class Balance:
 class Choice:
     replica: Replica
     reason: str  # "affinity", "spill" (affinity's replica overloaded), "least" (no key, or all overloaded), "only"
-    key: str | None  # the affinity key's kind and digest prefix, e.g. "session:3f2a..", for logs and metrics
+    key: str | None  # the affinity key: its kind and a digest, e.g. "session:3f2a9c0d1e2b4a5f", for logs and metrics
 
 
 def affinity_key(body: Mapping[str, Any] | None, headers: Mapping[str, str] | None = None) -> str | None:
