@@ -52,7 +52,12 @@ def app(upstream: str) -> web.Application:
 
 
 async def main(port: int, upstream_port: int) -> None:
-    runner = web.AppRunner(app(f"http://127.0.0.1:{upstream_port}"), access_log=None, handle_signals=True)
+    await serve(app(f"http://127.0.0.1:{upstream_port}"), port)
+
+
+async def serve(application: web.Application, port: int) -> None:
+    """Serve on 127.0.0.1:port, say "ready PORT", run until cancelled."""
+    runner = web.AppRunner(application, access_log=None, handle_signals=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
     await site.start()

@@ -139,14 +139,40 @@ def cluster_nodes(ray: Any) -> list[dict[str, Any]]:
     return out
 
 
+def describe_node(n: dict[str, Any]) -> str:
+    """`ADDRESS (ID): g/G GPU, c/C CPU free` (free of total, as Ray counts them), or `... : dead`."""
+    if not n["alive"]:
+        return f"{n['address']} ({n['node_id'][:8]}): dead"
+    return (f"{n['address']} ({n['node_id'][:8]}): {n['free'].get('GPU', 0):g}/{n['resources'].get('GPU', 0):g} GPU, "
+            f"{n['free'].get('CPU', 0):g}/{n['resources'].get('CPU', 0):g} CPU free")
+
+
 def _describe_free(nodes: list[dict[str, Any]]) -> str:
-    parts = []
-    for n in nodes:
-        if n["alive"]:
-            parts.append(f"{n['address']} ({n['node_id'][:8]}): {n['free'].get('GPU', 0):g}/"
-                         f"{n['resources'].get('GPU', 0):g} GPU, {n['free'].get('CPU', 0):g}/"
-                         f"{n['resources'].get('CPU', 0):g} CPU free")
-    return "; ".join(parts) or "no node is alive"
+    return "; ".join(describe_node(n) for n in nodes if n["alive"]) or "no node is alive"
+
+
+def nodes_view(address: str, timeout: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
+    """The cluster's nodes as Ray sees them (`gateway status`): {"address", "nodes": cluster_nodes()}, or
+    {"address", "error"} when the cluster cannot be asked. Bounded: joining and asking together take at most
+    `timeout` seconds; a Ray call that hangs past it is left behind in a daemon thread, never waited for."""
+    import threading
+
+    result: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            result["nodes"] = cluster_nodes(connect(address, timeout=min(timeout, CONNECT_TIMEOUT_S)))
+        except SageLLMError as exc:
+            result["error"] = exc.message
+        except Exception as exc:  # Ray's own failures (a GCS gone mid-call): reported, not raised
+            result["error"] = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+    asker = threading.Thread(target=ask, daemon=True, name="ray-nodes")
+    asker.start()
+    asker.join(timeout)
+    if asker.is_alive() or not result:
+        return {"address": address, "error": f"the Ray cluster at {address} did not answer within {timeout:g} s"}
+    return {"address": address, **result}
 
 
 def _custom(n: dict[str, Any]) -> list[str]:

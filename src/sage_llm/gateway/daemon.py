@@ -56,8 +56,10 @@ def _health(host: str, port: int, timeout: float = 1.0) -> int | None:
     return status
 
 
-def record_status(root: Path | None = None, probe: bool = False) -> dict[str, Any] | None:
-    """The gateway as `status --json` shows it: None when no gateway is recorded."""
+def record_status(root: Path | None = None, probe: bool = False, nodes: bool = False) -> dict[str, Any] | None:
+    """The gateway as `status --json` shows it: None when no gateway is recorded. With `nodes`, a running gateway
+    with a cluster also gets `cluster`: its nodes and their free resources as Ray sees them (engine/cluster.py
+    nodes_view: Ray is imported then, and only then)."""
     rec = load_record(root)
     if rec is None:
         return None
@@ -66,6 +68,11 @@ def record_status(root: Path | None = None, probe: bool = False) -> dict[str, An
            "url": rec.get("url"), "started_at": rec.get("started_at"), "log_file": rec.get("log_file")}
     if probe and alive:
         out["healthy"] = _health(rec.get("host", "127.0.0.1"), int(rec.get("port") or 0)) == 200
+    address = (rec.get("options") or {}).get("cluster")
+    if nodes and alive and address:
+        from sage_llm.engine import cluster
+
+        out["cluster"] = cluster.nodes_view(str(address))
     return out
 
 

@@ -122,7 +122,7 @@ def status(json_: JsonOpt = False) -> None:
     """Is the background gateway running, where, and is it healthy? Exit 3 when it is not running."""
     from sage_llm.gateway import daemon
 
-    st = daemon.record_status(probe=True)
+    st = daemon.record_status(probe=True, nodes=True)
     if json_:
         out.print_json(st or {"running": False})
     elif st is None:
@@ -132,5 +132,20 @@ def status(json_: JsonOpt = False) -> None:
     else:
         health = "healthy" if st.get("healthy") else "not answering /health"
         out.result(f"gateway running: {st['url']} (pid {st['pid']}, since {st['started_at']}, {health})")
+        if st.get("cluster"):
+            _show_nodes(st["cluster"])
     if not st or not st["running"]:
         raise typer.Exit(3)
+
+
+def _show_nodes(view: dict[str, Any]) -> None:
+    """The gateway's cluster: each node with its free GPUs and CPUs as Ray sees them."""
+    from sage_llm.engine.cluster import describe_node
+
+    if "error" in view:
+        out.result(f"cluster {view['address']}: cannot ask it: {view['error']}")
+        return
+    alive = sum(1 for n in view["nodes"] if n["alive"])
+    out.result(f"cluster {view['address']}: {alive} of {len(view['nodes'])} node(s) alive")
+    for n in view["nodes"]:
+        out.result(f"  node {describe_node(n)}")
