@@ -22,7 +22,6 @@ Reference: docs/api.md.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -100,8 +99,9 @@ class LaunchRequest(LaunchOptions):
     timeout: float | None = None  # seconds to wait until it serves; None: the start_timeout setting
     wait: bool = True  # wait until it serves (False: return once spawned)
     # variables only the engine's environment gets, never this process's: e.g. the value of `api_key_env` that a
-    # program holds in memory (the gateway's per-engine keys). Never recorded, never printed.
-    engine_env: dict[str, str] = field(default_factory=dict, repr=False)
+    # program holds in memory (the gateway's per-engine keys); None removes an inherited variable. Never recorded,
+    # never printed.
+    engine_env: dict[str, str | None] = field(default_factory=dict, repr=False)
     cluster: str | None = None  # HOST:PORT of a Ray head: place the whole engine on a node of that cluster
     node: str | None = None  # with `cluster`: the node (id, address, hostname or a custom resource of its own)
 
@@ -137,7 +137,7 @@ class ResolvedLaunch:
     skip_checks: bool
     timeout: float
     wait: bool
-    engine_env: dict[str, str] = field(default_factory=dict, repr=False)
+    engine_env: dict[str, str | None] = field(default_factory=dict, repr=False)
     cluster: str | None = None
     node: str | None = None
 
@@ -170,6 +170,7 @@ def resolve_launch(request: LaunchRequest) -> ResolvedLaunch:
     Raises UsageError for bad input; nothing is started."""
     from sage_llm.core import settings
     from sage_llm.core.state import validate_name
+    from sage_llm.engine import manager
     from sage_llm.engine.vllm import MODEL_HINT, LaunchSpec, check_model_name, validate
 
     # '' is a mistake (an unset shell variable), never "the default model"
@@ -192,7 +193,7 @@ def resolve_launch(request: LaunchRequest) -> ResolvedLaunch:
         trust_remote_code=bool(request.trust_remote_code), api_key_env=request.api_key_env,
         ray_address=request.ray_address or None, extra_args=extra,
     )
-    validate(spec, {**os.environ, **request.engine_env} if request.engine_env else None)
+    validate(spec, manager.environ_with(request.engine_env))
     if request.host is None:
         _check_dotenv_host(spec.host)
     if request.name is not None:

@@ -92,6 +92,15 @@ def _choose_port(store: StateStore, host: str, port: int, explicit: bool,
 
 
 @audit.audited(audit.start_command)
+def environ_with(engine_env: Mapping[str, str | None] | None) -> dict[str, str] | None:
+    """This process's environment changed by `engine_env` (None values remove), or None when there is nothing to
+    change."""
+    if not engine_env:
+        return None
+    merged = {**os.environ, **engine_env}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
 def start(
     spec: LaunchSpec,
     name: str | None = None,
@@ -103,7 +112,7 @@ def start(
     foreground: bool = False,
     gpus: str | None = None,
     skip_checks: bool = False,
-    engine_env: Mapping[str, str] | None = None,
+    engine_env: Mapping[str, str | None] | None = None,
 ) -> StartResult:
     """Validate, spawn `vllm serve` detached, record it, and (with `wait`) wait until it serves the model.
 
@@ -111,14 +120,15 @@ def start(
     checked against --gpu-memory-utilization before spawning, unless `skip_checks` (engine/placement.py).
 
     `engine_env`: variables only the engine's environment gets, never this process's (a program such as the gateway
-    holds an engine's API key in memory and names it in `spec.api_key_env`: it reaches vLLM as VLLM_API_KEY only)."""
+    holds an engine's API key in memory and names it in `spec.api_key_env`: it reaches vLLM as VLLM_API_KEY only).
+    A None value removes a variable the engine would otherwise inherit from this process."""
     import secrets
 
     from sage_llm.engine import envs, placement
     from sage_llm.engine.vllm import build_argv, build_env, validate
 
     store = store or StateStore()
-    environ = {**os.environ, **engine_env} if engine_env else None
+    environ = environ_with(engine_env)
     validate(spec, environ)
     if name is not None:
         validate_name(name)

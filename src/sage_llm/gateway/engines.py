@@ -267,8 +267,10 @@ def start(profile: Any, engine_port: int, timeout: float, on_progress: Any = Non
     extra = list(profile.args) if profile.configured or profile.args else list(last.get("extra_args") or [])
     if sleep_mode and not cpu and "--enable-sleep-mode" not in extra:
         extra.append("--enable-sleep-mode")
+    from sage_llm.gateway import engine_env as inherited
+
     var = new_key_var()
-    engine_env = {var: key_for(var)}
+    engine_env = {**inherited.overrides(), var: key_for(var)}  # no gateway secrets, no vLLM switch that opens it up
     if sleep_mode and not cpu:
         engine_env[SLEEP_ENV] = "1"  # sleep routes exist only in dev mode; the engine stays on loopback
     request = api.LaunchRequest(
