@@ -149,3 +149,13 @@ def test_big_but_valid_bodies_still_pass(gateway) -> None:
     gw = gateway()
     r = gw.chat(MODEL_A, extra={"x": [[[[{"a": 1}]]]] * 2000, "n": 10**300, "e": 1e308})
     assert r.status_code == 200, r.text
+
+
+def test_management_routes_read_bodies_as_strictly(gateway, home) -> None:
+    gw = gateway()
+    port = gw.gw.opts.port
+    for body in (b'{"model": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                 b'{"model": "org/Tiny-Chat", "model": "org/Tiny-Other"}', b'{"model": "org/Tiny-Chat", "port": NaN}'):
+        status, _, answer = raw_request(port, "POST", "/api/local-engine/start", body)
+        assert status == 400, answer[:300]
+    assert engine_starts(home) == 0

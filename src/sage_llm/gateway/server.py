@@ -209,14 +209,10 @@ class Gateway:
         return web.json_response({"object": "list", "models": out})
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
-        raw = await request.read()
         try:
-            body = json.loads(raw) if raw.strip() else {}
-        except ValueError as exc:
-            raise GatewayError(400, f"malformed JSON body: {exc}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise GatewayError(400, "the JSON body must be an object", code="invalid_json")
-        return body
+            return bodies.parse_object(await request.read())
+        except bodies.BodyRefused as exc:
+            raise GatewayError(400, str(exc), code="invalid_json") from None
 
     async def local_start(self, request: web.Request) -> web.Response:
         """LocalEngineStartRequest {model, port, gpu_memory_utilization, quantization}; ?wait=1 waits until ready."""
