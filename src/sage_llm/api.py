@@ -241,7 +241,7 @@ def _check_dotenv_host(host: str) -> None:
         raise UsageError(f"SAGE_LOCAL_ENGINE_HOST={host} comes only from {source[1]}: an engine is not exposed to the "
                          "network because a .env file says so; nothing was started",
                          hint=f"pass --host {host} yourself (with --api-key-env VAR), or set it in the environment or "
-                              "with `sage llm config set host`")
+                              "with `sage-llm config set host`")
 
 
 def _check_timeout(timeout: float) -> None:
@@ -277,7 +277,7 @@ def start(request: LaunchRequest | ResolvedLaunch, on_progress: ProgressFn | Non
 
         if foreground:
             raise UsageError("`run` serves in this terminal; engines on a Ray cluster are started with "
-                             "`sage llm start MODEL --cluster ADDRESS`", hint="unset SAGE_LLM_CLUSTER for `run`")
+                             "`sage-llm start MODEL --cluster ADDRESS`", hint="unset SAGE_LLM_CLUSTER for `run`")
 
         # the model is read on the node: this machine's cache says nothing about it
         return cluster.start(launch.spec, launch.cluster, node=launch.node, name=launch.name, wait=launch.wait,

@@ -64,7 +64,7 @@ class EngineRecord:
     engine_env: str | None = None  # path of the engine environment used, if any
     api_key_env: str | None = None  # name of the variable holding the API key, never the key
     gpus: list[dict[str, Any]] = field(default_factory=list)
-    foreground: bool = False  # started by `sage llm run`
+    foreground: bool = False  # started by `sage-llm run`
     owner_pid: int | None = None  # the `sage` process that owns a foreground engine
     dtype: str | None = None  # the --dtype it was started with ("auto": vLLM chose); see engine/vllm.py choose_dtype
     dtype_source: str | None = None  # user | cpu-default | auto

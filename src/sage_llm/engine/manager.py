@@ -73,7 +73,7 @@ def _choose_port(store: StateStore, host: str, port: int, explicit: bool,
         if port in claimed:
             other = next(r for r, _ in live if r.port == port)
             raise PortInUse(f"port {port} is used by engine {other.name!r} ({other.model})",
-                            hint=f"stop it with `sage llm stop {other.name}` or choose another --port")
+                            hint=f"stop it with `sage-llm stop {other.name}` or choose another --port")
         if not process.port_is_free(host, port):
             pid, pname = process.port_owner(port)
             who = f" by {pname} (pid {pid})" if pid else ""
@@ -149,7 +149,7 @@ def start(
         for rec, _tree in live:
             if rec.state == "stopping" and (rec.name == name or (port_explicit and rec.port == spec.port)):
                 raise SageLLMError(f"engine {rec.name!r} is being stopped right now",
-                                   hint="run the start again once `sage llm stop` has finished")
+                                   hint="run the start again once `sage-llm stop` has finished")
             same_model = rec.model == spec.model and rec.served_model_name == served
             if not same_model or rec.state == "stopping":
                 continue
@@ -167,7 +167,7 @@ def start(
                 other = live_names[chosen]
                 raise UsageError(
                     f"engine {chosen!r} already runs {other.model} on port {other.port}",
-                    hint=f"stop it first (`sage llm stop {chosen}`) or pick another --name",
+                    hint=f"stop it first (`sage-llm stop {chosen}`) or pick another --name",
                 )
             base, n = chosen, 2
             while chosen in live_names or isinstance(store.load(chosen), CorruptRecord):
@@ -178,7 +178,7 @@ def start(
                 raise existing.newer_error()
             if name is not None:
                 raise UsageError(f"engine record {existing.path} is corrupt ({existing.error})",
-                                 hint=f"inspect it, then remove it with `sage llm stop {chosen} --force`")
+                                 hint=f"inspect it, then remove it with `sage-llm stop {chosen} --force`")
             base, n = chosen, 2
             while isinstance(store.load(chosen), CorruptRecord) or chosen in live_names:
                 chosen = f"{base}-{n}"
@@ -216,7 +216,7 @@ def start(
             record.state = "failed"
             record.error = f"cannot run {argv[0]}: {exc.strerror}"
             store.save(record)
-            raise EngineFailed(record.error, hint="run `sage llm engine install` to repair the engine") from exc
+            raise EngineFailed(record.error, hint="run `sage-llm engine install` to repair the engine") from exc
         record.pid = spawned.pid
         record.create_time = spawned.create_time
         record.start_ticks, record.boot_id = spawned.ticks, spawned.boot_id
@@ -411,7 +411,7 @@ def _fail(record: EngineRecord, store: StateStore, what: str, kill: bool = True)
         if not stopped.survivors:
             _leftovers(record, owned=stopped.shm_seen)
     reason = f"engine {record.name!r} {what}" + (f": {diag.message}" if diag else "")
-    hint = diag.hint if diag and diag.hint else f"see `sage llm logs {record.name} -n 80`"
+    hint = diag.hint if diag and diag.hint else f"see `sage-llm logs {record.name} -n 80`"
     if kill:
         with store.lock():
             current = store.load(record.name)
@@ -467,7 +467,7 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
             return StopOutcome(name, stopped=True, already_gone=True,
                                message=f"removed corrupt record {rec.path} ({rec.error})")
         raise SageLLMError(f"engine record {rec.path} is corrupt ({rec.error}); nothing was signalled",
-                           hint=f"check no engine of it runs, then `sage llm stop {name} --force` removes the record")
+                           hint=f"check no engine of it runs, then `sage-llm stop {name} --force` removes the record")
     if rec.cluster:
         from sage_llm.engine import cluster
 
@@ -510,7 +510,7 @@ def _check_scaleout(spec: LaunchSpec, cmd: Any) -> None:
         return
     if not any(Path(cmd.env_path).glob("lib/python*/site-packages/ray/__init__.py")):
         raise UsageError(f"--ray-address needs Ray in the engine environment {cmd.env_path}, and it has none",
-                         hint="run `sage llm engine install --ray` (it adds a pinned Ray)")
+                         hint="run `sage-llm engine install --ray` (it adds a pinned Ray)")
 
 
 def _leftovers(rec: EngineRecord, pids: set[int] | None = None, owned: set[str] | None = None

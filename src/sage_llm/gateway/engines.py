@@ -41,7 +41,7 @@ class Engine:
     served: str | None  # the name its /v1/models lists
     base_url: str  # http://127.0.0.1:PORT  (no /v1)
     state: str  # ready | starting | unhealthy | failed | stopped
-    managed: bool  # a sage llm record exists
+    managed: bool  # a sage-llm record exists
     owned: bool  # started by a gateway (has a gateway key)
     api_key: str | None = None
     port: int | None = None

@@ -456,7 +456,7 @@ async def _serve(opts: GatewayOptions, ready: Any = None) -> Gateway:
     except OSError as exc:
         await runner.cleanup()
         raise SageLLMError(f"cannot listen on {opts.host}:{opts.port}: {exc.strerror}",
-                           hint="is another gateway running (`sage llm gateway status`)? or pass --port") from None
+                           hint="is another gateway running (`sage-llm gateway status`)? or pass --port") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     gw.loop, gw.stop_event = loop, stop  # type: ignore[attr-defined]
