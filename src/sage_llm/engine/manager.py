@@ -360,9 +360,16 @@ def wait_ready(
         assert on_progress is not None
         assert loader is not None
         snap = loader.poll()
-        on_progress({"elapsed_s": time.time() - t0, "log_line": snap.last_line, "record": record,
-                     "stage": snap.stage, "progress": snap.progress, "detail": snap.detail,
-                     "stage_elapsed_s": snap.stage_elapsed(), "snapshot": snap})
+        try:
+            on_progress({"elapsed_s": time.time() - t0, "log_line": snap.last_line, "record": record,
+                         "stage": snap.stage, "progress": snap.progress, "detail": snap.detail,
+                         "stage_elapsed_s": snap.stage_elapsed(), "snapshot": snap})
+        except Exception:
+            # the caller's callback failed: the start fails with its exception, and leaves nothing behind (an engine
+            # that was already running is not ours to stop). Ctrl-C (KeyboardInterrupt) only stops the waiting.
+            if kill_on_fail:
+                _abandon(record, store)
+            raise
 
     while True:
         now = time.monotonic()
@@ -383,6 +390,14 @@ def wait_ready(
             last_emit = now
             emit()
         time.sleep(poll)
+
+
+def _abandon(record: EngineRecord, store: StateStore) -> None:
+    """Stop an engine this start spawned (its whole tree) and forget its record: the start did not happen."""
+    stopped = process.stop_tree(record.pid, process.birth_of(record), record.id, timeout=5.0)
+    if not stopped.survivors:
+        _leftovers(record, owned=stopped.shm_seen)
+        store.forget(record.name, record.id)
 
 
 def _diag_context(record: EngineRecord, store: StateStore) -> dict[str, Any]:
