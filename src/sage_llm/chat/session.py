@@ -87,12 +87,18 @@ def _local_port() -> int | None:
 
 
 def _local_target(view: Any, record: Any = None) -> Target:
+    from sage_llm.core import engine_keys
     from sage_llm.core.state import api_key_for
 
     rec = record if record is not None else getattr(view, "record", None)
     key = api_key_for(rec) if rec is not None else None
     key_hint = None
-    if rec is not None and rec.api_key_env:
+    if rec is not None and engine_keys.is_gateway_key(rec.api_key_env):
+        key_hint = ("the engine was started by a gateway: its key derives from the gateway secret in the state "
+                    "directory of the user who ran it (this user's is missing or unreadable): chat as that user, "
+                    "or through the gateway: SAGE_CHAT_BASE_URL=http://127.0.0.1:8901/v1 sage-llm chat --source "
+                    "cloud")
+    elif rec is not None and rec.api_key_env:
         key_hint = f"the engine was started with --api-key-env {rec.api_key_env}: set {rec.api_key_env} to its key"
         if key is None:
             key_hint = f"{rec.api_key_env} is not set in this shell; " + key_hint

@@ -13,8 +13,6 @@ recomputes the keys of the engines it adopts, and a web page cannot reach an eng
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import os
 import secrets
 import time
@@ -22,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sage_llm.core import engine_keys
 from sage_llm.core.errors import SageLLMError
 
-KEY_PREFIX = "SAGE_LLM_GW_KEY_"
-SECRET_FILE = "gateway.key"
+KEY_PREFIX = engine_keys.KEY_PREFIX
 
 
 class NotEnoughMemory(SageLLMError):
@@ -60,29 +58,13 @@ class Engine:
 
 
 # ------------------------------------------------------------------------------------------------------ keys
-def _secret() -> bytes:
-    from sage_llm.core import paths
-
-    root = paths.home()
-    paths.ensure_home(root)
-    path = root / SECRET_FILE
-    with contextlib.suppress(FileNotFoundError):
-        data = path.read_bytes().strip()
-        if len(data) >= 32:
-            return data
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, secrets.token_hex(32).encode())
-    finally:
-        os.close(fd)
-    return path.read_bytes().strip()
-
-
 def key_for(var: str) -> str:
-    """The API key of the engine whose record names `var` (derived from the gateway's secret, so a restarted gateway
-    finds it again). It never enters this process's environment: `start` hands it to the engine alone."""
-    return hmac.new(_secret(), var.encode(), hashlib.sha256).hexdigest()
+    """The API key of the engine whose record names `var` (core/engine_keys.py: derived from the gateway's secret, so
+    a restarted gateway finds it again). It never enters this process's environment: `start` hands it to the engine
+    alone."""
+    key = engine_keys.key_for(var, create=True)
+    assert key is not None
+    return key
 
 
 _STARTED: set[str] = set()  # key variables of the engines this process started (loading ones included)
@@ -102,7 +84,7 @@ def started_here() -> list[str]:
 
 
 def is_owned(api_key_env: str | None) -> bool:
-    return bool(api_key_env and api_key_env.startswith(KEY_PREFIX))
+    return engine_keys.is_gateway_key(api_key_env)
 
 
 # ------------------------------------------------------------------------------------------------------ inspect
