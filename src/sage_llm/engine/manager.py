@@ -91,7 +91,6 @@ def _choose_port(store: StateStore, host: str, port: int, explicit: bool,
     raise PortInUse(f"no free port found from {port} upwards", hint="pass a free --port")
 
 
-@audit.audited(audit.start_command)
 def environ_with(engine_env: Mapping[str, str | None] | None) -> dict[str, str] | None:
     """This process's environment changed by `engine_env` (None values remove), or None when there is nothing to
     change."""
@@ -101,6 +100,7 @@ def environ_with(engine_env: Mapping[str, str | None] | None) -> dict[str, str] 
     return {k: v for k, v in merged.items() if v is not None}
 
 
+@audit.audited(audit.start_command)
 def start(
     spec: LaunchSpec,
     name: str | None = None,
