@@ -159,3 +159,14 @@ def test_management_routes_read_bodies_as_strictly(gateway, home) -> None:
         status, _, answer = raw_request(port, "POST", "/api/local-engine/start", body)
         assert status == 400, answer[:300]
     assert engine_starts(home) == 0
+
+
+def test_an_upstream_page_cannot_run_on_the_gateways_origin(gateway, cloud) -> None:
+    """An upstream (a cloud, an --upstream route, an external engine) that answers text/html must not get a page
+    onto the gateway's origin, where the panel keeps its key: sandboxed, no sniffing."""
+    cloud.content_type = "text/html"
+    gw = gateway()
+    status, headers, _ = raw_request(gw.gw.opts.port, "POST", "/v1/chat/completions", CLOUD_CHAT)
+    assert status == 200
+    assert headers["content-security-policy"] == "default-src 'none'; sandbox"
+    assert headers["x-content-type-options"] == "nosniff"

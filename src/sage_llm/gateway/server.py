@@ -32,6 +32,9 @@ KEEPALIVE_S = 4.0  # below vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s): no reuse o
 ENGINE_PATHS = ("/tokenize", "/detokenize", "/pooling", "/classify", "/score", "/rerank")  # vLLM, outside /v1
 # upstream response headers that say what the relayed bytes mean (the body is relayed as is, still encoded)
 RELAYED_HEADERS = ("Content-Encoding", "Retry-After")
+# a proxied answer is the upstream's bytes served from the gateway's origin (where the panel keeps its key): whatever
+# type the upstream claims, a browser must not run it as a page of that origin
+RELAY_SAFETY = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
@@ -404,6 +407,7 @@ class Gateway:
                 for name in RELAYED_HEADERS:
                     if name in up.headers:
                         resp.headers[name] = up.headers[name]
+                resp.headers.update(RELAY_SAFETY)
                 streaming = ctype.lower().startswith("text/event-stream")
                 if streaming:
                     resp.headers["Cache-Control"] = "no-cache"
