@@ -170,3 +170,33 @@ def test_an_upstream_page_cannot_run_on_the_gateways_origin(gateway, cloud) -> N
     assert status == 200
     assert headers["content-security-policy"] == "default-src 'none'; sandbox"
     assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_huge_bodies_are_bounded_and_parsed_off_the_event_loop(gateway, home, monkeypatch) -> None:
+    import threading
+
+    from sage_llm.gateway import bodies
+
+    gw = gateway()
+    port = gw.gw.opts.port
+    # valid JSON, well under --max-body, millions of values: refused before parsing
+    status, _, answer = raw_request(port, "POST", "/v1/chat/completions",
+                                    b'{"model": "org/Tiny-Chat", "x": [' + b"{}," * 3_000_000 + b"{}]}")
+    assert status == 400
+    assert "values" in json.loads(answer)["error"]["message"]
+    assert engine_starts(home) == 0
+    # a large body that is accepted is parsed in a worker thread, not on the loop that relays every stream
+    loop_thread = gw.call(lambda: _async(threading.get_ident))
+    seen: list[int] = []
+    real = bodies.parse_object
+    monkeypatch.setattr(bodies, "parse_object", lambda raw: (seen.append(threading.get_ident()), real(raw))[1])
+    r = gw.chat(MODEL_A, extra={"padding": "x" * (2 << 20)})
+    assert r.status_code == 200, r.text
+    assert seen
+    assert all(t != loop_thread for t in seen)
+    assert gw.chat(MODEL_A).status_code == 200  # a small one stays on the loop: no thread hop on the hot path
+    assert seen[-1] == loop_thread
+
+
+async def _async(fn):
+    return fn()

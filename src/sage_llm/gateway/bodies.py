@@ -3,14 +3,19 @@
 A body the gateway parsed one way and the engine (or the cloud) another would let a request pass one check and do
 something else: duplicate keys (Python keeps the last, other parsers the first), `NaN`/`Infinity` (not JSON), and
 nesting deep enough to exhaust the parser's stack (a RecursionError, a 500 before this). Each is a 400 naming what is
-wrong. The size is bounded before this (the gateway's --max-body).
+wrong. The size is bounded before this (the gateway's --max-body), and so is the number of values (a 30 MiB array
+of `{}` takes seconds to parse); bodies over 1 MiB are parsed in a worker thread, off the event loop that relays
+every other stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
+MAX_VALUES = 1_000_000  # separators counted before parsing (cheap); a long chat or a batch of token ids is far below
+THREAD_BYTES = 1 << 20
 MAX_MODEL_NAME = 256  # hub ids are at most 96 characters; a served name or a local path is longer but not this long
 
 
@@ -37,6 +42,9 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     """The body as a dict ({} for an empty body); BodyRefused when it is not one plain JSON object."""
     if not raw.strip():
         return {}
+    values = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if values > MAX_VALUES:
+        raise BodyRefused(f"the JSON body has about {values:,} values; at most {MAX_VALUES:,} are accepted")
     try:
         body = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except RecursionError:
@@ -48,6 +56,20 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BodyRefused("the JSON body must be an object")
     return body
+
+
+async def read_object(raw: bytes) -> dict[str, Any]:
+    """`parse_object`, in a worker thread for a large body (the event loop keeps relaying other streams)."""
+    if len(raw) < THREAD_BYTES:
+        return parse_object(raw)
+    return await asyncio.to_thread(parse_object, raw)
+
+
+async def serialise(body: dict[str, Any], raw_size: int) -> bytes:
+    """`dumps`, in a worker thread for a body that was large."""
+    if raw_size < THREAD_BYTES:
+        return dumps(body)
+    return await asyncio.to_thread(dumps, body)
 
 
 def dumps(body: dict[str, Any]) -> bytes:

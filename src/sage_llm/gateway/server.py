@@ -213,7 +213,7 @@ class Gateway:
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
         try:
-            return bodies.parse_object(await request.read())
+            return await bodies.read_object(await request.read())
         except bodies.BodyRefused as exc:
             raise GatewayError(400, str(exc), code="invalid_json") from None
 
@@ -332,7 +332,7 @@ class Gateway:
         try:
             if request.method == "POST":
                 raw = await request.read()
-                body = bodies.parse_object(raw)
+                body = await bodies.read_object(raw)
         except bodies.BodyRefused as exc:
             return error_response(400, str(exc), code="invalid_json")
         try:
@@ -351,7 +351,7 @@ class Gateway:
         if backend.model is not None and body is not None:
             body["model"] = backend.model
             try:
-                raw = bodies.dumps(body)
+                raw = await bodies.serialise(body, len(raw))
             except bodies.BodyRefused as exc:
                 return error_response(400, str(exc), code="invalid_json")
         if path.startswith("/v1/"):
