@@ -12,7 +12,7 @@ import sage_llm
 SRC = Path(sage_llm.__file__).parent
 # the engine log's start header is a file format (old logs have it; logs.py and progress.py parse it), not a message
 ALLOWED = ("===== sage llm start",)
-SAGE_OWN = {"cli/sage_plugin.py"}  # where `sage llm` means SAGE's command
+SAGE_OWN = {"cli/sage_plugin.py", "core/sage_cli.py"}  # where `sage llm` means the command inside SAGE
 
 
 def _strings(path: Path) -> list[tuple[int, str]]:
