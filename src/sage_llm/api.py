@@ -9,7 +9,7 @@ can call it in-process instead of forking `sage-llm status --json`:
     if not doc["local_engine"]["running"]:
         result = api.start(api.LaunchRequest(model="Qwen/Qwen2.5-1.5B-Instruct", port=8001))
         print(result.record.base_url)                    # http://127.0.0.1:8001/v1
-    api.stop("8001")                                     # NAME or PORT
+    api.stop(8001)                                       # NAME or PORT (str or int)
 
 Rules every function follows:
   * settings are resolved once, in `resolve_launch`: explicit value > environment > ./.env > config file > default;
@@ -22,7 +22,6 @@ Reference: docs/api.md.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -100,8 +99,9 @@ class LaunchRequest(LaunchOptions):
     timeout: float | None = None  # seconds to wait until it serves; None: the start_timeout setting
     wait: bool = True  # wait until it serves (False: return once spawned)
     # variables only the engine's environment gets, never this process's: e.g. the value of `api_key_env` that a
-    # program holds in memory (the gateway's per-engine keys). Never recorded, never printed.
-    engine_env: dict[str, str] = field(default_factory=dict, repr=False)
+    # program holds in memory (the gateway's per-engine keys); None removes an inherited variable. Never recorded,
+    # never printed.
+    engine_env: dict[str, str | None] = field(default_factory=dict, repr=False)
     cluster: str | None = None  # HOST:PORT of a Ray head: place the whole engine on a node of that cluster
     node: str | None = None  # with `cluster`: the node (id, address, hostname or a custom resource of its own)
 
@@ -137,7 +137,7 @@ class ResolvedLaunch:
     skip_checks: bool
     timeout: float
     wait: bool
-    engine_env: dict[str, str] = field(default_factory=dict, repr=False)
+    engine_env: dict[str, str | None] = field(default_factory=dict, repr=False)
     cluster: str | None = None
     node: str | None = None
 
@@ -163,15 +163,76 @@ class StatusDocument(TypedDict):
     gpu_error: str | None
 
 
+# ------------------------------------------------------------------------------------------------ argument types
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                                       "None": (type(None),), "list[str]": (list,), "dict[str, str | None]": (dict,)}
+_LENIENT = {"max_model_len": (str, int)}  # "4k", "auto" or a number of tokens
+
+
+def _usage(message: str, hint: str | None = None) -> Exception:
+    from sage_llm.core.errors import UsageError
+
+    return UsageError(message, hint=hint)
+
+
+def _check_fields(obj: Any, cls: type) -> None:
+    """UsageError unless `obj` is a `cls` whose every field holds one of its declared types (a bool is not an int)."""
+    if not isinstance(obj, cls):
+        raise _usage(f"expected a {cls.__name__}, not {type(obj).__name__}",
+                     hint=f"e.g. api.{cls.__name__}(model=\"Qwen/Qwen2.5-1.5B-Instruct\")")
+    for f in fields(cls):
+        value = getattr(obj, f.name)
+        declared = str(f.type)
+        allowed = _LENIENT.get(f.name) or tuple(t for part in _split_union(declared) for t in _TYPES.get(part, ()))
+        if not allowed:
+            continue
+        if value is None and "None" in _split_union(declared):
+            continue
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if ok and isinstance(value, list):
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            raise _usage(f"{cls.__name__}.{f.name} must be {declared}, not {type(value).__name__} ({value!r:.60})")
+
+
+def _split_union(declared: str) -> list[str]:
+    return ["dict[str, str | None]"] if declared.startswith("dict[") else [p.strip() for p in declared.split("|")]
+
+
+def _target(target: Any, what: str = "target") -> str:
+    """An engine NAME or PORT as the one string form every command uses; an int is a port."""
+    if isinstance(target, int) and not isinstance(target, bool):
+        return str(target)
+    if not isinstance(target, str):
+        raise _usage(f"{what} must be an engine NAME or PORT (str or int), not {type(target).__name__}",
+                     hint='e.g. api.stop("qwen") or api.stop(8001)')
+    return target
+
+
+def _number(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _usage(f"{what} must be a number of seconds, not {type(value).__name__}")
+    return float(value)
+
+
+def _callback(fn: Any, what: str = "on_progress") -> None:
+    if fn is not None and not callable(fn):
+        raise _usage(f"{what} must be a function (or None), not {type(fn).__name__}")
+
+
 # ------------------------------------------------------------------------------------------------ launching
 def resolve_launch(request: LaunchRequest) -> ResolvedLaunch:
     """Fill every unset option from the settings (explicit > env > ./.env > config file > default) and validate.
 
-    Raises UsageError for bad input; nothing is started."""
+    Raises UsageError for bad input (a wrong type included); nothing is started."""
     from sage_llm.core import settings
     from sage_llm.core.state import validate_name
+    from sage_llm.engine import manager
     from sage_llm.engine.vllm import MODEL_HINT, LaunchSpec, check_model_name, validate
 
+    _check_fields(request, LaunchRequest)
     # '' is a mistake (an unset shell variable), never "the default model"
     check_model_name(request.model, hint=f"{MODEL_HINT}, or leave MODEL out for the default "
                                          f"({settings.get('default_model')})")
@@ -192,7 +253,7 @@ def resolve_launch(request: LaunchRequest) -> ResolvedLaunch:
         trust_remote_code=bool(request.trust_remote_code), api_key_env=request.api_key_env,
         ray_address=request.ray_address or None, extra_args=extra,
     )
-    validate(spec, {**os.environ, **request.engine_env} if request.engine_env else None)
+    validate(spec, manager.environ_with(request.engine_env))
     if request.host is None:
         _check_dotenv_host(spec.host)
     if request.name is not None:
@@ -240,7 +301,7 @@ def _check_dotenv_host(host: str) -> None:
         raise UsageError(f"SAGE_LOCAL_ENGINE_HOST={host} comes only from {source[1]}: an engine is not exposed to the "
                          "network because a .env file says so; nothing was started",
                          hint=f"pass --host {host} yourself (with --api-key-env VAR), or set it in the environment or "
-                              "with `sage llm config set host`")
+                              "with `sage-llm config set host`")
 
 
 def _check_timeout(timeout: float) -> None:
@@ -256,6 +317,8 @@ def preflight(model: str, download_dir: str | None = None) -> Preflight:
     Offline (HF_HUB_OFFLINE) with no cached copy raises UsageError: vLLM could only fail, after loading a while."""
     from sage_llm.models import hf_cache
 
+    if not isinstance(model, str) or not (download_dir is None or isinstance(download_dir, str)):
+        raise _usage("preflight(model, download_dir) takes a model id or path (str) and a directory (str or None)")
     return hf_cache.preflight(model, download_dir)
 
 
@@ -266,9 +329,12 @@ def start(request: LaunchRequest | ResolvedLaunch, on_progress: ProgressFn | Non
     Idempotent: the same model already served under the same name/port returns that engine
     (`already_running=True`). `result.preflight` says whether the model was cached. On failure the engine's whole
     process group is stopped, its record is kept as failed and `EngineFailed` carries the diagnosis.
-    `checked`: the result of `preflight` for this model when the caller already ran it (it is not run twice)."""
+    `checked`: the result of `preflight` for this model when the caller already ran it (it is not run twice).
+    `on_progress` raising an exception fails the start with that exception: the engine it spawned is stopped and
+    forgotten (KeyboardInterrupt only stops the waiting, as in the CLI)."""
     from sage_llm.engine import manager
 
+    _callback(on_progress)
     launch = request if isinstance(request, ResolvedLaunch) else resolve_launch(request)
     if launch.cluster:
         from sage_llm.core.errors import UsageError
@@ -276,7 +342,7 @@ def start(request: LaunchRequest | ResolvedLaunch, on_progress: ProgressFn | Non
 
         if foreground:
             raise UsageError("`run` serves in this terminal; engines on a Ray cluster are started with "
-                             "`sage llm start MODEL --cluster ADDRESS`", hint="unset SAGE_LLM_CLUSTER for `run`")
+                             "`sage-llm start MODEL --cluster ADDRESS`", hint="unset SAGE_LLM_CLUSTER for `run`")
 
         # the model is read on the node: this machine's cache says nothing about it
         return cluster.start(launch.spec, launch.cluster, node=launch.node, name=launch.name, wait=launch.wait,
@@ -325,35 +391,41 @@ def stop_grace(timeout: float | None = None) -> float:
     return value
 
 
-def stop(target: str, timeout: float | None = None, force: bool = False,
+def stop(target: str | int, timeout: float | None = None, force: bool = False,
          on_escalate: Callable[[str], None] | None = None, store: StateStore | None = None) -> StopOutcome:
-    """Stop one engine (NAME or PORT) and everything it spawned; its record goes once nothing of it is left.
+    """Stop one engine (NAME, or PORT as a str or an int) and everything it spawned; its record goes once nothing of
+    it is left.
 
     `timeout`: seconds between SIGTERM and SIGKILL (None: the stop_timeout setting). An engine this tool did not
     start is never signalled (UsageError)."""
     from sage_llm.core.state import StateStore
     from sage_llm.engine import manager
 
+    _callback(on_escalate, "on_escalate")
+    grace = stop_grace(_number(timeout, "timeout"))
     store = store or StateStore()
-    return manager.stop(resolve(target, store), timeout=stop_grace(timeout), force=force, store=store,
+    return manager.stop(resolve(target, store), timeout=grace, force=bool(force), store=store,
                         on_escalate=on_escalate)
 
 
-def resolve(target: str, store: StateStore | None = None) -> str:
+def resolve(target: str | int, store: StateStore | None = None) -> str:
     """The recorded engine NAME for a NAME or PORT (the one rule every command uses). Raises EngineNotFound, or
-    UsageError for a malformed name or a port held by an engine this tool did not start."""
+    UsageError for a malformed name, a wrong type or a port held by an engine this tool did not start."""
     from sage_llm.core.state import StateStore
     from sage_llm.engine import targets
 
-    return targets.resolve_one(target, store or StateStore())
+    return targets.resolve_one(_target(target), store or StateStore())
 
 
-def resolve_many(targets_: list[str], all_: bool = False, store: StateStore | None = None) -> list[str]:
+def resolve_many(targets_: list[str | int], all_: bool = False, store: StateStore | None = None) -> list[str]:
     """Engine names for several NAME|PORT arguments, or every recorded engine with `all_`."""
     from sage_llm.core.state import StateStore
     from sage_llm.engine import targets
 
-    return targets.resolve_targets(targets_, all_, store or StateStore())
+    if isinstance(targets_, (str, int)) or not isinstance(targets_, (list, tuple)):
+        raise _usage(f"targets must be a list of engine NAMEs or PORTs, not {type(targets_).__name__}",
+                     hint='e.g. api.resolve_many(["qwen", 8001])')
+    return targets.resolve_targets([_target(t) for t in targets_], all_, store or StateStore())
 
 
 # ------------------------------------------------------------------------------------------- restart, switch
@@ -367,6 +439,11 @@ def restart(name: str, overrides: LaunchOverrides | None = None, gpus: str | Non
     from sage_llm.engine import switch as switching
     from sage_llm.engine.vllm import check_model_name
 
+    name = _target(name, "name")
+    if overrides is not None:
+        _check_fields(overrides, LaunchOverrides)
+    _callback(on_progress)
+    timeout, stop_timeout = _number(timeout, "timeout"), _number(stop_timeout, "stop_timeout")
     check_model_name(overrides.model if overrides else None, "--model")
     start_timeout = _start_timeout(timeout)
     return switching.restart(name, (overrides or LaunchOverrides()).as_dict(), gpus=gpus, timeout=start_timeout,
@@ -383,6 +460,13 @@ def switch(name: str, model: str, rolling: bool = False, overrides: LaunchOverri
     from sage_llm.engine import switch as switching
     from sage_llm.engine.vllm import check_model_name
 
+    name = _target(name, "name")
+    if not isinstance(model, str):
+        raise _usage(f"model must be a str (a Hugging Face id or a path), not {type(model).__name__}")
+    if overrides is not None:
+        _check_fields(overrides, LaunchOverrides)
+    _callback(on_progress)
+    timeout, stop_timeout = _number(timeout, "timeout"), _number(stop_timeout, "stop_timeout")
     check_model_name(model)  # before the engine is even looked up: '' is bad input, whatever NAME is
     return switching.switch(name, model, rolling=rolling, overrides=(overrides or LaunchOverrides()).as_dict(),
                             gpus=gpus, timeout=_start_timeout(timeout), stop_timeout=stop_grace(stop_timeout),
@@ -398,12 +482,14 @@ def _start_timeout(timeout: float | None) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ inspecting
-def status(target: str | None = None, with_gpu: bool = True, store: StateStore | None = None) -> StatusDocument:
+def status(target: str | int | None = None, with_gpu: bool = True, store: StateStore | None = None
+           ) -> StatusDocument:
     """The `status --json` document: every engine (managed and external), the local engine for Studio, the GPUs.
 
     With `target` (NAME or PORT) `engines` holds that engine only (empty when unknown)."""
     from sage_llm.engine import status as status_doc
 
+    target = None if target is None else _target(target)
     doc, _views, _warnings = status_doc.build(target, store=store, with_gpu=with_gpu)
     return doc  # type: ignore[return-value]
 
@@ -430,4 +516,6 @@ def models(extra_dirs: list[str] | None = None) -> list[LocalModel]:
     """The models in the local Hugging Face cache (and `extra_dirs`), with size, revision and completeness."""
     from sage_llm.models import hf_cache
 
+    if extra_dirs is not None and (isinstance(extra_dirs, str) or not all(isinstance(d, str) for d in extra_dirs)):
+        raise _usage("extra_dirs must be a list of directory paths (str)", hint='e.g. api.models(["/data/models"])')
     return hf_cache.list_models(extra_dirs)

@@ -91,7 +91,7 @@ def test_busy_gpu_and_busy_port_are_warnings_with_fixes(cli, healthy: int, nv: F
     checks = by_name(json.loads(stdout))
     assert checks["gpu0"]["status"] == "warn"
     assert "less than the 0.9 share" in checks["gpu0"]["message"]
-    assert "sage llm config set gpu_util 0.07" in checks["gpu0"]["fix"]
+    assert "sage-llm config set gpu_util 0.07" in checks["gpu0"]["fix"]
     assert checks["port"]["status"] == "warn"
     assert f"port {healthy} is in use" in checks["port"]["message"]
     assert "local_engine_port" in checks["port"]["fix"]

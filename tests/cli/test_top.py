@@ -139,7 +139,7 @@ def test_frame_with_no_engines() -> None:
         screen = text_of(mon.tick())
     finally:
         mon.close()
-    assert "No engines. Start one: sage llm start MODEL" in screen
+    assert "No engines. Start one: sage-llm start MODEL" in screen
     assert "0 engine(s), 0 ready, 1 GPU(s)" in screen
 
 
@@ -167,7 +167,7 @@ def test_once_prints_a_frame_and_bad_options(cli) -> None:
     code, out, err = cli("top", "--once", "-n", "0.1")
     assert code == 0, err
     assert "A100-SXM4-40GB" in out
-    assert out.startswith("sage llm top ")  # (other vLLMs on this machine may show up as external engines)
+    assert out.startswith("sage-llm top ")  # (other vLLMs on this machine may show up as external engines)
     code, _out, err = cli("top")  # stdout is not a terminal here
     assert code == 2
     assert "`top` needs a terminal" in err
@@ -209,7 +209,7 @@ def test_live_loop_quits_and_restores_the_terminal(home, how: str) -> None:
     try:
         seen = _read_until(master, proc, b"q: quit", timeout=60)
         assert b"\x1b[?1049h" in seen  # the alternate screen
-        assert b"sage llm top" in seen
+        assert b"sage-llm top" in seen
         assert termios.tcgetattr(slave)[3] & termios.ICANON == 0  # keys one by one while it runs
         if how == "q":
             os.write(master, b"q")

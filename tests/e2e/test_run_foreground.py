@@ -115,8 +115,8 @@ def test_sigkilled_run_leaves_a_recorded_engine_that_status_flags_and_stop_clean
     time.sleep(0.5)
     eng = managed(sage("status", "--json").stdout)[0]
     assert eng["state"] == "ready"  # documented choice: the engine stays up, recorded
-    assert "sage llm run" in eng["error"]
-    assert "sage llm stop fg" in eng["error"]
+    assert "sage-llm run" in eng["error"]
+    assert "sage-llm stop fg" in eng["error"]
     human = sage("status")
     assert "fg: its `sage-llm run`" in human.stderr
     assert sage("stop", "fg").returncode == 0

@@ -29,6 +29,9 @@ class FakeOpenAI:
         self.fail_after: int | None = None  # drop the connection after this many pieces
         self.error_after: int | None = None  # send an error frame after this many pieces
         self.status: int | None = None  # answer every chat request with this status
+        self.gzip = False  # compress JSON answers for clients that accept gzip (as api.openai.com does)
+        self.headers: dict[str, str] = {}  # extra headers on every answer (e.g. Retry-After)
+        self.content_type = "application/json"  # of JSON answers (a hostile upstream may say text/html)
         self.max_model_len = 4096
         self.requests: list[dict[str, Any]] = []
         self.auth_seen: list[str | None] = []  # the Authorization header of every request, in order
@@ -85,7 +88,14 @@ def _handler(api: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
         def _json(self, code: int, obj: Any) -> None:
             body = json.dumps(obj).encode()
             self.send_response(code)
-            self.send_header("content-type", "application/json")
+            self.send_header("content-type", api.content_type)
+            if api.gzip and "gzip" in self.headers.get("accept-encoding", ""):
+                import gzip
+
+                body = gzip.compress(body)
+                self.send_header("content-encoding", "gzip")
+            for name, value in api.headers.items():
+                self.send_header(name, value)
             self.send_header("content-length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -20,6 +20,7 @@ Behaviour knobs (environment):
   FAKE_VLLM_MAX_MODEL_LEN=2048 the model's configured context
   FAKE_VLLM_KV_TOKENS=21824   tokens the KV cache holds: a longer context fails the start, or with
                               `--max-model-len auto` is reduced to it ("Auto-fit max_model_len: reduced from A to B")
+  FAKE_VLLM_REQUEST_LOG=path  append "METHOD PATH" (the request target as received) for every request
   FAKE_VLLM_SHM=2             map 2 psm_<random hex> files (like vLLM's message queues) in FAKE_VLLM_SHM_DIR
                               (/dev/shm), log their names, and leave them behind on exit (like a SIGKILLed vLLM)
 Also /v1/completions and /v1/embeddings (tiny answers), and, with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1
@@ -134,6 +135,9 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def log_message(self, fmt: str, *args) -> None:  # uvicorn-like access log on stderr
+        if os.environ.get("FAKE_VLLM_REQUEST_LOG"):
+            with open(os.environ["FAKE_VLLM_REQUEST_LOG"], "a") as fh:
+                fh.write(f"{self.command} {self.path}\n")
         sys.stderr.write(f'INFO:     127.0.0.1 - "{self.command} {self.path}" {args[1] if len(args) > 1 else ""}\n')
         sys.stderr.flush()
 

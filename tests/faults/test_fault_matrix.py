@@ -243,7 +243,7 @@ def test_engine_killed_by_someone_else_is_reported_then_cleaned(home, sig):
     e = next(e for e in status(home)["engines"] if e["name"] == "victim")
     if sig == signal.SIGTERM:
         assert e["state"] == "stopped"  # a clean shutdown by someone else
-        assert "not by `sage llm stop`" in e["error"]
+        assert "not by `sage-llm stop`" in e["error"]
     else:
         assert e["state"] == "failed"
         assert "left" in e["error"]

@@ -185,7 +185,7 @@ def test_metrics_count_requests_per_model_and_source(gateway) -> None:
     gw.chat("nobody/x")
     text = gw.client.get("/metrics").text
     assert f'sage_llm_gateway_requests_total{{model="{MODEL_A}",source="local",code="200"}} 2' in text
-    assert 'sage_llm_gateway_requests_total{model="nobody/x",source="none",code="404"} 1' in text
+    assert 'sage_llm_gateway_requests_total{model="other",source="none",code="404"} 1' in text
     assert f'sage_llm_gateway_engine_loads_total{{model="{MODEL_A}",result="ok"}} 1' in text
     assert f'sage_llm_gateway_request_duration_seconds_count{{model="{MODEL_A}",source="local"}} 2' in text
 

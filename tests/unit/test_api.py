@@ -107,3 +107,71 @@ def test_start_inspect_resolve_stop_in_process(fake_vllm, stop_all, home):
     assert not outcome.already_gone
     assert [e for e in api.status()["engines"] if e["managed"]] == []
     assert api.find_foreground_engine(12345) is None
+
+
+@pytest.mark.parametrize("request_", [
+    api.LaunchRequest(model="org/m", port="8001"),  # type: ignore[arg-type]
+    api.LaunchRequest(model="org/m", port=True),
+    api.LaunchRequest(model="org/m", extra_args="--seed 1"),  # type: ignore[arg-type]
+    api.LaunchRequest(model=["org/m"]),  # type: ignore[arg-type]
+    api.LaunchRequest(model="org/m", gpu_memory_utilization="0.5"),  # type: ignore[arg-type]
+    {"model": "org/m"},
+    "org/m",
+])
+def test_wrong_types_raise_usage_error_naming_the_field(request_, home):
+    with pytest.raises(UsageError) as ei:
+        api.start(request_)  # type: ignore[arg-type]
+    assert "must be" in ei.value.message or "expected a LaunchRequest" in ei.value.message
+    assert not (home / "engines").exists() or not any((home / "engines").iterdir())
+
+
+@pytest.mark.parametrize(("call", "words"), [
+    (lambda: api.stop(8001.0), "NAME or PORT"),  # type: ignore[arg-type]
+    (lambda: api.stop(None), "NAME or PORT"),  # type: ignore[arg-type]
+    (lambda: api.stop("x", timeout="5"), "number of seconds"),  # type: ignore[arg-type]
+    (lambda: api.resolve(["x"]), "NAME or PORT"),  # type: ignore[arg-type]
+    (lambda: api.resolve_many("x"), "list of engine"),  # type: ignore[arg-type]
+    (lambda: api.status(b"x"), "NAME or PORT"),  # type: ignore[arg-type]
+    (lambda: api.restart("x", overrides={"model": "y"}), "LaunchOverrides"),  # type: ignore[arg-type]
+    (lambda: api.switch("x", 5), "model must be a str"),  # type: ignore[arg-type]
+    (lambda: api.start(api.LaunchRequest(model="org/m"), on_progress="print"), "must be a function"),  # type: ignore
+    (lambda: api.models("/data"), "extra_dirs"),  # type: ignore[arg-type]
+    (lambda: api.preflight(None), "preflight"),  # type: ignore[arg-type]
+])
+def test_every_call_fails_with_typed_errors(call, words, home):
+    with pytest.raises(UsageError) as ei:
+        call()
+    assert words in ei.value.message
+
+
+def test_stop_takes_an_int_port_as_documented(fake_vllm, stop_all, home):
+    port = free_port()
+    api.start(api.LaunchRequest(model="org/tiny", name="byport", port=port))
+    assert api.resolve(port) == "byport"
+    assert [e["name"] for e in api.status(port)["engines"]] == ["byport"]
+    assert api.stop(port).stopped
+    with pytest.raises(EngineNotFound):
+        api.stop(port)
+
+
+def test_a_raising_on_progress_leaves_no_engine(fake_vllm, stop_all, home, monkeypatch):
+    import psutil
+
+    from sage_llm.core.state import StateStore
+
+    monkeypatch.setenv("FAKE_VLLM_LOAD_S", "3")  # loading long enough for the callback to be called
+    seen: list[int] = []
+
+    class Boom(Exception):
+        pass
+
+    def on_progress(p):
+        seen.append(p["record"].pid)
+        raise Boom("the caller's UI broke")
+
+    with pytest.raises(Boom):
+        api.start(api.LaunchRequest(model="org/tiny", name="cb", port=free_port()), on_progress=on_progress)
+    assert seen
+    assert StateStore().load("cb") is None  # not recorded
+    assert not psutil.pid_exists(seen[0]) or psutil.Process(seen[0]).status() == psutil.STATUS_ZOMBIE
+    assert [e for e in api.status()["engines"] if e["managed"]] == []

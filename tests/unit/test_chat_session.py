@@ -77,7 +77,7 @@ def test_auto_with_nothing_names_both_ways():
     with pytest.raises(chat.NoSource) as ei:
         chat.resolve("auto")
     assert ei.value.message == "no local engine is ready, and no cloud API is configured"
-    assert "sage llm start MODEL" in ei.value.hint
+    assert "sage-llm start MODEL" in ei.value.hint
     assert "SAGE_CHAT_API_KEY" in ei.value.hint
 
 
@@ -90,7 +90,7 @@ def test_local_with_nothing_ready_is_one_error():
     with pytest.raises(chat.NoLocalEngine) as ei:
         chat.resolve("local")
     assert ei.value.message == "no local engine is ready"
-    assert "sage llm start MODEL" in ei.value.hint
+    assert "sage-llm start MODEL" in ei.value.hint
 
 
 def test_unknown_engine_name_is_a_usage_error():

@@ -96,7 +96,7 @@ def test_generic_engine_failure_quotes_the_root_cause() -> None:
     assert d.cause in ("engine_error", "engine_core")
     # pydantic prints the reason on the line after "1 validation error for VllmConfig"
     assert "Unterminated string" in d.message
-    assert "sage llm logs tiny" in (d.hint or "")
+    assert "sage-llm logs tiny" in (d.hint or "")
 
 
 def test_sigterm_during_init_is_named() -> None:
@@ -211,7 +211,7 @@ def test_failed_to_infer_device_type() -> None:
     d = diagnose(lines, CTX)
     assert d is not None
     assert d.cause == "no_device"
-    assert "sage llm engine install --cpu" in (d.hint or "")
+    assert "sage-llm engine install --cpu" in (d.hint or "")
 
 
 def test_world_size_larger_than_gpus() -> None:

@@ -99,5 +99,5 @@ def test_force_refuses_while_an_engine_serves_it(tmp_path: Path, converter: str,
     assert code == 0, stderr
     with pytest.raises(models.ModelInUse) as exc:
         models.import_gguf(gguf(tmp_path, b"b" * 500), "me/model", python=converter, force=True)
-    assert "sage llm stop mine" in (exc.value.hint or "")
+    assert "sage-llm stop mine" in (exc.value.hint or "")
     assert {m.repo_id: m for m in hf_cache.scan()}["me/model"].size_on_disk > 3000

@@ -255,10 +255,12 @@ def test_no_sage_script_only_sage_llm_and_the_vllm_plugin() -> None:
 
 
 @pytest.mark.parametrize(("prog", "text", "expected"), [
-    ("sage-llm", "see `sage llm status` or sage llm stop x", "see `sage-llm status` or sage-llm stop x"),
-    ("sage vllm", "not started by sage llm", "not started by sage vllm"),
-    ("sage-llm", "my-sage llm and sage llmx stay", "my-sage llm and sage llmx stay"),
-    ("sage llm", "see `sage llm status`", "see `sage llm status`"),
+    ("sage vllm", "see `sage-llm status` or sage-llm stop x", "see `sage vllm status` or sage vllm stop x"),
+    ("python -m sage_llm", "see `sage-llm --help`", "see `python -m sage_llm --help`"),
+    ("sage vllm", "pip install sage-llm; sage-llm's key; `sage-llm ...` works; ~/.sage-llm/x; my-sage-llm x",
+     "pip install sage-llm; sage-llm's key; `sage-llm ...` works; ~/.sage-llm/x; my-sage-llm x"),
+    ("sage vllm", "not started by sage-llm", "not started by sage-llm"),
+    ("sage-llm", "see `sage-llm status`", "see `sage-llm status`"),
 ])
 def test_named_spells_the_command_as_typed(prog: str, text: str, expected: str) -> None:
     assert _output.named(text, prog) == expected

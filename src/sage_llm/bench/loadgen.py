@@ -1,4 +1,4 @@
-"""Load generator for `sage llm bench`: concurrent streaming chat requests against an OpenAI-compatible engine.
+"""Load generator for `sage-llm bench`: concurrent streaming chat requests against an OpenAI-compatible engine.
 
 Measures, per request, the time to first token (TTFT), the gaps between streamed tokens (inter-token latency), the
 total latency and the tokens in and out (from the server's `usage` when it sends it, else counted chunks); and for the

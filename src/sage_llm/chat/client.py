@@ -71,7 +71,7 @@ class Endpoint:
     api_key: str | None = None
     label: str = "server"
     key_hint: str | None = None  # how to fix a 401, e.g. "set SAGE_CHAT_API_KEY"
-    down_hint: str | None = None  # how to fix a refused connection, e.g. "sage llm start MODEL"
+    down_hint: str | None = None  # how to fix a refused connection, e.g. "sage-llm start MODEL"
     max_model_len: int | None = None
 
     def url(self, path: str) -> str:

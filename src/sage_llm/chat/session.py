@@ -87,23 +87,29 @@ def _local_port() -> int | None:
 
 
 def _local_target(view: Any, record: Any = None) -> Target:
+    from sage_llm.core import engine_keys
     from sage_llm.core.state import api_key_for
 
     rec = record if record is not None else getattr(view, "record", None)
     key = api_key_for(rec) if rec is not None else None
     key_hint = None
-    if rec is not None and rec.api_key_env:
+    if rec is not None and engine_keys.is_gateway_key(rec.api_key_env):
+        key_hint = ("the engine was started by a gateway: its key derives from the gateway secret in the state "
+                    "directory of the user who ran it (this user's is missing or unreadable): chat as that user, "
+                    "or through the gateway: SAGE_CHAT_BASE_URL=http://127.0.0.1:8901/v1 sage-llm chat --source "
+                    "cloud")
+    elif rec is not None and rec.api_key_env:
         key_hint = f"the engine was started with --api-key-env {rec.api_key_env}: set {rec.api_key_env} to its key"
         if key is None:
             key_hint = f"{rec.api_key_env} is not set in this shell; " + key_hint
     name = view.name or f"port {view.port}"
     return Target(source="local", base_url=view.base_url, model=view.served_model_name or view.model,
                   api_key=key, engine=name, max_model_len=view.max_model_len, key_hint=key_hint,
-                  down_hint=f"see `sage llm status {name}` and `sage llm logs {name}`" if view.managed
-                  else f"see `sage llm status {view.port}`")
+                  down_hint=f"see `sage-llm status {name}` and `sage-llm logs {name}`" if view.managed
+                  else f"see `sage-llm status {view.port}`")
 
 
-START_HINT = "start one with `sage llm start MODEL` (e.g. sage llm start Qwen/Qwen2.5-1.5B-Instruct)"
+START_HINT = "start one with `sage-llm start MODEL` (e.g. sage-llm start Qwen/Qwen2.5-1.5B-Instruct)"
 
 
 def _probe_view(host: str, port: int, record: Any = None) -> Any:
@@ -141,7 +147,7 @@ def resolve_local(target: str | None = None, store: Any = None) -> Target:
         if rec is None and not target.isdigit():
             known = ", ".join(r.name for r in records) or "none"
             raise UsageError(f"no engine named {target!r} (engines: {known})",
-                             hint="see `sage llm status`, or give a PORT")
+                             hint="see `sage-llm status`, or give a PORT")
         if rec is not None:
             view = _probe_view(reachable_host(rec.host), rec.port, rec)
         else:
@@ -149,7 +155,7 @@ def resolve_local(target: str | None = None, store: Any = None) -> Target:
         if view.state != "ready":
             what = view.error or ("nothing answers there" if view.state == "stopped" else view.state)
             raise NoLocalEngine(f"engine {view.name!r} on port {view.port} is not ready ({view.state}: {what})",
-                                hint=f"see `sage llm status {view.name if rec is not None else view.port}`"
+                                hint=f"see `sage-llm status {view.name if rec is not None else view.port}`"
                                 if rec is not None else START_HINT)
         return _local_target(view, rec)
     port = _local_port()
@@ -164,7 +170,7 @@ def resolve_local(target: str | None = None, store: Any = None) -> Target:
         starting = [v for v in views if v.state == "starting"]
         more = f" ({', '.join(str(v.name) for v in starting)} still starting)" if starting else ""
         raise NoLocalEngine(f"no local engine is ready{more}", hint=START_HINT if not starting else
-                            f"wait for it: `sage llm status {starting[0].name}`")
+                            f"wait for it: `sage-llm status {starting[0].name}`")
     return _local_target(ready[0])
 
 
@@ -197,7 +203,7 @@ def _check_key_destination(base: str, key_var: str) -> None:
         f"{ChatEnv.BASE_URL}={base} comes only from {base_src[1]}, and the API key from {key_where}: "
         "your key is not sent to a server that a .env file chose",
         hint=f"put that server's key in the same .env as {ChatEnv.API_KEY}, or, if you trust the URL, set "
-             f"{ChatEnv.BASE_URL} in the environment or with `sage llm config set chat_base_url {base}`")
+             f"{ChatEnv.BASE_URL} in the environment or with `sage-llm config set chat_base_url {base}`")
 
 
 def resolve_cloud(model: str | None = None) -> Target:

@@ -7,7 +7,7 @@ from sage_llm.core.config import debug_enabled
 from sage_llm.core.errors import SageLLMError
 
 
-def handle(exc: BaseException, prog: str = "sage llm") -> int:
+def handle(exc: BaseException, prog: str = "sage-llm") -> int:
     if isinstance(exc, SageLLMError):
         out.error(exc.message, exc.hint)
         tail = getattr(exc, "log_tail", None)

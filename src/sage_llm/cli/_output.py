@@ -13,12 +13,13 @@ from typing import Any
 
 _consoles: dict[str, Any] = {}
 
-# The library and the help texts spell our commands `sage llm ...`. What the user typed is `sage-llm` (our script),
+# The library and the help texts spell our commands `sage-llm ...` (our script's name). What the user typed may be
 # `sage vllm` (inside SAGE's `sage`) or `python -m sage_llm`: `named()` is the one place that rewrites the spelling,
 # for messages on stderr (error, warning, hint, info) and for help texts (`main.command`). Results on stdout (tables,
-# log lines, JSON documents) are data and are never rewritten.
-SPELLED = "sage llm"
-_SPELLED_RE = re.compile(r"(?<![\w-])sage llm(?![\w-])")
+# log lines, JSON documents) are data and are never rewritten. Only `sage-llm` followed by a subcommand is a command
+# line; `pip install sage-llm`, `sage-llm's`, "`sage-llm ...` works everywhere" name the package or the script.
+SPELLED = "sage-llm"
+_SPELLED_RE = re.compile(r"(?<![\w./-])sage-llm(?= [a-z-])")
 _prog = SPELLED
 
 
@@ -29,7 +30,7 @@ def set_prog(prog: str) -> None:
 
 
 def named(text: str, prog: str | None = None) -> str:
-    """`text` with `sage llm` (as a command, not inside another word) spelled as `prog` (default: the current one)."""
+    """`text` with `sage-llm SUBCOMMAND` spelled as `prog SUBCOMMAND` (default: the program the user typed)."""
     prog = _prog if prog is None else prog
     if prog == SPELLED or SPELLED not in text:
         return text

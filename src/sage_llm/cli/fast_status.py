@@ -24,7 +24,7 @@ def status_json(target: str | None) -> int:
         from sage_llm.api import not_ready
 
         if not views:
-            out.error(f"no engine named or on port {target!r}", "see `sage llm status`")
+            out.error(f"no engine named or on port {target!r}", "see `sage-llm status`")
         if not_ready(views):
             return 3
     return 0

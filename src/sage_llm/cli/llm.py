@@ -14,7 +14,7 @@ ENV_EPILOG = (
     "SAGE_LOCAL_ENGINE_PORT (8001), SAGE_LOCAL_ENGINE_DEFAULT_MODEL (Qwen/Qwen2.5-7B-Instruct), "
     "SAGE_LOCAL_ENGINE_GPU_UTIL (0.9), SAGE_LLM_DEBUG=1 (tracebacks). Settings: flag > environment > ./.env "
     "(SAGE_* keys) > config file (SAGE_LLM_CONFIG, default ~/.config/sage/llm.toml) > default; see "
-    "`sage llm config show`. " + EXIT_CODES_EPILOG
+    "`sage-llm config show`. " + EXIT_CODES_EPILOG
 )
 
 

@@ -196,7 +196,7 @@ def audited(command: str | Callable[[dict[str, Any]], str],
 
 
 def start_command(args: dict[str, Any]) -> str:
-    """`manager.start(..., foreground=True)` is `sage llm run`."""
+    """`manager.start(..., foreground=True)` is `sage-llm run`."""
     return "run" if args.get("foreground") else "start"
 
 

@@ -1,4 +1,4 @@
-"""`sage llm doctor`: check what breaks starts, each line ok / warn / fail with the fix.
+"""`sage-llm doctor`: check what breaks starts, each line ok / warn / fail with the fix.
 
 Checks: settings, engine environment and its vLLM version, NVML and driver, GPUs and their free memory, the default
 port, the Hugging Face cache (location, free disk), the state directory (owner, permissions), HF_HUB_OFFLINE, the
@@ -44,9 +44,9 @@ def check_settings() -> list[Check]:
         resolved, warnings = settings.resolve_all()
     except settings.ConfigError as exc:
         return [Check("settings", FAIL, exc.message, exc.hint)]
-    out = [Check("settings", FAIL, r.error, f"fix {r.where()}, or `sage llm config set {r.key} VALUE`")
+    out = [Check("settings", FAIL, r.error, f"fix {r.where()}, or `sage-llm config set {r.key} VALUE`")
            for r in resolved if r.error]
-    out += [Check("settings", WARN, w, "remove it, or fix its spelling (`sage llm config show` lists the names)")
+    out += [Check("settings", WARN, w, "remove it, or fix its spelling (`sage-llm config show` lists the names)")
             for w in warnings]
     return out or [Check("settings", OK, f"settings valid (config file: {settings.config_path()})")]
 
@@ -58,12 +58,12 @@ def check_engine(version_timeout: float = 120.0) -> list[Check]:
     try:
         cmd = envs.resolve_vllm()
     except SageLLMError as exc:
-        return [Check("engine", FAIL, exc.message, exc.hint or "run `sage llm engine install`")]
+        return [Check("engine", FAIL, exc.message, exc.hint or "run `sage-llm engine install`")]
     where = {"engine-env": f"engine environment {cmd.env_path}", "PATH": "`vllm` on PATH"}.get(cmd.source, cmd.source)
     version = envs.reported_version(cmd.prefix, timeout=version_timeout)
     if version is None:
         return [Check("engine", FAIL, f"vLLM from {where} does not run (`{' '.join(cmd.prefix)} --version` failed)",
-                      "repair it with `sage llm engine install`; `sage llm engine show` says what runs")]
+                      "repair it with `sage-llm engine install`; `sage-llm engine show` says what runs")]
     kind = f" ({cmd.kind})" if cmd.kind else ""
     return [Check("engine", OK, f"vLLM {version}{kind} from {where}")]
 
@@ -75,7 +75,7 @@ def check_gpus(gpu_util: float | None, engine_kind: str | None) -> list[Check]:
     if reason is not None:
         if engine_kind == "gpu":
             return [Check("nvml", FAIL, f"{reason}, but the engine environment is the GPU build",
-                          "install the NVIDIA driver (in containers: run with --gpus all), or `sage llm engine "
+                          "install the NVIDIA driver (in containers: run with --gpus all), or `sage-llm engine "
                           "install --cpu`")]
         return [Check("nvml", WARN, f"{reason}: only the CPU build of vLLM can run here",
                       "install the NVIDIA driver for GPU engines (in containers: --gpus all / the NVIDIA runtime)")]
@@ -100,8 +100,8 @@ def check_gpus(gpu_util: float | None, engine_kind: str | None) -> list[Check]:
             lower = max(0.05, round(free / total - 0.05, 2))
             out.append(Check(name, WARN, f"{text}; less than the {gpu_util:g} share vLLM asks for "
                                          f"({want / GiB:.1f} GiB)",
-                             f"stop what uses it (`sage llm status`, nvidia-smi), pick another GPU with --gpus, or "
-                             f"lower the share: sage llm config set gpu_util {lower}"))
+                             f"stop what uses it (`sage-llm status`, nvidia-smi), pick another GPU with --gpus, or "
+                             f"lower the share: sage-llm config set gpu_util {lower}"))
         else:
             out.append(Check(name, OK, text))
     return out
@@ -120,7 +120,7 @@ def check_port(port: int, host: str) -> list[Check]:
     who = f" by {pname} (pid {pid})" if pid else ""
     return [Check("port", WARN, f"port {port} is in use{who}; `start` without --port takes the next free one, and "
                                 "Studio looks for the local engine on this port",
-                  "free it, or choose another: sage llm config set local_engine_port PORT")]
+                  "free it, or choose another: sage-llm config set local_engine_port PORT")]
 
 
 def _existing_parent(path: Path) -> Path:
@@ -147,7 +147,7 @@ def check_hf_cache() -> list[Check]:
     text = (f"HF cache {cache}{'' if cache.exists() else ' (not created yet)'}: {models} model(s), "
             f"{free / GiB:.1f} GiB free")
     if free < CACHE_FAIL_FREE:
-        return [Check("hf_cache", FAIL, text, "free disk space (`sage llm models rm MODEL`), or move the cache with "
+        return [Check("hf_cache", FAIL, text, "free disk space (`sage-llm models rm MODEL`), or move the cache with "
                                               "HF_HOME")]
     if free < CACHE_WARN_FREE:
         return [Check("hf_cache", WARN, text + "; a 7B model needs about 15 GiB",
@@ -243,7 +243,7 @@ def check_sage(names_timeout: float = 60.0) -> list[Check]:
         return [Check("sage", WARN, f"{where} is installed, but which names it gives sage-llm's commands is unknown "
                                     f"({names}); `sage-llm ...` works everywhere",
                       "run `sage --help`: it lists `vllm` (always ours) and `llm` (ours where SAGE has none)")]
-    # (never the two words "sage llm" together here: the CLI respells those as the running program's name)
+    # ("`sage-llm ...`" is not followed by a subcommand: the CLI does not respell it as the running program's name)
     got = [n for n in names if n.got]
     said = "; ".join(f"`{n.name}` {'ours' if n.got else 'not ours'}: {n.why}" for n in names)
     if not got:

@@ -1,6 +1,6 @@
 """Errors raised by the core. No Typer or Rich here: the CLI maps these to one line on stderr and an exit code.
 
-Exit codes (documented in `sage llm --help`):
+Exit codes (documented in `sage-llm --help`):
   0  ok
   1  operational failure (engine failed, something survived a stop, I/O error)
   2  bad input (wrong value, unknown name, conflicting flags); nothing was changed

@@ -30,7 +30,7 @@ CONFIG_FILE_NAME = "llm.toml"
 
 @dataclass(frozen=True)
 class Spec:
-    key: str  # name in the config file and in `sage llm config set`
+    key: str  # name in the config file and in `sage-llm config set`
     env: str  # environment variable (also read from .env)
     kind: str  # port | fraction | seconds | text | url | host
     default: Any
@@ -177,7 +177,7 @@ def read_config(path: Path | None = None) -> dict[str, Any]:
                 return tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}",
-                              hint=f"fix or remove it (`sage llm config set` rewrites it); {CONFIG_ENV} names "
+                              hint=f"fix or remove it (`sage-llm config set` rewrites it); {CONFIG_ENV} names "
                                    "another file") from None
         except OSError as exc:
             raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
@@ -350,7 +350,7 @@ def write_config(data: dict[str, Any], path: Path | None = None) -> Path:
         if isinstance(v, (dict, list)) or not re.match(r"^[A-Za-z0-9_-]+$", k):
             raise ConfigError(f"config file {path} holds {k!r}, which `config set` cannot rewrite",
                               hint="edit the file by hand")
-    body = "# sage llm settings (`sage llm config show` explains them). Written by `sage llm config set`.\n"
+    body = "# sage-llm settings (`sage-llm config show` explains them). Written by `sage-llm config set`.\n"
     body += "".join(f"{k} = {_toml_scalar(v)}\n" for k, v in sorted(data.items()) if k not in tables)
     for k, v in sorted(tables.items()):
         body += _toml_table([k], v)

@@ -64,7 +64,7 @@ class EngineRecord:
     engine_env: str | None = None  # path of the engine environment used, if any
     api_key_env: str | None = None  # name of the variable holding the API key, never the key
     gpus: list[dict[str, Any]] = field(default_factory=list)
-    foreground: bool = False  # started by `sage llm run`
+    foreground: bool = False  # started by `sage-llm run`
     owner_pid: int | None = None  # the `sage` process that owns a foreground engine
     dtype: str | None = None  # the --dtype it was started with ("auto": vLLM chose); see engine/vllm.py choose_dtype
     dtype_source: str | None = None  # user | cpu-default | auto
@@ -108,8 +108,16 @@ def connect_host(host: str) -> str:
 
 
 def api_key_for(record: EngineRecord) -> str | None:
-    """The engine's API key, from the variable named at its start (the key itself is never recorded)."""
-    return os.environ.get(record.api_key_env) if record.api_key_env else None
+    """The engine's API key (the key itself is never recorded): for an engine a gateway started, derived from this
+    user's gateway secret as the gateway derives it (core/engine_keys.py); else from the variable named at its start.
+    None when neither is available here."""
+    from sage_llm.core import engine_keys
+
+    if not record.api_key_env:
+        return None
+    if engine_keys.is_gateway_key(record.api_key_env):
+        return engine_keys.key_for(record.api_key_env)
+    return os.environ.get(record.api_key_env)
 
 
 def utcnow_iso() -> str:

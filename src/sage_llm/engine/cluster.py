@@ -258,7 +258,7 @@ def start(spec: LaunchSpec, address: str, node: str | None = None, name: str | N
     with store.lock():
         if store.load(chosen) is not None:
             raise UsageError(f"engine {chosen!r} is already recorded",
-                             hint=f"stop it first (`sage llm stop {chosen}`) or pick another --name")
+                             hint=f"stop it first (`sage-llm stop {chosen}`) or pick another --name")
         if _get_actor(ray, chosen) is not None:
             raise UsageError(f"the cluster already has an agent named {actor_name(chosen)!r} (another machine's "
                              "engine of that name)", hint="pick another --name")
@@ -310,7 +310,7 @@ def start(spec: LaunchSpec, address: str, node: str | None = None, name: str | N
     if where.get("launch_error"):
         _abandon(ray, agent, record, store)
         raise EngineFailed(f"engine {chosen!r} could not be started on {where['node_ip']}: {where['launch_error']}",
-                           hint="check the node's vLLM (`sage llm doctor` there)")
+                           hint="check the node's vLLM (`sage-llm doctor` there)")
     _record_launch(record, where, where["launched"], store)
     result = StartResult(record)
     if wait:
@@ -393,7 +393,7 @@ def _failed(ray: Any, agent: Any, record: EngineRecord, store: StateStore, what:
     with contextlib.suppress(Exception):
         ray.kill(agent)
     reason = f"engine {record.name!r} {what}" + (f": {diag.message}" if diag else "")
-    hint = diag.hint if diag and diag.hint else f"see `sage llm logs {record.name} -n 80`"
+    hint = diag.hint if diag and diag.hint else f"see `sage-llm logs {record.name} -n 80`"
     with store.lock():
         record.state, record.error = "failed", f"{reason} (hint: {hint})"
         store.save(record)
@@ -427,7 +427,7 @@ def stop(rec: EngineRecord, grace: float, force: bool, store: StateStore) -> Sto
     except UsageError as exc:
         if not force:
             raise SageLLMError(f"engine {rec.name!r}: {exc.message}; nothing was stopped",
-                               hint=f"`sage llm stop {rec.name} --force` forgets the record") from None
+                               hint=f"`sage-llm stop {rec.name} --force` forgets the record") from None
         with store.lock():
             store.remove(rec.name)
         return StopOutcome(rec.name, stopped=False, message=f"forgot {rec.name!r} ({exc.message}); its engine may "
@@ -522,7 +522,7 @@ def _view(ray: Any, v: EngineView, nodes: dict[str, dict[str, Any]], timeout: fl
     v.pid = info.get("pid")
     if node is not None and not node["alive"]:
         v.state, v.error = "failed", (f"node {info.get('node_ip')} ({info.get('node_id', '')[:8]}) is dead; "
-                                      f"`sage llm stop {rec.name}` removes the record")
+                                      f"`sage-llm stop {rec.name}` removes the record")
         return
     if rec.state == "failed":
         v.state, v.error = "failed", rec.error or "engine failed"
@@ -532,9 +532,9 @@ def _view(ray: Any, v: EngineView, nodes: dict[str, dict[str, Any]], timeout: fl
         v.state = "failed"
         alive = _orphan_alive(ray, cluster_agent, info, rec.id, timeout)
         v.error = (f"orphan: its agent is gone but the engine still runs on {info.get('node_ip')}; "
-                   f"`sage llm stop {rec.name}` stops it" if alive else
+                   f"`sage-llm stop {rec.name}` stops it" if alive else
                    f"its agent on {info.get('node_ip')} is gone and so is the engine; "
-                   f"`sage llm stop {rec.name}` removes the record")
+                   f"`sage-llm stop {rec.name}` removes the record")
         return
     if rec.state == "launching":
         ref = agent.where.remote()

@@ -1,6 +1,6 @@
 """The node side of cluster engines: a detached, named Ray actor that owns one engine's whole lifecycle on its node.
 
-`sage llm start MODEL --cluster ADDRESS` (engine/cluster.py) creates one `EngineAgent` per engine, named
+`sage-llm start MODEL --cluster ADDRESS` (engine/cluster.py) creates one `EngineAgent` per engine, named
 `sage-llm-engine:<name>` in the Ray namespace `sage-llm`, asking Ray for the engine's GPUs (`num_gpus` = tensor x
 pipeline parallel size) so Ray's scheduler does the placement and never places two engines on the same GPUs. The
 agent starts `vllm serve` in its own session with the same argv/environment builders as a local start

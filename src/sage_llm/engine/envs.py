@@ -86,7 +86,7 @@ def resolve_vllm(root: Path | None = None) -> VllmCommand:
         if shutil.which(exe) is None and not Path(exe).is_file():
             raise EngineEnvMissing(
                 f"{EnvVars.VLLM} names {exe!r}, which does not exist",
-                hint=f"fix {EnvVars.VLLM}, or unset it and run `sage llm engine install`",
+                hint=f"fix {EnvVars.VLLM}, or unset it and run `sage-llm engine install`",
             )
         return VllmCommand(prefix, EnvVars.VLLM, None)
     env = load_recorded(root)
@@ -95,7 +95,7 @@ def resolve_vllm(root: Path | None = None) -> VllmCommand:
         if not exe.exists():
             raise EngineEnvMissing(
                 f"the engine environment at {env.path} is missing or broken ({exe} not found)",
-                hint="run `sage llm engine install` to repair it",
+                hint="run `sage-llm engine install` to repair it",
             )
         return VllmCommand(list(env.vllm), "engine-env", env.kind, env.path)
     found = shutil.which("vllm")
@@ -103,7 +103,7 @@ def resolve_vllm(root: Path | None = None) -> VllmCommand:
         return VllmCommand([found], "PATH", None)
     raise EngineEnvMissing(
         "no vLLM found: no engine environment is installed and `vllm` is not on PATH",
-        hint="run `sage llm engine install` (or set SAGE_LLM_VLLM to a vllm command)",
+        hint="run `sage-llm engine install` (or set SAGE_LLM_VLLM to a vllm command)",
     )
 
 
@@ -144,7 +144,7 @@ def _write_vllm_dist_shim(site: Path) -> None:
     shim.mkdir(exist_ok=True)
     (shim / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {CPU_VLLM_VERSION}\n")
     (shim / "INSTALLER").write_text("sage-llm\n")
-    (shim / "SAGE_LLM_SHIM").write_text("written by `sage llm engine install --cpu`\n")
+    (shim / "SAGE_LLM_SHIM").write_text("written by `sage-llm engine install --cpu`\n")
     (shim / "RECORD").write_text("")
 
 
@@ -268,7 +268,7 @@ def install(
     if version is None:
         raise SageLLMError(
             f"vLLM in {venv} does not run (`vllm --version` failed)",
-            hint=f"delete {venv} and run `sage llm engine install` again",
+            hint=f"delete {venv} and run `sage-llm engine install` again",
         )
     previous = load_recorded(root)
     merged_extras = sorted(set((previous.extras or []) if previous and previous.path == str(venv) else []) |

@@ -68,7 +68,7 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
             view.state = "failed"
             pids = ", ".join(f"{p['name']} {p['pid']}" for p in view.processes)
             view.error = (f"API server (pid {rec.pid}) is gone but {len(tree.members)} engine process(es) are left "
-                          f"({pids}); run `sage llm stop {rec.name}` to clean them up")
+                          f"({pids}); run `sage-llm stop {rec.name}` to clean them up")
         else:
             _explain_dead(view, rec, table)
     external: list[EngineView] = []
@@ -116,14 +116,14 @@ def _view_dtype(rec: EngineRecord) -> str | None:
     return (engine_dtype(rec.log_file) if rec.log_file else None) or asked
 
 def _note_owner(view: EngineView, rec: EngineRecord) -> None:
-    """An engine of `sage llm run` whose `run` process is gone (SIGKILLed): still recorded, say how to stop it."""
+    """An engine of `sage-llm run` whose `run` process is gone (SIGKILLed): still recorded, say how to stop it."""
     if not rec.foreground or not rec.owner_pid or view.error:
         return
     try:
         os.kill(rec.owner_pid, 0)
     except ProcessLookupError:
-        view.error = (f"its `sage llm run` (pid {rec.owner_pid}) is gone; the engine still runs: "
-                      f"`sage llm stop {rec.name}` stops it")
+        view.error = (f"its `sage-llm run` (pid {rec.owner_pid}) is gone; the engine still runs: "
+                      f"`sage-llm stop {rec.name}` stops it")
     except PermissionError:
         pass
 
@@ -158,7 +158,7 @@ def _explain_dead(view: EngineView, rec: EngineRecord, table: dict[int, process.
     diag = diagnose(lines, {"port": rec.port, "model": rec.model, "name": rec.name})
     if diag is None and is_clean_shutdown(lines):
         view.state = "stopped"
-        view.error = "engine shut down (not by `sage llm stop`)"
+        view.error = "engine shut down (not by `sage-llm stop`)"
     else:
         view.state = "failed"
         view.error = (f"engine exited unexpectedly: {diag.message} (hint: {diag.hint})" if diag and diag.hint

@@ -73,7 +73,7 @@ def _choose_port(store: StateStore, host: str, port: int, explicit: bool,
         if port in claimed:
             other = next(r for r, _ in live if r.port == port)
             raise PortInUse(f"port {port} is used by engine {other.name!r} ({other.model})",
-                            hint=f"stop it with `sage llm stop {other.name}` or choose another --port")
+                            hint=f"stop it with `sage-llm stop {other.name}` or choose another --port")
         if not process.port_is_free(host, port):
             pid, pname = process.port_owner(port)
             who = f" by {pname} (pid {pid})" if pid else ""
@@ -91,6 +91,15 @@ def _choose_port(store: StateStore, host: str, port: int, explicit: bool,
     raise PortInUse(f"no free port found from {port} upwards", hint="pass a free --port")
 
 
+def environ_with(engine_env: Mapping[str, str | None] | None) -> dict[str, str] | None:
+    """This process's environment changed by `engine_env` (None values remove), or None when there is nothing to
+    change."""
+    if not engine_env:
+        return None
+    merged = {**os.environ, **engine_env}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
 @audit.audited(audit.start_command)
 def start(
     spec: LaunchSpec,
@@ -103,7 +112,7 @@ def start(
     foreground: bool = False,
     gpus: str | None = None,
     skip_checks: bool = False,
-    engine_env: Mapping[str, str] | None = None,
+    engine_env: Mapping[str, str | None] | None = None,
 ) -> StartResult:
     """Validate, spawn `vllm serve` detached, record it, and (with `wait`) wait until it serves the model.
 
@@ -111,14 +120,15 @@ def start(
     checked against --gpu-memory-utilization before spawning, unless `skip_checks` (engine/placement.py).
 
     `engine_env`: variables only the engine's environment gets, never this process's (a program such as the gateway
-    holds an engine's API key in memory and names it in `spec.api_key_env`: it reaches vLLM as VLLM_API_KEY only)."""
+    holds an engine's API key in memory and names it in `spec.api_key_env`: it reaches vLLM as VLLM_API_KEY only).
+    A None value removes a variable the engine would otherwise inherit from this process."""
     import secrets
 
     from sage_llm.engine import envs, placement
     from sage_llm.engine.vllm import build_argv, build_env, validate
 
     store = store or StateStore()
-    environ = {**os.environ, **engine_env} if engine_env else None
+    environ = environ_with(engine_env)
     validate(spec, environ)
     if name is not None:
         validate_name(name)
@@ -139,7 +149,7 @@ def start(
         for rec, _tree in live:
             if rec.state == "stopping" and (rec.name == name or (port_explicit and rec.port == spec.port)):
                 raise SageLLMError(f"engine {rec.name!r} is being stopped right now",
-                                   hint="run the start again once `sage llm stop` has finished")
+                                   hint="run the start again once `sage-llm stop` has finished")
             same_model = rec.model == spec.model and rec.served_model_name == served
             if not same_model or rec.state == "stopping":
                 continue
@@ -157,7 +167,7 @@ def start(
                 other = live_names[chosen]
                 raise UsageError(
                     f"engine {chosen!r} already runs {other.model} on port {other.port}",
-                    hint=f"stop it first (`sage llm stop {chosen}`) or pick another --name",
+                    hint=f"stop it first (`sage-llm stop {chosen}`) or pick another --name",
                 )
             base, n = chosen, 2
             while chosen in live_names or isinstance(store.load(chosen), CorruptRecord):
@@ -168,7 +178,7 @@ def start(
                 raise existing.newer_error()
             if name is not None:
                 raise UsageError(f"engine record {existing.path} is corrupt ({existing.error})",
-                                 hint=f"inspect it, then remove it with `sage llm stop {chosen} --force`")
+                                 hint=f"inspect it, then remove it with `sage-llm stop {chosen} --force`")
             base, n = chosen, 2
             while isinstance(store.load(chosen), CorruptRecord) or chosen in live_names:
                 chosen = f"{base}-{n}"
@@ -206,7 +216,7 @@ def start(
             record.state = "failed"
             record.error = f"cannot run {argv[0]}: {exc.strerror}"
             store.save(record)
-            raise EngineFailed(record.error, hint="run `sage llm engine install` to repair the engine") from exc
+            raise EngineFailed(record.error, hint="run `sage-llm engine install` to repair the engine") from exc
         record.pid = spawned.pid
         record.create_time = spawned.create_time
         record.start_ticks, record.boot_id = spawned.ticks, spawned.boot_id
@@ -350,9 +360,16 @@ def wait_ready(
         assert on_progress is not None
         assert loader is not None
         snap = loader.poll()
-        on_progress({"elapsed_s": time.time() - t0, "log_line": snap.last_line, "record": record,
-                     "stage": snap.stage, "progress": snap.progress, "detail": snap.detail,
-                     "stage_elapsed_s": snap.stage_elapsed(), "snapshot": snap})
+        try:
+            on_progress({"elapsed_s": time.time() - t0, "log_line": snap.last_line, "record": record,
+                         "stage": snap.stage, "progress": snap.progress, "detail": snap.detail,
+                         "stage_elapsed_s": snap.stage_elapsed(), "snapshot": snap})
+        except Exception:
+            # the caller's callback failed: the start fails with its exception, and leaves nothing behind (an engine
+            # that was already running is not ours to stop). Ctrl-C (KeyboardInterrupt) only stops the waiting.
+            if kill_on_fail:
+                _abandon(record, store)
+            raise
 
     while True:
         now = time.monotonic()
@@ -373,6 +390,14 @@ def wait_ready(
             last_emit = now
             emit()
         time.sleep(poll)
+
+
+def _abandon(record: EngineRecord, store: StateStore) -> None:
+    """Stop an engine this start spawned (its whole tree) and forget its record: the start did not happen."""
+    stopped = process.stop_tree(record.pid, process.birth_of(record), record.id, timeout=5.0)
+    if not stopped.survivors:
+        _leftovers(record, owned=stopped.shm_seen)
+        store.forget(record.name, record.id)
 
 
 def _diag_context(record: EngineRecord, store: StateStore) -> dict[str, Any]:
@@ -401,7 +426,7 @@ def _fail(record: EngineRecord, store: StateStore, what: str, kill: bool = True)
         if not stopped.survivors:
             _leftovers(record, owned=stopped.shm_seen)
     reason = f"engine {record.name!r} {what}" + (f": {diag.message}" if diag else "")
-    hint = diag.hint if diag and diag.hint else f"see `sage llm logs {record.name} -n 80`"
+    hint = diag.hint if diag and diag.hint else f"see `sage-llm logs {record.name} -n 80`"
     if kill:
         with store.lock():
             current = store.load(record.name)
@@ -457,7 +482,7 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
             return StopOutcome(name, stopped=True, already_gone=True,
                                message=f"removed corrupt record {rec.path} ({rec.error})")
         raise SageLLMError(f"engine record {rec.path} is corrupt ({rec.error}); nothing was signalled",
-                           hint=f"check no engine of it runs, then `sage llm stop {name} --force` removes the record")
+                           hint=f"check no engine of it runs, then `sage-llm stop {name} --force` removes the record")
     if rec.cluster:
         from sage_llm.engine import cluster
 
@@ -500,7 +525,7 @@ def _check_scaleout(spec: LaunchSpec, cmd: Any) -> None:
         return
     if not any(Path(cmd.env_path).glob("lib/python*/site-packages/ray/__init__.py")):
         raise UsageError(f"--ray-address needs Ray in the engine environment {cmd.env_path}, and it has none",
-                         hint="run `sage llm engine install --ray` (it adds a pinned Ray)")
+                         hint="run `sage-llm engine install --ray` (it adds a pinned Ray)")
 
 
 def _leftovers(rec: EngineRecord, pids: set[int] | None = None, owned: set[str] | None = None

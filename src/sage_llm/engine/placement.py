@@ -157,7 +157,7 @@ def plan(
         return Placement()
     if cpu_engine:
         raise UsageError(f"--gpus {gpus_arg} was given, but the vLLM that would run is a CPU build",
-                         hint="install a GPU engine (`sage llm engine install`) or leave --gpus out")
+                         hint="install a GPU engine (`sage-llm engine install`) or leave --gpus out")
     how = "--gpus"
     if gpus_arg:
         chosen = gpu.parse_gpus(gpus_arg, snap.gpus)

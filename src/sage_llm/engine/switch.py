@@ -63,7 +63,7 @@ def spec_from_record(rec: EngineRecord, overrides: dict[str, Any] | None = None)
     data.update({k: v for k, v in (rec.settings or {}).items() if k in LAUNCH_FIELDS})
     for key, value in (overrides or {}).items():
         if key not in LAUNCH_FIELDS:
-            raise UsageError(f"unknown launch option {key!r}", hint="see `sage llm restart --help`")
+            raise UsageError(f"unknown launch option {key!r}", hint="see `sage-llm restart --help`")
         data[key] = value
     data["extra_args"] = list(data.get("extra_args") or [])
     return LaunchSpec(**data)
@@ -80,18 +80,18 @@ def _load(name: str, store: StateStore) -> EngineRecord:
     if rec is None:
         known = ", ".join(store.names()) or "none"
         raise EngineNotFound(f"no engine named {name!r} (engines: {known})",
-                             hint="see `sage llm status`; start one with `sage llm start MODEL`")
+                             hint="see `sage-llm status`; start one with `sage-llm start MODEL`")
     if isinstance(rec, CorruptRecord) and rec.newer:
         raise rec.newer_error()
     if isinstance(rec, CorruptRecord):
         raise UsageError(f"engine record {rec.path} is corrupt ({rec.error})",
-                         hint=f"remove it with `sage llm stop {name} --force`, then start again")
+                         hint=f"remove it with `sage-llm stop {name} --force`, then start again")
     if rec.cluster:
         raise UsageError(f"engine {name!r} runs on a node of the Ray cluster {rec.cluster.get('address')}; restart "
-                         "and switch work on local engines only", hint=f"`sage llm stop {name}`, then `sage llm start "
+                         "and switch work on local engines only", hint=f"`sage-llm stop {name}`, then `sage-llm start "
                          f"MODEL --cluster {rec.cluster.get('address')}` again")
     if rec.foreground:
-        raise UsageError(f"engine {name!r} runs in the foreground of `sage llm run` (pid {rec.owner_pid})",
+        raise UsageError(f"engine {name!r} runs in the foreground of `sage-llm run` (pid {rec.owner_pid})",
                          hint="stop it there (Ctrl-C) and run it again with the new options")
     return rec
 
@@ -219,9 +219,9 @@ def hand_over(name: str, temp: str, old: EngineRecord, store: StateStore, _step:
         if not (isinstance(current, EngineRecord) and current.id == old.id):
             raise SageLLMError(f"engine {name!r} changed while switching (stopped or restarted elsewhere); the new "
                                f"engine keeps running as {temp!r}",
-                               hint=f"see `sage llm status`; stop it with `sage llm stop {temp}` if unwanted")
+                               hint=f"see `sage-llm status`; stop it with `sage-llm stop {temp}` if unwanted")
         if not isinstance(new, EngineRecord):
-            raise SageLLMError(f"the new engine's record {temp!r} is gone", hint="see `sage llm status`")
+            raise SageLLMError(f"the new engine's record {temp!r} is gone", hint="see `sage-llm status`")
         old_rec = replace(current, name=retiring, log_file=_move_log(current.log_file, store.log_path(retiring)))
         store.save(old_rec)  # 1. the old engine has a second record, under its retiring name
         step(1)

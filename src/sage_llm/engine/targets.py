@@ -45,7 +45,7 @@ def resolve_targets(targets: list[str], all_: bool, store: StateStore) -> list[s
     names = store.names()
     if all_:
         if targets:
-            raise UsageError("give engine names or --all, not both", hint="e.g. `sage llm stop --all`")
+            raise UsageError("give engine names or --all, not both", hint="e.g. `sage-llm stop --all`")
         return names
     if not targets:
         if len(names) == 1:
@@ -53,7 +53,7 @@ def resolve_targets(targets: list[str], all_: bool, store: StateStore) -> list[s
         if not names:
             return []
         raise UsageError(f"{len(names)} engines are recorded; say which: {', '.join(names)}",
-                         hint="e.g. `sage llm stop NAME`, or `sage llm stop --all`")
+                         hint="e.g. `sage-llm stop NAME`, or `sage-llm stop --all`")
     out: list[str] = []
     for t in targets:
         out.append(resolve_one(t, store))
@@ -74,14 +74,14 @@ def resolve_one(target: str, store: StateStore) -> str:
         for v in views:
             if v.port == port:
                 raise UsageError(
-                    f"the engine on port {port} (pid {v.pid}) was not started by sage llm; not touching it",
+                    f"the engine on port {port} (pid {v.pid}) was not started by sage-llm; not touching it",
                     hint="stop it where it was started (Ctrl-C in its terminal)",
                 )
-        raise EngineNotFound(f"no engine on port {port}", hint="see `sage llm status`")
+        raise EngineNotFound(f"no engine on port {port}", hint="see `sage-llm status`")
     if not NAME_RE.match(target):
         raise UsageError(f"invalid engine name {target!r}", hint="engine names have no '/' or spaces; "
-                         "see `sage llm status -q`")
+                         "see `sage-llm status -q`")
     known = ", ".join(names) if names else "none"
-    raise EngineNotFound(f"no engine named {target!r} (engines: {known})", hint="see `sage llm status`")
+    raise EngineNotFound(f"no engine named {target!r} (engines: {known})", hint="see `sage-llm status`")
 
 

@@ -34,12 +34,26 @@ class EngineView:
     record: EngineRecord | None = None
     ray: dict[str, Any] | None = None  # engines on a Ray cluster: address, nodes, workers (engine/ray_cluster.py)
     cluster: dict[str, Any] | None = None  # whole engines placed on a Ray cluster (engine/cluster.py)
+    key_seen: bool | None = None  # its /v1/models answered 401 without a key (True) or 200 (False) when probed
+
+    def auth(self) -> tuple[str | None, str | None]:
+        """(auth, key_source): does the engine need an API key ("key"/"none"; None: unknown), and where sage-llm
+        finds it: "gateway" (derived from this user's gateway secret), "env" (the variable named at its start)."""
+        from sage_llm.core import engine_keys
+
+        var = self.record.api_key_env if self.record is not None else None
+        if var:
+            return "key", "gateway" if engine_keys.is_gateway_key(var) else "env"
+        if self.key_seen is not None:
+            return ("key" if self.key_seen else "none"), None
+        return ("none" if self.managed else None), None
 
     def to_json(self) -> dict[str, Any]:
         keys = ("name", "managed", "state", "model", "served_model_name", "host", "port", "base_url", "pid",
                 "started_at", "uptime_s", "log_file", "error", "stage", "progress", "gpu_memory_bytes", "gpus",
                 "max_model_len", "dtype", "processes")
         doc = {k: getattr(self, k) for k in keys}
+        doc["auth"], doc["key_source"] = self.auth()
         if self.ray is not None:
             doc["ray"] = self.ray
         if self.cluster is not None:
@@ -49,6 +63,8 @@ class EngineView:
 
 def apply_probe(view: EngineView, served: str | None, p: Any, recorded_state: str) -> None:
     """Set the view's state from a probe: ready only when /health is 200 and /v1/models lists the served name."""
+    if p.models_status in (200, 401):
+        view.key_seen = p.models_status == 401
     if p.health == 200 and (served is None or served in p.model_ids or p.models_status == 401):
         view.state = "ready"
         for m in p.models:

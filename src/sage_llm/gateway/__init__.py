@@ -1,4 +1,4 @@
-"""`sage llm gateway`: one long-lived OpenAI-compatible endpoint in front of the local vLLM engines.
+"""`sage-llm gateway`: one long-lived OpenAI-compatible endpoint in front of the local vLLM engines.
 
 Layout (only `engines.py` starts, stops or inspects engines; only `server.py` and `proxy` code import aiohttp):
   options.py   GatewayOptions and model profiles ([gateway] / [gateway.models."ORG/NAME"] in the config file)

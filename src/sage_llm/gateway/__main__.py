@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         opts = GatewayOptions.from_json(json.loads(argv[1]))
-        sys.stdout.write(f"sage llm gateway listening on http://{opts.host}:{opts.port}/v1 (pid "
+        sys.stdout.write(f"sage-llm gateway listening on http://{opts.host}:{opts.port}/v1 (pid "
                          f"{__import__('os').getpid()})\n")
         sys.stdout.flush()
         gw = server.serve(opts)

@@ -1,4 +1,4 @@
-"""`sage llm gateway start | stop | status`: the detached gateway and its record, `gateway.json` in the state
+"""`sage-llm gateway start | stop | status`: the detached gateway and its record, `gateway.json` in the state
 directory (0600, written atomically like engine records). Stdlib + our own modules only: `status --json` reads the
 record through `record_status()` and must not import the gateway's HTTP stack."""
 
@@ -89,7 +89,7 @@ def start(opts: Any, timeout: float = 30.0) -> dict[str, Any]:
         rec = load_record()
         if rec is not None and _alive(rec):
             raise UsageError(f"a gateway already runs (pid {rec['pid']}) on {rec.get('url')}",
-                             hint="`sage llm gateway stop` stops it")
+                             hint="`sage-llm gateway stop` stops it")
         if not process.port_is_free(opts.host, opts.port):
             pid, pname = process.port_owner(opts.port)
             who = f" by {pname} (pid {pid})" if pid else ""

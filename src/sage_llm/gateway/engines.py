@@ -13,8 +13,6 @@ recomputes the keys of the engines it adopts, and a web page cannot reach an eng
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import os
 import secrets
 import time
@@ -22,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sage_llm.core import engine_keys
 from sage_llm.core.errors import SageLLMError
 
-KEY_PREFIX = "SAGE_LLM_GW_KEY_"
-SECRET_FILE = "gateway.key"
+KEY_PREFIX = engine_keys.KEY_PREFIX
 
 
 class NotEnoughMemory(SageLLMError):
@@ -41,7 +39,7 @@ class Engine:
     served: str | None  # the name its /v1/models lists
     base_url: str  # http://127.0.0.1:PORT  (no /v1)
     state: str  # ready | starting | unhealthy | failed | stopped
-    managed: bool  # a sage llm record exists
+    managed: bool  # a sage-llm record exists
     owned: bool  # started by a gateway (has a gateway key)
     api_key: str | None = None
     port: int | None = None
@@ -60,29 +58,13 @@ class Engine:
 
 
 # ------------------------------------------------------------------------------------------------------ keys
-def _secret() -> bytes:
-    from sage_llm.core import paths
-
-    root = paths.home()
-    paths.ensure_home(root)
-    path = root / SECRET_FILE
-    with contextlib.suppress(FileNotFoundError):
-        data = path.read_bytes().strip()
-        if len(data) >= 32:
-            return data
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, secrets.token_hex(32).encode())
-    finally:
-        os.close(fd)
-    return path.read_bytes().strip()
-
-
 def key_for(var: str) -> str:
-    """The API key of the engine whose record names `var` (derived from the gateway's secret, so a restarted gateway
-    finds it again). It never enters this process's environment: `start` hands it to the engine alone."""
-    return hmac.new(_secret(), var.encode(), hashlib.sha256).hexdigest()
+    """The API key of the engine whose record names `var` (core/engine_keys.py: derived from the gateway's secret, so
+    a restarted gateway finds it again). It never enters this process's environment: `start` hands it to the engine
+    alone."""
+    key = engine_keys.key_for(var, create=True)
+    assert key is not None
+    return key
 
 
 _STARTED: set[str] = set()  # key variables of the engines this process started (loading ones included)
@@ -102,7 +84,7 @@ def started_here() -> list[str]:
 
 
 def is_owned(api_key_env: str | None) -> bool:
-    return bool(api_key_env and api_key_env.startswith(KEY_PREFIX))
+    return engine_keys.is_gateway_key(api_key_env)
 
 
 # ------------------------------------------------------------------------------------------------------ inspect
@@ -267,8 +249,10 @@ def start(profile: Any, engine_port: int, timeout: float, on_progress: Any = Non
     extra = list(profile.args) if profile.configured or profile.args else list(last.get("extra_args") or [])
     if sleep_mode and not cpu and "--enable-sleep-mode" not in extra:
         extra.append("--enable-sleep-mode")
+    from sage_llm.gateway import engine_env as inherited
+
     var = new_key_var()
-    engine_env = {var: key_for(var)}
+    engine_env = {**inherited.overrides(), var: key_for(var)}  # no gateway secrets, no vLLM switch that opens it up
     if sleep_mode and not cpu:
         engine_env[SLEEP_ENV] = "1"  # sleep routes exist only in dev mode; the engine stays on loopback
     request = api.LaunchRequest(

@@ -76,7 +76,7 @@ class GatewayOptions:
     stop_engines_on_exit: bool = True
     sleep: bool = False  # GPU only: put evicted engines to sleep (level 1) instead of stopping them
     upstreams: dict[str, str] = field(default_factory=dict)  # MODEL -> base URL (static routes)
-    external: bool = True  # also route to vLLM servers sage llm did not start (found like `status` finds them)
+    external: bool = True  # also route to vLLM servers sage-llm did not start (found like `status` finds them)
     allowed_origins: list[str] = field(default_factory=list)
     refresh_s: float = 2.0
     tick_s: float = 1.0

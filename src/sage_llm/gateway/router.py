@@ -5,7 +5,7 @@ All state lives in the event loop's thread; blocking library calls (engines.py) 
   stop), so a TTL unload cannot race a load (lesson 1). Concurrent requests for a loading model all await the same
   load future, and all get the same answer: the engine, or the same diagnosis `start` would print.
 * Only engines the gateway started (`owned`) are ever stopped, put to sleep or evicted; engines started with
-  `sage llm start` or outside sage llm are routed to and left alone.
+  `sage-llm start` or outside sage-llm are routed to and left alone.
 * An engine serving requests is never evicted or unloaded (`inflight`); the least recently used idle unpinned one is.
 * A load that fails marks the model failed: requests get that diagnosis at once (503) for `FAILURE_HOLD_S` instead
   of a restart loop. An engine that dies while serving is restarted by the next request, once; a second crash within
@@ -491,7 +491,7 @@ class Router:
             if engine is None:
                 return f"{slot.key} is not running"
             if not engine.managed:
-                raise GatewayError(409, f"engine {engine.name} was not started by sage llm; not touching it",
+                raise GatewayError(409, f"engine {engine.name} was not started by sage-llm; not touching it",
                                    code="not_managed")
             slot.state = "stopping"
             self.bus.publish("stopping", model=slot.key, engine=engine.name, reason=reason)
@@ -580,7 +580,7 @@ class Router:
         if len(slot.crashes) >= 2:
             slot.state, slot.error, slot.error_at = "failed", (
                 f"engine {engine.name} died {len(slot.crashes)} times in {int(CRASH_WINDOW_S / 60)} minutes; not "
-                f"restarting it automatically (see `sage llm logs {engine.name}`; POST /api/local-engine/start "
+                f"restarting it automatically (see `sage-llm logs {engine.name}`; POST /api/local-engine/start "
                 "retries)"), now
             slot.hold_until = now + CRASH_WINDOW_S
         else:

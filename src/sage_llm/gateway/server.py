@@ -16,24 +16,31 @@ import time
 from typing import Any
 
 import aiohttp
+import yarl
 from aiohttp import web
 
 from sage_llm import __version__
 from sage_llm.core.errors import SageLLMError
-from sage_llm.gateway import engines, security
+from sage_llm.gateway import bodies, engine_env, engines, security
 from sage_llm.gateway.events import EventBus, sse_frame
 from sage_llm.gateway.metrics import Metrics
-from sage_llm.gateway.options import GatewayOptions, Profile
+from sage_llm.gateway.options import VIRTUAL_MODELS, GatewayOptions, Profile
 from sage_llm.gateway.router import Backend, GatewayError, Router
 from sage_llm.gateway.webapi import WebAPI, is_page_asset
 
 KEEPALIVE_S = 4.0  # below vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s): no reuse of a connection the server closes
 ENGINE_PATHS = ("/tokenize", "/detokenize", "/pooling", "/classify", "/score", "/rerank")  # vLLM, outside /v1
+# upstream response headers that say what the relayed bytes mean (the body is relayed as is, still encoded)
+RELAYED_HEADERS = ("Content-Encoding", "Retry-After")
+# a proxied answer is the upstream's bytes served from the gateway's origin (where the panel keeps its key): whatever
+# type the upstream claims, a browser must not run it as a page of that origin
+RELAY_SAFETY = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                   retry_after: float | None = None, param: str | None = None) -> web.Response:
-    headers = {"Retry-After": str(int(retry_after))} if retry_after else None
+                   retry_after: float | None = None, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    headers = {**(headers or {}), **({"Retry-After": str(int(retry_after))} if retry_after else {})} or None
     return web.json_response({"error": {"message": message, "type": type_, "param": param, "code": code}},
                              status=status, headers=headers)
 
@@ -51,6 +58,7 @@ class Gateway:
         self.session: aiohttp.ClientSession | None = None
         self.started = time.time()
         self.api_key = opts.api_key()
+        engine_env.keep_from_engines(opts.api_key_env)
         self.stopped_engines: list[str] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self.web = WebAPI(self)
@@ -80,6 +88,7 @@ class Gateway:
         r.add_route("*", "/v1/{tail:.*}", self.proxy)
         for path in ENGINE_PATHS:
             r.add_post(path, self.proxy)
+        app.on_response_prepare.append(self._cors)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
         return app
@@ -100,8 +109,22 @@ class Gateway:
         if self.session is not None:
             await self.session.close()
 
+    async def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.headers.get("Origin")
+        if security.cors_allowed(origin, self.opts.allowed_origins) and origin is not None:
+            for name, value in security.cors_headers(origin).items():
+                response.headers.setdefault(name, value)
+
     @web.middleware
     async def _checks(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if security.is_preflight(request.method, request.headers):  # browsers send no key on a preflight
+            if self.opts.loopback and not security.host_ok(request.headers.get("Host"), self.opts.host):
+                return error_response(403, "Host is not this gateway (DNS rebinding protection)",
+                                      code="forbidden_host")
+            status, headers, why = security.preflight(request.headers, self.opts.allowed_origins)
+            if why is not None:
+                return error_response(status, why, code="forbidden_origin")
+            return web.Response(status=status, headers=headers)
         # the panel's static files hold no data: a browser must be able to load them before it has the key to send
         key = None if is_page_asset(request.method, request.path) else self.api_key
         refused = security.check(request.method, request.headers, self.opts.host, self.opts.port, key,
@@ -189,14 +212,10 @@ class Gateway:
         return web.json_response({"object": "list", "models": out})
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
-        raw = await request.read()
         try:
-            body = json.loads(raw) if raw.strip() else {}
-        except ValueError as exc:
-            raise GatewayError(400, f"malformed JSON body: {exc}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise GatewayError(400, "the JSON body must be an object", code="invalid_json")
-        return body
+            return await bodies.read_object(await request.read())
+        except bodies.BodyRefused as exc:
+            raise GatewayError(400, str(exc), code="invalid_json") from None
 
     async def local_start(self, request: web.Request) -> web.Response:
         """LocalEngineStartRequest {model, port, gpu_memory_utilization, quantization}; ?wait=1 waits until ready."""
@@ -299,49 +318,67 @@ class Gateway:
     # ------------------------------------------------------------------------------------------------- proxy
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         t0 = time.monotonic()
-        path = request.path
-        if "/../" in path or path.endswith("/..") or "/./" in path:
-            return error_response(400, f"path {path!r} is not allowed", code="invalid_path")
+        if request.method not in security.PROXY_METHODS:  # only POST loads; nothing else reaches an engine
+            return error_response(405, f"method {request.method} not allowed on {request.path} (GET or POST)",
+                                  code="method_not_allowed", headers={"Allow": ", ".join(security.PROXY_METHODS)})
+        path = request.path  # an ENGINE_PATHS route, matched exactly
+        if request.match_info.get("tail") is not None:
+            try:
+                path = security.proxy_path(request.raw_path)
+            except security.PathRefused as exc:
+                return error_response(400, str(exc), code="invalid_path")
         raw = b""
         body: dict[str, Any] | None = None
-        if request.method in ("POST", "PUT", "PATCH"):
-            raw = await request.read()
-            try:
-                parsed = json.loads(raw) if raw.strip() else {}
-            except ValueError as exc:
-                return error_response(400, f"malformed JSON body: {exc}", code="invalid_json")
-            if not isinstance(parsed, dict):
-                return error_response(400, "the JSON body must be an object", code="invalid_json")
-            body = parsed
-            model = body.get("model")
-        else:
-            model = request.query.get("model")
-            if not model:
-                return error_response(400, f"GET {path} needs ?model=NAME (the engine to ask)", param="model",
-                                      code="invalid_value")
-        if model is not None and not isinstance(model, str):
-            return error_response(400, "`model` must be a string", param="model", code="invalid_value")
-        label = model or "auto"
         try:
-            backend = await self.router.route(model, load=request.method != "GET")
+            if request.method == "POST":
+                raw = await request.read()
+                body = await bodies.read_object(raw)
+        except bodies.BodyRefused as exc:
+            return error_response(400, str(exc), code="invalid_json")
+        try:
+            model = bodies.model_name(body.get("model") if body is not None else request.query.get("model"))
+        except bodies.BodyRefused as exc:
+            return error_response(400, str(exc), param="model", code="invalid_value")
+        if body is None and not model:
+            return error_response(400, f"GET {request.path} needs ?model=NAME (the engine to ask)", param="model",
+                                  code="invalid_value")
+        label = self._metric_label(model)
+        try:
+            backend = await self.router.route(model, load=request.method == "POST")
         except GatewayError as exc:
             self.metrics.request(label, "none", exc.status, time.monotonic() - t0)
             return from_gateway_error(exc)
         if backend.model is not None and body is not None:
             body["model"] = backend.model
-            raw = json.dumps(body).encode()
+            try:
+                raw = await bodies.serialise(body, len(raw))
+            except bodies.BodyRefused as exc:
+                return error_response(400, str(exc), code="invalid_json")
         if path.startswith("/v1/"):
-            url = backend.v1_base + path[3:]
+            url = yarl.URL(backend.v1_base + path[3:], encoded=True)  # exactly the bytes proxy_path checked
         elif backend.root is not None:
-            url = backend.root + path
+            url = yarl.URL(backend.root + path)
         else:
             return error_response(404, f"{path} is served by local engines only", code="not_found")
         return await self._relay(request, backend, url, raw, label, t0)
 
-    async def _relay(self, request: web.Request, backend: Backend, url: str, raw: bytes, label: str, t0: float
-                     ) -> web.StreamResponse:
+    def _metric_label(self, model: str | None) -> str:
+        """The `model` label of a request's metrics: a name this gateway knows, else "other" (a client must not
+        create a time series per name it sends)."""
+        if model is None:
+            return "auto"
+        if model in VIRTUAL_MODELS or model in self.opts.upstreams:
+            return model
+        slot = self.router.find(model)
+        return slot.key if slot is not None else "other"
+
+    async def _relay(self, request: web.Request, backend: Backend, url: yarl.URL, raw: bytes, label: str,
+                     t0: float) -> web.StreamResponse:
         assert self.session is not None
-        headers = {"Accept": request.headers.get("Accept", "*/*")}
+        # the body is relayed as the upstream encoded it: ask for what the client accepts (identity when it says
+        # nothing; aiohttp would ask for gzip), and pass Content-Encoding on
+        headers = {"Accept": request.headers.get("Accept", "*/*"),
+                   "Accept-Encoding": request.headers.get("Accept-Encoding", "identity")}
         if raw:
             headers["Content-Type"] = "application/json"
         if backend.api_key:
@@ -367,7 +404,11 @@ class Gateway:
                 resp.headers["Content-Type"] = ctype
                 resp.headers["x-sage-llm-source"] = backend.source
                 resp.headers["x-sage-llm-engine"] = backend.engine
-                streaming = ctype.startswith("text/event-stream")
+                for name in RELAYED_HEADERS:
+                    if name in up.headers:
+                        resp.headers[name] = up.headers[name]
+                resp.headers.update(RELAY_SAFETY)
+                streaming = ctype.lower().startswith("text/event-stream")
                 if streaming:
                     resp.headers["Cache-Control"] = "no-cache"
                     resp.headers["X-Accel-Buffering"] = "no"
@@ -419,7 +460,7 @@ async def _serve(opts: GatewayOptions, ready: Any = None) -> Gateway:
     except OSError as exc:
         await runner.cleanup()
         raise SageLLMError(f"cannot listen on {opts.host}:{opts.port}: {exc.strerror}",
-                           hint="is another gateway running (`sage llm gateway status`)? or pass --port") from None
+                           hint="is another gateway running (`sage-llm gateway status`)? or pass --port") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     gw.loop, gw.stop_event = loop, stop  # type: ignore[attr-defined]

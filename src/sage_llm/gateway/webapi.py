@@ -1,5 +1,5 @@
 """The gateway's web panel (GET / and /static/...) and the management routes it uses beyond the seed's API:
-monitoring (`sage llm top`'s data), engine log tails (`sage llm logs -f`), and model management (`sage llm models`).
+monitoring (`sage-llm top`'s data), engine log tails (`sage-llm logs -f`), and model management (`sage-llm models`).
 
 Every route here reuses the library function the CLI uses (monitor.Monitor, logs.tail/follow/resolve,
 models.local_models/recommend/pull/plan_remove/remove); nothing is recomputed. The page is a plain client of these
@@ -164,7 +164,7 @@ class WebAPI:
 
     # ------------------------------------------------------------------------------------------------- monitor
     async def monitor(self, request: web.Request) -> web.Response:
-        """What `sage llm top` shows: one monitor.Frame (GPUs, engines, rates, last minutes of history)."""
+        """What `sage-llm top` shows: one monitor.Frame (GPUs, engines, rates, last minutes of history)."""
         async with self._monitor_lock:
             if self._frame is None or time.monotonic() - self._frame_at >= MONITOR_MIN_S:
                 if self._monitor is None:
@@ -179,7 +179,7 @@ class WebAPI:
     # ------------------------------------------------------------------------------------------------- logs
     async def logs(self, request: web.Request) -> web.StreamResponse:
         """The engine's log tail (`?n=`, default 200); `?follow=1`: Server-Sent Events, `line` per log line, `notice`
-        (rotation, truncation) and `end` (the engine stopped or exited), like `sage llm logs -f`."""
+        (rotation, truncation) and `end` (the engine stopped or exited), like `sage-llm logs -f`."""
         from sage_llm.observe import logs
 
         name = request.match_info["name"]
@@ -260,7 +260,7 @@ class WebAPI:
 
     # ------------------------------------------------------------------------------------------------- models
     async def models(self, request: web.Request) -> web.Response:
-        """`sage llm models` (cached models with their size and the engines serving them) and `models recommend`
+        """`sage-llm models` (cached models with their size and the engines serving them) and `models recommend`
         (the curated list with the GPU fit), plus the downloads in progress."""
         from sage_llm.models import catalog as models
 

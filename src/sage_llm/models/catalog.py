@@ -1,4 +1,4 @@
-"""Use cases behind `sage llm models`: list, pull, remove, import GGUF, recommend. No printing, no Typer, no Rich.
+"""Use cases behind `sage-llm models`: list, pull, remove, import GGUF, recommend. No printing, no Typer, no Rich.
 
 huggingface_hub is imported inside the functions that need it (pull, remove, sizes from the hub), never at import.
 """
@@ -110,13 +110,13 @@ def plan_remove(repo_id: str, store: Any = None) -> RemovePlan:
     entries = find_local(repo_id, store)
     if not entries:
         raise ModelNotFound(f"{repo_id} is not in the local cache ({hf_cache.hub_cache_dir()})",
-                            hint="see `sage llm models` for what is there")
+                            hint="see `sage-llm models` for what is there")
     users = [u for m in entries for u in m.served_by]
     if users:
         names = ", ".join(f"{u['name']} (port {u['port']})" for u in users)
         first = users[0]["name"]
         raise ModelInUse(f"{repo_id} is served by engine {names}; nothing was removed",
-                         hint=f"stop it first: sage llm stop {first}")
+                         hint=f"stop it first: sage-llm stop {first}")
     return RemovePlan(repo_id, entries, sum(m.size_on_disk + m.incomplete_bytes for m in entries))
 
 
@@ -252,7 +252,7 @@ def _pull(repo_id: str, revision: str | None, include: list[str] | None, on_byte
     except LocalEntryNotFoundError as exc:
         if _offline():
             raise DownloadError(f"cannot download {repo_id}: HF_HUB_OFFLINE is set and it is not in the cache",
-                                hint="unset HF_HUB_OFFLINE, or copy the model in with `sage llm models import`") \
+                                hint="unset HF_HUB_OFFLINE, or copy the model in with `sage-llm models import`") \
                 from exc
         raise DownloadError(f"cannot reach the hub at {_endpoint()} to download {repo_id}",
                             hint="check the network (or HF_ENDPOINT); a re-run resumes the download") from exc
@@ -326,7 +326,7 @@ def _engine_python(progress: Callable[[str], None], install_missing: bool) -> tu
     env = envs.load_recorded()
     if env is None or not Path(env.python).exists():
         raise SageLLMError("no engine environment is installed; the conversion runs with its torch and transformers",
-                           hint="run `sage llm engine install --gguf` first")
+                           hint="run `sage-llm engine install --gguf` first")
     missing = []
     for mod in GGUF_EXTRAS:
         ok = subprocess.run([env.python, "-c", f"import {mod}"], capture_output=True).returncode == 0
@@ -335,7 +335,7 @@ def _engine_python(progress: Callable[[str], None], install_missing: bool) -> tu
     if missing:
         if not install_missing:
             raise SageLLMError(f"the engine environment lacks {', '.join(missing)}",
-                               hint="run `sage llm engine install --gguf`")
+                               hint="run `sage-llm engine install --gguf`")
         progress(f"installing {' and '.join(missing)} into the engine environment {env.path}")
         envs.install(env.kind, Path(env.path), extras=missing, progress=progress)
     return env.python, missing
@@ -368,12 +368,12 @@ def _import_gguf(gguf: str | Path, repo_id: str, cache_dir: str | Path | None, p
     if target.exists():
         if not force:
             raise UsageError(f"{repo_id} already exists in {cache}",
-                             hint=f"remove it with `sage llm models rm {repo_id}`, pick another --as, or add --force")
+                             hint=f"remove it with `sage-llm models rm {repo_id}`, pick another --as, or add --force")
         users = [u for m in local_models()[0] if os.path.realpath(m.repo_path) == os.path.realpath(target)
                  for u in m.served_by]
         if users:
             raise ModelInUse(f"{repo_id} is served by engine {users[0]['name']}; it cannot be replaced now",
-                             hint=f"stop it first: sage llm stop {users[0]['name']}")
+                             hint=f"stop it first: sage-llm stop {users[0]['name']}")
     installed: list[str] = []
     if python is None:
         python, installed = _engine_python(progress, install_missing)

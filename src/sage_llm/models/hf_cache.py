@@ -422,8 +422,8 @@ def preflight(model: str, download_dir: str | None = None, size_timeout: float =
         raise UsageError(
             f"{model} is not in the local cache ({where}) and HF_HUB_OFFLINE is set, so vLLM cannot download it; "
             "nothing was started",
-            hint=f"unset HF_HUB_OFFLINE to download it, or get it first: sage llm models pull {model} "
-                 "(or `sage llm models import FILE.gguf --as ORG/NAME`)",
+            hint=f"unset HF_HUB_OFFLINE to download it, or get it first: sage-llm models pull {model} "
+                 "(or `sage-llm models import FILE.gguf --as ORG/NAME`)",
         )
     pre.size_bytes, pre.size_error = download_size(model, timeout=size_timeout)
     return pre

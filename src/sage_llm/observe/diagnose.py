@@ -115,7 +115,7 @@ def diagnose(lines: list[str], context: dict[str, Any] | None = None) -> Diagnos
     model = ctx.get("model") or "the model"
     others = [o for o in ctx.get("other_engines") or [] if o]
     others_txt = f"; other engines running: {', '.join(others)}" if others else ""
-    logs_cmd = f"sage llm logs {ctx.get('name') or 'NAME'} -n 80"
+    logs_cmd = f"sage-llm logs {ctx.get('name') or 'NAME'} -n 80"
 
     ev = _has(lines, "Address already in use")
     if ev:
@@ -144,7 +144,7 @@ def diagnose(lines: list[str], context: dict[str, Any] | None = None) -> Diagnos
         return Diagnosis("no_device", "vLLM found no usable device (\"Failed to infer device type\"): no GPU driver "
                          "visible and this is not a CPU build of vLLM",
                          "check `nvidia-smi` (driver, CUDA_VISIBLE_DEVICES), or on a machine without a GPU run "
-                         "`sage llm engine install --cpu`", ev)
+                         "`sage-llm engine install --cpu`", ev)
 
     m, ev = _find(lines, _FREE_GPU)
     if m:
@@ -154,7 +154,7 @@ def diagnose(lines: list[str], context: dict[str, Any] | None = None) -> Diagnos
                          f"only {free:.2f} of {total:.2f} GiB free on {dev}, less than --gpu-memory-utilization "
                          f"{asked:g} asks for ({asked_gib:.2f} GiB){others_txt}",
                          f"start again with --gpu-memory-utilization {suggest:.2f}, or stop another engine on that "
-                         "GPU (`sage llm status`)", ev)
+                         "GPU (`sage-llm status`)", ev)
 
     m, ev = _find(lines, _FREE_CPU)
     if m:
@@ -224,7 +224,7 @@ def diagnose(lines: list[str], context: dict[str, Any] | None = None) -> Diagnos
         return Diagnosis("model_not_found",
                          f"model {model} not found" + (" (no such local directory with a config.json)" if local
                                                        else " on the Hugging Face hub (or it is private)"),
-                         "check the spelling (`sage llm models` lists the local ones); for a private repo set "
+                         "check the spelling (`sage-llm models` lists the local ones); for a private repo set "
                          "HF_TOKEN or run `hf auth login`", ev)
 
     ev = _has(lines, "Name or service not known", "Temporary failure in name resolution", "We couldn't connect to",
@@ -245,7 +245,7 @@ def diagnose(lines: list[str], context: dict[str, Any] | None = None) -> Diagnos
     if ev:
         return Diagnosis("engine_timeout", "vLLM's engine core did not start in time (slow weight loading or download)",
                          "raise VLLM_ENGINE_READY_TIMEOUT_S (default 600), e.g. `VLLM_ENGINE_READY_TIMEOUT_S=1800 "
-                         "sage llm start ...`", ev)
+                         "sage-llm start ...`", ev)
 
     ev = _has(lines, "EngineCore: trigger received signal=SIGTERM", "KeyboardInterrupt: terminated")
     if ev and not _has(lines, "Application startup complete"):

@@ -264,7 +264,7 @@ def parse_gpus(spec: str, available: Iterable[GpuInfo]) -> list[GpuInfo]:
             match = [g for g in gpus_ if g.index == int(item)]
             if not match:
                 raise UsageError(f"no GPU {item} on this machine (GPUs: {have})",
-                                 hint="see `sage llm top` or nvidia-smi")
+                                 hint="see `sage-llm top` or nvidia-smi")
         else:
             low = item.lower()
             match = [g for g in gpus_ if g.uuid and g.uuid.lower() == low]

@@ -57,7 +57,7 @@ def last_line(path: str | Path) -> str | None:
 
 
 def run_lines(path: str | Path, max_bytes: int = 2 * 1024 * 1024) -> list[str]:
-    """The non-empty lines of the engine's latest run (after the last `sage llm start` header), at most the last
+    """The non-empty lines of the engine's latest run (after the last `===== sage llm start` header), at most the last
     `max_bytes` of it: what failure diagnosis reads, so a root cause far above the last 200 lines is still seen."""
     from sage_llm.observe.progress import find_run_start
 
@@ -346,10 +346,10 @@ def resolve(target: str | None, store: object | None = None) -> LogTarget:
             past = sorted(p.stem for p in st.logs.glob("*.log")) if st.logs.is_dir() else []
             raise EngineNotFound("no engines are recorded" + (f"; logs of earlier engines: {', '.join(past)}"
                                                               if past else ""),
-                                 hint="sage llm logs NAME" if past else "start one: sage llm start MODEL")
+                                 hint="sage-llm logs NAME" if past else "start one: sage-llm start MODEL")
         listing = ", ".join(f"{r.name} (port {r.port})" for r in records)
         raise UsageError(f"{len(records)} engines are running; say which: {listing}",
-                         hint=f"e.g. `sage llm logs {records[0].name}`")
+                         hint=f"e.g. `sage-llm logs {records[0].name}`")
     from sage_llm.core.state import NAME_RE
     from sage_llm.engine.targets import select
 
@@ -359,7 +359,7 @@ def resolve(target: str | None, store: object | None = None) -> LogTarget:
         return LogTarget(target, st.log_path(target), None)
     known = ", ".join(r.name for r in records) or "none"
     what = f"no engine on port {target}" if target.isdigit() else f"no engine or log named {target!r}"
-    raise EngineNotFound(f"{what} (engines: {known})", hint="see `sage llm status`")
+    raise EngineNotFound(f"{what} (engines: {known})", hint="see `sage-llm status`")
 
 
 def engine_ended(target: LogTarget, store: object | None = None) -> Callable[[], str | None]:

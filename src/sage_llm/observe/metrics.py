@@ -1,6 +1,6 @@
 """vLLM's Prometheus `/metrics`: a small text-format parser, per-scrape summaries, rates and histogram quantiles.
 
-Standard library only (it runs once a second in `sage llm top`). Metric names are vLLM 0.32/0.33's
+Standard library only (it runs once a second in `sage-llm top`). Metric names are vLLM 0.32/0.33's
 (docs: vllm/v1/metrics/loggers.py): gauges `vllm:num_requests_running`, `vllm:num_requests_waiting`,
 `vllm:kv_cache_usage_perc` (0-1; older releases called it `vllm:gpu_cache_usage_perc`), counters with a `_total`
 suffix (`vllm:prompt_tokens_total`, `vllm:generation_tokens_total`, `vllm:request_success_total`) and histograms as

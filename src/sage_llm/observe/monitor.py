@@ -1,4 +1,4 @@
-"""The data behind `sage llm top`: one `Frame` per tick (GPUs, engines, rates, history). No Rich, no Typer.
+"""The data behind `sage-llm top`: one `Frame` per tick (GPUs, engines, rates, history). No Rich, no Typer.
 
 Cost per tick is kept small because `top` runs for hours at 1 Hz: the engine list (a /proc pass plus /health and
 /v1/models probes, `manager.inspect`) is refreshed every `rediscover_s` seconds or when a scrape fails; each tick only

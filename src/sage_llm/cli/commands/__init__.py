@@ -1,1 +1,1 @@
-"""One module per `sage llm` command."""
+"""One module per `sage-llm` command."""

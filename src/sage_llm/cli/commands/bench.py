@@ -1,4 +1,4 @@
-"""`sage llm bench [NAME|PORT]`: many concurrent streaming chat requests; TTFT, inter-token latency, throughput."""
+"""`sage-llm bench [NAME|PORT]`: many concurrent streaming chat requests; TTFT, inter-token latency, throughput."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from sage_llm.cli import _complete
 from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt
 
-EPILOG = ("Examples: sage llm bench | sage llm bench qwen --concurrency 16 --requests 200 | "
-          "sage llm bench 8001 --prompt-tokens 512 --max-tokens 128 --json | "
-          "sage llm bench --url http://10.0.0.5:8000/v1 --model my-model. "
+EPILOG = ("Examples: sage-llm bench | sage-llm bench qwen --concurrency 16 --requests 200 | "
+          "sage-llm bench 8001 --prompt-tokens 512 --max-tokens 128 --json | "
+          "sage-llm bench --url http://10.0.0.5:8000/v1 --model my-model. "
           "Exit 1 when any request failed (they are counted and listed).")
 
 

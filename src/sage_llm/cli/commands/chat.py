@@ -1,4 +1,4 @@
-"""`sage llm chat`: stream a conversation with a local engine or a cloud OpenAI-compatible API.
+"""`sage-llm chat`: stream a conversation with a local engine or a cloud OpenAI-compatible API.
 
 Tokens go to stdout, everything else (source, stats, notices, errors) to stderr. In a terminal the reply renders as
 Markdown while it streams: finished blocks are printed once, only the block being written is redrawn, at most
@@ -20,9 +20,9 @@ from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt
 
 EPILOG = (
-    "Examples: sage llm chat | sage llm chat qwen -p 'Why is the sky blue?' > answer.txt | "
-    "git diff | sage llm chat -s 'Review this diff' | sage llm chat --source cloud --model gpt-4o-mini | "
-    "sage llm chat 8001 -p hi --json. "
+    "Examples: sage-llm chat | sage-llm chat qwen -p 'Why is the sky blue?' > answer.txt | "
+    "git diff | sage-llm chat -s 'Review this diff' | sage-llm chat --source cloud --model gpt-4o-mini | "
+    "sage-llm chat 8001 -p hi --json. "
     "Environment: SAGE_CHAT_BASE_URL, SAGE_CHAT_API_KEY, SAGE_CHAT_MODEL (cloud; falling back to OPENAI_BASE_URL, "
     "OPENAI_API_KEY), SAGE_LOCAL_ENGINE_PORT (preferred local engine). In the chat, /help lists the commands."
 )
@@ -434,7 +434,7 @@ def chat(
     stdin_tty = sys.stdin.isatty()
     if prompt is not None:
         if not prompt.strip():
-            raise UsageError("-p/--prompt is empty", hint="e.g. sage llm chat -p 'Hello'")
+            raise UsageError("-p/--prompt is empty", hint="e.g. sage-llm chat -p 'Hello'")
         text: str | None = prompt
     elif interactive or stdin_tty:
         text = None
@@ -444,7 +444,7 @@ def chat(
             raise UsageError("no prompt: stdin was empty", hint="pipe some text in, or pass -p TEXT")
     if json_ and text is None:
         raise UsageError("--json needs one prompt (-p TEXT or text on stdin), not an interactive chat",
-                         hint="e.g. sage llm chat -p 'Hello' --json")
+                         hint="e.g. sage-llm chat -p 'Hello' --json")
 
     target_ = core.resolve(source, target, model)
     out.info(target_.describe())

@@ -1,4 +1,4 @@
-"""`sage llm config show | path | set | unset`: the effective settings and where each comes from."""
+"""`sage-llm config show | path | set | unset`: the effective settings and where each comes from."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt
 
 EPILOG = ("Order: flag > environment variable > ./.env (SAGE_* keys only) > config file > built-in default. "
-          "Examples: sage llm config show | sage llm config show --json | "
-          "sage llm config set local_engine_port 8010 | sage llm config unset gpu_util | "
-          "$EDITOR \"$(sage llm config path)\"")
+          "Examples: sage-llm config show | sage-llm config show --json | "
+          "sage-llm config set local_engine_port 8010 | sage-llm config unset gpu_util | "
+          "$EDITOR \"$(sage-llm config path)\"")
 
 config_app = typer.Typer(help="Show and change settings (port, default model, GPU share, timeouts, chat source).",
                          no_args_is_help=True, rich_markup_mode=None, epilog=EPILOG,
                          context_settings={"help_option_names": ["-h", "--help"]})
 
 KeyArg = Annotated[str, typer.Argument(
-    metavar="KEY", help="Setting name (see `sage llm config show`), or its variable name.",
+    metavar="KEY", help="Setting name (see `sage-llm config show`), or its variable name.",
     autocompletion=_complete.setting_keys, show_default=False)]
 
 
@@ -72,7 +72,7 @@ def config_show(json_: JsonOpt = False) -> None:
         out.info(f".env: {dot}{'' if dot.is_file() else ' (none)'}")
     bad = [r for r in resolved if r.error]
     if bad:
-        out.hint(f"fix {bad[0].where()}, or `sage llm config set {bad[0].key} VALUE`")
+        out.hint(f"fix {bad[0].where()}, or `sage-llm config set {bad[0].key} VALUE`")
         raise typer.Exit(2)
 
 

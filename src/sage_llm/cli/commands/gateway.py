@@ -1,4 +1,4 @@
-"""`sage llm gateway run | start | stop | status`: one OpenAI-compatible endpoint for every local model."""
+"""`sage-llm gateway run | start | stop | status`: one OpenAI-compatible endpoint for every local model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import typer
 from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt
 
-EPILOG = ("Examples: sage llm gateway run | sage llm gateway start --ttl 10m --max-engines 2 | "
-          "curl localhost:8901/v1/models | sage llm gateway status --json | sage llm gateway stop. "
+EPILOG = ("Examples: sage-llm gateway run | sage-llm gateway start --ttl 10m --max-engines 2 | "
+          "curl localhost:8901/v1/models | sage-llm gateway status --json | sage-llm gateway stop. "
           "Default port 8901: where SAGE Studio looks (SAGE_LLM_PORT). Settings: flag > SAGE_LLM_GATEWAY_* > "
           "[gateway] in the config file; per-model profiles in [gateway.models.\"ORG/NAME\"] (docs/gateway.md).")
 
@@ -43,7 +43,7 @@ SleepOpt = Annotated[bool | None, typer.Option("--sleep/--no-sleep", help="GPU o
 KeepOpt = Annotated[bool, typer.Option("--keep-engines", help="On exit, leave the engines the gateway started "
                                        "running (a later gateway adopts them).")]
 ExternalOpt = Annotated[bool | None, typer.Option("--external/--no-external", help="Also route to vLLM servers not "
-                                                  "started by sage llm. Default: on.", show_default=False)]
+                                                  "started by sage-llm. Default: on.", show_default=False)]
 OriginOpt = Annotated[list[str] | None, typer.Option("--allow-origin", help="A web origin (e.g. "
                                                      "http://studio.example:8765) allowed to send requests; "
                                                      "repeatable. Loopback origins are always allowed.",
@@ -102,7 +102,7 @@ def start(host: HostOpt = None, port: PortOpt = None, ttl: TtlOpt = None, max_en
         out.print_json({k: rec[k] for k in ("pid", "host", "port", "url", "started_at", "log_file")})
         return
     out.result(f"gateway started: {rec['url']} (pid {rec['pid']})")
-    out.hint(f"log: {rec['log_file']} | stop: sage llm gateway stop")
+    out.hint(f"log: {rec['log_file']} | stop: sage-llm gateway stop")
 
 
 @gateway_app.command("stop", epilog=EPILOG)
@@ -126,9 +126,9 @@ def status(json_: JsonOpt = False) -> None:
     if json_:
         out.print_json(st or {"running": False})
     elif st is None:
-        out.result("no gateway is running (start one: sage llm gateway start)")
+        out.result("no gateway is running (start one: sage-llm gateway start)")
     elif not st["running"]:
-        out.result(f"the gateway (pid {st['pid']}) is not running (record left: `sage llm gateway stop` clears it)")
+        out.result(f"the gateway (pid {st['pid']}) is not running (record left: `sage-llm gateway stop` clears it)")
     else:
         health = "healthy" if st.get("healthy") else "not answering /health"
         out.result(f"gateway running: {st['url']} (pid {st['pid']}, since {st['started_at']}, {health})")

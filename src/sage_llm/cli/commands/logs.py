@@ -1,4 +1,4 @@
-"""`sage llm logs`: an engine's log (last lines, --since, -f), or the audit log (--audit)."""
+"""`sage-llm logs`: an engine's log (last lines, --since, -f), or the audit log (--audit)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from sage_llm.cli import _complete
 from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt
 
-EPILOG = ("Examples: sage llm logs | sage llm logs qwen -n 200 | sage llm logs 8001 -f | "
-          "sage llm logs qwen --since 10m | sage llm logs --audit -n 20 --json")
+EPILOG = ("Examples: sage-llm logs | sage-llm logs qwen -n 200 | sage-llm logs 8001 -f | "
+          "sage-llm logs qwen --since 10m | sage-llm logs --audit -n 20 --json")
 
 
 def logs(
@@ -44,14 +44,14 @@ def logs(
         _audit(100 if lines is None else lines, json_, target, follow)
         return
     if json_:
-        raise UsageError("--json goes with --audit", hint="engine logs are plain text: sage llm logs NAME")
+        raise UsageError("--json goes with --audit", hint="engine logs are plain text: sage-llm logs NAME")
     tgt = core.resolve(target)
     if getattr(tgt.record, "cluster", None):
         from sage_llm.engine import cluster
 
         if follow:
             raise UsageError(f"engine {tgt.name!r} runs on a node of a Ray cluster: -f is not supported for it yet",
-                             hint=f"sage llm logs {tgt.name} -n 200")
+                             hint=f"sage-llm logs {tgt.name} -n 200")
         if not cluster.fetch_log(tgt.record, tgt.path):  # type: ignore[arg-type]
             out.info(f"the agent of {tgt.name!r} is gone; showing the copy fetched last ({tgt.path})")
     # with -f the lines shown end after the file's last complete line and the follow goes on from exactly there (as
@@ -88,7 +88,7 @@ def _audit(lines: int, json_: bool, target: str | None, follow: bool) -> None:
     from sage_llm.core.errors import UsageError
 
     if target is not None or follow:
-        raise UsageError("--audit takes neither an engine nor -f", hint="sage llm logs --audit -n 20")
+        raise UsageError("--audit takes neither an engine nor -f", hint="sage-llm logs --audit -n 20")
     entries = audit.read(lines)
     if json_:
         out.print_json({"path": str(audit.path()), "entries": entries})

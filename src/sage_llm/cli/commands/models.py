@@ -1,4 +1,4 @@
-"""`sage llm models [list] | pull | rm | import | recommend`: the models on disk and how to get more."""
+"""`sage-llm models [list] | pull | rm | import | recommend`: the models on disk and how to get more."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from sage_llm.cli import _complete
 from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt, YesOpt
 
-EPILOG = ("Examples: sage llm models | sage llm models --json | sage llm models pull Qwen/Qwen2.5-1.5B-Instruct | "
-          "sage llm models rm Qwen/Qwen2.5-1.5B-Instruct -y | "
-          "sage llm models import ./model.Q4_K_M.gguf --as me/my-model | sage llm models recommend")
+EPILOG = ("Examples: sage-llm models | sage-llm models --json | sage-llm models pull Qwen/Qwen2.5-1.5B-Instruct | "
+          "sage-llm models rm Qwen/Qwen2.5-1.5B-Instruct -y | "
+          "sage-llm models import ./model.Q4_K_M.gguf --as me/my-model | sage-llm models recommend")
 
 models_app = typer.Typer(
     help="Models in the Hugging Face cache: list, pull, remove, import GGUF, recommend.",
@@ -32,7 +32,7 @@ def models_root(ctx: typer.Context, json_: JsonOpt = False) -> None:
         list_models(json_=json_)
 
 
-@models_app.command("list", epilog="Examples: sage llm models list | sage llm models list --json")
+@models_app.command("list", epilog="Examples: sage-llm models list | sage-llm models list --json")
 def list_models(json_: JsonOpt = False) -> None:
     """Models in the hub cache ($HF_HOME/hub or $HF_HUB_CACHE) and in any --download-dir a running engine uses: size,
     revisions, last used, architecture, context length, quantization, completeness, and the engines serving each."""
@@ -47,7 +47,7 @@ def list_models(json_: JsonOpt = False) -> None:
         return
     if not models:
         out.info(f"no models in {hf_cache.hub_cache_dir()}")
-        out.hint("download one: sage llm models pull Qwen/Qwen2.5-1.5B-Instruct (or see `sage llm models recommend`)")
+        out.hint("download one: sage-llm models pull Qwen/Qwen2.5-1.5B-Instruct (or see `sage-llm models recommend`)")
         return
     from rich.table import Table
 
@@ -72,9 +72,9 @@ def list_models(json_: JsonOpt = False) -> None:
     out.info(f"{len(models)} model(s), {out.human_bytes(total)} in {hf_cache.hub_cache_dir()}")
 
 
-@models_app.command("pull", epilog="Examples: sage llm models pull Qwen/Qwen2.5-1.5B-Instruct | "
-                    "sage llm models pull Qwen/Qwen2.5-7B-Instruct-AWQ --include '*.json' --include '*.safetensors' | "
-                    "HF_TOKEN=hf_... sage llm models pull meta-llama/Llama-3.2-1B-Instruct")
+@models_app.command("pull", epilog="Examples: sage-llm models pull Qwen/Qwen2.5-1.5B-Instruct | "
+                    "sage-llm models pull Qwen/Qwen2.5-7B-Instruct-AWQ --include '*.json' --include '*.safetensors' | "
+                    "HF_TOKEN=hf_... sage-llm models pull meta-llama/Llama-3.2-1B-Instruct")
 def pull(
     repo_id: RepoArg,
     revision: Annotated[str | None, typer.Option("--revision", "-r", help="Branch, tag or commit (default: main).")]
@@ -99,11 +99,11 @@ def pull(
         return
     out.result(f"{result.repo_id} ({result.revision}): {out.human_bytes(result.size_on_disk)} in "
                f"{result.nb_files} file(s) at {result.snapshot_path}")
-    out.hint(f"serve it: sage llm start {result.repo_id}")
+    out.hint(f"serve it: sage-llm start {result.repo_id}")
 
 
-@models_app.command("rm", epilog="Examples: sage llm models rm Qwen/Qwen2.5-1.5B-Instruct | "
-                    "sage llm models rm Qwen/Qwen2.5-1.5B-Instruct -y --json")
+@models_app.command("rm", epilog="Examples: sage-llm models rm Qwen/Qwen2.5-1.5B-Instruct | "
+                    "sage-llm models rm Qwen/Qwen2.5-1.5B-Instruct -y --json")
 def rm(repo_id: RepoArg, yes: YesOpt = False, json_: JsonOpt = False) -> None:
     """Delete a model from the cache (every revision and partial download). Refuses while an engine serves it."""
     from sage_llm.core.errors import UsageError
@@ -114,7 +114,7 @@ def rm(repo_id: RepoArg, yes: YesOpt = False, json_: JsonOpt = False) -> None:
     if not yes:
         if json_ or not sys.stdin.isatty():
             raise UsageError(f"removing {repo_id} ({out.human_bytes(plan.freed_bytes)}) needs confirmation",
-                             hint=f"add -y: sage llm models rm {repo_id} -y")
+                             hint=f"add -y: sage-llm models rm {repo_id} -y")
         if not typer.confirm(f"Delete {repo_id} ({out.human_bytes(plan.freed_bytes)} in {where})?", err=True):
             out.info("nothing removed")
             raise typer.Exit(1)
@@ -125,9 +125,9 @@ def rm(repo_id: RepoArg, yes: YesOpt = False, json_: JsonOpt = False) -> None:
     out.result(f"removed {repo_id}: {out.human_bytes(freed)} freed")
 
 
-@models_app.command("import", epilog="Examples: sage llm models import ~/.lmstudio/models/x/model.Q4_K_M.gguf --as "
-                    "me/model | sage llm models import ./SmolLM2-135M-Instruct.Q4_1.gguf --as sage-demo/SmolLM2 && "
-                    "sage llm start sage-demo/SmolLM2")
+@models_app.command("import", epilog="Examples: sage-llm models import ~/.lmstudio/models/x/model.Q4_K_M.gguf --as "
+                    "me/model | sage-llm models import ./SmolLM2-135M-Instruct.Q4_1.gguf --as sage-demo/SmolLM2 && "
+                    "sage-llm start sage-demo/SmolLM2")
 def import_(
     gguf: Annotated[str, typer.Argument(metavar="FILE.gguf", help="A GGUF file (Ollama, LM Studio, llama.cpp).",
                                         show_default=False)],
@@ -149,10 +149,10 @@ def import_(
         return
     out.result(f"imported {result.repo_id}: {out.human_bytes(result.size_on_disk)} at {result.snapshot_path} "
                f"({result.seconds:.0f} s)")
-    out.hint(f"serve it: HF_HUB_OFFLINE=1 sage llm start {result.repo_id}")
+    out.hint(f"serve it: HF_HUB_OFFLINE=1 sage-llm start {result.repo_id}")
 
 
-@models_app.command("recommend", epilog="Examples: sage llm models recommend | sage llm models recommend --json")
+@models_app.command("recommend", epilog="Examples: sage-llm models recommend | sage-llm models recommend --json")
 def recommend(json_: JsonOpt = False) -> None:
     """Curated models with the GPU memory each needs, and whether it fits the free memory of this machine's GPUs."""
     from sage_llm.models.catalog import recommend as rows_for

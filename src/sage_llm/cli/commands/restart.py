@@ -1,4 +1,4 @@
-"""`sage llm restart NAME [--model M] [start options]`: stop and start again, every recorded setting kept."""
+"""`sage-llm restart NAME [--model M] [start options]`: stop and start again, every recorded setting kept."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from sage_llm.cli._options import JsonOpt
 if TYPE_CHECKING:
     from sage_llm.api import LaunchOverrides
 
-EPILOG = ("Examples: sage llm restart qwen | sage llm restart qwen --max-model-len 8192 | "
-          "sage llm restart qwen --model Qwen/Qwen2.5-3B-Instruct | sage llm restart qwen -- --enable-prefix-caching")
+EPILOG = ("Examples: sage-llm restart qwen | sage-llm restart qwen --max-model-len 8192 | "
+          "sage-llm restart qwen --model Qwen/Qwen2.5-3B-Instruct | sage-llm restart qwen -- --enable-prefix-caching")
 
 def print_result(result: Any, json_: bool, verb: str) -> None:
     rec = result.record
@@ -36,7 +36,7 @@ def print_result(result: Any, json_: bool, verb: str) -> None:
         out.result(f"engine {rec.name!r} {verb}{took}: {rec.served_model_name} at {rec.base_url} (pid {rec.pid})")
     if stop is not None and not stop.stopped:
         out.error(f"the previous engine did not stop: {stop.message}",
-                  f"inspect with `sage llm status`; retry `sage llm stop {stop.name}`")
+                  f"inspect with `sage-llm status`; retry `sage-llm stop {stop.name}`")
         raise typer.Exit(1)
 
 

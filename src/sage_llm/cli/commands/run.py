@@ -1,4 +1,4 @@
-"""`sage llm run`: start an engine in the foreground, show its load, then stream its log until Ctrl-C.
+"""`sage-llm run`: start an engine in the foreground, show its load, then stream its log until Ctrl-C.
 
 Same options, checks and launch path as `start` (start's `launch_and_show()`, so `api.start(...,
 foreground=True)` with wait). While it runs the engine is recorded like any other, so `status`, `logs`, `chat` and
@@ -25,8 +25,8 @@ from sage_llm.cli.commands import start as start_cmd
 if TYPE_CHECKING:
     from sage_llm.api import LaunchRequest
 
-EPILOG = ("Examples: sage llm run Qwen/Qwen2.5-7B-Instruct --port 8001 | sage llm run ./my-model --max-model-len 4096 "
-          "| sage llm run MODEL -- --enable-prefix-caching   (Ctrl-C stops the engine)")
+EPILOG = ("Examples: sage-llm run Qwen/Qwen2.5-7B-Instruct --port 8001 | sage-llm run ./my-model --max-model-len 4096 "
+          "| sage-llm run MODEL -- --enable-prefix-caching   (Ctrl-C stops the engine)")
 
 
 def _why(exc: BaseException) -> str:
@@ -74,8 +74,8 @@ def _run(launch: LaunchRequest) -> None:
         rec = result.record
         took = f" in {result.ready_after_s:.1f} s" if result.ready_after_s is not None else ""
         out.info(f"engine {rec.name!r} ready{took}: {rec.served_model_name} at {rec.base_url} (pid {rec.pid})")
-        out.info(f"streaming its log; Ctrl-C stops the engine (from elsewhere: sage llm chat {rec.name} | "
-                 f"sage llm stop {rec.name})")
+        out.info(f"streaming its log; Ctrl-C stops the engine (from elsewhere: sage-llm chat {rec.name} | "
+                 f"sage-llm stop {rec.name})")
         target = logtools.LogTarget(rec.name, Path(rec.log_file), rec)
         ended = logtools.engine_ended(target, store)
         for ev in logtools.follow(target.path, stop=ended, poll=0.1, check_every=0.5, sleep=sigs.sleep):
@@ -92,7 +92,7 @@ def _run(launch: LaunchRequest) -> None:
                     # it died by itself: leave the record (status explains it) and fail like `start` does
                     view_error = api.explain_exit(rec)
                     raise EngineFailed(f"engine {rec.name!r} exited" + (f": {view_error}" if view_error else ""),
-                                       hint=f"sage llm logs {rec.name} -n 80")
+                                       hint=f"sage-llm logs {rec.name} -n 80")
                 return  # stopped from another terminal
     except KeyboardInterrupt as exc:
         if rec is None:
@@ -100,7 +100,7 @@ def _run(launch: LaunchRequest) -> None:
         if not _stop(rec, store, _why(exc), grace):
             raise SystemExit(1) from None
     except BrokenPipeError:
-        # stdout was closed (e.g. `sage llm run M | head`): the foreground is over, so the engine goes too
+        # stdout was closed (e.g. `sage-llm run M | head`): the foreground is over, so the engine goes too
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if rec is not None and not settled:
             _stop(rec, store, "stdout closed", grace)

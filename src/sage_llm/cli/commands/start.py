@@ -1,4 +1,4 @@
-"""`sage llm start`: launch `vllm serve` detached and wait until it serves the model."""
+"""`sage-llm start`: launch `vllm serve` detached and wait until it serves the model."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ if TYPE_CHECKING:
     from sage_llm.api import LaunchRequest
 
 EPILOG = (
-    "Examples: sage llm start Qwen/Qwen2.5-1.5B-Instruct | "
-    "sage llm start ./my-model --name mine --port 8010 --max-model-len 4096 | "
-    "sage llm start Qwen/Qwen2.5-7B-Instruct-AWQ -q awq -- --enable-prefix-caching | "
-    "sage llm start MODEL --no-wait && sage llm status MODEL-NAME"
+    "Examples: sage-llm start Qwen/Qwen2.5-1.5B-Instruct | "
+    "sage-llm start ./my-model --name mine --port 8010 --max-model-len 4096 | "
+    "sage-llm start Qwen/Qwen2.5-7B-Instruct-AWQ -q awq -- --enable-prefix-caching | "
+    "sage-llm start MODEL --no-wait && sage-llm status MODEL-NAME"
 )
 
 
@@ -39,8 +39,8 @@ def start(
     try:
         result = launch_and_show(launch)
     except KeyboardInterrupt:
-        out.info("stopped waiting; the engine goes on starting in the background: `sage llm status` shows it, "
-                 "`sage llm stop NAME` stops it")
+        out.info("stopped waiting; the engine goes on starting in the background: `sage-llm status` shows it, "
+                 "`sage-llm stop NAME` stops it")
         raise typer.Exit(130) from None
     rec = result.record
     if json_:
@@ -59,10 +59,10 @@ def start(
     if wait:
         took = f" in {result.ready_after_s:.1f} s" if result.ready_after_s is not None else ""
         out.result(f"engine {rec.name!r} ready{took}: {rec.served_model_name} at {rec.base_url} ({where})")
-        out.hint(f"chat: sage llm chat {rec.name} | logs: sage llm logs {rec.name} -f | stop: sage llm stop {rec.name}")
+        out.hint(f"chat: sage-llm chat {rec.name} | logs: sage-llm logs {rec.name} -f | stop: sage-llm stop {rec.name}")
     else:
         out.result(f"engine {rec.name!r} starting: {rec.served_model_name} on {rec.base_url} ({where})")
-        out.hint(f"check with `sage llm status {rec.name}` (exit 0 once ready); log: {rec.log_file}")
+        out.hint(f"check with `sage-llm status {rec.name}` (exit 0 once ready); log: {rec.log_file}")
 
 
 def launch_and_show(request: LaunchRequest, foreground: bool = False,

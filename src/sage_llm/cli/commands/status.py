@@ -1,4 +1,4 @@
-"""`sage llm status`: every engine, managed or not, probed in parallel."""
+"""`sage-llm status`: every engine, managed or not, probed in parallel."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from sage_llm.cli import _complete
 from sage_llm.cli import _output as out
 from sage_llm.cli._options import EXIT_CODES_EPILOG, JsonOpt
 
-EPILOG = ("Examples: sage llm status | sage llm status --json | sage llm status qwen && echo ready | "
-          "sage llm stop $(sage llm status -q). " + EXIT_CODES_EPILOG)
+EPILOG = ("Examples: sage-llm status | sage-llm status --json | sage-llm status qwen && echo ready | "
+          "sage-llm stop $(sage-llm status -q). " + EXIT_CODES_EPILOG)
 
 STATE_STYLE = {"ready": "green", "starting": "yellow", "unhealthy": "red", "failed": "bold red", "stopped": "dim"}
 
@@ -37,12 +37,12 @@ def status(
         out.print_json(doc)
     elif quiet:
         for v in views:
-            if v.name and v.managed:  # names other commands accept: `sage llm stop $(sage llm status -q)`
+            if v.name and v.managed:  # names other commands accept: `sage-llm stop $(sage-llm status -q)`
                 out.result(v.name)
     else:
         if not views:
             if target is None:
-                out.info("no engines. Start one: sage llm start MODEL")
+                out.info("no engines. Start one: sage-llm start MODEL")
         else:
             from rich.table import Table
             from rich.text import Text
@@ -85,12 +85,12 @@ def status(
         gw = doc.get("gateway")
         if gw is not None and target is None:
             out.info(f"gateway: {gw['url']} (pid {gw['pid']})" if gw["running"] else
-                     f"gateway: not running (stale record, pid {gw['pid']}; `sage llm gateway stop` clears it)")
+                     f"gateway: not running (stale record, pid {gw['pid']}; `sage-llm gateway stop` clears it)")
     if target is not None:
         from sage_llm import api
 
         if not views:
-            out.error(f"no engine named or on port {target!r}", "see `sage llm status`")
+            out.error(f"no engine named or on port {target!r}", "see `sage-llm status`")
         if api.not_ready(views):
             raise typer.Exit(3)
 

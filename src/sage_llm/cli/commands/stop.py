@@ -1,4 +1,4 @@
-"""`sage llm stop`: SIGTERM the engine's process group, wait, SIGKILL what is left, confirm nothing survives."""
+"""`sage-llm stop`: SIGTERM the engine's process group, wait, SIGKILL what is left, confirm nothing survives."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from sage_llm.cli import _complete
 from sage_llm.cli import _output as out
 from sage_llm.cli._options import JsonOpt
 
-EPILOG = "Examples: sage llm stop qwen2.5-7b-instruct | sage llm stop 8001 | sage llm stop --all | " \
-         "sage llm stop NAME --force"
+EPILOG = "Examples: sage-llm stop qwen2.5-7b-instruct | sage-llm stop 8001 | sage-llm stop --all | " \
+         "sage-llm stop NAME --force"
 
 
 def stop(

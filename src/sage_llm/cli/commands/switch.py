@@ -1,4 +1,4 @@
-"""`sage llm switch NAME MODEL [--rolling]`: serve another model under the same name, every other setting kept."""
+"""`sage-llm switch NAME MODEL [--rolling]`: serve another model under the same name, every other setting kept."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from sage_llm.cli.commands.restart import print_result
 if TYPE_CHECKING:
     from sage_llm.api import LaunchOverrides
 
-EPILOG = ("Examples: sage llm switch qwen Qwen/Qwen2.5-3B-Instruct | "
-          "sage llm switch qwen Qwen/Qwen2.5-3B-Instruct --rolling && sage llm status qwen --json | "
-          "sage llm switch qwen ./my-model --max-model-len 4096")
+EPILOG = ("Examples: sage-llm switch qwen Qwen/Qwen2.5-3B-Instruct | "
+          "sage-llm switch qwen Qwen/Qwen2.5-3B-Instruct --rolling && sage-llm status qwen --json | "
+          "sage-llm switch qwen ./my-model --max-model-len 4096")
 
 
 @launch_options("override")

@@ -1,4 +1,4 @@
-"""`sage llm top`: a full-screen live dashboard of GPUs and engines. Data comes from sage_llm.observe.monitor; this
+"""`sage-llm top`: a full-screen live dashboard of GPUs and engines. Data comes from sage_llm.observe.monitor; this
 file only draws it (Rich) and runs the loop (refresh every -n seconds; `q` or Ctrl-C quits and restores the
 terminal)."""
 
@@ -15,7 +15,7 @@ import typer
 
 from sage_llm.cli import _output as out
 
-EPILOG = "Examples: sage llm top | sage llm top -n 2 | sage llm top --once > snapshot.txt"
+EPILOG = "Examples: sage-llm top | sage-llm top -n 2 | sage-llm top --once > snapshot.txt"
 
 STATE_STYLE = {"ready": "green", "starting": "yellow", "unhealthy": "red", "failed": "bold red", "stopped": "dim"}
 SPARK_WIDTH = 24
@@ -90,7 +90,7 @@ def render(frame: Any) -> Any:
     span = f"{minutes:.0f} min" if minutes >= 1 else f"{frame.history_s:.0f} s"
     when = datetime.fromtimestamp(frame.at).strftime("%H:%M:%S")
     n_ready = sum(e.state == "ready" for e in frame.engines)
-    title = Text(f"sage llm top  {when}  every {frame.interval:g} s  ", style="bold", no_wrap=True, overflow="crop")
+    title = Text(f"sage-llm top  {when}  every {frame.interval:g} s  ", style="bold", no_wrap=True, overflow="crop")
     title.append(f"{len(frame.engines)} engine(s), {n_ready} ready, {len(frame.gpus)} GPU(s)", style="")
     title.append("   q: quit", style="dim")
     parts: list[Any] = [title, Text("")]
@@ -141,7 +141,7 @@ def render(frame: Any) -> Any:
             parts.append(Text("* TTFT over all requests since the engine started (none in the last minute)",
                               style="dim"))
     else:
-        parts.append(Text("No engines. Start one: sage llm start MODEL", style="dim"))
+        parts.append(Text("No engines. Start one: sage-llm start MODEL", style="dim"))
     for w in frame.warnings[:3]:
         parts.append(Text(f"Warning: {w}", style="yellow", no_wrap=True, overflow="crop"))
     return Group(*parts)
@@ -188,7 +188,7 @@ def top(
             console.print(render(monitor.tick()))
             return
         if not console.is_terminal:
-            raise UsageError("`top` needs a terminal", hint="use `sage llm top --once` or `sage llm status --json`")
+            raise UsageError("`top` needs a terminal", hint="use `sage-llm top --once` or `sage-llm status --json`")
         _run_live(monitor, console, interval)
     finally:
         monitor.close()
