@@ -339,6 +339,19 @@ def stop(name: str, timeout: float | None = None) -> str:
     return outcome.message
 
 
+def quantization_methods() -> tuple[str, ...]:
+    """The `--quantization` values vLLM takes (what POST /api/local-engine/start accepts)."""
+    from sage_llm.engine.vllm import QUANTIZATION_METHODS
+
+    return tuple(QUANTIZATION_METHODS)
+
+
+def human_uptime(seconds: float | None) -> str | None:
+    from sage_llm.engine.view import human_uptime as human
+
+    return human(seconds)  # type: ignore[no-any-return]
+
+
 def port_free(port: int) -> bool:
     """Can an engine listen on 127.0.0.1:`port` now?"""
     from sage_llm.engine import process

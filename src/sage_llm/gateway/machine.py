@@ -141,7 +141,7 @@ class Model:
     seq: int = 0  # order in which loads were decided (FIFO for room)
     port: int | None = None  # the port asked for by POST /api/local-engine/start
     reason: str | None = None  # why it is stopping
-    waiters: list[asyncio.Future[Any]] = field(default_factory=list)
+    waiters: list[tuple[asyncio.Future[Any], bool]] = field(default_factory=list)  # (future, leased?)
     stop_waiters: list[asyncio.Future[str]] = field(default_factory=list)
     blocked_by: set[str] = field(default_factory=set)  # victims being stopped to make room for this load
     settle: list[float] = field(default_factory=list)
@@ -311,14 +311,14 @@ class Scheduler:
                                       retry_after=self.retry_after(m)))
             return
         if m.state in (S.LOADING, S.STOPPING):
-            m.waiters.append(fut)
+            m.waiters.append((fut, True))
             return
         if m.state == S.FAILED and self.clock() < m.hold_until:
             fut.set_exception(Refused(503, f"model {m.key} failed: {m.error}", code="model_load_failed",
                                       retry_after=max(1.0, m.hold_until - self.clock())))
             return
         if m.state == S.SLEEPING or m.loadable:
-            m.waiters.append(fut)
+            m.waiters.append((fut, True))
             self._decide_load(m)
             return
         fut.set_exception(Refused(503, f"model {m.key} is {m.state.value} and the gateway cannot start it (not "
@@ -338,7 +338,7 @@ class Scheduler:
         if m.state == S.FAILED:
             m.hold_until = 0.0
         if m.state in (S.LOADING, S.STOPPING):
-            m.waiters.append(fut)
+            m.waiters.append((fut, False))
             m.port = port if m.state == S.STOPPING else m.port
             return
         if not (m.state == S.SLEEPING or m.loadable):
@@ -347,7 +347,7 @@ class Scheduler:
                                       param="model"))
             return
         m.port = port
-        m.waiters.append(fut)
+        m.waiters.append((fut, False))
         self._decide_load(m)
 
     def stop(self, m: Model, reason: str = "requested") -> asyncio.Future[str]:
@@ -558,8 +558,11 @@ class Scheduler:
         self._to(m, S.READY, event, **data)
         m.op, m.port, m.error, m.last_used = None, None, None, self.clock()
         waiters, m.waiters = m.waiters, []
-        for fut in waiters:
-            self._lease(m, fut)
+        for fut, leased in waiters:
+            if leased:
+                self._lease(m, fut)
+            elif not fut.done():
+                fut.set_result(m.engine)
 
     def _woke(self, m: Model, token: int, ok: Any, exc: BaseException | None) -> None:
         if not self._current(m, token) or m.state != S.LOADING:
@@ -575,7 +578,7 @@ class Scheduler:
 
     def _fail_waiters(self, m: Model, error: Exception) -> None:
         waiters, m.waiters = m.waiters, []
-        for fut in waiters:
+        for fut, _leased in waiters:
             if not fut.done():
                 fut.set_exception(error)
 
@@ -675,10 +678,17 @@ class Scheduler:
     def _observe(self, found: list[Any], cached: list[str], epochs: dict[str, int], last_settings: dict[str, Any],
                  profile_for: Callable[[str], Any], alias: Callable[[str | None, str], None],
                  key_of: Callable[[Any], str]) -> None:
+        epochs = dict(epochs)
+
+        def get(key: str) -> Model:
+            if key not in self.models:
+                epochs[key] = self.model(key).epoch  # new from this observation: not stale
+            return self.models[key]
+
         for m in self.models.values():
             m.cached = False
         for key in cached:
-            m = self.model(key)
+            m = get(key)
             m.cached = True
             if m.profile is None:
                 m.profile = profile_for(key)
@@ -692,10 +702,7 @@ class Scheduler:
             if e.state not in ("ready", "starting", "unhealthy"):
                 continue
             key = key_of(e)
-            fresh = key not in self.models
-            m = self.model(key)
-            if fresh:
-                epochs = {**epochs, key: m.epoch}
+            m = get(key)
             seen.add(key)
             alias(e.served, key)
             alias(e.model, key)

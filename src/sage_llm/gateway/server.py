@@ -202,8 +202,6 @@ class Gateway:
     async def local_start(self, request: web.Request) -> web.Response:
         """LocalEngineStartRequest {model, port, gpu_memory_utilization, quantization}; ?wait=1 waits until ready.
         Bad input is a 400 naming the field, and changes nothing."""
-        from sage_llm.engine.vllm import QUANTIZATION_METHODS
-
         body = await self._json_body(request)
         model = body.get("model")
         if not isinstance(model, str) or not model.strip():
@@ -217,7 +215,7 @@ class Gateway:
             raise GatewayError(400, f"`gpu_memory_utilization` {util!r} is not in (0, 1]",
                                param="gpu_memory_utilization", code="invalid_value")
         quant = body.get("quantization")
-        if quant is not None and quant not in QUANTIZATION_METHODS:
+        if quant is not None and quant not in engines.quantization_methods():
             raise GatewayError(400, f"unknown `quantization` {quant!r} (e.g. awq, gptq, fp8, or null)",
                                param="quantization", code="invalid_value")
         unknown = set(body) - {"model", "port", "gpu_memory_utilization", "quantization"}

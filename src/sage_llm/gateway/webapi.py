@@ -121,7 +121,7 @@ class WebAPI:
         """The engines this gateway routes to (its own view: `--no-external` hides external ones), one object per
         engine with the seed's running info, plus the models loading now."""
         from sage_llm.core.state import parse_iso
-        from sage_llm.engine.view import human_uptime
+        from sage_llm.gateway.engines import human_uptime
 
         router = self.gw.router
         seen: dict[str, Any] = {e.name: e for e in router.engines if not e.static}
