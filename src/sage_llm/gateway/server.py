@@ -20,7 +20,7 @@ from aiohttp import web
 
 from sage_llm import __version__
 from sage_llm.core.errors import SageLLMError
-from sage_llm.gateway import engines, security
+from sage_llm.gateway import engines, instance, security
 from sage_llm.gateway.events import EventBus, sse_frame
 from sage_llm.gateway.machine import Refused, State
 from sage_llm.gateway.metrics import Metrics
@@ -408,6 +408,14 @@ class Gateway:
 
 
 async def _serve(opts: GatewayOptions, ready: Any = None) -> Gateway:
+    lock = instance.hold(opts.port)  # one gateway per state directory, for its whole life
+    try:
+        return await _serve_locked(opts, ready)
+    finally:
+        lock.release()
+
+
+async def _serve_locked(opts: GatewayOptions, ready: Any = None) -> Gateway:
     gw = Gateway(opts)
     runner = web.AppRunner(gw.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
