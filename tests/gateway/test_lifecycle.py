@@ -130,9 +130,7 @@ def test_max_engines_holds_the_room_of_a_loading_engine(gateway, home, tmp_path,
     gw = gateway(max_engines=1, ttl="0")
     events: list[dict] = []
     listen(gw, events)
-    r = gw.post("/api/local-engine/start", {"model": MODEL_A})
-    assert r.status_code == 202
-    assert r.json()["state"] == "loading"  # defect 11: the 202 says what the docs promise
+    assert gw.post("/api/local-engine/start", {"model": MODEL_A}).status_code == 202
     wait_for(lambda: StateStore().names())  # A's engine is launched (held by the gate)
     results: dict[str, httpx.Response] = {}
     t = threading.Thread(target=lambda: results.setdefault("b", gw.chat(MODEL_B)))
@@ -153,6 +151,19 @@ def test_max_engines_holds_the_room_of_a_loading_engine(gateway, home, tmp_path,
     a_stopped = order.index(("stopped", MODEL_A, None))
     b_launched = order.index(("loading", MODEL_B, "launching"))
     assert a_stopped < b_launched, order
+
+
+def test_start_answers_202_loading(gateway, tmp_path, monkeypatch) -> None:
+    """Issue 21 defect 11: the 202 of POST /api/local-engine/start said "available" where the docs promise
+    "loading"."""
+    monkeypatch.setenv("FAKE_VLLM_LOAD_GATE", str(tmp_path / "gate"))
+    gw = gateway()
+    r = gw.post("/api/local-engine/start", {"model": MODEL_A})
+    assert r.status_code == 202
+    assert r.json()["state"] == "loading"
+    assert card(gw, MODEL_A)["state"] == "loading"
+    (tmp_path / "gate").touch()
+    wait_for(lambda: card(gw, MODEL_A)["state"] == "ready")
 
 
 def test_a_stop_from_outside_is_a_stop_not_a_crash(gateway, home) -> None:
