@@ -203,8 +203,11 @@ class Scheduler:
         try:
             while self._queue:
                 fn, a = self._queue.popleft()
-                fn(*a)
-                self._pump()
+                try:
+                    fn(*a)
+                    self._pump()
+                except Exception as exc:  # a bug (e.g. IllegalTransition): said, and the next message is handled
+                    self.publish("warning", error=f"{type(exc).__name__}: {exc}")
         finally:
             self._busy = False
 
@@ -237,7 +240,7 @@ class Scheduler:
             self.metrics.unload(m.key, "slept" if new == S.SLEEPING else m.reason)
         if new != S.LOADING:
             m.stage, m.progress = (("ready", 1.0) if new == S.READY else (None, None))
-        engine = m.engine.name if m.engine is not None else data.pop("engine", None)
+        engine = data.pop("engine", None) or (m.engine.name if m.engine is not None else None)
         self.publish(event or DEFAULT_EVENT[new], model=m.key, **({"engine": engine} if engine else {}), **data)
         if new == S.GONE:
             self.models.pop(m.key, None)
