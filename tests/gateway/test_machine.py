@@ -174,6 +174,23 @@ def test_each_transition_stamps_the_time_counts_the_state_and_publishes() -> Non
     assert "sage_llm_gateway_models{state=\"available\"} 0" in w.metrics.render([], 0)
 
 
+@run
+async def test_a_failing_message_is_reported_and_the_queue_goes_on() -> None:
+    w = World()
+    a = w.add("a")
+
+    def broken() -> None:
+        w.s._to(a, S.STOPPING)  # available -> stopping is not in the table
+
+    w.s.submit(broken)
+    assert w.events[-1]["event"] == "warning"
+    assert "IllegalTransition" in w.events[-1]["error"]
+    f = w.s.acquire(a)  # the machine still answers
+    await settle()
+    assert w.fx.count("start", "a") == 1
+    assert not f.done()
+
+
 def test_the_diagram_in_the_docs_is_the_transition_table() -> None:
     text = (ROOT / "docs" / "gateway.md").read_text()
     block = text.split("<!-- state-diagram -->")[1]

@@ -123,6 +123,7 @@ def inspect(exclude_ports: set[int] | None = None, with_gpu: bool = True, extern
 
     views = api.engines(include_external=external)
     views = [v for v in views if not (exclude_ports and v.port in exclude_ports and not v.managed)]
+    views = [v for v in views if v.managed or ours(v.pid)]  # another user's server: not ours to route to (`ours`)
     if with_gpu:
         with contextlib.suppress(Exception):
             status.attach_gpu(views)
@@ -130,8 +131,6 @@ def inspect(exclude_ports: set[int] | None = None, with_gpu: bool = True, extern
     for v in views:
         if v.port is None or v.state == "stopped":
             continue
-        if not v.managed and not ours(v.pid):
-            continue  # another user's process on a port: never sent our users' traffic (see `ours`)
         rec = v.record
         owned = rec is not None and is_owned(rec.api_key_env)
         key = None
