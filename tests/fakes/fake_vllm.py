@@ -7,6 +7,9 @@ It prints vLLM-like log lines while it "loads", listens only once loaded (like v
 
 Behaviour knobs (environment):
   FAKE_VLLM_LOAD_S=0.5        seconds before the port listens
+  FAKE_VLLM_LOAD_GATE=path    besides, do not listen before `path` exists (a test holds the load, then lets it go)
+  FAKE_VLLM_REPLY_GATE=path   each chat request creates `path`.held-<pid>-<n> once it is in flight and does not
+                              answer before `path` exists (a test holds a request mid-flight, deterministically)
   FAKE_VLLM_FAIL=load         exit 1 during load (log text from FAKE_VLLM_FAIL_TEXT)
   FAKE_VLLM_FAIL=ready:2.5    crash 2.5 s after becoming ready
   FAKE_VLLM_IGNORE_TERM=1     ignore SIGTERM (children too)
@@ -239,6 +242,14 @@ class Handler(BaseHTTPRequestHandler):
         if max_tokens is not None and len(pieces) > int(max_tokens):
             pieces = pieces[: int(max_tokens)]
             finish = "length"
+        gate = os.environ.get("FAKE_VLLM_REPLY_GATE")
+        if gate:
+            with LOCK:
+                STATE["held"] = STATE.get("held", 0) + 1
+                n = STATE["held"]
+            open(f"{gate}.held-{os.getpid()}-{n}", "w").close()
+            while not os.path.exists(gate):
+                time.sleep(0.02)
         delay = float(os.environ.get("FAKE_VLLM_TOKEN_DELAY_S", "0"))
         created = int(time.time())
         rid = f"chatcmpl-fake{created}"
@@ -448,6 +459,9 @@ def main() -> None:
         proc="EngineCore")
     load_s = float(os.environ.get("FAKE_VLLM_LOAD_S", "0.5"))
     log(f"Starting to load model {opts['model']}...", proc="EngineCore")
+    load_gate = os.environ.get("FAKE_VLLM_LOAD_GATE")
+    while load_gate and not os.path.exists(load_gate):
+        time.sleep(0.02)
     steps = 4
     for k in range(1, steps + 1):
         time.sleep(load_s / steps)

@@ -81,21 +81,276 @@ def test_max_engines_evicts_the_least_recently_used_idle_engine(gateway, home) -
     assert "sage_llm_gateway_swaps_total 1" in metrics
 
 
-def test_an_engine_serving_a_request_is_not_evicted(gateway, monkeypatch) -> None:
-    monkeypatch.setenv("FAKE_VLLM_TOKEN_DELAY_S", "0.3")
-    monkeypatch.setenv("FAKE_VLLM_REPLY", "one two three four five six seven eight")
+def held(tmp_path: Path, gate: str) -> list[Path]:
+    """The requests the fake engines hold at FAKE_VLLM_REPLY_GATE=tmp_path/gate (in flight, not answered)."""
+    return list(tmp_path.glob(f"{gate}.held-*"))
+
+
+def test_an_engine_serving_a_request_is_not_evicted(gateway, tmp_path, monkeypatch) -> None:
+    gate = tmp_path / "reply-gate"
+    monkeypatch.setenv("FAKE_VLLM_REPLY_GATE", str(gate))
     gw = gateway(max_engines=1, ttl="0")
-    assert gw.chat(MODEL_A).status_code == 200  # loaded (slowly answered)
-    results: dict[str, int] = {}
-    t = threading.Thread(target=lambda: results.setdefault("a", gw.chat(MODEL_A).status_code))
+    a = gw.post("/api/local-engine/start?wait=1", {"model": MODEL_A}).json()["engine"]
+    results: dict[str, httpx.Response] = {}
+    t = threading.Thread(target=lambda: results.setdefault("a", gw.chat(MODEL_A)))
     t.start()
-    time.sleep(0.5)  # A is mid-request
+    wait_for(lambda: held(tmp_path, "reply-gate"))  # A is mid-request: its engine holds the request
     b = gw.chat(MODEL_B)
+    assert b.status_code == 503, b.text  # never 200 while A serves: that would be two engines
+    assert f"{MODEL_A} (1 in flight)" in b.json()["error"]["message"]
+    assert "Retry-After" in b.headers
+    assert live_engines() == [a]
+    gate.touch()
     t.join(30)
-    assert results["a"] == 200  # not cut off
-    assert b.status_code in (200, 503)
-    if b.status_code == 503:
-        assert "in flight" in b.json()["error"]["message"]
+    assert results["a"].status_code == 200  # not cut off
+    b = gw.chat(MODEL_B)  # A is idle now: evicted
+    assert b.status_code == 200
+    assert live_engines() == [b.headers["x-sage-llm-engine"]]
+    assert "sage_llm_gateway_swaps_total 1" in gw.client.get("/metrics").text
+
+
+def listen(gw, events: list[dict]) -> threading.Thread:
+    def run() -> None:
+        with contextlib.suppress(httpx.HTTPError), httpx.stream("GET", f"{gw.url}/api/events", timeout=60) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    wait_for(lambda: gw.gw.bus.subscribers)
+    return t
+
+
+def test_max_engines_holds_the_room_of_a_loading_engine(gateway, home, tmp_path, monkeypatch) -> None:
+    """Issue 21 defect 1: with --max-engines 1, B asked for while A was loading got a second engine (swaps_total 0).
+    A load holds its room from the moment it is decided; B evicts A once A is up (it is idle: no request of its
+    own), and B's engine is launched only after A's is stopped."""
+    gate = tmp_path / "load-gate"
+    monkeypatch.setenv("FAKE_VLLM_LOAD_GATE", str(gate))
+    gw = gateway(max_engines=1, ttl="0")
+    events: list[dict] = []
+    listen(gw, events)
+    assert gw.post("/api/local-engine/start", {"model": MODEL_A}).status_code == 202
+    wait_for(lambda: StateStore().names())  # A's engine is launched (held by the gate)
+    results: dict[str, httpx.Response] = {}
+    t = threading.Thread(target=lambda: results.setdefault("b", gw.chat(MODEL_B)))
+    t.start()
+    wait_for(lambda: card(gw, MODEL_B)["state"] == "loading")
+    assert engine_starts(home) == 1  # B waits for room: nothing launched for it
+    assert len(StateStore().names()) == 1
+    gate.touch()
+    t.join(60)
+    assert results["b"].status_code == 200, results["b"].text
+    assert engine_starts(home) == 2
+    assert live_engines() == [results["b"].headers["x-sage-llm-engine"]]
+    metrics = gw.client.get("/metrics").text
+    assert "sage_llm_gateway_swaps_total 1" in metrics
+    assert f'sage_llm_gateway_engine_unloads_total{{model="{MODEL_A}",reason="evicted"}} 1' in metrics
+    wait_for(lambda: any(e["event"] == "ready" and e.get("model") == MODEL_B for e in events))
+    order = [(e["event"], e.get("model"), e.get("stage")) for e in events]
+    a_stopped = order.index(("stopped", MODEL_A, None))
+    b_launched = order.index(("loading", MODEL_B, "launching"))
+    assert a_stopped < b_launched, order
+
+
+def test_start_answers_202_loading(gateway, tmp_path, monkeypatch) -> None:
+    """Issue 21 defect 11: the 202 of POST /api/local-engine/start said "available" where the docs promise
+    "loading"."""
+    monkeypatch.setenv("FAKE_VLLM_LOAD_GATE", str(tmp_path / "gate"))
+    gw = gateway()
+    r = gw.post("/api/local-engine/start", {"model": MODEL_A})
+    assert r.status_code == 202
+    assert r.json()["state"] == "loading"
+    assert card(gw, MODEL_A)["state"] == "loading"
+    (tmp_path / "gate").touch()
+    wait_for(lambda: card(gw, MODEL_A)["state"] == "ready")
+
+
+def test_a_stop_from_outside_is_a_stop_not_a_crash(gateway, home) -> None:
+    """Issue 21 defect 4: `sage-llm stop ENGINE` twice locked the model out ("died 2 times", 503), or the next
+    request went to the stopped engine (502). The refresh loop is made slow here: the gateway must notice the stop
+    by itself before it routes the next request."""
+    from sage_llm import api
+
+    gw = gateway(refresh_s=3600)
+    seen = []
+    for _ in range(3):
+        r = gw.chat(MODEL_A)
+        assert r.status_code == 200, r.text
+        engine = r.headers["x-sage-llm-engine"]
+        pid = StateStore().load(engine).pid
+        assert pid not in seen  # a fresh engine each time, never the stopped one
+        seen.append(pid)
+        assert api.stop(engine).stopped  # what `sage-llm stop ENGINE` does
+    r = gw.chat(MODEL_A)
+    assert r.status_code == 200, r.text
+    assert card(gw, MODEL_A)["error"] is None
+    assert engine_starts(home) == 4
+
+
+def test_a_stop_from_outside_during_a_request_is_not_a_crash(gateway, home, tmp_path, monkeypatch) -> None:
+    from sage_llm import api
+
+    gw = gateway(refresh_s=3600)
+    for i in range(2):
+        monkeypatch.setenv("FAKE_VLLM_REPLY_GATE", str(tmp_path / f"gate{i}"))  # held, never released
+        answers: list[object] = []
+
+        def ask(answers: list[object] = answers) -> None:
+            try:
+                answers.append(gw.chat(MODEL_A).status_code)
+            except httpx.HTTPError as exc:
+                answers.append(exc)
+        t = threading.Thread(target=ask)
+        t.start()
+        wait_for(lambda i=i: held(tmp_path, f"gate{i}"))
+        [engine] = StateStore().names()
+        assert api.stop(engine).stopped
+        t.join(30)
+        assert answers
+        assert answers[0] != 200
+    monkeypatch.delenv("FAKE_VLLM_REPLY_GATE")
+    r = gw.chat(MODEL_A)
+    assert r.status_code == 200, r.text  # not "died 2 times"
+    assert card(gw, MODEL_A)["state"] == "ready"
+
+
+def test_a_stop_while_loading_cancels_the_load(gateway, home, tmp_path, monkeypatch) -> None:
+    """Issue 21 defect 5: the stop waited for the load (up to the load timeout), said "stopped", and the queued
+    request started the model again. Now the stop cancels the load and the waiting request fails at once."""
+    monkeypatch.setenv("FAKE_VLLM_LOAD_GATE", str(tmp_path / "never"))  # the load would never end by itself
+    gw = gateway()
+    answers: list[httpx.Response] = []
+    t = threading.Thread(target=lambda: answers.append(gw.chat(MODEL_A)))
+    t.start()
+    wait_for(lambda: StateStore().names())  # launched and recorded
+    stop = gw.client.post("/api/local-engine/stop", json={"model": MODEL_A}, timeout=20)
+    assert stop.status_code == 200, stop.text
+    assert "cancelled" in stop.json()["message"]
+    t.join(20)
+    assert answers[0].status_code == 503
+    assert answers[0].json()["error"]["code"] == "load_cancelled"
+    assert StateStore().names() == []
+    assert live_engines() == []
+    assert card(gw, MODEL_A)["state"] == "available"
+    assert engine_starts(home) == 1  # nothing started it again
+
+
+@pytest.mark.parametrize("port_of", ["gateway", "in_use", "out_of_range", "privileged"])
+def test_a_bad_port_to_start_is_a_400_and_holds_nothing(gateway, home, port_of) -> None:
+    """Issue 21 defect 6: the gateway's own port gave 503 model_load_failed and held the model failed for 60 s."""
+    import socket
+
+    gw = gateway()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        port = {"gateway": gw.gw.opts.port, "in_use": busy.getsockname()[1], "out_of_range": 70000,
+                "privileged": 80}[port_of]
+        r = gw.post("/api/local-engine/start", {"model": MODEL_A, "port": port})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "port"
+        assert str(port) in r.json()["error"]["message"]
+        assert card(gw, MODEL_A)["state"] == "available"
+        assert engine_starts(home) == 0
+        assert gw.chat(MODEL_A).status_code == 200  # nothing held
+    finally:
+        busy.close()
+
+
+def test_only_cached_or_configured_models_are_loadable(gateway, home, tmp_path) -> None:
+    """Issue 21 defect 8: start accepted "auto", any directory with a config.json and uncached ids, which then stayed
+    loadable and a chat request started an engine (a hub download with real vLLM)."""
+    from tests.cli.test_models_cli import LLAMA
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA))
+    gw = gateway(fallback=False)
+    for name in ("auto", str(folder), "org/not-cached"):
+        r = gw.post("/api/local-engine/start", {"model": name})
+        assert r.status_code == 400, (name, r.text)
+        assert r.json()["error"]["param"] == "model"
+        assert "pull it first" in r.json()["error"]["message"] or "virtual" in r.json()["error"]["message"]
+        assert name not in {c["id"] for c in gw.client.get("/v1/models").json()["data"]}
+        assert gw.chat(name).status_code != 200
+    assert engine_starts(home) == 0
+    # a local directory is served through a configured profile
+    gw.stop()
+    write_config(tmp_path, f'[gateway.models."{folder}"]\naliases = ["mine"]\n')
+    gw = gateway(fallback=False)
+    r = gw.chat("mine")
+    assert r.status_code == 200, r.text
+
+
+def test_a_second_gateway_on_the_same_state_directory_refuses_to_start(home, fake_vllm) -> None:
+    """Two real gateway processes on one state directory: the second exits 2 naming the first's pid and port."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    p1, p2 = free_port(), free_port()
+    cmd = [sys.executable, "-m", "sage_llm", "gateway", "run", "--no-external", "--port"]
+    first = subprocess.Popen([*cmd, str(p1)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
+    try:
+        wait_for(lambda: first.poll() is not None or _listening(p1), timeout=60)
+        assert first.poll() is None
+        second = subprocess.run([*cmd, str(p2)], capture_output=True, text=True, timeout=60, env=dict(os.environ))
+        assert second.returncode == 2, second.stderr
+        assert f"pid {first.pid}" in second.stderr
+        assert f"port {p1}" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert not _listening(p2)
+    finally:
+        first.terminate()
+        first.wait(60)
+    third = subprocess.Popen([*cmd, str(p2)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env=dict(os.environ))
+    try:  # the lock went with the first gateway
+        wait_for(lambda: third.poll() is not None or _listening(p2), timeout=60)
+        assert third.poll() is None
+    finally:
+        third.terminate()
+        third.wait(60)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_an_external_engine_of_another_user_gets_no_traffic(gateway, monkeypatch) -> None:
+    """Audit (issue 21): another local user's fake vLLM on a port received a model's traffic. Only processes of the
+    gateway's own uid are trusted as external engines (here the gateway is made to believe it runs as another uid,
+    so the engine it finds looks like someone else's)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import FAKE_VLLM, free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(FAKE_VLLM), "serve", "other/user-model", "--port", str(port)],
+                            env=dict(os.environ, FAKE_VLLM_LOAD_S="0"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _listening(port))
+        monkeypatch.setattr("sage_llm.gateway.engines.OWN_UID", os.getuid() + 4242)
+        gw = gateway(external=True, fallback=False)
+        gw.call(gw.gw.router.refresh)
+        assert "other/user-model" not in {c["id"] for c in gw.client.get("/v1/models").json()["data"]}
+        assert gw.chat("other/user-model").status_code == 404
+        monkeypatch.setattr("sage_llm.gateway.engines.OWN_UID", os.getuid())  # our own: trusted
+        gw.call(gw.gw.router.refresh)
+        assert gw.chat("other/user-model").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def test_management_api(gateway, home) -> None:
@@ -110,7 +365,7 @@ def test_management_api(gateway, home) -> None:
     assert gw.post("/api/local-engine/start", {}).status_code == 400
     bad_name = gw.post("/api/local-engine/start", {"model": "not a/model/id"})
     assert bad_name.status_code == 400
-    assert "neither an existing path nor a hub id" in bad_name.json()["error"]["message"]
+    assert "pull it first" in bad_name.json()["error"]["message"]
     assert "not a/model/id" not in {c["id"] for c in gw.client.get("/v1/models").json()["data"]}
     assert engine_starts(home) == 0
     r = gw.post("/api/local-engine/start?wait=1", {"model": MODEL_A, "gpu_memory_utilization": 0.5})
@@ -217,6 +472,7 @@ def test_cloud_fallback_and_virtual_models(gateway, monkeypatch) -> None:
         assert gw.chat("local").headers["x-sage-llm-source"] == "local"
     finally:
         cloud.stop()
+    gw.stop()  # one gateway per state directory
     gw2 = gateway(fallback=False)
     assert gw2.chat("gpt-test").status_code == 404
 
@@ -261,12 +517,18 @@ def test_client_disconnect_aborts_the_upstream_request(gateway, monkeypatch) -> 
              timeout=10)
 
     def running() -> float:
-        key = {"Authorization": f"Bearer {gw.gw.router.slots[MODEL_A].engine.api_key}"}
+        key = {"Authorization": f"Bearer {gw.gw.router.find(MODEL_A).engine.api_key}"}
         text = httpx.get(f"http://127.0.0.1:{rec.port}/metrics", headers=key).text
         line = next(ln for ln in text.splitlines() if ln.startswith("vllm:num_requests_running"))
         return float(line.rsplit(" ", 1)[1])
 
     wait_for(lambda: running() == 0.0, timeout=10)
+    # issue 21 defect 11: the disconnected client is not counted as answered (499), the first request is
+    def metric(code: int) -> str:
+        return f'sage_llm_gateway_requests_total{{model="{MODEL_A}",source="local",code="{code}"}} 1'
+
+    wait_for(lambda: metric(499) in gw.client.get("/metrics").text, timeout=10)
+    assert metric(200) in gw.client.get("/metrics").text
 
 
 def test_a_restarted_gateway_adopts_running_engines(gateway, home) -> None:

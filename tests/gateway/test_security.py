@@ -181,6 +181,7 @@ def test_cors_preflight_for_allowed_origins_only(gateway, home) -> None:
     status, headers, _ = raw_request(port, "GET", "/v1/models", headers=("Origin: http://evil.example",))
     assert "access-control-allow-origin" not in headers
     # without --allow-origin there is no CORS at all
+    gw.stop()  # one gateway per state directory
     gw2 = gateway()
     status, headers, _ = raw_request(gw2.gw.opts.port, "OPTIONS", "/v1/chat/completions",
                                      headers=(f"Origin: {studio}", *ask))

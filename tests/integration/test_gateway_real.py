@@ -96,7 +96,7 @@ def test_openai_client_on_demand_load_and_aborted_stream(real_gateway, two_model
     assert raw.parse().choices[0].message.content.strip() == TINY_REPLY
     print(f"on-demand load + first answer: {took:.1f} s")
     rec = StateStore().load(engine)
-    key = gw.router.slots[model].engine.api_key
+    key = gw.router.find(model).engine.api_key
     # the engine itself refuses a request without the gateway's key
     assert httpx.post(f"http://127.0.0.1:{rec.port}/v1/chat/completions", json={"model": model, "messages": []},
                       headers={"Origin": "http://evil.example"}).status_code == 401

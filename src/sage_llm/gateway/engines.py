@@ -105,6 +105,7 @@ def inspect(exclude_ports: set[int] | None = None, with_gpu: bool = True, extern
 
     views = api.engines(include_external=external)
     views = [v for v in views if not (exclude_ports and v.port in exclude_ports and not v.managed)]
+    views = [v for v in views if v.managed or ours(v.pid)]  # another user's server: not ours to route to (`ours`)
     if with_gpu:
         with contextlib.suppress(Exception):
             status.attach_gpu(views)
@@ -126,6 +127,27 @@ def inspect(exclude_ports: set[int] | None = None, with_gpu: bool = True, extern
                           started_at=v.started_at, max_model_len=v.max_model_len, settings=dict(v.settings or {}),
                           stage=v.stage, progress=v.progress))
     return out, views
+
+
+OWN_UID = os.getuid() if hasattr(os, "getuid") else None
+
+
+def ours(pid: int | None) -> bool:
+    """Is process `pid` this user's? An external engine (one with no record of ours) is only trusted when the process
+    listening on its port runs under the gateway's own uid: on a machine with several users, anyone can start a
+    server on a free loopback port that looks like vLLM, and routing a model's traffic (prompts, answers) to it would
+    hand them to that user. A listener whose process we cannot see (another user's, without privileges) is refused
+    too."""
+    if OWN_UID is None:
+        return True
+    if pid is None:
+        return False
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).uids().real == OWN_UID)
+    except psutil.Error:
+        return False
 
 
 def local_engine_status(views: list[Any]) -> dict[str, Any]:
@@ -161,6 +183,20 @@ def alive(engine: Engine) -> bool:
         return psutil.Process(engine.pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def alive_state(engine: Engine) -> str:
+    """After a request to `engine` broke off: "alive", "stopped" (its record is gone or says it is being stopped: a
+    deliberate stop, e.g. `sage-llm stop`, not a crash) or "died" (its record says it runs, its process is gone)."""
+    from sage_llm.core.state import EngineRecord, StateStore
+    from sage_llm.engine import process
+
+    if engine.managed:
+        rec = StateStore().load(engine.name)
+        if not isinstance(rec, EngineRecord) or rec.state == "stopping":
+            return "stopped"
+        return "alive" if process.leader(rec.pid, rec.create_time) is not None else "died"
+    return "alive" if alive(engine) else "died"
 
 
 def cache_stamp() -> Any:
@@ -235,7 +271,7 @@ def is_cpu_engine() -> bool:
 
 
 def start(profile: Any, engine_port: int, timeout: float, on_progress: Any = None, sleep_mode: bool = False,
-          port: int | None = None) -> Engine:
+          port: int | None = None, var: str | None = None) -> Engine:
     """Start `profile.model` through sage_llm.api (blocking until it serves, or raising the same EngineFailed `start`
     raises: same words) as a managed engine with its own key. InsufficientGpuMemory / NotEnoughMemory when it would
     not fit. The key and the dev-mode switch go to the engine's environment only, never to the gateway's."""
@@ -251,7 +287,7 @@ def start(profile: Any, engine_port: int, timeout: float, on_progress: Any = Non
         extra.append("--enable-sleep-mode")
     from sage_llm.gateway import engine_env as inherited
 
-    var = new_key_var()
+    var = var or new_key_var()
     engine_env = {**inherited.overrides(), var: key_for(var)}  # no gateway secrets, no vLLM switch that opens it up
     if sleep_mode and not cpu:
         engine_env[SLEEP_ENV] = "1"  # sleep routes exist only in dev mode; the engine stays on loopback
@@ -286,11 +322,154 @@ def stop(name: str, timeout: float | None = None) -> str:
     return outcome.message
 
 
+def quantization_methods() -> tuple[str, ...]:
+    """The `--quantization` values vLLM takes (what POST /api/local-engine/start accepts)."""
+    from sage_llm.engine.vllm import QUANTIZATION_METHODS
+
+    return tuple(QUANTIZATION_METHODS)
+
+
+def human_uptime(seconds: float | None) -> str | None:
+    from sage_llm.engine.view import human_uptime as human
+
+    return human(seconds)  # type: ignore[no-any-return]
+
+
+def port_free(port: int) -> bool:
+    """Can an engine listen on 127.0.0.1:`port` now?"""
+    from sage_llm.engine import process
+
+    return bool(process.port_is_free("127.0.0.1", port))
+
+
 def log_file(name: str) -> Path | None:
     from sage_llm.core.state import EngineRecord, StateStore
 
     rec = StateStore().load(name)
     return Path(rec.log_file) if isinstance(rec, EngineRecord) and rec.log_file else None
+
+
+# ------------------------------------------------------------------------------------------------------ effects
+class EngineEffects:
+    """The state machine's effects (machine.Effects) on real engines: blocking library calls run in threads."""
+
+    def __init__(self, opts: Any) -> None:
+        self.opts = opts
+        self.session: Any = None  # aiohttp.ClientSession, set by the server
+        self.cpu: bool | None = None
+        self._starting: dict[str, str] = {}  # model -> key variable of the start in progress
+        self._seen: dict[str, tuple[Path, Any]] = {}  # engine name -> (record path, its stat when last read)
+
+    def inspect(self, exclude_ports: set[int] | None, with_gpu: bool, external: bool
+                ) -> tuple[list[Engine], list[Any]]:
+        return inspect(exclude_ports, with_gpu, external)
+
+    async def start(self, key: str, profile: Any, port: int | None, on_progress: Any) -> Engine:
+        import asyncio
+
+        from sage_llm.core.errors import UsageError
+        from sage_llm.engine.placement import InsufficientGpuMemory
+        from sage_llm.gateway.machine import BadInput, LoadFailed, NoRoom
+
+        loop = asyncio.get_running_loop()
+        var = self._starting[key] = new_key_var()
+
+        def hop(info: dict[str, Any]) -> None:  # worker thread -> the loop
+            loop.call_soon_threadsafe(on_progress, info)
+
+        def said(exc: SageLLMError) -> str:
+            return exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
+
+        try:
+            return await asyncio.to_thread(start, profile, self.opts.engine_port, self.opts.load_timeout, hop,
+                                           self.opts.sleep, port, var)
+        except (InsufficientGpuMemory, NotEnoughMemory) as exc:
+            raise NoRoom(said(exc)) from None
+        except UsageError as exc:
+            raise BadInput(said(exc)) from None
+        except SageLLMError as exc:
+            raise LoadFailed(said(exc)) from None
+        finally:
+            if self._starting.get(key) == var:
+                del self._starting[key]
+
+    async def cancel_start(self, key: str) -> None:
+        """Stop what the start of `key` launched (found by its key variable; it is recorded within moments of the
+        launch). Should it come up after all, the machine stops the engine the start returns."""
+        import asyncio
+
+        var = self._starting.get(key)
+        if var is None:
+            return
+
+        def find_and_stop() -> None:
+            from sage_llm.core.state import EngineRecord, StateStore
+
+            deadline = time.monotonic() + 10.0
+            while time.monotonic() < deadline and self._starting.get(key) == var:
+                names = [r.name for r in StateStore().all() if isinstance(r, EngineRecord) and r.api_key_env == var]
+                if names:
+                    for n in names:
+                        stop(n)
+                    return
+                time.sleep(0.05)
+
+        await asyncio.to_thread(find_and_stop)
+
+    async def stop(self, engine: Engine) -> str:
+        import asyncio
+
+        return await asyncio.to_thread(stop, engine.name)
+
+    async def sweep(self, engine: Engine) -> None:
+        import asyncio
+
+        if engine.managed:
+            with contextlib.suppress(SageLLMError):
+                await asyncio.to_thread(stop, engine.name)
+
+    async def sleep(self, engine: Engine) -> bool:
+        import asyncio
+
+        if self.cpu is not False or not await asyncio.to_thread(host_ram_holds, engine.model):
+            return False  # no sleep mode (CPU build), or host RAM cannot hold the weights: stop it instead
+        try:
+            return await sleep(self.session, engine, level=1)
+        except Exception:
+            return False
+
+    async def wake(self, engine: Engine) -> bool:
+        try:
+            return await wake(self.session, engine)
+        except Exception:
+            return False
+
+    async def alive(self, engine: Engine) -> str:
+        import asyncio
+
+        return await asyncio.to_thread(alive_state, engine)
+
+    def present(self, engine: Engine) -> bool:
+        """Before a request is routed to a managed engine: does its record still say it runs? One stat() when
+        nothing changed; a stop from outside (`sage-llm stop`) marks the record "stopping", then removes it."""
+        from sage_llm.core.state import EngineRecord, StateStore
+
+        path, seen = self._seen.get(engine.name, (None, None))
+        if path is None:
+            path = StateStore().path_for(engine.name)
+        try:
+            st = os.stat(path)
+        except OSError:
+            self._seen.pop(engine.name, None)
+            return False
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp == seen:
+            return True
+        rec = StateStore().load(engine.name)
+        ok = isinstance(rec, EngineRecord) and rec.state != "stopping"
+        if ok:
+            self._seen[engine.name] = (path, stamp)
+        return ok
 
 
 # ------------------------------------------------------------------------------------------------------ sleep mode

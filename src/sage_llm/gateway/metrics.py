@@ -24,6 +24,14 @@ class Metrics:
         self.unloads: dict[tuple[str, str], int] = defaultdict(int)  # (model, reason) -> n
         self.swaps = 0
         self.load_seconds: dict[str, float] = {}
+        self.states: dict[str, int] = defaultdict(int)  # model state -> how many models are in it
+
+    def state(self, model: str, old: str | None, new: str | None) -> None:
+        """A model changed state (machine.Scheduler._to): the models-by-state gauge."""
+        if old is not None:
+            self.states[old] -= 1
+        if new is not None:
+            self.states[new] += 1
 
     def request(self, model: str, source: str, code: int, seconds: float) -> None:
         self.requests[(model, source, str(code))] += 1
@@ -77,7 +85,12 @@ class Metrics:
             out.append(f"sage_llm_gateway_load_seconds{_labels({'model': model})} {s:.3f}")
         out += ["# HELP sage_llm_gateway_queued_requests Requests waiting for a model to load.",
                 "# TYPE sage_llm_gateway_queued_requests gauge", f"sage_llm_gateway_queued_requests {queued}",
-                "# HELP sage_llm_gateway_engine_gpu_memory_bytes GPU memory held by each engine's process tree.",
+                "# HELP sage_llm_gateway_models Models the gateway knows, by lifecycle state.",
+                "# TYPE sage_llm_gateway_models gauge"]
+        for st, n in sorted(self.states.items()):
+            if st != "gone":
+                out.append(f"sage_llm_gateway_models{_labels({'state': st})} {n}")
+        out += ["# HELP sage_llm_gateway_engine_gpu_memory_bytes GPU memory held by each engine's process tree.",
                 "# TYPE sage_llm_gateway_engine_gpu_memory_bytes gauge"]
         for e in engines:
             if e.gpu_memory_bytes is not None:

@@ -21,10 +21,11 @@ from aiohttp import web
 
 from sage_llm import __version__
 from sage_llm.core.errors import SageLLMError
-from sage_llm.gateway import bodies, engine_env, engines, security
+from sage_llm.gateway import bodies, engine_env, engines, instance, security
 from sage_llm.gateway.events import EventBus, sse_frame
+from sage_llm.gateway.machine import Refused, State
 from sage_llm.gateway.metrics import Metrics
-from sage_llm.gateway.options import VIRTUAL_MODELS, GatewayOptions, Profile
+from sage_llm.gateway.options import VIRTUAL_MODELS, GatewayOptions
 from sage_llm.gateway.router import Backend, GatewayError, Router
 from sage_llm.gateway.webapi import WebAPI, is_page_asset
 
@@ -218,75 +219,69 @@ class Gateway:
             raise GatewayError(400, str(exc), code="invalid_json") from None
 
     async def local_start(self, request: web.Request) -> web.Response:
-        """LocalEngineStartRequest {model, port, gpu_memory_utilization, quantization}; ?wait=1 waits until ready."""
-        from sage_llm.engine.vllm import QUANTIZATION_METHODS
-
+        """LocalEngineStartRequest {model, port, gpu_memory_utilization, quantization}; ?wait=1 waits until ready.
+        Bad input is a 400 naming the field, and changes nothing."""
         body = await self._json_body(request)
         model = body.get("model")
         if not isinstance(model, str) or not model.strip():
             raise GatewayError(400, "`model` is required: a Hugging Face id like Qwen/Qwen2.5-1.5B-Instruct",
                                param="model", code="invalid_value")
         port = body.get("port")
-        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
-            raise GatewayError(400, f"`port` {port!r} is not a port number (1-65535)", param="port",
-                               code="invalid_value")
+        if port is not None:
+            self._check_port(port)
         util = body.get("gpu_memory_utilization")
         if util is not None and (isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1):
             raise GatewayError(400, f"`gpu_memory_utilization` {util!r} is not in (0, 1]",
                                param="gpu_memory_utilization", code="invalid_value")
         quant = body.get("quantization")
-        if quant is not None and quant not in QUANTIZATION_METHODS:
+        if quant is not None and quant not in engines.quantization_methods():
             raise GatewayError(400, f"unknown `quantization` {quant!r} (e.g. awq, gptq, fp8, or null)",
                                param="quantization", code="invalid_value")
         unknown = set(body) - {"model", "port", "gpu_memory_utilization", "quantization"}
         if unknown:
             raise GatewayError(400, f"unknown field(s) {', '.join(sorted(unknown))} in LocalEngineStartRequest",
                                code="invalid_value")
-        if self.router.find(model) is None:
-            from sage_llm.core.errors import UsageError
-            from sage_llm.engine.vllm import LaunchSpec, validate
-
-            try:  # the model name and values, checked as `start` checks them, before anything is recorded
-                validate(LaunchSpec(model=model, host="127.0.0.1", port=port or self.opts.engine_port,
-                                    gpu_memory_utilization=float(util or 0.9), quantization=quant))
-            except UsageError as exc:
-                raise GatewayError(400, exc.message + (f" (hint: {exc.hint})" if exc.hint else ""),
-                                   param="model", code="invalid_value") from None
-        slot = self.router.find(model) or self.router._slot(model)
-        base = slot.profile or Profile(model=model)
-        if util is not None or quant is not None:
-            base = Profile(**{**base.__dict__, "gpu_memory_utilization": util or base.gpu_memory_utilization,
-                              "quantization": quant or base.quantization})
-        slot.profile = base
-        fut = await self.router.start_model(slot, port)
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # consumed: reported through events
+        slot, fut = await self.router.start_model(model, port, util, quant)
         if request.query.get("wait") in ("1", "true", "yes"):
             try:
                 await asyncio.shield(fut)
-            except GatewayError as exc:
-                return from_gateway_error(exc)
-        return web.json_response({"model": slot.key, "state": slot.state, "engine": slot.engine.name
+            except Refused as exc:
+                return from_gateway_error(GatewayError.of(exc))
+        return web.json_response({"model": slot.key, "state": slot.state.value, "engine": slot.engine.name
                                   if slot.engine else None, "events": "/api/events"},
-                                 status=200 if slot.state == "ready" else 202)
+                                 status=200 if slot.state == State.READY else 202)
+
+    def _check_port(self, port: Any) -> None:
+        """A port an engine can be started on: a number in 1024-65535, not the gateway's own, free now."""
+        if isinstance(port, bool) or not isinstance(port, int) or not 1024 <= port <= 65535:
+            raise GatewayError(400, f"`port` {port!r} is not a port an engine can take (1024-65535, or leave it out"
+                               " and the gateway picks one)", param="port", code="invalid_value")
+        if port == self.opts.port or port in self.router.own_ports:
+            raise GatewayError(400, f"`port` {port} is the gateway's own port; leave it out and the gateway picks "
+                               "a free one", param="port", code="invalid_value")
+        if not engines.port_free(port):
+            raise GatewayError(400, f"`port` {port} is in use; pick a free port or leave it out and the gateway "
+                               "picks one", param="port", code="port_in_use")
 
     async def local_stop(self, request: web.Request) -> web.Response:
         body = await self._json_body(request)
         target = body.get("model") or body.get("name")
         if target is not None and not isinstance(target, str):
             raise GatewayError(400, "`model` must be a model id (or `name` an engine name)", code="invalid_value")
-        running = [s for s in self.router.slots.values() if s.engine is not None and s.engine.managed]
+        running = [m for m in self.router.models() if (m.engine is not None and m.engine.managed)
+                   or m.state == State.LOADING]
         if target is None:
             if len(running) != 1:
-                names = ", ".join(s.key for s in running) or "none"
+                names = ", ".join(m.key for m in running) or "none"
                 raise GatewayError(400, f"say which model to stop (running: {names})", param="model",
                                    code="invalid_value")
             slot = running[0]
         else:
-            slot = self.router.find(target) or next((s for s in running if s.engine and s.engine.name == target),
-                                                    None)
-            if slot is None:
+            found = self.router.find(target) or self.router.engine_of(target)
+            if found is None:
                 raise GatewayError(404, f"no model or engine {target!r} (running: "
-                                   f"{', '.join(s.key for s in running) or 'none'})", code="model_not_found")
+                                   f"{', '.join(m.key for m in running) or 'none'})", code="model_not_found")
+            slot = found
         message = await self.router.stop_model(slot)
         return web.json_response({"model": slot.key, "stopped": True, "message": message})
 
@@ -353,12 +348,14 @@ class Gateway:
             try:
                 raw = await bodies.serialise(body, len(raw))
             except bodies.BodyRefused as exc:
+                self.router.release(backend)  # the route's lease on the model
                 return error_response(400, str(exc), code="invalid_json")
         if path.startswith("/v1/"):
             url = yarl.URL(backend.v1_base + path[3:], encoded=True)  # exactly the bytes proxy_path checked
         elif backend.root is not None:
             url = yarl.URL(backend.root + path)
         else:
+            self.router.release(backend)
             return error_response(404, f"{path} is served by local engines only", code="not_found")
         return await self._relay(request, backend, url, raw, label, t0)
 
@@ -385,8 +382,7 @@ class Gateway:
             headers["Authorization"] = f"Bearer {backend.api_key}"
         params = {k: v for k, v in request.query.items() if k != "model"} if request.method == "GET" else \
             dict(request.query)
-        self.router.begin(backend.slot)
-        code = 502
+        code = 502  # the route holds a lease on the model: released in `finally`
         resp: web.StreamResponse | None = None
         try:
             try:
@@ -394,7 +390,7 @@ class Gateway:
                 up = await up_cm.__aenter__()
             except (aiohttp.ClientError, OSError) as exc:
                 if backend.source == "local":
-                    self._bg(self.router.engine_failed(backend.slot, backend.engine))
+                    self.router.engine_failed(backend)
                 return error_response(502, f"{backend.source} upstream {backend.engine} is not answering: "
                                       f"{type(exc).__name__}", "server_error", "upstream_unavailable")
             try:
@@ -430,7 +426,7 @@ class Gateway:
                 if broke is not None:
                     code = 502
                     if backend.source == "local":
-                        self._bg(self.router.engine_failed(backend.slot, backend.engine))
+                        self.router.engine_failed(backend)
                     if streaming:
                         err = {"error": {"message": f"upstream {backend.engine} broke off the stream: "
                                          f"{type(broke).__name__ if broke else 'connection closed'}",
@@ -445,12 +441,23 @@ class Gateway:
         except ConnectionResetError:
             code = 499  # the client went away; leaving the `async with` closed the upstream request
             return resp if resp is not None else web.Response(status=499)
+        except asyncio.CancelledError:
+            code = 499  # the client went away (handler cancelled): not an answer it got
+            raise
         finally:
-            self.router.end(backend.slot)
+            self.router.release(backend)
             self.metrics.request(label, backend.source, code, time.monotonic() - t0)
 
 
 async def _serve(opts: GatewayOptions, ready: Any = None) -> Gateway:
+    lock = instance.hold(opts.port)  # one gateway per state directory, for its whole life
+    try:
+        return await _serve_locked(opts, ready)
+    finally:
+        lock.release()
+
+
+async def _serve_locked(opts: GatewayOptions, ready: Any = None) -> Gateway:
     gw = Gateway(opts)
     runner = web.AppRunner(gw.app(), handler_cancellation=True, access_log=None)
     await runner.setup()

@@ -121,14 +121,15 @@ class WebAPI:
         """The engines this gateway routes to (its own view: `--no-external` hides external ones), one object per
         engine with the seed's running info, plus the models loading now."""
         from sage_llm.core.state import parse_iso
-        from sage_llm.engine.view import human_uptime
+        from sage_llm.gateway.engines import human_uptime
 
         router = self.gw.router
         seen: dict[str, Any] = {e.name: e for e in router.engines if not e.static}
-        for slot in router.slots.values():
+        models = router.models()
+        for slot in models:
             if slot.engine is not None and not slot.engine.static:
                 seen[slot.engine.name] = slot.engine
-        by_engine = {s.engine.name: s for s in router.slots.values() if s.engine is not None}
+        by_engine = {s.engine.name: s for s in models if s.engine is not None}
         now = time.time()
         out = []
         for e in seen.values():
@@ -136,7 +137,7 @@ class WebAPI:
             started = parse_iso(e.started_at)
             uptime = round(now - started, 1) if started else None
             # the engine's own state, except what only the gateway knows (it put the engine to sleep, is stopping it)
-            state = slot.state if slot is not None and slot.state in ("sleeping", "stopping") else e.state
+            state = slot.state.value if slot is not None and slot.state in ("sleeping", "stopping") else e.state
             out.append({"name": e.name, "model": e.model, "served_model_name": e.served, "port": e.port, "pid": e.pid,
                         "state": state, "managed": e.managed, "managed_by_gateway": e.owned, "external": not e.managed,
                         "gpu_memory_bytes": e.gpu_memory_bytes,
@@ -146,7 +147,7 @@ class WebAPI:
                         "max_model_len": e.max_model_len,
                         "gpu_memory_utilization": (e.settings or {}).get("gpu_memory_utilization"),
                         "quantization": (e.settings or {}).get("quantization")})
-        loading = [{"model": s.key, "stage": s.stage, "progress": s.progress} for s in router.slots.values()
+        loading = [{"model": s.key, "stage": s.stage, "progress": s.progress} for s in models
                    if s.state == "loading"]
         return web.json_response({"engines": sorted(out, key=lambda x: x["name"]), "loading": loading,
                                   "local_engine": await self._local()})
