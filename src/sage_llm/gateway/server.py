@@ -21,11 +21,14 @@ from aiohttp import web
 from sage_llm import __version__
 from sage_llm.core.errors import SageLLMError
 from sage_llm.gateway import engines, security
+from sage_llm.gateway.access import REQUEST_KEY, Access
 from sage_llm.gateway.events import EventBus, sse_frame
+from sage_llm.gateway.fairshare import Share
 from sage_llm.gateway.metrics import Metrics
 from sage_llm.gateway.options import GatewayOptions, Profile
 from sage_llm.gateway.router import Backend, GatewayError, Router
-from sage_llm.gateway.webapi import WebAPI, is_page_asset
+from sage_llm.gateway.usage import Meter, UsageLog
+from sage_llm.gateway.webapi import WebAPI
 
 KEEPALIVE_S = 4.0  # below vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s): no reuse of a connection the server closes
 ENGINE_PATHS = ("/tokenize", "/detokenize", "/pooling", "/classify", "/score", "/rerank")  # vLLM, outside /v1
@@ -51,6 +54,8 @@ class Gateway:
         self.session: aiohttp.ClientSession | None = None
         self.started = time.time()
         self.api_key = opts.api_key()
+        self.access = Access(self.api_key, required=not opts.loopback)  # keys and roles (access.py)
+        self.share = Share(UsageLog(), opts.profiles)  # fair admission, per-key limits, usage (keyed callers only)
         self.stopped_engines: list[str] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self.web = WebAPI(self)
@@ -99,13 +104,13 @@ class Gateway:
         self.stopped_engines = await self.router.close(self.opts.stop_engines_on_exit)
         if self.session is not None:
             await self.session.close()
+        self.share.usage.close()
 
     @web.middleware
     async def _checks(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        # the panel's static files hold no data: a browser must be able to load them before it has the key to send
-        key = None if is_page_asset(request.method, request.path) else self.api_key
-        refused = security.check(request.method, request.headers, self.opts.host, self.opts.port, key,
-                                 self.opts.allowed_origins, self.opts.loopback)
+        refused = self.access.check(request) or security.check(  # keys and roles first (access.py), then
+            request.method, request.headers, self.opts.host, self.opts.port, None,  # Host, Origin, Content-Type
+            self.opts.allowed_origins, self.opts.loopback)
         if refused is not None:
             status, message, code = refused
             return error_response(status, message, "invalid_request_error" if status != 401 else
@@ -141,6 +146,8 @@ class Gateway:
 
     async def prometheus(self, request: web.Request) -> web.Response:
         text = self.metrics.render(self.router.engines, self.router.queued)
+        if self.share.usage.totals:
+            text += self.share.usage.render()  # per key name and model (usage.py)
         return web.Response(text=text, content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
@@ -149,7 +156,8 @@ class Gateway:
                 "url": f"http://{self.opts.host if ':' not in self.opts.host else f'[{self.opts.host}]'}:"
                        f"{self.opts.port}/v1",
                 "uptime_s": round(time.time() - self.started, 1), "queued": self.router.queued,
-                "options": self.opts.to_json(), "models": self.router.catalog()}
+                "options": self.opts.to_json(), "models": self.router.catalog(),
+                "access": {**self.access.describe(), "engines": self.share.describe()}}
 
     async def gateway_info(self, request: web.Request) -> web.Response:
         return web.json_response(self.info())
@@ -322,6 +330,7 @@ class Gateway:
         if model is not None and not isinstance(model, str):
             return error_response(400, "`model` must be a string", param="model", code="invalid_value")
         label = model or "auto"
+        self.access.allow_model(request, model)  # 403 naming the key's model rule (before anything loads)
         try:
             backend = await self.router.route(model, load=request.method != "GET")
         except GatewayError as exc:
@@ -336,10 +345,14 @@ class Gateway:
             url = backend.root + path
         else:
             return error_response(404, f"{path} is served by local engines only", code="not_found")
-        return await self._relay(request, backend, url, raw, label, t0)
+        key = request.get(REQUEST_KEY)
+        if key is None:
+            return await self._relay(request, backend, url, raw, label, t0)
+        async with self.share.admit(key, backend, body, raw, label) as (meter, raw):  # fair turn, limits, usage
+            return await self._relay(request, backend, url, raw, label, t0, meter)
 
-    async def _relay(self, request: web.Request, backend: Backend, url: str, raw: bytes, label: str, t0: float
-                     ) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, backend: Backend, url: str, raw: bytes, label: str, t0: float,
+                     meter: Meter | None = None) -> web.StreamResponse:
         assert self.session is not None
         headers = {"Accept": request.headers.get("Accept", "*/*")}
         if raw:
@@ -385,7 +398,10 @@ class Gateway:
                         if not up.content.is_eof():
                             continue
                         break
-                    await resp.write(chunk)  # raises when our client is gone: the upstream is closed below
+                    if meter is not None:
+                        chunk = meter.feed(chunk, streaming)  # usage read (and our own usage chunk dropped)
+                    if chunk:
+                        await resp.write(chunk)  # raises when our client is gone: the upstream is closed below
                 if broke is not None:
                     code = 502
                     if backend.source == "local":
@@ -407,6 +423,8 @@ class Gateway:
         finally:
             self.router.end(backend.slot)
             self.metrics.request(label, backend.source, code, time.monotonic() - t0)
+            if meter is not None:
+                meter.finish(code)
 
 
 async def _serve(opts: GatewayOptions, ready: Any = None) -> Gateway:

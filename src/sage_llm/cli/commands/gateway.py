@@ -134,3 +134,98 @@ def status(json_: JsonOpt = False) -> None:
         out.result(f"gateway running: {st['url']} (pid {st['pid']}, since {st['started_at']}, {health})")
     if not st or not st["running"]:
         raise typer.Exit(3)
+
+
+# ------------------------------------------------------------------------------------------------ shared gateway
+keys_app = typer.Typer(help="Keys per person for a shared gateway (roles, model patterns, limits).",
+                       no_args_is_help=True, rich_markup_mode=None)
+gateway_app.add_typer(keys_app, name="keys")
+KEYS_EPILOG = ("Examples: sage-llm gateway keys add alice --models 'Qwen/*' --max-concurrency 4 | "
+               "sage-llm gateway keys add bob --role admin | sage-llm gateway keys list | "
+               "sage-llm gateway keys rotate alice | sage-llm gateway keys rm alice. Once a key exists, every "
+               "request to the gateway needs one (except GET /health); a running gateway sees changes at once.")
+NameArg = Annotated[str, typer.Argument(help="The key's name (a person or a job), e.g. alice.", show_default=False)]
+
+
+def _show_secret(key: Any, secret: str, verb: str) -> None:
+    out.info(f"{verb} key {key.name!r} ({key.role}; models {', '.join(key.models)}):")
+    out.result(secret)  # alone on stdout: KEY=$(sage-llm gateway keys add NAME) works
+    out.hint("shown once: only its hash is kept. Clients send it as `Authorization: Bearer KEY`.")
+
+
+@keys_app.command("add", epilog=KEYS_EPILOG)
+def keys_add(name: NameArg,
+             role: Annotated[str, typer.Option("--role", help="user (chat with allowed models, read status) or "
+                                               "admin (also start, stop, pull, remove, logs).")] = "user",
+             models: Annotated[list[str] | None, typer.Option("--models", help="Model name pattern this key may "
+                                                              "use (fnmatch, e.g. 'Qwen/*'); repeatable. Default: "
+                                                              "all.", show_default=False)] = None,
+             max_concurrency: Annotated[int | None, typer.Option("--max-concurrency", help="At most N requests "
+                                                                 "in flight (more: 429).", show_default=False)] = None,
+             tokens_per_minute: Annotated[int | None, typer.Option("--tokens-per-minute", help="At most N prompt + "
+                                                                   "completion tokens a minute (more: 429).",
+                                                                   show_default=False)] = None) -> None:
+    """Add a key and print its secret (once)."""
+    from sage_llm.gateway import keys
+
+    key, secret = keys.add(name, role, models, max_concurrency, tokens_per_minute)
+    _show_secret(key, secret, "new")
+
+
+@keys_app.command("list", epilog=KEYS_EPILOG)
+def keys_list(json_: JsonOpt = False) -> None:
+    """The keys: name, role, models, limits, created (never the secret)."""
+    from sage_llm.gateway import keys
+
+    rows = keys.listing()
+    if json_:
+        out.print_json([k.public() for k in rows])
+        return
+    if not rows:
+        out.result("no keys: the gateway accepts any client on loopback (add one: sage-llm gateway keys add NAME)")
+        return
+    for k in rows:
+        limits = ", ".join(f"{n} {v}" for n, v in (("max-concurrency", k.max_concurrency),
+                                                  ("tokens/min", k.tokens_per_minute)) if v is not None)
+        out.result(f"{k.name:<20} {k.role:<6} models {','.join(k.models):<24} {limits or 'no limits'}  "
+                   f"created {k.created}")
+
+
+@keys_app.command("rm", epilog=KEYS_EPILOG)
+def keys_rm(name: NameArg) -> None:
+    """Revoke a key: its next request is refused (a stream in progress finishes)."""
+    from sage_llm.gateway import keys
+
+    keys.remove(name)
+    out.result(f"removed key {name!r}")
+
+
+@keys_app.command("rotate", epilog=KEYS_EPILOG)
+def keys_rotate(name: NameArg) -> None:
+    """A new secret for a key (same role and limits); the old secret stops working at once."""
+    from sage_llm.gateway import keys
+
+    key, secret = keys.rotate(name)
+    _show_secret(key, secret, "rotated")
+
+
+@gateway_app.command("usage", epilog="Examples: sage-llm gateway usage | sage-llm gateway usage --since 7d --by "
+                     "model | sage-llm gateway usage --by key,model --json")
+def usage(since: Annotated[str | None, typer.Option("--since", help="Only the last DURATION (e.g. 7d, 12h).",
+                                                    show_default=False)] = None,
+          by: Annotated[str, typer.Option("--by", help="Group by key, model, or key,model.")] = "key",
+          json_: JsonOpt = False) -> None:
+    """Requests, prompt and completion tokens (the engine's own counts) and errors, per key or model."""
+    from sage_llm.gateway import usage as usage_
+
+    rows = usage_.summarize(usage_.parse_since(since), by)
+    if json_:
+        out.print_json([r.to_json() for r in rows])
+        return
+    if not rows:
+        out.result("no usage recorded (usage is kept once the gateway has keys: sage-llm gateway keys add NAME)")
+        return
+    for r in rows:
+        who = r.key if by == "key" else r.model if by == "model" else f"{r.key} {r.model}"
+        out.result(f"{who:<32} {r.requests:>8} requests {r.prompt_tokens:>10} prompt {r.completion_tokens:>10} "
+                   f"completion {r.errors:>6} errors")
