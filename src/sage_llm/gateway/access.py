@@ -11,6 +11,7 @@ events, metrics and the monitor; `admin` may also start, stop, pull, remove, and
 
 from __future__ import annotations
 
+import contextvars
 import hmac
 import logging
 from pathlib import Path
@@ -22,7 +23,9 @@ from sage_llm.gateway.router import GatewayError
 from sage_llm.gateway.webapi import is_page_asset
 
 ENV_KEY = Key(name="api-key-env", role="admin")
-REQUEST_KEY = "sage_key"  # where the middleware leaves the caller's Key on the aiohttp request
+# the caller's Key for the request being handled (set by the middleware, read by the proxy; a contextvar because
+# the handler runs in the middleware's task, and it needs no aiohttp version's typed request storage)
+caller: contextvars.ContextVar[Key | None] = contextvars.ContextVar("sage_llm_gateway_caller", default=None)
 
 log = logging.getLogger("sage_llm.gateway")
 
@@ -51,7 +54,9 @@ class Access:
         return self.api_key is not None or self.ring.active or self.required
 
     def check(self, request: Any) -> tuple[int, str, str] | None:
-        """(status, message, code) when refused; else None, with the caller's Key on request[REQUEST_KEY]."""
+        """(status, message, code) when refused; else None, with the caller's Key in `caller`."""
+        caller.set(None)  # keep-alive requests may share a task: nothing carries over from the previous one
+        audit.actor.set(None)
         self.ring.refresh()
         if not self.on:
             return None
@@ -70,16 +75,16 @@ class Access:
             log.warning("gateway: refused key %s on %s %s", shown(given), method, path)
             return 401, "unknown, revoked or malformed key (ask an admin: `sage-llm gateway keys list`)", \
                 "invalid_api_key"
-        request[REQUEST_KEY] = key
+        caller.set(key)
         audit.actor.set(key.name)  # management operations this request makes name the key in the audit log
         if needed_role(method, path) == "admin" and key.role != "admin":
             return 403, f"{method} {path} needs an admin key; key {key.name!r} has role {key.role!r}", \
                 "insufficient_role"
         return None
 
-    def allow_model(self, request: Any, model: str | None) -> None:
+    def allow_model(self, model: str | None) -> None:
         """GatewayError 403 when the caller's key may not use `model` (None: the gateway picks, `auto`)."""
-        key: Key | None = request.get(REQUEST_KEY)
+        key = caller.get()
         if key is None:
             return
         rule = key.model_rule(model or "auto")

@@ -8,7 +8,8 @@ per-request check at a microsecond.
 Writers (two admins adding or revoking at once) take an flock on `gateway-keys.lock`, re-read, change, and replace the
 file atomically: nothing is lost and a reader never sees half a file. A running gateway (KeyRing) stats the file per
 request and re-reads it when it changed; a file it cannot use (corrupt, or from a newer sage-llm) leaves the last good
-keys in force, and the reason is logged and shown in GET /api/gateway.
+keys in force, and the reason is logged and shown in GET /api/gateway. The file's existence is what makes a gateway
+shared: `keys rm` of the last key leaves nobody able to get in, rather than opening the gateway to everyone.
 """
 
 from __future__ import annotations
@@ -223,7 +224,9 @@ class KeyRing:
 
     @property
     def active(self) -> bool:
-        return bool(self.by_hash)
+        """A key file exists: the gateway is shared. Removing the last key does not reopen it (nobody gets in until
+        a key is added, or the file is deleted to go back to the open loopback mode)."""
+        return self._stamp is not None
 
     def refresh(self) -> None:
         try:

@@ -21,7 +21,7 @@ from aiohttp import web
 from sage_llm import __version__
 from sage_llm.core.errors import SageLLMError
 from sage_llm.gateway import engines, security
-from sage_llm.gateway.access import REQUEST_KEY, Access
+from sage_llm.gateway.access import Access, caller
 from sage_llm.gateway.events import EventBus, sse_frame
 from sage_llm.gateway.fairshare import Share
 from sage_llm.gateway.metrics import Metrics
@@ -330,7 +330,7 @@ class Gateway:
         if model is not None and not isinstance(model, str):
             return error_response(400, "`model` must be a string", param="model", code="invalid_value")
         label = model or "auto"
-        self.access.allow_model(request, model)  # 403 naming the key's model rule (before anything loads)
+        self.access.allow_model(model)  # 403 naming the key's model rule (before anything loads)
         try:
             backend = await self.router.route(model, load=request.method != "GET")
         except GatewayError as exc:
@@ -345,7 +345,7 @@ class Gateway:
             url = backend.root + path
         else:
             return error_response(404, f"{path} is served by local engines only", code="not_found")
-        key = request.get(REQUEST_KEY)
+        key = caller.get()
         if key is None:
             return await self._relay(request, backend, url, raw, label, t0)
         async with self.share.admit(key, backend, body, raw, label) as (meter, raw):  # fair turn, limits, usage

@@ -182,7 +182,11 @@ def keys_list(json_: JsonOpt = False) -> None:
         out.print_json([k.public() for k in rows])
         return
     if not rows:
-        out.result("no keys: the gateway accepts any client on loopback (add one: sage-llm gateway keys add NAME)")
+        if keys.path().exists():
+            out.result(f"no keys: a gateway refuses every client (add one: sage-llm gateway keys add NAME; or delete "
+                       f"{keys.path()} to go back to the open loopback mode)")
+        else:
+            out.result("no keys: the gateway accepts any client on loopback (add one: sage-llm gateway keys add NAME)")
         return
     for k in rows:
         limits = ", ".join(f"{n} {v}" for n, v in (("max-concurrency", k.max_concurrency),
