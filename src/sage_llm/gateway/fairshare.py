@@ -81,11 +81,12 @@ class EngineQueue:
         self.waiting: dict[str, deque[tuple[float, asyncio.Future[None]]]] = {}
 
     async def acquire(self, who: str, tokens: int) -> None:
+        start = max(self.vtime, self.finish.get(who, 0.0))
+        self.finish[who] = start + tokens  # admitted at once or not, what a key runs counts against its next turn
         if self.running < self.capacity and not self.waiting:
+            self.vtime = start
             self.running += 1
             return
-        start = max(self.vtime, self.finish.get(who, 0.0))
-        self.finish[who] = start + tokens
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiting.setdefault(who, deque()).append((start, fut))
         self._dispatch()
