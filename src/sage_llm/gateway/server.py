@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -153,7 +154,7 @@ class Gateway:
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "version": __version__, "host": self.opts.host, "port": self.opts.port,
-                "url": f"http://{self.opts.host if ':' not in self.opts.host else f'[{self.opts.host}]'}:"
+                "url": f"{self.opts.scheme}://{self.opts.host if ':' not in self.opts.host else f'[{self.opts.host}]'}:"
                        f"{self.opts.port}/v1",
                 "uptime_s": round(time.time() - self.started, 1), "queued": self.router.queued,
                 "options": self.opts.to_json(), "models": self.router.catalog(),
@@ -431,13 +432,17 @@ async def _serve(opts: GatewayOptions, ready: Any = None) -> Gateway:
     gw = Gateway(opts)
     runner = web.AppRunner(gw.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, opts.host, opts.port, reuse_address=True, backlog=1024)
+    site = web.TCPSite(runner, opts.host, opts.port, reuse_address=True, backlog=1024,
+                       ssl_context=opts.tls_context())  # HTTPS with --tls-cert/--tls-key (options.py)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise SageLLMError(f"cannot listen on {opts.host}:{opts.port}: {exc.strerror}",
                            hint="is another gateway running (`sage llm gateway status`)? or pass --port") from None
+    warning = opts.cleartext_warning()
+    if warning:
+        sys.stderr.write(f"Warning: {warning}\n")  # once, at start (the console, or the daemon's log)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     gw.loop, gw.stop_event = loop, stop  # type: ignore[attr-defined]

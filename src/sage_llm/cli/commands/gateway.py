@@ -18,7 +18,12 @@ gateway_app = typer.Typer(help="One OpenAI-compatible endpoint that loads, swaps
                           no_args_is_help=True, rich_markup_mode=None)
 
 HostOpt = Annotated[str | None, typer.Option("--host", help="Address to bind (default 127.0.0.1). Anything but "
-                                             "loopback needs --api-key-env.", show_default=False)]
+                                             "loopback needs keys (`gateway keys add`) or --api-key-env.",
+                                             show_default=False)]
+TlsCertOpt = Annotated[str | None, typer.Option("--tls-cert", help="PEM certificate (chain) file: serve HTTPS "
+                                                "(with --tls-key).", show_default=False)]
+TlsKeyOpt = Annotated[str | None, typer.Option("--tls-key", help="PEM private key file of --tls-cert.",
+                                               show_default=False)]
 PortOpt = Annotated[int | None, typer.Option("--port", "-p", help="Port (default 8901, where SAGE Studio looks).",
                                              show_default=False)]
 TtlOpt = Annotated[str | None, typer.Option("--ttl", help="Stop an engine the gateway started after this long idle "
@@ -56,14 +61,16 @@ def _resolve(p: dict[str, Any]) -> Any:
     return options.resolve(host=p["host"], port=p["port"], ttl=p["ttl"], max_engines=p["max_engines"],
                            api_key_env=p["api_key_env"], fallback=p["fallback"], upstreams=p["upstream"],
                            engine_port=p["engine_port"], sleep=p["sleep"], keep_engines=p["keep_engines"] or None,
-                           allowed_origins=p["allow_origin"], external=p["external"])
+                           allowed_origins=p["allow_origin"], external=p["external"], tls_cert=p["tls_cert"],
+                           tls_key=p["tls_key"])
 
 
 @gateway_app.command("run", epilog=EPILOG)
 def run(host: HostOpt = None, port: PortOpt = None, ttl: TtlOpt = None, max_engines: MaxOpt = None,
         api_key_env: KeyOpt = None, fallback: FallbackOpt = None, upstream: UpstreamOpt = None,
         engine_port: EnginePortOpt = None, sleep: SleepOpt = None, keep_engines: KeepOpt = False,
-        external: ExternalOpt = None, allow_origin: OriginOpt = None) -> None:
+        external: ExternalOpt = None, allow_origin: OriginOpt = None, tls_cert: TlsCertOpt = None,
+        tls_key: TlsKeyOpt = None) -> None:
     """Run the gateway in the foreground. Ctrl-C stops it and the engines it started (unless --keep-engines)."""
     opts = _resolve(locals())
     from sage_llm.gateway import server
@@ -78,7 +85,7 @@ def run(host: HostOpt = None, port: PortOpt = None, ttl: TtlOpt = None, max_engi
 
         gw.bus.listeners.append(show)
         host_ = opts.host if ":" not in opts.host else f"[{opts.host}]"
-        out.result(f"gateway ready: http://{host_}:{opts.port}/v1 (pid {__import__('os').getpid()})")
+        out.result(f"gateway ready: {opts.scheme}://{host_}:{opts.port}/v1 (pid {__import__('os').getpid()})")
         out.hint("models: GET /v1/models | management: /api/local-engine/status | events: /api/events | "
                  "Ctrl-C stops it")
 
@@ -91,7 +98,8 @@ def run(host: HostOpt = None, port: PortOpt = None, ttl: TtlOpt = None, max_engi
 def start(host: HostOpt = None, port: PortOpt = None, ttl: TtlOpt = None, max_engines: MaxOpt = None,
           api_key_env: KeyOpt = None, fallback: FallbackOpt = None, upstream: UpstreamOpt = None,
           engine_port: EnginePortOpt = None, sleep: SleepOpt = None, keep_engines: KeepOpt = False,
-          external: ExternalOpt = None, allow_origin: OriginOpt = None, json_: JsonOpt = False) -> None:
+          external: ExternalOpt = None, allow_origin: OriginOpt = None, tls_cert: TlsCertOpt = None,
+          tls_key: TlsKeyOpt = None, json_: JsonOpt = False) -> None:
     """Start the gateway in the background, recorded in the state directory (`gateway status` shows it)."""
     p = dict(locals())
     opts = _resolve(p)
