@@ -92,4 +92,8 @@ class Access:
             raise GatewayError(403, rule, code="model_not_allowed", param="model")
 
     def describe(self) -> dict[str, Any]:
-        return {"required": self.on, "env_key": self.api_key is not None, **self.ring.describe()}
+        """For GET /api/gateway: whether keys are required, the key file's state, and the caller's key (the panel
+        shows what its role allows)."""
+        you = caller.get()
+        return {"required": self.on, "env_key": self.api_key is not None, **self.ring.describe(),
+                "you": {"name": you.name, "role": you.role} if you is not None else None}
