@@ -54,12 +54,14 @@ def engine(port: int, capacity: int | None, delay: float) -> px.Proc:
     return px.Proc(f"engine-{port}", cmd, port, env=env)
 
 
-def gateway(name: str, src: Path, home: Path, upstream: int, keys: int = 0) -> tuple[px.Proc, dict[str, str]]:
+def gateway(name: str, src: Path, home: Path, upstream: int, keys: int = 0, capacity: int | None = CAPACITY
+            ) -> tuple[px.Proc, dict[str, str]]:
     """A gateway process (`python -m sage_llm.gateway --options JSON`) from source tree `src`; keys: how many keys
-    to define in its state directory (0: the open loopback mode). Returns it and the secrets by key name."""
+    to define in its state directory (0: the open loopback mode); capacity: the engine's --max-num-seqs, told to the
+    gateway in the model's profile. Returns it and the secrets by key name."""
     home.mkdir(parents=True, exist_ok=True)
     config = home / "llm.toml"
-    config.write_text(f'[gateway.models."{MODEL}"]\nargs = ["--max-num-seqs", "{CAPACITY}"]\n')
+    config.write_text(f'[gateway.models."{MODEL}"]\nargs = ["--max-num-seqs", "{capacity}"]\n' if capacity else "")
     env = {**os.environ, "PYTHONPATH": str(src), "SAGE_LLM_HOME": str(home), "SAGE_LLM_CONFIG": str(config)}
     secrets: dict[str, str] = {}
     if keys:
@@ -158,6 +160,7 @@ def main() -> int:
     ap.add_argument("--cost-requests", type=int, default=800)
     ap.add_argument("--baseline-src", default="/work/main/src")
     ap.add_argument("--json", dest="json_out")
+    ap.add_argument("--cost-only", action="store_true", help="skip the fairness runs")
     args = ap.parse_args()
     src = ROOT / "src"
     base = Path(args.baseline_src)
@@ -173,7 +176,7 @@ def main() -> int:
         fcfs, _ = gateway("baseline", base, work / "baseline", e_port)
         fair, secrets = gateway("fair", src, work / "fair", e_port, keys=2)
         procs += [fcfs.start(), fair.start()]
-        for r in range(args.rounds):
+        for r in range(0 if args.cost_only else args.rounds):
             idle, _ = asyncio.run(fairness_run(fair.port, e_port, None, secrets["B"], False, args.b_requests))
             main_, occ_main = asyncio.run(fairness_run(fcfs.port, e_port, None, None, True, args.b_requests))
             ours, occ_ours = asyncio.run(fairness_run(fair.port, e_port, secrets["A"], secrets["B"], True,
@@ -187,8 +190,8 @@ def main() -> int:
         # cost of the shared mode: same engine kind, unlimited and instant
         c_port = free_port()
         procs.append(engine(c_port, None, 0.0).start())
-        open_gw, _ = gateway("open", src, work / "open", c_port)
-        keyed_gw, secrets100 = gateway("keyed", src, work / "keyed", c_port, keys=100)
+        open_gw, _ = gateway("open", src, work / "open", c_port, capacity=None)
+        keyed_gw, secrets100 = gateway("keyed", src, work / "keyed", c_port, keys=100, capacity=None)
         procs += [open_gw.start(), keyed_gw.start()]
         cost: dict[str, list[tuple[float, float]]] = {"open": [], "keyed": []}
         for _ in range(args.rounds):
@@ -197,8 +200,9 @@ def main() -> int:
     finally:
         for p in reversed(procs):
             p.stop()
-    med = {k: statistics.median(x[k] for x in res["rounds"]) for k in ("idle", "baseline", "fair")}
-    occ = {k: statistics.median(x[k] or 0 for x in res["rounds"]) for k in ("occ_baseline", "occ_fair")}
+    rounds = res["rounds"] or [dict.fromkeys(("idle", "baseline", "fair", "occ_baseline", "occ_fair"), 0.0)]
+    med = {k: statistics.median(x[k] for x in rounds) for k in ("idle", "baseline", "fair")}
+    occ = {k: statistics.median(x[k] or 0 for x in rounds) for k in ("occ_baseline", "occ_fair")}
     cpu = {k: statistics.median(c[0] for c in v) for k, v in cost.items()}
     t1 = {k: statistics.median(c[1] for c in v) for k, v in cost.items()}
     res.update({"median": med, "occupancy": occ, "cpu_per_request_s": cpu, "ttft_c1_s": t1})

@@ -106,6 +106,29 @@ def test_keys_cli_prints_the_secret_once_alone_on_stdout(cli, home: Path) -> Non
     assert json.loads(cli("gateway", "keys", "list", "--json")[1]) == []
 
 
+# ------------------------------------------------------------------------------------------------ the meter
+@pytest.mark.parametrize("step", [1, 7, 64, 100000])
+def test_the_meter_reads_usage_and_drops_only_its_own_chunk_however_the_stream_is_cut(step: int) -> None:
+    from sage_llm.gateway.usage import Meter
+
+    base = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
+    events = [f"data: {json.dumps({**base, 'choices': [{'delta': {'content': f'w{i} '}}]})}\n\n" for i in range(5)]
+    usage = f"data: {json.dumps({**base, 'choices': [], 'usage': {'prompt_tokens': 9, 'completion_tokens': 5}})}\n\n"
+    stream = ("".join(events) + usage + "data: [DONE]\n\n").encode()
+    for strip in (True, False):
+        finished: list[tuple[int, int, int]] = []
+
+        def done(meter: Meter, status: int, _sse: bool, into: list = finished) -> None:
+            into.append((status, meter.prompt, meter.completion))
+
+        m = Meter("k", "m", strip, done)
+        shown = b"".join(m.feed(stream[i:i + step], True) for i in range(0, len(stream), step))
+        m.finish(200)
+        assert finished == [(200, 9, 5)]
+        want = ("".join(events) + ("" if strip else usage) + "data: [DONE]\n\n").encode()
+        assert shown == want
+
+
 # ------------------------------------------------------------------------------------------------ the gateway
 def test_without_keys_the_loopback_gateway_works_as_before(gateway) -> None:
     gw = gateway()

@@ -129,17 +129,31 @@ class Meter:
             return chunk
         if self._held:
             chunk, self._held = self._held + chunk, b""
-        end = chunk.rfind(b"\n\n") + 2
-        if end < len(chunk) and len(chunk) - end < HOLD_CAP:
-            chunk, self._held = chunk[:end], chunk[end:]  # an event cut between two reads: wait for its end
-        if USAGE_MARK not in chunk:
+        if chunk.endswith(b"\n\n"):  # the usual read: whole events
+            if USAGE_MARK not in chunk:
+                return chunk
+        else:
+            last = chunk.rfind(b"\n\n")
+            end = last + 2 if last != -1 else 0
+            if len(chunk) - end < HOLD_CAP:
+                chunk, self._held = chunk[:end], chunk[end:]  # an event cut between two reads: wait for its end
+            if USAGE_MARK not in chunk:
+                return chunk
+        kept: list[bytes] = []
+        pos = 0  # only the events around a `"usage"` are looked at (and our own usage chunk cut out)
+        at = chunk.find(USAGE_MARK)
+        while at != -1:
+            before = chunk.rfind(b"\n\n", 0, at)
+            after = chunk.find(b"\n\n", at)
+            start, end = (before + 2 if before != -1 else 0), (after + 2 if after != -1 else len(chunk))
+            if self._take(chunk[start:end]):
+                kept.append(chunk[pos:start])
+                pos = end
+            at = chunk.find(USAGE_MARK, end)
+        if not pos:
             return chunk
-        kept = []
-        for event in chunk.split(b"\n\n"):
-            if USAGE_MARK in event and self._take(event):
-                continue
-            kept.append(event)
-        return b"\n\n".join(kept)
+        kept.append(chunk[pos:])
+        return b"".join(kept)
 
     def _start_body(self) -> list[bytes]:
         self._body = []
