@@ -129,6 +129,25 @@ def test_the_meter_reads_usage_and_drops_only_its_own_chunk_however_the_stream_i
         assert shown == want
 
 
+def test_the_usage_file_rotates_and_is_summed_across_rotations(home: Path) -> None:
+    from sage_llm.gateway import usage
+
+    log = usage.UsageLog(rotate_bytes=1000)
+    for i in range(40):  # about 150 bytes a line: several rotations, fewer than KEEP
+        log.record("alice" if i % 2 else "bob", "m", 200 if i % 5 else 500, 3, 2, bool(i % 3))
+    log.close()
+    rotated = sorted(p.name for p in home.glob("gateway-usage.jsonl.*"))
+    assert rotated
+    assert len(rotated) <= usage.KEEP
+    assert stat.S_IMODE((home / "gateway-usage.jsonl").stat().st_mode) == 0o600
+    rows = {r.key: r for r in usage.summarize(by="key")}
+    assert rows["alice"].requests + rows["bob"].requests == 40
+    assert rows["alice"].prompt_tokens == 60
+    assert rows["bob"].errors == 4  # i = 0, 10, 20, 30
+    old = usage.summarize(since=time.time() + 60, by="model")
+    assert old == []
+
+
 # ------------------------------------------------------------------------------------------------ the gateway
 def test_without_keys_the_loopback_gateway_works_as_before(gateway) -> None:
     gw = gateway()
