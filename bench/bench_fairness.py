@@ -85,9 +85,12 @@ def gateway(name: str, src: Path, home: Path, upstream: int, keys: int = 0, capa
     return px.Proc(name, cmd, port, env=env, cwd=home), secrets
 
 
+CLIENT_USAGE: dict[str, Any] = {}  # --client-usage: every client asks for the usage chunk itself
+
+
 async def ttft(session: aiohttp.ClientSession, port: int, key: str | None) -> float:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}], **CLIENT_USAGE}
     t0 = time.perf_counter()
     first = None
     async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=headers) as r:
@@ -161,7 +164,11 @@ def main() -> int:
     ap.add_argument("--baseline-src", default="/work/main/src")
     ap.add_argument("--json", dest="json_out")
     ap.add_argument("--cost-only", action="store_true", help="skip the fairness runs")
+    ap.add_argument("--client-usage", action="store_true", help="clients ask for stream usage themselves (both "
+                    "gateways then relay the same frames: isolates what the extra usage frame costs)")
     args = ap.parse_args()
+    if args.client_usage:
+        CLIENT_USAGE["stream_options"] = {"include_usage": True}
     src = ROOT / "src"
     base = Path(args.baseline_src)
     if not (base / "sage_llm" / "gateway" / "server.py").exists():
