@@ -25,7 +25,6 @@ import contextlib
 import json
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator
 from typing import Any
 
 from sage_llm.gateway.keys import Key
@@ -159,11 +158,10 @@ class Share:
             self.spent[meter.key].append((time.monotonic(), tokens))
         self.usage.record(meter.key, meter.model, status, meter.prompt, meter.completion, stream)
 
-    @contextlib.asynccontextmanager
-    async def admit(self, key: Key, backend: Backend, body: dict[str, Any] | None, raw: bytes, label: str
-                    ) -> AsyncIterator[tuple[Meter, bytes]]:
-        """Waits for this key's fair turn at the engine; yields the request's meter and the bytes to send (with
-        `stream_options.include_usage` added to a stream that did not ask for it)."""
+    def admit(self, key: Key, backend: Backend, body: dict[str, Any] | None, raw: bytes, label: str) -> Admission:
+        """`async with share.admit(...) as (meter, raw)`: waits for this key's fair turn at the engine; gives the
+        request's meter and the bytes to send (with `stream_options.include_usage` added to a stream that did not
+        ask for it). 429 (GatewayError) over a per-key limit."""
         self._limits(key)
         strip = False
         if body is not None and body.get("stream") is True:
@@ -172,24 +170,40 @@ class Share:
                 body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
                 raw = json.dumps(body).encode()
                 strip = True
-        meter = Meter(key.name, label, strip, self._done)
         queue = None
         if backend.source == "local":
             queue = self.engines.get(backend.engine)
             if queue is None:
                 queue = self.engines[backend.engine] = EngineQueue(capacity(backend, self.profiles))
-        self.in_flight[key.name] += 1
-        try:
-            if queue is not None:
-                await queue.acquire(key.name, cost(body, raw))
-            try:
-                yield meter, raw
-            finally:
-                if queue is not None:
-                    queue.release()
-        finally:
-            self.in_flight[key.name] -= 1
+        return Admission(self, key.name, queue, cost(body, raw) if queue is not None else 0,
+                         Meter(key.name, label, strip, self._done), raw)
 
     def describe(self) -> dict[str, Any]:
         return {name: {"capacity": q.capacity, "running": q.running, "queued": q.queued}
                 for name, q in self.engines.items()}
+
+
+class Admission:
+    """One request's turn at an engine (a plain class: an asynccontextmanager costs several us per request)."""
+
+    __slots__ = ("meter", "name", "queue", "raw", "share", "tokens")
+
+    def __init__(self, share: Share, name: str, queue: EngineQueue | None, tokens: int, meter: Meter, raw: bytes
+                 ) -> None:
+        self.share, self.name, self.queue, self.tokens, self.meter, self.raw = share, name, queue, tokens, meter, raw
+
+    async def __aenter__(self) -> tuple[Meter, bytes]:
+        self.share.in_flight[self.name] += 1
+        if self.queue is not None:
+            try:
+                await self.queue.acquire(self.name, self.tokens)
+            except BaseException:
+                self.share.in_flight[self.name] -= 1
+                raise
+        return self.meter, self.raw
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.queue is not None:
+            self.queue.release()
+        self.share.in_flight[self.name] -= 1
+

@@ -122,6 +122,8 @@ class Meter:
 
     def feed(self, chunk: bytes, sse: bool) -> bytes:
         self.sse = sse
+        if sse and not self._held and USAGE_MARK not in chunk and chunk.endswith(b"\n\n"):
+            return chunk  # the usual read: whole events, none with usage
         if not sse:
             if self._size <= BODY_CAP:
                 (self._body if self._body is not None else self._start_body()).append(chunk)
