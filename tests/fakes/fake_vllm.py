@@ -20,6 +20,8 @@ Behaviour knobs (environment):
   FAKE_VLLM_HANG=1            accept connections but never answer
   FAKE_VLLM_REPLY=text        the chat reply
   FAKE_VLLM_TOKEN_DELAY_S=0   delay between streamed tokens
+  FAKE_VLLM_MAX_SEQS=0        sequences generated at once (like vLLM's --max-num-seqs, which also sets it); more
+                              wait first come, first served (0 = no limit); /metrics shows running and waiting
   FAKE_VLLM_MAX_MODEL_LEN=2048 the model's configured context
   FAKE_VLLM_KV_TOKENS=21824   tokens the KV cache holds: a longer context fails the start, or with
                               `--max-model-len auto` is reduced to it ("Auto-fit max_model_len: reduced from A to B")
@@ -49,9 +51,11 @@ STATE = {
     "generation_tokens": 0,
     "success": 0,
     "running": 0,
+    "waiting": 0,
     "ttft": [],
 }
 LOCK = threading.Lock()
+SEQS: list[threading.Semaphore] = []  # the engine's capacity (--max-num-seqs / FAKE_VLLM_MAX_SEQS), if limited
 
 
 def log(msg: str, level: str = "INFO", proc: str = "APIServer") -> None:
@@ -95,6 +99,9 @@ def parse(argv: list[str]) -> dict:
         elif a == "--max-model-len":
             opts["max_model_len"] = "auto" if argv[i + 1] in ("auto", "-1") else human_int(argv[i + 1])
             i += 2
+        elif a == "--max-num-seqs" or a.startswith("--max-num-seqs="):
+            opts["max_num_seqs"] = int(a.split("=", 1)[1] if "=" in a else argv[i + 1])
+            i += 1 if "=" in a else 2
         elif a == "--enable-sleep-mode":
             opts["sleep_mode"] = True
             i += 1
@@ -256,6 +263,12 @@ class Handler(BaseHTTPRequestHandler):
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces),
                  "total_tokens": prompt_tokens + len(pieces)}
         t0 = time.monotonic()
+        if SEQS:  # a full engine: wait for a free sequence slot (the waiting gauge counts us)
+            with LOCK:
+                STATE["waiting"] += 1
+            SEQS[0].acquire()
+            with LOCK:
+                STATE["waiting"] -= 1
         with LOCK:
             STATE["running"] += 1
         try:
@@ -294,6 +307,8 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             log("client disconnected: request aborted")
         finally:
+            if SEQS:
+                SEQS[0].release()
             with LOCK:
                 STATE["running"] -= 1
                 STATE["prompt_tokens"] += prompt_tokens
@@ -350,7 +365,7 @@ def metrics_text(name: str) -> str:
             "# TYPE vllm:num_requests_running gauge",
             f"vllm:num_requests_running{{{lab}}} {float(STATE['running'])}",
             "# TYPE vllm:num_requests_waiting gauge",
-            f"vllm:num_requests_waiting{{{lab}}} 0.0",
+            f"vllm:num_requests_waiting{{{lab}}} {float(STATE['waiting'])}",
             "# TYPE vllm:kv_cache_usage_perc gauge",
             f"vllm:kv_cache_usage_perc{{{lab}}} {0.01 * STATE['running']}",
             "# TYPE vllm:prompt_tokens_total counter",
@@ -389,6 +404,9 @@ def main() -> None:
         child_main(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)
         return
     opts = parse(sys.argv[1:])
+    seqs = opts.get("max_num_seqs") or int(os.environ.get("FAKE_VLLM_MAX_SEQS", "0"))
+    if seqs > 0:
+        SEQS.append(threading.Semaphore(seqs))
     ignore_term = os.environ.get("FAKE_VLLM_IGNORE_TERM") == "1"
     children: list[subprocess.Popen] = []
 

@@ -2,7 +2,8 @@
 
 Each line: `time` (ISO 8601 UTC), `user`, `pid`, `command` (e.g. "start", "stop", "engine install", "model pull"),
 `args` (secrets redacted), `outcome` ("ok", "failed", "error", "interrupted"), `error` (one line, or null),
-`duration_s`, and optional `result` facts (engine name, port...).
+`duration_s`, and optional `result` facts (engine name, port...). Operations a shared gateway runs for a client
+also carry `key`: the name of the gateway key that asked (contextvar `actor`, set by gateway/access.py).
 
 API for other modules:
   * `record(command, args, outcome, duration_s, error=None, result=None)`: append one line.
@@ -15,6 +16,7 @@ Writing never raises: an audit failure must not turn a successful operation into
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
@@ -37,6 +39,8 @@ _SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{8,}|sk-[A-Za-z0-9_-]{8,}|ghp_[A-Z
 _ASSIGN = re.compile(r"(?i)\b([A-Z0-9_]*(API_KEY|TOKEN|SECRET|PASSWORD)[A-Z0-9_]*)=([^\s]+)")
 
 F = TypeVar("F", bound=Callable[..., Any])
+# the gateway key (its name, never the secret) on whose behalf this operation runs; None outside a shared gateway
+actor: contextvars.ContextVar[str | None] = contextvars.ContextVar("sage_llm_audit_actor", default=None)
 
 
 def path(root: Path | None = None) -> Path:
@@ -103,6 +107,7 @@ def record(command: str, args: Any, outcome: str, duration_s: float, error: str 
     entry = {
         "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "user": _user(),
+        **({"key": actor.get()} if actor.get() is not None else {}),
         "pid": os.getpid(),
         "command": command,
         "args": redact(args),

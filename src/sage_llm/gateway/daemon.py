@@ -37,6 +37,25 @@ def _alive(rec: dict[str, Any]) -> bool:
     return process.leader(rec.get("pid"), rec.get("create_time")) is not None
 
 
+def _health_tls(host: str, port: int, timeout: float, headers: dict[str, str]) -> int | None:
+    """GET /health over HTTPS (--tls-cert): is our own process up, not who it is, so the certificate (often
+    self-signed) is not verified."""
+    import http.client
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
+    try:
+        conn.request("GET", "/health", headers=headers)
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
 def _health(host: str, port: int, timeout: float = 1.0) -> int | None:
     """GET /health of the gateway on the probes' raw-socket client (with its key when it has one)."""
     import time
@@ -49,6 +68,8 @@ def _health(host: str, port: int, timeout: float = 1.0) -> int | None:
     key_env = (rec.get("options") or {}).get("api_key_env") if rec else None
     if key_env and os.environ.get(key_env):
         headers["Authorization"] = f"Bearer {os.environ[key_env]}"
+    if rec and (rec.get("options") or {}).get("tls_cert"):
+        return _health_tls(reachable_host(host), port, timeout, headers)
     try:
         status, _body = http_get(reachable_host(host), port, "/health", time.monotonic() + timeout, headers)
     except (OSError, ValueError):  # refused, timeout, or not HTTP
@@ -103,7 +124,7 @@ def start(opts: Any, timeout: float = 30.0) -> dict[str, Any]:
         spawned = process.spawn(argv, env, log_file)
         host = opts.host if ":" not in opts.host else f"[{opts.host}]"
         rec = {"pid": spawned.pid, "create_time": spawned.create_time, "host": opts.host, "port": opts.port,
-               "url": f"http://{host}:{opts.port}/v1", "started_at": utcnow_iso(), "log_file": str(log_file),
+               "url": f"{opts.scheme}://{host}:{opts.port}/v1", "started_at": utcnow_iso(), "log_file": str(log_file),
                "options": opts.to_json()}
         atomic_write_json(record_path(store.root), rec)
     deadline = time.monotonic() + timeout

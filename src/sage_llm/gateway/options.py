@@ -81,13 +81,16 @@ class GatewayOptions:
     refresh_s: float = 2.0
     tick_s: float = 1.0
     profiles: dict[str, Profile] = field(default_factory=dict)
+    tls_cert: str | None = None  # PEM certificate (chain) and private key files: serve HTTPS
+    tls_key: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"host": self.host, "port": self.port, "ttl": self.ttl, "max_engines": self.max_engines,
                 "api_key_env": self.api_key_env, "fallback": self.fallback, "engine_port": self.engine_port,
                 "max_queue": self.max_queue, "max_body": self.max_body, "load_timeout": self.load_timeout,
                 "stop_engines_on_exit": self.stop_engines_on_exit, "sleep": self.sleep,
-                "upstreams": self.upstreams, "allowed_origins": self.allowed_origins, "external": self.external}
+                "upstreams": self.upstreams, "allowed_origins": self.allowed_origins, "external": self.external,
+                "tls_cert": self.tls_cert, "tls_key": self.tls_key}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GatewayOptions:
@@ -102,6 +105,39 @@ class GatewayOptions:
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+    def tls_context(self) -> Any:
+        """An ssl.SSLContext for the listening socket, or None (plain HTTP). UsageError for unusable files."""
+        if not self.tls_cert or not self.tls_key:
+            return None
+        import ssl
+
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"--tls-cert {self.tls_cert} / --tls-key {self.tls_key} cannot be used: "
+                             f"{getattr(exc, 'strerror', None) or exc}",
+                             hint="give a PEM certificate and its private key (readable by you)") from None
+        return ctx
+
+    def cleartext_warning(self) -> str | None:
+        """The one warning for a gateway reachable beyond loopback without TLS."""
+        if self.loopback or self.tls_cert:
+            return None
+        return (f"the gateway on {self.host} serves plain HTTP: keys travel in clear text on the network "
+                f"(pass --tls-cert/--tls-key, or put a TLS proxy in front)")
+
+
+def _has_keys() -> bool:
+    from sage_llm.gateway import keys  # a key file is what makes a gateway shared (keys.KeyRing.active)
+
+    return keys.path().exists()
 
 
 def is_loopback(host: str) -> bool:
@@ -169,7 +205,8 @@ def resolve(host: str | None = None, port: int | None = None, ttl: str | None = 
             max_engines: int | None = None, api_key_env: str | None = None, fallback: bool | None = None,
             upstreams: list[str] | None = None, engine_port: int | None = None, sleep: bool | None = None,
             keep_engines: bool | None = None, max_queue: int | None = None,
-            allowed_origins: list[str] | None = None, external: bool | None = None) -> GatewayOptions:
+            allowed_origins: list[str] | None = None, external: bool | None = None, tls_cert: str | None = None,
+            tls_key: str | None = None) -> GatewayOptions:
     """Flags (None = not given) > SAGE_LLM_GATEWAY_* env > [gateway] in the config file > defaults; validated.
     Raises UsageError (exit 2) naming the bad value before anything starts."""
     table = _gateway_table()
@@ -224,9 +261,15 @@ def resolve(host: str | None = None, port: int | None = None, ttl: str | None = 
         if not os.environ.get(opts.api_key_env):
             raise UsageError(f"--api-key-env names {opts.api_key_env}, which is not set or empty",
                              hint=f"export {opts.api_key_env}=... first")
-    if not opts.loopback and not opts.api_key_env:
+    if not opts.loopback and not opts.api_key_env and not _has_keys():
         raise UsageError(f"--host {opts.host} would let anyone who can reach this machine use the gateway",
-                         hint="pass --api-key-env VAR (clients send that key), or keep the default 127.0.0.1")
+                         hint="add keys first (sage-llm gateway keys add NAME) or pass --api-key-env VAR, or keep "
+                              "the default 127.0.0.1")
+    opts.tls_cert = pick(tls_cert, "SAGE_LLM_GATEWAY_TLS_CERT", "tls_cert", None)
+    opts.tls_key = pick(tls_key, "SAGE_LLM_GATEWAY_TLS_KEY", "tls_key", None)
+    if bool(opts.tls_cert) != bool(opts.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together", hint="give both files (PEM), or neither")
+    opts.tls_context()  # the files checked now, before anything starts
     for item in upstreams or list(table.get("upstreams", {}).items() if isinstance(table.get("upstreams"), dict)
                                   else []):
         model, url = item if isinstance(item, tuple) else (str(item).split("=", 1) + [""])[:2]

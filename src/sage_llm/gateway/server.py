@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -22,12 +23,15 @@ from aiohttp import web
 from sage_llm import __version__
 from sage_llm.core.errors import SageLLMError
 from sage_llm.gateway import bodies, engine_env, engines, instance, security
+from sage_llm.gateway.access import Access, caller
 from sage_llm.gateway.events import EventBus, sse_frame
+from sage_llm.gateway.fairshare import Share
 from sage_llm.gateway.machine import Refused, State
 from sage_llm.gateway.metrics import Metrics
 from sage_llm.gateway.options import VIRTUAL_MODELS, GatewayOptions
 from sage_llm.gateway.router import Backend, GatewayError, Router
-from sage_llm.gateway.webapi import WebAPI, is_page_asset
+from sage_llm.gateway.usage import Meter, UsageLog
+from sage_llm.gateway.webapi import WebAPI
 
 KEEPALIVE_S = 4.0  # below vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s): no reuse of a connection the server closes
 ENGINE_PATHS = ("/tokenize", "/detokenize", "/pooling", "/classify", "/score", "/rerank")  # vLLM, outside /v1
@@ -60,6 +64,8 @@ class Gateway:
         self.started = time.time()
         self.api_key = opts.api_key()
         engine_env.keep_from_engines(opts.api_key_env)
+        self.access = Access(self.api_key, required=not opts.loopback)  # keys and roles (access.py)
+        self.share = Share(UsageLog(), opts.profiles)  # fair admission, per-key limits, usage (keyed callers only)
         self.stopped_engines: list[str] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self.web = WebAPI(self)
@@ -109,6 +115,7 @@ class Gateway:
         self.stopped_engines = await self.router.close(self.opts.stop_engines_on_exit)
         if self.session is not None:
             await self.session.close()
+        self.share.usage.close()
 
     async def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
         origin = request.headers.get("Origin")
@@ -126,10 +133,9 @@ class Gateway:
             if why is not None:
                 return error_response(status, why, code="forbidden_origin")
             return web.Response(status=status, headers=headers)
-        # the panel's static files hold no data: a browser must be able to load them before it has the key to send
-        key = None if is_page_asset(request.method, request.path) else self.api_key
-        refused = security.check(request.method, request.headers, self.opts.host, self.opts.port, key,
-                                 self.opts.allowed_origins, self.opts.loopback)
+        refused = self.access.check(request) or security.check(  # keys and roles first (access.py), then
+            request.method, request.headers, self.opts.host, self.opts.port, None,  # Host, Origin, Content-Type
+            self.opts.allowed_origins, self.opts.loopback)
         if refused is not None:
             status, message, code = refused
             return error_response(status, message, "invalid_request_error" if status != 401 else
@@ -165,15 +171,18 @@ class Gateway:
 
     async def prometheus(self, request: web.Request) -> web.Response:
         text = self.metrics.render(self.router.engines, self.router.queued)
+        if self.share.usage.totals:
+            text += self.share.usage.render()  # per key name and model (usage.py)
         return web.Response(text=text, content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "version": __version__, "host": self.opts.host, "port": self.opts.port,
-                "url": f"http://{self.opts.host if ':' not in self.opts.host else f'[{self.opts.host}]'}:"
+                "url": f"{self.opts.scheme}://{self.opts.host if ':' not in self.opts.host else f'[{self.opts.host}]'}:"
                        f"{self.opts.port}/v1",
                 "uptime_s": round(time.time() - self.started, 1), "queued": self.router.queued,
-                "options": self.opts.to_json(), "models": self.router.catalog()}
+                "options": self.opts.to_json(), "models": self.router.catalog(),
+                "access": {**self.access.describe(), "engines": self.share.describe()}}
 
     async def gateway_info(self, request: web.Request) -> web.Response:
         return web.json_response(self.info())
@@ -338,6 +347,7 @@ class Gateway:
             return error_response(400, f"GET {request.path} needs ?model=NAME (the engine to ask)", param="model",
                                   code="invalid_value")
         label = self._metric_label(model)
+        self.access.allow_model(model)  # 403 naming the key's model rule (before anything loads)
         try:
             backend = await self.router.route(model, load=request.method == "POST")
         except GatewayError as exc:
@@ -357,7 +367,17 @@ class Gateway:
         else:
             self.router.release(backend)
             return error_response(404, f"{path} is served by local engines only", code="not_found")
-        return await self._relay(request, backend, url, raw, label, t0)
+        key = caller.get()
+        if key is None:
+            return await self._relay(request, backend, url, raw, label, t0)
+        relayed = False
+        try:
+            async with self.share.admit(key, backend, body, raw, label) as (meter, raw):  # fair turn, limits, usage
+                relayed = True
+                return await self._relay(request, backend, url, raw, label, t0, meter)
+        finally:
+            if not relayed:  # refused (429) or the client left while waiting for its turn: hand the lease back
+                self.router.release(backend)
 
     def _metric_label(self, model: str | None) -> str:
         """The `model` label of a request's metrics: a name this gateway knows, else "other" (a client must not
@@ -370,7 +390,7 @@ class Gateway:
         return slot.key if slot is not None else "other"
 
     async def _relay(self, request: web.Request, backend: Backend, url: yarl.URL, raw: bytes, label: str,
-                     t0: float) -> web.StreamResponse:
+                     t0: float, meter: Meter | None = None) -> web.StreamResponse:
         assert self.session is not None
         # the body is relayed as the upstream encoded it: ask for what the client accepts (identity when it says
         # nothing; aiohttp would ask for gzip), and pass Content-Encoding on
@@ -422,7 +442,10 @@ class Gateway:
                         if not up.content.is_eof():
                             continue
                         break
-                    await resp.write(chunk)  # raises when our client is gone: the upstream is closed below
+                    if meter is not None:
+                        chunk = meter.feed(chunk, streaming)  # usage read (and our own usage chunk dropped)
+                    if chunk:
+                        await resp.write(chunk)  # raises when our client is gone: the upstream is closed below
                 if broke is not None:
                     code = 502
                     if backend.source == "local":
@@ -447,6 +470,8 @@ class Gateway:
         finally:
             self.router.release(backend)
             self.metrics.request(label, backend.source, code, time.monotonic() - t0)
+            if meter is not None:
+                meter.finish(code)
 
 
 async def _serve(opts: GatewayOptions, ready: Any = None) -> Gateway:
@@ -461,13 +486,17 @@ async def _serve_locked(opts: GatewayOptions, ready: Any = None) -> Gateway:
     gw = Gateway(opts)
     runner = web.AppRunner(gw.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, opts.host, opts.port, reuse_address=True, backlog=1024)
+    site = web.TCPSite(runner, opts.host, opts.port, reuse_address=True, backlog=1024,
+                       ssl_context=opts.tls_context())  # HTTPS with --tls-cert/--tls-key (options.py)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise SageLLMError(f"cannot listen on {opts.host}:{opts.port}: {exc.strerror}",
                            hint="is another gateway running (`sage-llm gateway status`)? or pass --port") from None
+    warning = opts.cleartext_warning()
+    if warning:
+        sys.stderr.write(f"Warning: {warning}\n")  # once, at start (the console, or the daemon's log)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     gw.loop, gw.stop_event = loop, stop  # type: ignore[attr-defined]

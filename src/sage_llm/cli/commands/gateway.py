@@ -18,7 +18,12 @@ gateway_app = typer.Typer(help="One OpenAI-compatible endpoint that loads, swaps
                           no_args_is_help=True, rich_markup_mode=None)
 
 HostOpt = Annotated[str | None, typer.Option("--host", help="Address to bind (default 127.0.0.1). Anything but "
-                                             "loopback needs --api-key-env.", show_default=False)]
+                                             "loopback needs keys (`gateway keys add`) or --api-key-env.",
+                                             show_default=False)]
+TlsCertOpt = Annotated[str | None, typer.Option("--tls-cert", help="PEM certificate (chain) file: serve HTTPS "
+                                                "(with --tls-key).", show_default=False)]
+TlsKeyOpt = Annotated[str | None, typer.Option("--tls-key", help="PEM private key file of --tls-cert.",
+                                               show_default=False)]
 PortOpt = Annotated[int | None, typer.Option("--port", "-p", help="Port (default 8901, where SAGE Studio looks).",
                                              show_default=False)]
 TtlOpt = Annotated[str | None, typer.Option("--ttl", help="Stop an engine the gateway started after this long idle "
@@ -56,14 +61,16 @@ def _resolve(p: dict[str, Any]) -> Any:
     return options.resolve(host=p["host"], port=p["port"], ttl=p["ttl"], max_engines=p["max_engines"],
                            api_key_env=p["api_key_env"], fallback=p["fallback"], upstreams=p["upstream"],
                            engine_port=p["engine_port"], sleep=p["sleep"], keep_engines=p["keep_engines"] or None,
-                           allowed_origins=p["allow_origin"], external=p["external"])
+                           allowed_origins=p["allow_origin"], external=p["external"], tls_cert=p["tls_cert"],
+                           tls_key=p["tls_key"])
 
 
 @gateway_app.command("run", epilog=EPILOG)
 def run(host: HostOpt = None, port: PortOpt = None, ttl: TtlOpt = None, max_engines: MaxOpt = None,
         api_key_env: KeyOpt = None, fallback: FallbackOpt = None, upstream: UpstreamOpt = None,
         engine_port: EnginePortOpt = None, sleep: SleepOpt = None, keep_engines: KeepOpt = False,
-        external: ExternalOpt = None, allow_origin: OriginOpt = None) -> None:
+        external: ExternalOpt = None, allow_origin: OriginOpt = None, tls_cert: TlsCertOpt = None,
+        tls_key: TlsKeyOpt = None) -> None:
     """Run the gateway in the foreground. Ctrl-C stops it and the engines it started (unless --keep-engines)."""
     opts = _resolve(locals())
     from sage_llm.gateway import server
@@ -78,7 +85,7 @@ def run(host: HostOpt = None, port: PortOpt = None, ttl: TtlOpt = None, max_engi
 
         gw.bus.listeners.append(show)
         host_ = opts.host if ":" not in opts.host else f"[{opts.host}]"
-        out.result(f"gateway ready: http://{host_}:{opts.port}/v1 (pid {__import__('os').getpid()})")
+        out.result(f"gateway ready: {opts.scheme}://{host_}:{opts.port}/v1 (pid {__import__('os').getpid()})")
         out.hint("models: GET /v1/models | management: /api/local-engine/status | events: /api/events | "
                  "Ctrl-C stops it")
 
@@ -91,7 +98,8 @@ def run(host: HostOpt = None, port: PortOpt = None, ttl: TtlOpt = None, max_engi
 def start(host: HostOpt = None, port: PortOpt = None, ttl: TtlOpt = None, max_engines: MaxOpt = None,
           api_key_env: KeyOpt = None, fallback: FallbackOpt = None, upstream: UpstreamOpt = None,
           engine_port: EnginePortOpt = None, sleep: SleepOpt = None, keep_engines: KeepOpt = False,
-          external: ExternalOpt = None, allow_origin: OriginOpt = None, json_: JsonOpt = False) -> None:
+          external: ExternalOpt = None, allow_origin: OriginOpt = None, tls_cert: TlsCertOpt = None,
+          tls_key: TlsKeyOpt = None, json_: JsonOpt = False) -> None:
     """Start the gateway in the background, recorded in the state directory (`gateway status` shows it)."""
     p = dict(locals())
     opts = _resolve(p)
@@ -149,3 +157,102 @@ def _show_nodes(view: dict[str, Any]) -> None:
     out.result(f"cluster {view['address']}: {alive} of {len(view['nodes'])} node(s) alive")
     for n in view["nodes"]:
         out.result(f"  node {describe_node(n)}")
+
+
+# ------------------------------------------------------------------------------------------------ shared gateway
+keys_app = typer.Typer(help="Keys per person for a shared gateway (roles, model patterns, limits).",
+                       no_args_is_help=True, rich_markup_mode=None)
+gateway_app.add_typer(keys_app, name="keys")
+KEYS_EPILOG = ("Examples: sage-llm gateway keys add alice --models 'Qwen/*' --max-concurrency 4 | "
+               "sage-llm gateway keys add bob --role admin | sage-llm gateway keys list | "
+               "sage-llm gateway keys rotate alice | sage-llm gateway keys rm alice. Once a key exists, every "
+               "request to the gateway needs one (except GET /health); a running gateway sees changes at once.")
+NameArg = Annotated[str, typer.Argument(help="The key's name (a person or a job), e.g. alice.", show_default=False)]
+
+
+def _show_secret(key: Any, secret: str, verb: str) -> None:
+    out.info(f"{verb} key {key.name!r} ({key.role}; models {', '.join(key.models)}):")
+    out.result(secret)  # alone on stdout: KEY=$(sage-llm gateway keys add NAME) works
+    out.hint("shown once: only its hash is kept. Clients send it as `Authorization: Bearer KEY`.")
+
+
+@keys_app.command("add", epilog=KEYS_EPILOG)
+def keys_add(name: NameArg,
+             role: Annotated[str, typer.Option("--role", help="user (chat with allowed models, read status) or "
+                                               "admin (also start, stop, pull, remove, logs).")] = "user",
+             models: Annotated[list[str] | None, typer.Option("--models", help="Model name pattern this key may "
+                                                              "use (fnmatch, e.g. 'Qwen/*'); repeatable. Default: "
+                                                              "all.", show_default=False)] = None,
+             max_concurrency: Annotated[int | None, typer.Option("--max-concurrency", help="At most N requests "
+                                                                 "in flight (more: 429).", show_default=False)] = None,
+             tokens_per_minute: Annotated[int | None, typer.Option("--tokens-per-minute", help="At most N prompt + "
+                                                                   "completion tokens a minute (more: 429).",
+                                                                   show_default=False)] = None) -> None:
+    """Add a key and print its secret (once)."""
+    from sage_llm.gateway import keys
+
+    key, secret = keys.add(name, role, models, max_concurrency, tokens_per_minute)
+    _show_secret(key, secret, "new")
+
+
+@keys_app.command("list", epilog=KEYS_EPILOG)
+def keys_list(json_: JsonOpt = False) -> None:
+    """The keys: name, role, models, limits, created (never the secret)."""
+    from sage_llm.gateway import keys
+
+    rows = keys.listing()
+    if json_:
+        out.print_json([k.public() for k in rows])
+        return
+    if not rows:
+        if keys.path().exists():
+            out.result(f"no keys: a gateway refuses every client (add one: sage-llm gateway keys add NAME; or delete "
+                       f"{keys.path()} to go back to the open loopback mode)")
+        else:
+            out.result("no keys: the gateway accepts any client on loopback (add one: sage-llm gateway keys add NAME)")
+        return
+    for k in rows:
+        limits = ", ".join(f"{n} {v}" for n, v in (("max-concurrency", k.max_concurrency),
+                                                  ("tokens/min", k.tokens_per_minute)) if v is not None)
+        out.result(f"{k.name:<20} {k.role:<6} models {','.join(k.models):<24} {limits or 'no limits'}  "
+                   f"created {k.created}")
+
+
+@keys_app.command("rm", epilog=KEYS_EPILOG)
+def keys_rm(name: NameArg) -> None:
+    """Revoke a key: its next request is refused (a stream in progress finishes)."""
+    from sage_llm.gateway import keys
+
+    keys.remove(name)
+    out.result(f"removed key {name!r}")
+
+
+@keys_app.command("rotate", epilog=KEYS_EPILOG)
+def keys_rotate(name: NameArg) -> None:
+    """A new secret for a key (same role and limits); the old secret stops working at once."""
+    from sage_llm.gateway import keys
+
+    key, secret = keys.rotate(name)
+    _show_secret(key, secret, "rotated")
+
+
+@gateway_app.command("usage", epilog="Examples: sage-llm gateway usage | sage-llm gateway usage --since 7d --by "
+                     "model | sage-llm gateway usage --by key,model --json")
+def usage(since: Annotated[str | None, typer.Option("--since", help="Only the last DURATION (e.g. 7d, 12h).",
+                                                    show_default=False)] = None,
+          by: Annotated[str, typer.Option("--by", help="Group by key, model, or key,model.")] = "key",
+          json_: JsonOpt = False) -> None:
+    """Requests, prompt and completion tokens (the engine's own counts) and errors, per key or model."""
+    from sage_llm.gateway import usage as usage_
+
+    rows = usage_.summarize(usage_.parse_since(since), by)
+    if json_:
+        out.print_json([r.to_json() for r in rows])
+        return
+    if not rows:
+        out.result("no usage recorded (usage is kept once the gateway has keys: sage-llm gateway keys add NAME)")
+        return
+    for r in rows:
+        who = r.key if by == "key" else r.model if by == "model" else f"{r.key} {r.model}"
+        out.result(f"{who:<32} {r.requests:>8} requests {r.prompt_tokens:>10} prompt {r.completion_tokens:>10} "
+                   f"completion {r.errors:>6} errors")

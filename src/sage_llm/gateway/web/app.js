@@ -59,7 +59,7 @@ async function api(path, body) {
 
 const state = {
   stages: [], labels: {}, status: null, cards: [], localReady: false, starting: null,
-  series: {}, monitorAt: 0, logSource: null, logEngine: null, models: null,
+  series: {}, monitorAt: 0, logSource: null, logEngine: null, models: null, role: null,
 };
 
 // ------------------------------------------------------------------------------------------------ tabs
@@ -555,7 +555,7 @@ function openLog() {
   state.logEngine = name || null;
   const pre = $("#log");
   pre.textContent = "";
-  if (!name) return;
+  if (!name || state.role === "user") return;  // engine logs are for admin keys
   const add = (text) => {
     pre.append(text + "\n");
     while (pre.childNodes.length > 2000) pre.firstChild.remove();
@@ -647,7 +647,19 @@ async function pullModel(model) {
 }
 
 // ------------------------------------------------------------------------------------------------ boot
+// A shared gateway (keys per person) says which key this page uses: a `user` key sees no start, stop, pull,
+// remove or logs (the gateway refuses them anyway: 403).
+async function learnRole() {
+  try {
+    const you = ((await api("/api/gateway")).access || {}).you;
+    state.role = you ? you.role : null;
+    document.body.classList.toggle("role-user", state.role === "user");
+    if (you) $("#status").title = `key ${you.name} (${you.role})`;
+  } catch (e) { /* an older gateway, or no key yet: everything shown, the gateway decides */ }
+}
+
 (async function boot() {
+  await learnRole();
   try {
     const s = await api("/api/stages");
     state.stages = s.stages.map((x) => x.name);
