@@ -398,14 +398,19 @@ def stop(target: str | int, timeout: float | None = None, force: bool = False,
 
     `timeout`: seconds between SIGTERM and SIGKILL (None: the stop_timeout setting). An engine this tool did not
     start is never signalled (UsageError)."""
-    from sage_llm.core.state import StateStore
+    from sage_llm.core.state import EngineRecord, StateStore
     from sage_llm.engine import manager
 
     _callback(on_escalate, "on_escalate")
     grace = stop_grace(_number(timeout, "timeout"))
     store = store or StateStore()
-    return manager.stop(resolve(target, store), timeout=grace, force=bool(force), store=store,
-                        on_escalate=on_escalate)
+    name = resolve(target, store)
+    rec = store.load(name)
+    if isinstance(rec, EngineRecord) and rec.cluster:  # local or cluster is chosen here, as in `start`
+        from sage_llm.engine import cluster
+
+        return cluster.stop(rec, grace, bool(force), store)
+    return manager.stop(name, timeout=grace, force=bool(force), store=store, on_escalate=on_escalate)
 
 
 def resolve(target: str | int, store: StateStore | None = None) -> str:

@@ -48,10 +48,10 @@ def test_logs_unknown_engine_and_bad_options(cli) -> None:
 @pytest.mark.usefixtures("stop_all")
 def test_follow_ends_when_the_engine_is_stopped(cli, fake_vllm, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cli("start", "org/one", "--name", "one")[0] == 0
-    from sage_llm.observe import logs
+    from sage_llm.engine import logtarget
 
     following = threading.Event()
-    real_ended = logs.engine_ended
+    real_ended = logtarget.engine_ended
 
     def engine_ended(*args, **kwargs):
         check = real_ended(*args, **kwargs)
@@ -61,7 +61,7 @@ def test_follow_ends_when_the_engine_is_stopped(cli, fake_vllm, monkeypatch: pyt
             return check()
         return first_check_means_following
 
-    monkeypatch.setattr(logs, "engine_ended", engine_ended)
+    monkeypatch.setattr(logtarget, "engine_ended", engine_ended)
 
     def stop_later() -> None:
         following.wait(60)  # then stop anyway, so that a follow that never started cannot hang the test

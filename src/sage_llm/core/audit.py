@@ -224,7 +224,7 @@ def summarize_default(value: Any, op: Operation) -> None:
 
 def read(n: int | None = None, root: Path | None = None) -> list[dict[str, Any]]:
     """The last `n` entries (all with None), oldest first; unreadable lines are skipped."""
-    from sage_llm.observe.logs import tail_lines
+    from sage_llm.core.textfiles import tail_lines
 
     target = path(root)
     if n is not None:

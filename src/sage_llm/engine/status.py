@@ -101,9 +101,9 @@ def build(target: str | None = None, store: StateStore | None = None, with_gpu: 
         "gpus": gpus,
         "gpu_error": gpu_error,
     }
-    from sage_llm.gateway import daemon  # stdlib only: reads gateway.json, never imports the HTTP stack
+    from sage_llm.engine.gateway_record import record_status  # reads gateway.json, never imports the HTTP stack
 
-    gw = daemon.record_status()
+    gw = record_status()
     if gw is not None:
         doc["gateway"] = gw
     return doc, views, warnings
