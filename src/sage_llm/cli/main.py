@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 PROG = "sage-llm"
 COMPLETE_VAR = "_SAGE_LLM_COMPLETE"  # Typer's shell-completion protocol for `sage-llm`
@@ -58,28 +59,36 @@ def run(argv: list[str], prog: str = PROG) -> int:
 
 
 def command(prog: str = PROG):
-    """Our Click command tree (from Typer) with every help text, epilog and option help naming `prog`."""
+    """Our Click command tree (from Typer) with every help text, epilog and option help naming `prog`. Commands are
+    loaded lazily (cli/llm.py's LazyGroup): each is renamed when it is first looked up."""
     import typer.main
 
     from sage_llm.cli._output import named
     from sage_llm.cli.llm import llm_app
 
+    def rename(root: Any) -> None:
+        todo = [root]
+        while todo:
+            c = todo.pop()
+            for attr in ("help", "epilog", "short_help"):
+                text = getattr(c, attr, None)
+                if isinstance(text, str):
+                    setattr(c, attr, named(text, prog))
+            for p in getattr(c, "params", []):
+                if isinstance(getattr(p, "help", None), str):
+                    p.help = named(p.help, prog)
+            todo.extend(getattr(c, "commands", {}).values())
+
     cmd = typer.main.get_command(llm_app)  # a fresh tree on each call: renaming it changes nothing global
-    todo = [cmd]
-    while todo:
-        c = todo.pop()
-        for attr in ("help", "epilog", "short_help"):
-            text = getattr(c, attr, None)
-            if isinstance(text, str):
-                setattr(c, attr, named(text, prog))
-        for p in getattr(c, "params", []):
-            if isinstance(getattr(p, "help", None), str):
-                p.help = named(p.help, prog)
-        todo.extend(getattr(c, "commands", {}).values())
+    rename(cmd)
+    cmd.on_load = rename  # type: ignore[attr-defined]
     return cmd
 
 
 def _run_typer(argv: list[str], prog: str) -> int:
+    import click
+    import typer
+
     from sage_llm.cli import _errors
 
     cmd = command(prog)
@@ -87,12 +96,12 @@ def _run_typer(argv: list[str], prog: str) -> int:
         rv = cmd.main(args=argv, prog_name=prog, standalone_mode=False)
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    except (typer.Exit, click.exceptions.Exit) as exc:  # Typer's own and Click's: two classes of the same name
+        return int(exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        sys.stdout.write(exc.ctx.get_help() + "\n")  # a bare `sage-llm` (or group): the help, as --help shows it
+        return 0
     except BaseException as exc:
-        if type(exc).__name__ == "Exit":
-            return int(getattr(exc, "exit_code", 0))
-        if type(exc).__name__ == "NoArgsIsHelpError" and getattr(exc, "ctx", None) is not None:
-            sys.stdout.write(exc.ctx.get_help() + "\n")  # a bare `sage-llm` (or group): the help, as --help shows it
-            return 0
         return _errors.handle(exc, prog)
     return rv if isinstance(rv, int) else 0
 
