@@ -19,13 +19,13 @@ def handle(exc: BaseException, prog: str = "sage-llm") -> int:
     if isinstance(exc, KeyboardInterrupt):
         out.error("interrupted")
         return 130
-    import click  # loaded already: only the Typer path (main._run_typer) gets here
-    import typer
+    import typer  # loaded already: only the Typer path (main._run_typer) gets here
+    from typer._click.exceptions import ClickException  # Typer's vendored Click (pinned <0.30): no public name
 
-    if isinstance(exc, typer.Abort | click.exceptions.Abort):  # Typer's own and Click's (Ctrl-C at a prompt)
+    if isinstance(exc, typer.Abort):  # Ctrl-C at a prompt
         out.error("aborted")
         return 1
-    if isinstance(exc, click.ClickException):  # usage errors, bad values
+    if isinstance(exc, ClickException):  # usage errors, bad values
         msg = " ".join(exc.format_message().split())
         ctx = getattr(exc, "ctx", None)
         path = getattr(ctx, "command_path", None) or prog

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import click
 import typer
 import typer.main
 from typer.core import TyperGroup
+
+if TYPE_CHECKING:
+    from typer._click.core import Command  # Typer's vendored Click (typer is pinned below 0.30)
 
 from sage_llm import __version__
 from sage_llm.cli._options import EXIT_CODES_EPILOG
@@ -55,12 +57,12 @@ class LazyGroup(TyperGroup):
     generator list every command and so load them all. `on_load` sees each command once it is built (main.py renames
     its help texts to the program name the user typed)."""
 
-    on_load: Callable[[click.Command], None] | None = None
+    on_load: Callable[[Command], None] | None = None
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx: typer.Context) -> list[str]:
         return list(COMMANDS)
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> Command | None:
         if cmd_name not in self.commands and cmd_name in COMMANDS:
             self.commands[cmd_name] = cmd = load(cmd_name)
             if self.on_load is not None:
@@ -68,7 +70,7 @@ class LazyGroup(TyperGroup):
         return self.commands.get(cmd_name)
 
 
-def load(name: str) -> click.Command:
+def load(name: str) -> Command:
     """The click command `name`, built by Typer exactly as if registered on `llm_app` (same markup mode, epilog)."""
     import importlib
 

@@ -5,27 +5,17 @@ sage-llm installs no `sage` script: SAGE's CLI and SageMath each install one, an
 
 `run()` wraps the Typer app: known errors become one line on stderr and an exit code (see `_errors.py`). `prog` is the
 name the user typed (`sage-llm`, `sage vllm`, `python -m sage_llm`): usage lines, help texts and hints name it. The hot
-path `status --json` is served without importing Typer or Rich at all, so Studio's polling stays cheap.
+path `status` (`--json`, `-q` or the table) is served without importing Typer (cli/fast_status.py), so Studio's
+polling stays cheap.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 PROG = "sage-llm"
 COMPLETE_VAR = "_SAGE_LLM_COMPLETE"  # Typer's shell-completion protocol for `sage-llm`
-
-
-def _fast_status_args(args: list[str]) -> list[str] | None:
-    """The args of a plain `status [NAME|PORT] --json` invocation, or None if it needs the full CLI."""
-    if not args or args[0] != "status" or "--json" not in args:
-        return None
-    rest = [a for a in args[1:] if a != "--json"]
-    if len(rest) > 1 or any(a.startswith("-") for a in rest):
-        return None
-    return rest
 
 
 def completing() -> bool:
@@ -46,11 +36,11 @@ def run(argv: list[str], prog: str = PROG) -> int:
 
         sys.stdout.write(f"sage-llm {__version__}\n")
         return 0
-    fast = _fast_status_args(argv)
-    if fast is not None:
-        from sage_llm.cli.fast_status import status_json
+    from sage_llm.cli.fast_status import plain_args, status
 
-        return status_json(fast[0] if fast else None)
+    plain = plain_args(argv)
+    if plain is not None:
+        return status(**plain)  # type: ignore[arg-type]
     from sage_llm.cli.fast_models import is_fast, models_json
 
     if is_fast(argv):
@@ -66,7 +56,7 @@ def command(prog: str = PROG):
     from sage_llm.cli._output import named
     from sage_llm.cli.llm import llm_app
 
-    def rename(root: Any) -> None:
+    def rename(root: object) -> None:
         todo = [root]
         while todo:
             c = todo.pop()
@@ -86,8 +76,8 @@ def command(prog: str = PROG):
 
 
 def _run_typer(argv: list[str], prog: str) -> int:
-    import click
     import typer
+    from typer._click.exceptions import NoArgsIsHelpError  # Typer's vendored Click (pinned <0.30): no public name
 
     from sage_llm.cli import _errors
 
@@ -96,9 +86,9 @@ def _run_typer(argv: list[str], prog: str) -> int:
         rv = cmd.main(args=argv, prog_name=prog, standalone_mode=False)
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
-    except (typer.Exit, click.exceptions.Exit) as exc:  # Typer's own and Click's: two classes of the same name
+    except typer.Exit as exc:
         return int(exc.exit_code)
-    except click.exceptions.NoArgsIsHelpError as exc:
+    except NoArgsIsHelpError as exc:
         sys.stdout.write(exc.ctx.get_help() + "\n")  # a bare `sage-llm` (or group): the help, as --help shows it
         return 0
     except BaseException as exc:
