@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the `status` path skips it (core/records.py)
+if TYPE_CHECKING:
+    from typing import Any
+
 
 RECORD = "gateway.json"
 
