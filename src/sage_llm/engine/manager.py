@@ -100,6 +100,18 @@ def environ_with(engine_env: Mapping[str, str | None] | None) -> dict[str, str] 
     return {k: v for k, v in merged.items() if v is not None}
 
 
+def check_start_timeout(timeout: float) -> None:
+    """The one check of `start`'s --timeout (api.resolve_launch runs it before anything else, `start` again)."""
+    if timeout <= 0:
+        raise UsageError(f"--timeout {timeout:g} must be positive", hint="e.g. --timeout 900")
+
+
+def check_stop_timeout(timeout: float) -> None:
+    """The one check of `stop`'s --timeout (the SIGTERM-to-SIGKILL grace)."""
+    if timeout < 0:
+        raise UsageError(f"--timeout {timeout:g} must not be negative", hint="e.g. --timeout 30")
+
+
 @audit.audited(audit.start_command)
 def start(
     spec: LaunchSpec,
@@ -132,8 +144,7 @@ def start(
     validate(spec, environ)
     if name is not None:
         validate_name(name)
-    if timeout <= 0:
-        raise UsageError(f"--timeout {timeout:g} must be positive", hint="e.g. --timeout 900")
+    check_start_timeout(timeout)
     cmd = envs.resolve_vllm(store.root)
     _check_scaleout(spec, cmd)
     warnings: list[str] = []
@@ -469,8 +480,7 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
          on_escalate: Callable[[str], None] | None = None) -> StopOutcome:
     """Stop one engine's whole tree; remove its record only once nothing of it is left and its port is free."""
     store = store or StateStore()
-    if timeout < 0:
-        raise UsageError(f"--timeout {timeout:g} must not be negative", hint="e.g. --timeout 30")
+    check_stop_timeout(timeout)
     rec = store.load(name)
     if rec is None:
         return StopOutcome(name, stopped=True, already_gone=True, message=f"engine {name!r} is not running")
