@@ -28,15 +28,10 @@ def plain_args(args: list[str]) -> dict[str, object] | None:
 def status(target: str | None = None, json_: bool = False, quiet: bool = False) -> int:
     """The `status` command: the JSON document, the names (-q) or the table; exit 3 when TARGET is not ready."""
     from sage_llm.cli import _output as out
-    from sage_llm.core.errors import SageLLMError
     from sage_llm.engine.status import build
     from sage_llm.engine.view import human_uptime
 
-    try:
-        doc, views, warnings = build(target)
-    except SageLLMError as exc:
-        out.error(exc.message, exc.hint)
-        return exc.exit_code
+    doc, views, warnings = build(target)  # errors: the caller's (main.run, or Typer's _run_typer)
     for w in warnings:
         out.warning(w)
     if json_:

@@ -40,7 +40,12 @@ def run(argv: list[str], prog: str = PROG) -> int:
 
     plain = plain_args(argv)
     if plain is not None:
-        return status(**plain)  # type: ignore[arg-type]
+        try:
+            return status(**plain)  # type: ignore[arg-type]
+        except BaseException as exc:  # as on the Typer path: one line and an exit code (Ctrl-C: 130)
+            from sage_llm.cli import _errors
+
+            return _errors.handle(exc, prog)
     from sage_llm.cli.fast_models import is_fast, models_json
 
     if is_fast(argv):
