@@ -144,7 +144,9 @@ def test_follow_shows_a_line_written_between_the_tail_and_the_follow(cli, fake_v
 
     monkeypatch.setattr(logs, "tail", tail_then_the_engine_writes)
     # the follow ends at its first check, which comes only after it has read everything written so far
-    monkeypatch.setattr(logs, "engine_ended", lambda *a, **k: lambda: "test done")
+    from sage_llm.engine import logtarget
+
+    monkeypatch.setattr(logtarget, "engine_ended", lambda *a, **k: lambda: "test done")
     code, out, err = cli("logs", "one", "-f", "-n", "2")
     assert code == 0, err
     assert written
