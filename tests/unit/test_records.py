@@ -79,8 +79,8 @@ def test_asdict_and_replace() -> None:
     assert r == Point3(1, 4, [], 3.0)
 
 
-HEAVY = ("dataclasses", "inspect", "typing", "threading", "datetime", "socket", "typer", "pydantic", "rich", "psutil",
-         "httpx")
+HEAVY = ("dataclasses", "inspect", "typing", "threading", "datetime", "socket", "secrets", "typer", "pydantic", "rich",
+         "psutil", "httpx")
 
 
 @pytest.mark.parametrize(("argv", "heavy"), [
