@@ -230,7 +230,7 @@ def resolve_launch(request: LaunchRequest) -> ResolvedLaunch:
     from sage_llm.core import settings
     from sage_llm.core.state import validate_name
     from sage_llm.engine import manager
-    from sage_llm.engine.vllm import MODEL_HINT, LaunchSpec, check_model_name, validate
+    from sage_llm.engine.vllm import LAUNCH_OPTION_NAMES, MODEL_HINT, LaunchSpec, check_model_name, validate
 
     _check_fields(request, LaunchRequest)
     # '' is a mistake (an unset shell variable), never "the default model"
@@ -241,25 +241,18 @@ def resolve_launch(request: LaunchRequest) -> ResolvedLaunch:
     if model is not None and model.startswith("-"):  # `start -- --flag`: no model, only vLLM arguments
         extra.insert(0, model)
         model = None
-    spec = LaunchSpec(
-        model=settings.get("default_model", model),
-        host=settings.get("host", request.host),
-        port=settings.get("local_engine_port", request.port),
-        gpu_memory_utilization=settings.get("gpu_util", request.gpu_memory_utilization),
-        served_model_name=request.served_model_name, quantization=request.quantization,
-        max_model_len=request.max_model_len, tensor_parallel_size=request.tensor_parallel_size,
-        pipeline_parallel_size=request.pipeline_parallel_size, data_parallel_size=request.data_parallel_size,
-        dtype=request.dtype, enforce_eager=bool(request.enforce_eager), download_dir=request.download_dir,
-        trust_remote_code=bool(request.trust_remote_code), api_key_env=request.api_key_env,
-        ray_address=request.ray_address or None, extra_args=extra,
-    )
+    given = {name: getattr(request, name) for name in LAUNCH_OPTION_NAMES}  # as asked; the settings fill these:
+    given.update(host=settings.get("host", request.host), port=settings.get("local_engine_port", request.port),
+                 gpu_memory_utilization=settings.get("gpu_util", request.gpu_memory_utilization),
+                 enforce_eager=bool(request.enforce_eager), trust_remote_code=bool(request.trust_remote_code),
+                 ray_address=request.ray_address or None)
+    spec = LaunchSpec(model=settings.get("default_model", model), extra_args=extra, **given)
     validate(spec, manager.environ_with(request.engine_env))
     if request.host is None:
         _check_dotenv_host(spec.host)
     if request.name is not None:
         validate_name(request.name)
-    timeout = float(settings.get("start_timeout", request.timeout))
-    _check_timeout(timeout)
+    timeout = _start_timeout(request.timeout)
     cluster = settings.get("cluster", request.cluster) or None
     _check_cluster(cluster, request.node, spec)
     return ResolvedLaunch(spec=spec, name=request.name, port_explicit=request.port is not None, gpus=request.gpus,
@@ -302,13 +295,6 @@ def _check_dotenv_host(host: str) -> None:
                          "network because a .env file says so; nothing was started",
                          hint=f"pass --host {host} yourself (with --api-key-env VAR), or set it in the environment or "
                               "with `sage-llm config set host`")
-
-
-def _check_timeout(timeout: float) -> None:
-    from sage_llm.core.errors import UsageError
-
-    if timeout <= 0:
-        raise UsageError(f"--timeout {timeout:g} must be positive", hint="e.g. --timeout 900")
 
 
 def preflight(model: str, download_dir: str | None = None) -> Preflight:
@@ -383,11 +369,10 @@ def explain_exit(record: EngineRecord) -> str | None:
 def stop_grace(timeout: float | None = None) -> float:
     """Seconds `stop` waits between SIGTERM and SIGKILL: `timeout` if given, else the stop_timeout setting."""
     from sage_llm.core import settings
-    from sage_llm.core.errors import UsageError
+    from sage_llm.engine.manager import check_stop_timeout
 
     value = float(settings.get("stop_timeout", timeout))
-    if value < 0:
-        raise UsageError(f"--timeout {value:g} must not be negative", hint="e.g. --timeout 30")
+    check_stop_timeout(value)
     return value
 
 
@@ -398,14 +383,19 @@ def stop(target: str | int, timeout: float | None = None, force: bool = False,
 
     `timeout`: seconds between SIGTERM and SIGKILL (None: the stop_timeout setting). An engine this tool did not
     start is never signalled (UsageError)."""
-    from sage_llm.core.state import StateStore
+    from sage_llm.core.state import EngineRecord, StateStore
     from sage_llm.engine import manager
 
     _callback(on_escalate, "on_escalate")
     grace = stop_grace(_number(timeout, "timeout"))
     store = store or StateStore()
-    return manager.stop(resolve(target, store), timeout=grace, force=bool(force), store=store,
-                        on_escalate=on_escalate)
+    name = resolve(target, store)
+    rec = store.load(name)
+    if isinstance(rec, EngineRecord) and rec.cluster:  # local or cluster is chosen here, as in `start`
+        from sage_llm.engine import cluster
+
+        return cluster.stop(rec, grace, bool(force), store)
+    return manager.stop(name, timeout=grace, force=bool(force), store=store, on_escalate=on_escalate)
 
 
 def resolve(target: str | int, store: StateStore | None = None) -> str:
@@ -474,10 +464,12 @@ def switch(name: str, model: str, rolling: bool = False, overrides: LaunchOverri
 
 
 def _start_timeout(timeout: float | None) -> float:
+    """Seconds `start` waits until the engine serves: `timeout` if given, else the start_timeout setting; checked."""
     from sage_llm.core import settings
+    from sage_llm.engine.manager import check_start_timeout
 
     value = float(settings.get("start_timeout", timeout))
-    _check_timeout(value)
+    check_start_timeout(value)
     return value
 
 

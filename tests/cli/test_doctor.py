@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm.core import doctor
+from sage_llm import doctor
 from sage_llm.observe import gpu
 from tests.support.ports import free_port
 

@@ -48,10 +48,10 @@ def test_logs_unknown_engine_and_bad_options(cli) -> None:
 @pytest.mark.usefixtures("stop_all")
 def test_follow_ends_when_the_engine_is_stopped(cli, fake_vllm, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cli("start", "org/one", "--name", "one")[0] == 0
-    from sage_llm.observe import logs
+    from sage_llm.engine import logtarget
 
     following = threading.Event()
-    real_ended = logs.engine_ended
+    real_ended = logtarget.engine_ended
 
     def engine_ended(*args, **kwargs):
         check = real_ended(*args, **kwargs)
@@ -61,7 +61,7 @@ def test_follow_ends_when_the_engine_is_stopped(cli, fake_vllm, monkeypatch: pyt
             return check()
         return first_check_means_following
 
-    monkeypatch.setattr(logs, "engine_ended", engine_ended)
+    monkeypatch.setattr(logtarget, "engine_ended", engine_ended)
 
     def stop_later() -> None:
         following.wait(60)  # then stop anyway, so that a follow that never started cannot hang the test
@@ -144,7 +144,9 @@ def test_follow_shows_a_line_written_between_the_tail_and_the_follow(cli, fake_v
 
     monkeypatch.setattr(logs, "tail", tail_then_the_engine_writes)
     # the follow ends at its first check, which comes only after it has read everything written so far
-    monkeypatch.setattr(logs, "engine_ended", lambda *a, **k: lambda: "test done")
+    from sage_llm.engine import logtarget
+
+    monkeypatch.setattr(logtarget, "engine_ended", lambda *a, **k: lambda: "test done")
     code, out, err = cli("logs", "one", "-f", "-n", "2")
     assert code == 0, err
     assert written

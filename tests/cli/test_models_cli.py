@@ -178,7 +178,7 @@ def test_recommend_no_gpu_and_with_gpus(cli) -> None:
 
 
 def test_recommend_fit_from_free_memory() -> None:
-    from sage_llm.models import catalog as models
+    from sage_llm.engine import catalog as models
     from sage_llm.observe.gpu import GpuInfo, Snapshot
 
     gib = 1024**3

@@ -20,8 +20,8 @@ import pytest
 from rich.console import Console
 
 from sage_llm.cli.commands.top import render
+from sage_llm.engine.monitor import Monitor, sparkline
 from sage_llm.observe import gpu
-from sage_llm.observe.monitor import Monitor, sparkline
 
 try:
     from tests.fakes.fake_nvml import FakeGpu, FakeNVML, FakeProc, GiB

@@ -72,7 +72,7 @@ def test_bad_options_exit_2_with_one_line(args, cli) -> None:
 
 
 def test_status_json_path_never_imports_aiohttp(home) -> None:
-    code = ("import sys; from sage_llm.cli.fast_status import status_json; status_json(None); "
+    code = ("import sys; from sage_llm.cli.fast_status import status; status(json_=True); "
             "assert 'aiohttp' not in sys.modules, 'aiohttp imported'; "
             "assert 'sage_llm.gateway.server' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -12,8 +12,8 @@ import pytest
 from rich.console import Console
 
 from sage_llm.cli.commands.top import render
+from sage_llm.engine.monitor import Monitor
 from sage_llm.observe import gpu, metrics
-from sage_llm.observe.monitor import Monitor
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from sage_llm.engine import catalog as models
 from sage_llm.engine.scripts.hf_layout import layout
-from sage_llm.models import catalog as models
 from sage_llm.models import hf_cache
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm.models import catalog as models
+from sage_llm.engine import catalog as models
 from sage_llm.models import hf_cache
 
 CONVERTER = f"""#!{sys.executable}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_llm.models import catalog as models
+from sage_llm.engine import catalog as models
 from sage_llm.models import hf_cache
 from tests.fakes.fake_hub import FakeHub, Repo
 from tests.support.ports import free_port

@@ -13,8 +13,9 @@ import pytest
 import typer
 import typer.main
 
+from sage_llm import doctor
 from sage_llm.cli import _output, sage_plugin
-from sage_llm.core import doctor, sage_cli
+from sage_llm.core import sage_cli
 
 
 def _parser(*own: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:

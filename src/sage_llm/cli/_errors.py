@@ -19,19 +19,18 @@ def handle(exc: BaseException, prog: str = "sage-llm") -> int:
     if isinstance(exc, KeyboardInterrupt):
         out.error("interrupted")
         return 130
-    # Click's vendored exceptions (usage errors, bad values): duck-typed, we never import click
-    if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-        msg = " ".join(str(exc.format_message()).split())
-        ctx = getattr(exc, "ctx", None)
-        path = getattr(ctx, "command_path", None) or prog
-        if type(exc).__name__ == "Abort":
-            out.error("aborted")
-            return 1
-        out.error(msg, f"see `{path} --help`")
-        return int(getattr(exc, "exit_code", 2) or 2)
-    if type(exc).__name__ == "Abort":
+    import typer  # loaded already: only the Typer path (main._run_typer) gets here
+    from typer._click.exceptions import ClickException  # Typer's vendored Click (pinned <0.30): no public name
+
+    if isinstance(exc, typer.Abort):  # Ctrl-C at a prompt
         out.error("aborted")
         return 1
+    if isinstance(exc, ClickException):  # usage errors, bad values
+        msg = " ".join(exc.format_message().split())
+        ctx = getattr(exc, "ctx", None)
+        path = getattr(ctx, "command_path", None) or prog
+        out.error(msg, f"see `{path} --help`")
+        return exc.exit_code or 2
     if isinstance(exc, OSError):
         out.error(f"{exc.strerror or exc} ({getattr(exc, 'filename', '') or ''})".replace(" ()", ""))
         return 1

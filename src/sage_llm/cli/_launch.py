@@ -1,9 +1,16 @@
-"""The launch options of `start`, `run`, `restart` and `switch`, declared once.
+"""The launch options of `start`, `run`, `restart` and `switch`: the library declares them once
+(`engine.vllm.LAUNCH_OPTIONS`: names and flags); this module adds what a command line needs (type, short alias, help).
 
-`@launch_options("start")` or `@launch_options("override")` adds every option of the table below to a command's
-signature (so Typer shows them) and hands the command one typed object instead: `launch=api.LaunchRequest(...)` for
-start/run, `launch=api.LaunchOverrides(...)` for restart/switch (None = keep the recorded value). Defaults that come
-from settings are resolved by `sage_llm.api`, never here.
+`@launch_options("start")` or `@launch_options("override")` adds every option to a command's signature (so Typer
+shows them) and hands the command one typed object instead: `launch=api.LaunchRequest(...)` for start/run,
+`launch=api.LaunchOverrides(...)` for restart/switch (None = keep the recorded value). Defaults that come from
+settings are resolved by `sage_llm.api`, never here.
+
+Why a decorator that rewrites the signature rather than the options written out: Typer reads a command's options from
+its signature, and the four commands share 15 of them; written out they would be declared four times (they were, and
+drifted). Typer has no mechanism for options shared by some commands of a group (a group callback's options go before
+the command name), so the decorator builds the signature with `inspect.Parameter`s; the command's own annotations are
+resolved by `inspect.signature(eval_str=True)` in the command's module.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from sage_llm.cli import _complete
+from sage_llm.engine.vllm import LAUNCH_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -29,33 +37,39 @@ class _Opt:
     toggle: str | None = None  # "--x/--no-x" for booleans
 
 
-_TABLE: tuple[_Opt, ...] = (
-    _Opt("port", int, ("--port", "-p"), "Port.", "$SAGE_LOCAL_ENGINE_PORT or 8001; without --port the next free one "
-         "is taken"),
-    _Opt("host", str, ("--host",), "Address to bind; anything but loopback needs --api-key-env.",
-         "$SAGE_LOCAL_ENGINE_HOST or 127.0.0.1"),
-    _Opt("gpu_memory_utilization", float, ("--gpu-memory-utilization", "-u"), "Fraction of GPU memory for the "
-         "engine, in (0, 1].", "$SAGE_LOCAL_ENGINE_GPU_UTIL or 0.9"),
-    _Opt("quantization", str, ("--quantization", "-q"), "awq, gptq, fp8, ..."),
-    _Opt("max_model_len", str, ("--max-model-len",), "Context length, e.g. 4096 or 32k; unset: the longest the KV "
-         "cache holds (auto)."),
-    _Opt("served_model_name", str, ("--served-model-name",), "Model name the API serves."),
-    _Opt("tensor_parallel_size", int, ("--tensor-parallel-size", "-tp"), "GPUs per model replica (tensor parallel)."),
-    _Opt("pipeline_parallel_size", int, ("--pipeline-parallel-size", "-pp"), "Pipeline stages."),
-    _Opt("data_parallel_size", int, ("--data-parallel-size", "-dp"), "Data-parallel replicas."),
-    _Opt("ray_address", str, ("--ray-address",), "Run the engine's ranks on this existing Ray cluster (HOST:PORT of "
-         "its head): vLLM gets --distributed-executor-backend ray and RAY_ADDRESS. '' drops it on restart.",
-         "$RAY_ADDRESS"),
-    _Opt("dtype", str, ("--dtype",), "auto, half, float16, bfloat16, float, float32."),
-    _Opt("enforce_eager", bool, ("--enforce-eager",), "No torch.compile/CUDA graphs: faster start, slower serving.",
-         toggle="--enforce-eager/--no-enforce-eager"),
-    _Opt("download_dir", str, ("--download-dir",), "Where to download weights."),
-    _Opt("trust_remote_code", bool, ("--trust-remote-code",), "Run the model repository's own Python code.",
-         toggle="--trust-remote-code/--no-trust-remote-code"),
-    _Opt("api_key_env", str, ("--api-key-env",), "NAME of an environment variable holding the API key clients "
-         "must send. The key reaches vLLM as VLLM_API_KEY, never on a command line."),
+def _launch_opt(name: str, type_: Any, short: tuple[str, ...], help_: str, start: str | None = None) -> _Opt:
+    """A launch option of the library's table (its flag, and its switch as --x/--no-x), with what the CLI adds."""
+    lib = _LIB[name]
+    toggle = f"{lib.flag}/--no-{lib.flag[2:]}" if lib.switch else None
+    return _Opt(name, type_, (lib.flag, *short), help_, start, toggle)
+
+
+_LIB = {o.name: o for o in LAUNCH_OPTIONS}
+_TABLE: tuple[_Opt, ...] = (  # in the order --help lists them
+    _launch_opt("port", int, ("-p",), "Port.", "$SAGE_LOCAL_ENGINE_PORT or 8001; without --port the next free one "
+                "is taken"),
+    _launch_opt("host", str, (), "Address to bind; anything but loopback needs --api-key-env.",
+                "$SAGE_LOCAL_ENGINE_HOST or 127.0.0.1"),
+    _launch_opt("gpu_memory_utilization", float, ("-u",), "Fraction of GPU memory for the "
+                "engine, in (0, 1].", "$SAGE_LOCAL_ENGINE_GPU_UTIL or 0.9"),
+    _launch_opt("quantization", str, ("-q",), "awq, gptq, fp8, ..."),
+    _launch_opt("max_model_len", str, (), "Context length, e.g. 4096 or 32k; unset: the longest the KV "
+                "cache holds (auto)."),
+    _launch_opt("served_model_name", str, (), "Model name the API serves."),
+    _launch_opt("tensor_parallel_size", int, ("-tp",), "GPUs per model replica (tensor parallel)."),
+    _launch_opt("pipeline_parallel_size", int, ("-pp",), "Pipeline stages."),
+    _launch_opt("data_parallel_size", int, ("-dp",), "Data-parallel replicas."),
+    _launch_opt("ray_address", str, (), "Run the engine's ranks on this existing Ray cluster (HOST:PORT of "
+                "its head): vLLM gets --distributed-executor-backend ray and RAY_ADDRESS. '' drops it on restart.",
+                "$RAY_ADDRESS"),
+    _launch_opt("dtype", str, (), "auto, half, float16, bfloat16, float, float32."),
+    _launch_opt("enforce_eager", bool, (), "No torch.compile/CUDA graphs: faster start, slower serving."),
+    _launch_opt("download_dir", str, (), "Where to download weights."),
+    _launch_opt("trust_remote_code", bool, (), "Run the model repository's own Python code."),
+    _launch_opt("api_key_env", str, (), "NAME of an environment variable holding the API key clients "
+                "must send. The key reaches vLLM as VLLM_API_KEY, never on a command line."),
 )
-LAUNCH_OPTION_NAMES = tuple(o.name for o in _TABLE)
+LAUNCH_OPTION_NAMES = tuple(o.name for o in _TABLE)  # every one of the library's (tests/unit/test_launch_options.py)
 
 _START_ONLY: tuple[_Opt, ...] = (
     _Opt("name", str, ("--name", "-n"), "Engine name (default: from the model)."),
@@ -118,10 +132,8 @@ def launch_options(mode: Literal["start", "override"]) -> Callable[[Callable[...
     added_names = {p.name for p in added}
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        sig = inspect.signature(fn)
-        mine = [p.replace(annotation=eval(p.annotation, fn.__globals__) if isinstance(p.annotation, str)
-                          else p.annotation)
-                for p in sig.parameters.values() if p.name != "launch" and p.name not in added_names]
+        sig = inspect.signature(fn, eval_str=True)  # string annotations resolved in the command's own module
+        mine = [p for p in sig.parameters.values() if p.name != "launch" and p.name not in added_names]
         # Typer's order: the command's own arguments and options first, then the launch options, --json last
         head = [p for p in mine if p.name != "json_"]
         tail = [p for p in mine if p.name == "json_"]

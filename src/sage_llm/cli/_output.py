@@ -9,7 +9,11 @@ from __future__ import annotations
 import json
 import re
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the `status` path skips it (core/records.py)
+if TYPE_CHECKING:
+    from typing import Any
+
 
 _consoles: dict[str, Any] = {}
 

@@ -15,8 +15,8 @@ def is_fast(args: list[str]) -> bool:
 
 def models_json() -> int:
     from sage_llm.core.errors import SageLLMError
+    from sage_llm.engine.catalog import local_models
     from sage_llm.models import hf_cache
-    from sage_llm.models.catalog import local_models
 
     try:
         models, warnings = local_models()

@@ -5,7 +5,8 @@ sage-llm installs no `sage` script: SAGE's CLI and SageMath each install one, an
 
 `run()` wraps the Typer app: known errors become one line on stderr and an exit code (see `_errors.py`). `prog` is the
 name the user typed (`sage-llm`, `sage vllm`, `python -m sage_llm`): usage lines, help texts and hints name it. The hot
-path `status --json` is served without importing Typer or Rich at all, so Studio's polling stays cheap.
+path `status` (`--json`, `-q` or the table) is served without importing Typer (cli/fast_status.py), so Studio's
+polling stays cheap.
 """
 
 from __future__ import annotations
@@ -15,16 +16,6 @@ import sys
 
 PROG = "sage-llm"
 COMPLETE_VAR = "_SAGE_LLM_COMPLETE"  # Typer's shell-completion protocol for `sage-llm`
-
-
-def _fast_status_args(args: list[str]) -> list[str] | None:
-    """The args of a plain `status [NAME|PORT] --json` invocation, or None if it needs the full CLI."""
-    if not args or args[0] != "status" or "--json" not in args:
-        return None
-    rest = [a for a in args[1:] if a != "--json"]
-    if len(rest) > 1 or any(a.startswith("-") for a in rest):
-        return None
-    return rest
 
 
 def completing() -> bool:
@@ -45,11 +36,16 @@ def run(argv: list[str], prog: str = PROG) -> int:
 
         sys.stdout.write(f"sage-llm {__version__}\n")
         return 0
-    fast = _fast_status_args(argv)
-    if fast is not None:
-        from sage_llm.cli.fast_status import status_json
+    from sage_llm.cli.fast_status import plain_args, status
 
-        return status_json(fast[0] if fast else None)
+    plain = plain_args(argv)
+    if plain is not None:
+        try:
+            return status(**plain)  # type: ignore[arg-type]
+        except BaseException as exc:  # as on the Typer path: one line and an exit code (Ctrl-C: 130)
+            from sage_llm.cli import _errors
+
+            return _errors.handle(exc, prog)
     from sage_llm.cli.fast_models import is_fast, models_json
 
     if is_fast(argv):
@@ -58,28 +54,36 @@ def run(argv: list[str], prog: str = PROG) -> int:
 
 
 def command(prog: str = PROG):
-    """Our Click command tree (from Typer) with every help text, epilog and option help naming `prog`."""
+    """Our Click command tree (from Typer) with every help text, epilog and option help naming `prog`. Commands are
+    loaded lazily (cli/llm.py's LazyGroup): each is renamed when it is first looked up."""
     import typer.main
 
     from sage_llm.cli._output import named
     from sage_llm.cli.llm import llm_app
 
+    def rename(root: object) -> None:
+        todo = [root]
+        while todo:
+            c = todo.pop()
+            for attr in ("help", "epilog", "short_help"):
+                text = getattr(c, attr, None)
+                if isinstance(text, str):
+                    setattr(c, attr, named(text, prog))
+            for p in getattr(c, "params", []):
+                if isinstance(getattr(p, "help", None), str):
+                    p.help = named(p.help, prog)
+            todo.extend(getattr(c, "commands", {}).values())
+
     cmd = typer.main.get_command(llm_app)  # a fresh tree on each call: renaming it changes nothing global
-    todo = [cmd]
-    while todo:
-        c = todo.pop()
-        for attr in ("help", "epilog", "short_help"):
-            text = getattr(c, attr, None)
-            if isinstance(text, str):
-                setattr(c, attr, named(text, prog))
-        for p in getattr(c, "params", []):
-            if isinstance(getattr(p, "help", None), str):
-                p.help = named(p.help, prog)
-        todo.extend(getattr(c, "commands", {}).values())
+    rename(cmd)
+    cmd.on_load = rename  # type: ignore[attr-defined]
     return cmd
 
 
 def _run_typer(argv: list[str], prog: str) -> int:
+    import typer
+    from typer._click.exceptions import NoArgsIsHelpError  # Typer's vendored Click (pinned <0.30): no public name
+
     from sage_llm.cli import _errors
 
     cmd = command(prog)
@@ -87,12 +91,12 @@ def _run_typer(argv: list[str], prog: str) -> int:
         rv = cmd.main(args=argv, prog_name=prog, standalone_mode=False)
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except NoArgsIsHelpError as exc:
+        sys.stdout.write(exc.ctx.get_help() + "\n")  # a bare `sage-llm` (or group): the help, as --help shows it
+        return 0
     except BaseException as exc:
-        if type(exc).__name__ == "Exit":
-            return int(getattr(exc, "exit_code", 0))
-        if type(exc).__name__ == "NoArgsIsHelpError" and getattr(exc, "ctx", None) is not None:
-            sys.stdout.write(exc.ctx.get_help() + "\n")  # a bare `sage-llm` (or group): the help, as --help shows it
-            return 0
         return _errors.handle(exc, prog)
     return rv if isinstance(rv, int) else 0
 

@@ -23,8 +23,17 @@ def url_host(host: str | None) -> str:
 
 
 def is_loopback(host: str | None) -> bool:
-    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    """True for addresses only this machine can reach: 127.0.0.0/8, ::1 (any spelling), localhost and *.localhost.
+    A name that only starts like one (127.example.com) is not. The one definition: the engine's bind checks and the
+    gateway's (bind, Host and Origin headers) use it."""
     if host is None:
         return False
     bare = host.strip("[]").lower()
-    return bare in LOOPBACK_HOSTS or bare.startswith("127.") or bare.endswith(".localhost")
+    if bare in LOOPBACK_HOSTS or bare.endswith(".localhost"):
+        return True
+    import ipaddress  # lazy: only for addresses that are not the usual spellings
+
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False

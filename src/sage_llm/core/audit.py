@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sage_llm.core import paths
+from sage_llm.core import paths, records
 
 FILE_NAME = "audit.jsonl"
 REDACTED = "***"
@@ -68,7 +68,9 @@ def redact(value: Any, key: str | None = None) -> Any:
     flag (`--api-key X`, `--hf-token=X`), `NAME_TOKEN=...` assignments, and anything shaped like a token."""
     if key is not None and _is_secret_key(key) and value not in (None, "", False, True):
         return REDACTED
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    if isinstance(value, records.Record):
+        value = records.asdict(value)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
     if isinstance(value, dict):
         return {str(k): redact(v, str(k)) for k, v in value.items()}
@@ -224,7 +226,7 @@ def summarize_default(value: Any, op: Operation) -> None:
 
 def read(n: int | None = None, root: Path | None = None) -> list[dict[str, Any]]:
     """The last `n` entries (all with None), oldest first; unreadable lines are skipped."""
-    from sage_llm.observe.logs import tail_lines
+    from sage_llm.core.textfiles import tail_lines
 
     target = path(root)
     if n is not None:

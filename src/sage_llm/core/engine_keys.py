@@ -10,10 +10,7 @@ local user (who cannot read the secret) or a web page cannot.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import os
-import secrets
 from pathlib import Path
 
 KEY_PREFIX = "SAGE_LLM_GW_KEY_"
@@ -46,6 +43,8 @@ def secret(create: bool = False, root: Path | None = None) -> bytes | None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
+        import secrets  # here, as hashlib and hmac below: `status` asks is_gateway_key of every engine, nothing more
+
         os.write(fd, secrets.token_hex(32).encode())
     finally:
         os.close(fd)
@@ -53,6 +52,9 @@ def secret(create: bool = False, root: Path | None = None) -> bytes | None:
 
 
 def derive(var: str, key: bytes) -> str:
+    import hashlib
+    import hmac
+
     return hmac.new(key, var.encode(), hashlib.sha256).hexdigest()
 
 

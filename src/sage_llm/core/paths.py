@@ -83,3 +83,19 @@ def ensure_home(root: Path | None = None) -> Path:
     for sub in (engines_dir(root), logs_dir(root)):
         check_private_dir(sub)
     return root
+
+
+# ---- the Hugging Face hub cache's layout (models/hf_cache.py reads it; observe/progress.py watches downloads in it)
+def hub_cache_dir() -> Path:
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "huggingface" / "hub"
+
+
+def repo_dir(repo_id: str, cache: Path | None = None) -> Path:
+    return (cache or hub_cache_dir()) / ("models--" + repo_id.replace("/", "--"))

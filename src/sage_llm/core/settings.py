@@ -17,19 +17,21 @@ import contextlib
 import os
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sage_llm.core.errors import SageLLMError, UsageError
+from sage_llm.core.records import Record
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the `status` path skips it (core/records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 CONFIG_ENV = "SAGE_LLM_CONFIG"
 DOTENV_ENV = "SAGE_LLM_DOTENV"
 CONFIG_FILE_NAME = "llm.toml"
 
 
-@dataclass(frozen=True)
-class Spec:
+class Spec(Record, frozen=True):
     key: str  # name in the config file and in `sage-llm config set`
     env: str  # environment variable (also read from .env)
     kind: str  # port | fraction | seconds | text | url | host
@@ -70,8 +72,7 @@ class ConfigError(UsageError):
     """A setting has a bad value, or the config file cannot be read."""
 
 
-@dataclass(frozen=True)
-class Resolved:
+class Resolved(Record, frozen=True):
     spec: Spec
     value: Any  # parsed value (None when unset)
     source: str  # one of SOURCES

@@ -13,14 +13,17 @@ import fcntl
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from sage_llm.core import paths
 from sage_llm.core.errors import StateError, UsageError
+from sage_llm.core.records import Record, asdict, field, fields
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the `status` path skips it (core/records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 SCHEMA_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -35,8 +38,7 @@ def validate_name(name: str) -> str:
     return name
 
 
-@dataclass
-class EngineRecord:
+class EngineRecord(Record):
     """What we know about one managed engine. Secrets are never stored: only the *name* of the key variable."""
 
     name: str
@@ -85,7 +87,7 @@ class EngineRecord:
             raise ValueError(f"record schema_version {version!r} is not an integer")
         if version > SCHEMA_VERSION:
             raise NewerRecordError(f"schema_version {version}, newer than the {SCHEMA_VERSION} this sage-llm reads")
-        known = {f.name for f in fields(cls)}
+        known = set(fields(cls))
         kwargs = {k: v for k, v in data.items() if k in known}
         for required in ("name", "model", "host", "port"):
             if required not in kwargs:
@@ -121,24 +123,50 @@ def api_key_for(record: EngineRecord) -> str | None:
 
 
 def utcnow_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    """Now in UTC, to the second: 2026-12-06T18:25:01Z (time, not datetime: `status` skips importing datetime)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+_ISO_UTC = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:Z|\+00:00)")
+_MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
 
 def parse_iso(value: str | None) -> float | None:
+    """Seconds since the epoch for an ISO 8601 time, None if it is not one. The form `utcnow_iso` writes is read
+    without datetime (`status` reads one per engine and skips importing datetime: docs/benchmarks.md); any other form
+    goes through datetime.fromisoformat."""
     if not value:
         return None
+    m = _ISO_UTC.fullmatch(value)
+    if m:
+        y, mo, d, hh, mi, ss = (int(g) for g in m.groups())
+        leap = y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)
+        if 1 <= mo <= 12 and 1 <= d <= _MONTH_DAYS[mo - 1] + (mo == 2 and leap) and hh < 24 and mi < 60 and ss < 60:
+            return float(_days_from_civil(y, mo, d) * 86400 + hh * 3600 + mi * 60 + ss)
+        return None
+    from datetime import datetime
+
     try:
         return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
 
 
+def _days_from_civil(y: int, m: int, d: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm; what calendar.timegm computes)."""
+    y -= m <= 2
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
 class NewerRecordError(ValueError):
     """The record was written by a newer sage-llm (a higher schema_version)."""
 
 
-@dataclass
-class CorruptRecord:
+class CorruptRecord(Record):
     """A record file that could not be read: reported, never acted upon."""
 
     name: str

@@ -17,11 +17,11 @@ import secrets
 import socket
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sage_llm.core.errors import EngineFailed, SageLLMError, UsageError
+from sage_llm.core.records import asdict
 from sage_llm.engine.cluster_agent import ACTOR_PREFIX, NAMESPACE
 
 if TYPE_CHECKING:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import re
 import time
-from datetime import datetime, timezone
-from typing import Any
 
 from sage_llm.core.addresses import url_host
 from sage_llm.core.state import CorruptRecord, EngineRecord
 from sage_llm.engine import process
 from sage_llm.engine.view import EngineView
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the `status` path skips it (core/records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 VLLM_CMD = re.compile(r"vllm", re.IGNORECASE)
 
@@ -89,8 +91,7 @@ def discover_external(records: list[EngineRecord | CorruptRecord], local_port: i
         found[info["port"]] = EngineView(
             name=None, managed=False, state="stopped", model=info["model"], served_model_name=info["served"],
             host=info["host"], port=info["port"], base_url=f"http://{url_host(info['host'])}:{info['port']}/v1",
-            pid=proc.pid, started_at=datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")
-            .replace("+00:00", "Z") if started else None,
+            pid=proc.pid, started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)) if started else None,
             uptime_s=round(time.time() - started, 1) if started else None, dtype=info["dtype"] or "auto",
         )
     if local_port and local_port not in found and local_port not in managed_ports:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 from sage_llm.core.addresses import reachable_host
 from sage_llm.core.state import CorruptRecord, EngineRecord, StateStore, api_key_for, parse_iso
 from sage_llm.engine import process
 from sage_llm.engine.discovery import discover_external
 from sage_llm.engine.view import EngineView, apply_probe
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the `status` path skips it (core/records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _tree_procs(tree: process.Tree) -> list[dict[str, Any]]:

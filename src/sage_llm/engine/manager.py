@@ -30,7 +30,7 @@ from sage_llm.engine import portlocks, process
 from sage_llm.engine.targets import slug
 from sage_llm.observe import logs as logtools
 from sage_llm.observe.diagnose import diagnose
-from sage_llm.observe.progress import LoadProgress, engine_dtype, hub_download_size, snapshot_of
+from sage_llm.observe.progress import LoadProgress, engine_dtype, snapshot_of
 
 if TYPE_CHECKING:
     from sage_llm.engine.vllm import LaunchSpec
@@ -100,6 +100,18 @@ def environ_with(engine_env: Mapping[str, str | None] | None) -> dict[str, str] 
     return {k: v for k, v in merged.items() if v is not None}
 
 
+def check_start_timeout(timeout: float) -> None:
+    """The one check of `start`'s --timeout (api.resolve_launch runs it before anything else, `start` again)."""
+    if timeout <= 0:
+        raise UsageError(f"--timeout {timeout:g} must be positive", hint="e.g. --timeout 900")
+
+
+def check_stop_timeout(timeout: float) -> None:
+    """The one check of `stop`'s --timeout (the SIGTERM-to-SIGKILL grace)."""
+    if timeout < 0:
+        raise UsageError(f"--timeout {timeout:g} must not be negative", hint="e.g. --timeout 30")
+
+
 @audit.audited(audit.start_command)
 def start(
     spec: LaunchSpec,
@@ -132,8 +144,7 @@ def start(
     validate(spec, environ)
     if name is not None:
         validate_name(name)
-    if timeout <= 0:
-        raise UsageError(f"--timeout {timeout:g} must be positive", hint="e.g. --timeout 900")
+    check_start_timeout(timeout)
     cmd = envs.resolve_vllm(store.root)
     _check_scaleout(spec, cmd)
     warnings: list[str] = []
@@ -346,6 +357,7 @@ def wait_ready(
     api_key: str | None = None,
 ) -> float:
     """Block until /health is 200 and /v1/models lists the served name; on death or timeout, clean up and raise."""
+    from sage_llm.models import hf_cache
     from sage_llm.observe import probe as probes
 
     started = time.monotonic()
@@ -353,7 +365,7 @@ def wait_ready(
     key = api_key or api_key_for(record)
     last_emit = 0.0
     download_dir = (record.settings or {}).get("download_dir")
-    loader = LoadProgress(record.log_file, model=record.model, size_lookup=hub_download_size,
+    loader = LoadProgress(record.log_file, model=record.model, size_lookup=hf_cache.hub_download_size,
                           hf_cache=Path(download_dir).expanduser() if download_dir else None) if on_progress else None
 
     def emit() -> None:
@@ -468,8 +480,7 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
          on_escalate: Callable[[str], None] | None = None) -> StopOutcome:
     """Stop one engine's whole tree; remove its record only once nothing of it is left and its port is free."""
     store = store or StateStore()
-    if timeout < 0:
-        raise UsageError(f"--timeout {timeout:g} must not be negative", hint="e.g. --timeout 30")
+    check_stop_timeout(timeout)
     rec = store.load(name)
     if rec is None:
         return StopOutcome(name, stopped=True, already_gone=True, message=f"engine {name!r} is not running")
@@ -483,10 +494,9 @@ def stop(name: str, timeout: float = DEFAULT_STOP_TIMEOUT, force: bool = False, 
                                message=f"removed corrupt record {rec.path} ({rec.error})")
         raise SageLLMError(f"engine record {rec.path} is corrupt ({rec.error}); nothing was signalled",
                            hint=f"check no engine of it runs, then `sage-llm stop {name} --force` removes the record")
-    if rec.cluster:
-        from sage_llm.engine import cluster
-
-        return cluster.stop(rec, timeout, force, store)
+    if rec.cluster:  # api.stop sends these to engine/cluster.py; never signal a local pid for them
+        raise UsageError(f"engine {name!r} runs on a node of the Ray cluster {rec.cluster.get('address')}",
+                         hint=f"sage-llm stop {name}")
     tree = process.find_tree(rec.pid, process.birth_of(rec), rec.id)
     gone_before = not tree.alive
     if not gone_before:

@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from sage_llm.core.config import EnvVars
+from sage_llm.core.records import Record, field
 
 CREATE_TIME_TOLERANCE = 0.05
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the `status` path skips it (core/records.py)
 if TYPE_CHECKING:
+    from typing import Any
+
     import psutil
 
 
@@ -56,8 +57,7 @@ def boot_id() -> str | None:
     return _BOOT_ID[0]
 
 
-@dataclass(frozen=True)
-class Birth:
+class Birth(Record, frozen=True):
     """When a process started, as the kernel counts it: `ticks` (clock ticks since boot, /proc/PID/stat field 22) on
     the boot `boot_id`. Records of older sage-llm versions have only `create_time` (psutil's wall-clock create time):
     they are compared on that, within CREATE_TIME_TOLERANCE, as those versions did."""
@@ -184,8 +184,7 @@ class Proc:
         proc.send_signal(sig)
 
 
-@dataclass
-class Spawned:
+class Spawned(Record):
     pid: int
     create_time: float
     popen: Any  # subprocess.Popen
@@ -273,8 +272,7 @@ def _marker(proc: Any) -> str | bool | None:
     return env.get(EnvVars.ENGINE_MARK, False)
 
 
-@dataclass
-class Tree:
+class Tree(Record):
     leader: Any | None  # Proc (or psutil.Process from find_by_marker)
     members: list[Any] = field(default_factory=list)  # every live process of the engine, leader first
 
@@ -287,8 +285,7 @@ class Tree:
         return [p for p in self.members if self.leader is None or p.pid != self.leader.pid]
 
 
-@dataclass
-class ProcInfo:
+class ProcInfo(Record):
     pid: int
     ppid: int
     sid: int
@@ -451,8 +448,7 @@ def _signal_all(procs: list[Any], sig: int) -> None:
             proc.send_signal(sig)
 
 
-@dataclass
-class StopResult:
+class StopResult(Record):
     signalled: list[int]
     survivors: list[tuple[int, str]]  # (pid, name) still alive after SIGKILL
     escalated: bool  # SIGKILL was needed
@@ -474,6 +470,8 @@ def stop_tree(
     Only processes that pass the identity rule are signalled; the tree is re-read on every round so a process that
     forks late is caught too.
     """
+    import signal  # here, not at the top: `status` reads /proc through this module and sends nothing
+
     started = time.monotonic()
     tree = find_tree(pid, born, engine_id)
     signalled = {p.pid for p in tree.members}

@@ -5,12 +5,15 @@ Contract: docs/status-json.md; JSON Schema: sage_llm/data/status.schema.json.
 
 from __future__ import annotations
 
-from typing import Any
-
 from sage_llm.core.config import DEFAULT_PORT, EnvVars, env_str
 from sage_llm.core.state import StateStore
 from sage_llm.engine.inspect import inspect
 from sage_llm.engine.view import EngineView, local_engine
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the `status` path skips it (core/records.py)
+if TYPE_CHECKING:
+    from typing import Any
+
 
 SCHEMA_VERSION = 1
 
@@ -76,17 +79,18 @@ def attach_gpu(views: list[EngineView], snap: Any = None) -> tuple[list[dict[str
 
 def build(target: str | None = None, store: StateStore | None = None, with_gpu: bool = True
           ) -> tuple[dict[str, Any], list[EngineView], list[str]]:
-    import threading
-
     port = local_port()
+    warm = None
     if with_gpu:
-        # NVML initialisation runs while the engines are probed
         from sage_llm.observe import gpu
 
-        warm = threading.Thread(target=gpu.error, daemon=True)
-        warm.start()
+        if gpu.driver_present() and not gpu.initialised():  # NVML initialisation runs while engines are probed
+            import threading  # only then: without a driver `status` starts no thread of its own
+
+            warm = threading.Thread(target=gpu.error, daemon=True)
+            warm.start()
     views, warnings = inspect(store, include_external=True, local_port=port)
-    if with_gpu:
+    if warm is not None:
         warm.join()
     gpus, gpu_error = attach_gpu(views) if with_gpu else ([], None)
     local = local_engine(views, port)
@@ -101,9 +105,9 @@ def build(target: str | None = None, store: StateStore | None = None, with_gpu: 
         "gpus": gpus,
         "gpu_error": gpu_error,
     }
-    from sage_llm.gateway import daemon  # stdlib only: reads gateway.json, never imports the HTTP stack
+    from sage_llm.engine.gateway_record import record_status  # reads gateway.json, never imports the HTTP stack
 
-    gw = daemon.record_status()
+    gw = record_status()
     if gw is not None:
         doc["gateway"] = gw
     return doc, views, warnings

@@ -19,17 +19,18 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sage_llm.core.config import DEFAULT_GPU_UTIL, DEFAULT_STOP_TIMEOUT
 from sage_llm.core.errors import EngineFailed, EngineNotFound, SageLLMError, StopIncomplete, UsageError
+from sage_llm.core.records import fields, replace
 from sage_llm.core.state import CorruptRecord, EngineRecord, StateStore
 from sage_llm.engine import manager, process
 from sage_llm.engine.vllm import LaunchSpec, validate
 
-LAUNCH_FIELDS = frozenset(f.name for f in fields(LaunchSpec))
+LAUNCH_FIELDS = frozenset(fields(LaunchSpec))
 
 
 @dataclass

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
+from sage_llm.core.records import Record, field
 from sage_llm.core.state import EngineRecord
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the `status` path skips it (core/records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
-@dataclass
-class EngineView:
+
+
+class EngineView(Record):
     name: str | None
     managed: bool
     state: str  # starting | ready | unhealthy | failed | stopped

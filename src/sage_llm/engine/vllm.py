@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from sage_llm.core.config import DEFAULT_CPU_KVCACHE_GIB, EnvVars
 from sage_llm.core.errors import UsageError
+from sage_llm.core.records import Record, field
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the `status` path skips it (core/records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 # vLLM 0.33 `--quantization` choices (vllm/model_executor/layers/quantization/__init__.py). argparse does not check
 # them; vLLM fails minutes later with "Unknown quantization method", so we check before spawning.
@@ -28,8 +31,7 @@ RAY_ADDRESS_RE = re.compile(r"^(auto|(ray://)?(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9._-]+
 SECRET_FLAGS = ("--api-key", "--hf-token")
 
 
-@dataclass
-class LaunchSpec:
+class LaunchSpec(Record):
     model: str
     host: str
     port: int
@@ -51,6 +53,38 @@ class LaunchSpec:
     def settings(self) -> dict[str, Any]:
         """Everything needed to start it again (no secret: only the key's variable name)."""
         return {k: v for k, v in self.__dict__.items()}
+
+
+class LaunchOption(Record, frozen=True):
+    """A launch option: its field in LaunchSpec, api.LaunchOptions and an engine record's settings; its flag on `start`
+    (cli/_launch.py) and, when `to_vllm`, on `vllm serve` (build_argv)."""
+
+    name: str
+    flag: str
+    switch: bool = False  # a flag without a value: --enforce-eager
+    to_vllm: bool = True  # passed to `vllm serve` under this flag
+
+
+# The launch options, declared once, in the order `vllm serve` gets them. The typed classes that carry them
+# (LaunchSpec above, api.LaunchOptions) declare the same names; tests/unit/test_launch_options.py holds them together.
+LAUNCH_OPTIONS: tuple[LaunchOption, ...] = (
+    LaunchOption("host", "--host"),
+    LaunchOption("port", "--port"),
+    LaunchOption("gpu_memory_utilization", "--gpu-memory-utilization"),
+    LaunchOption("served_model_name", "--served-model-name"),
+    LaunchOption("quantization", "--quantization"),
+    LaunchOption("max_model_len", "--max-model-len"),
+    LaunchOption("tensor_parallel_size", "--tensor-parallel-size"),
+    LaunchOption("pipeline_parallel_size", "--pipeline-parallel-size"),
+    LaunchOption("data_parallel_size", "--data-parallel-size"),
+    LaunchOption("dtype", "--dtype"),
+    LaunchOption("enforce_eager", "--enforce-eager", switch=True),
+    LaunchOption("download_dir", "--download-dir"),
+    LaunchOption("trust_remote_code", "--trust-remote-code", switch=True),
+    LaunchOption("api_key_env", "--api-key-env", to_vllm=False),  # the key reaches vLLM as VLLM_API_KEY (build_env)
+    LaunchOption("ray_address", "--ray-address", to_vllm=False),  # RAY_ADDRESS, and the Ray backend (build_argv)
+)
+LAUNCH_OPTION_NAMES = tuple(o.name for o in LAUNCH_OPTIONS)
 
 
 def looks_like_path(model: str) -> bool:
@@ -137,8 +171,7 @@ CPU_FP32_MAX_MEMORY_SHARE = 0.5
 DTYPE_SOURCES = ("user", "cpu-default", "auto")
 
 
-@dataclass
-class DtypeChoice:
+class DtypeChoice(Record):
     """The --dtype a launch passes (None: vLLM's auto), where it came from, and why (one clause, for `start`)."""
 
     value: str | None
@@ -216,32 +249,21 @@ def build_argv(prefix: list[str], spec: LaunchSpec, dtype: DtypeChoice | None = 
                auto_len: bool = False) -> list[str]:
     """`dtype`: the choice of choose_dtype(); its value is passed when the user gave no --dtype of their own.
     `auto_len`: the engine takes `--max-model-len auto`, passed when the user gave no --max-model-len."""
-    argv = [*prefix, "serve", spec.model, "--host", spec.host, "--port", str(spec.port),
-            "--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
-    if spec.served_model_name:
-        argv += ["--served-model-name", spec.served_model_name]
-    if spec.quantization:
-        argv += ["--quantization", spec.quantization]
-    if spec.max_model_len is not None:
-        argv += ["--max-model-len", str(spec.max_model_len)]
-    elif auto_len and not any(a.split("=", 1)[0] == "--max-model-len" for a in spec.extra_args):
-        argv += ["--max-model-len", "auto"]
-    if spec.tensor_parallel_size is not None:
-        argv += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
-    if spec.pipeline_parallel_size is not None:
-        argv += ["--pipeline-parallel-size", str(spec.pipeline_parallel_size)]
-    if spec.data_parallel_size is not None:
-        argv += ["--data-parallel-size", str(spec.data_parallel_size)]
-    if spec.dtype:
-        argv += ["--dtype", spec.dtype]
-    elif dtype is not None and dtype.value and dtype.source != "user":
-        argv += ["--dtype", dtype.value]
-    if spec.enforce_eager:
-        argv.append("--enforce-eager")
-    if spec.download_dir:
-        argv += ["--download-dir", spec.download_dir]
-    if spec.trust_remote_code:
-        argv.append("--trust-remote-code")
+    argv = [*prefix, "serve", spec.model]
+    for opt in LAUNCH_OPTIONS:
+        if not opt.to_vllm:
+            continue
+        value = getattr(spec, opt.name)
+        if opt.name == "dtype" and not value and dtype is not None and dtype.value and dtype.source != "user":
+            value = dtype.value  # the CPU default, when the user gave no --dtype
+        elif opt.name == "max_model_len" and value is None and auto_len and \
+                not any(a.split("=", 1)[0] == "--max-model-len" for a in spec.extra_args):
+            value = "auto"  # the engine fits the context to its KV cache
+        if opt.switch:
+            if value:
+                argv.append(opt.flag)
+        elif value is not None and value != "":
+            argv += [opt.flag, f"{value:g}" if isinstance(value, float) else str(value)]
     if spec.ray_address and not any(a.split("=", 1)[0] == "--distributed-executor-backend" for a in spec.extra_args):
         # vLLM has no address flag: it reads RAY_ADDRESS (set in build_env)
         argv += ["--distributed-executor-backend", "ray"]

@@ -8,93 +8,16 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from sage_llm.core.errors import SageLLMError, UsageError
+from sage_llm.engine.gateway_record import alive as _alive
+from sage_llm.engine.gateway_record import health as _health
 
-RECORD = "gateway.json"
+# the record and its reading live below the gateway: `status` (engine/status.py) shows the gateway too
+from sage_llm.engine.gateway_record import load_record, record_path, record_status  # noqa: F401 (`gateway status`)
+
 PROCESS_TITLE = ("sage-llm", "gateway")  # words of the detached gateway's command line (see start())
-
-
-def record_path(root: Path | None = None) -> Path:
-    from sage_llm.core import paths
-
-    return (root or paths.home()) / RECORD
-
-
-def load_record(root: Path | None = None) -> dict[str, Any] | None:
-    try:
-        data = json.loads(record_path(root).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _alive(rec: dict[str, Any]) -> bool:
-    from sage_llm.engine import process
-
-    return process.leader(rec.get("pid"), rec.get("create_time")) is not None
-
-
-def _health_tls(host: str, port: int, timeout: float, headers: dict[str, str]) -> int | None:
-    """GET /health over HTTPS (--tls-cert): is our own process up, not who it is, so the certificate (often
-    self-signed) is not verified."""
-    import http.client
-    import ssl
-
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
-    try:
-        conn.request("GET", "/health", headers=headers)
-        return conn.getresponse().status
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
-
-
-def _health(host: str, port: int, timeout: float = 1.0) -> int | None:
-    """GET /health of the gateway on the probes' raw-socket client (with its key when it has one)."""
-    import time
-
-    from sage_llm.core.addresses import reachable_host
-    from sage_llm.observe.probe import http_get
-
-    headers = {}
-    rec = load_record()
-    key_env = (rec.get("options") or {}).get("api_key_env") if rec else None
-    if key_env and os.environ.get(key_env):
-        headers["Authorization"] = f"Bearer {os.environ[key_env]}"
-    if rec and (rec.get("options") or {}).get("tls_cert"):
-        return _health_tls(reachable_host(host), port, timeout, headers)
-    try:
-        status, _body = http_get(reachable_host(host), port, "/health", time.monotonic() + timeout, headers)
-    except (OSError, ValueError):  # refused, timeout, or not HTTP
-        return None
-    return status
-
-
-def record_status(root: Path | None = None, probe: bool = False, nodes: bool = False) -> dict[str, Any] | None:
-    """The gateway as `status --json` shows it: None when no gateway is recorded. With `nodes`, a running gateway
-    with a cluster also gets `cluster`: its nodes and their free resources as Ray sees them (engine/cluster.py
-    nodes_view: Ray is imported then, and only then)."""
-    rec = load_record(root)
-    if rec is None:
-        return None
-    alive = _alive(rec)
-    out = {"running": alive, "pid": rec.get("pid"), "host": rec.get("host"), "port": rec.get("port"),
-           "url": rec.get("url"), "started_at": rec.get("started_at"), "log_file": rec.get("log_file")}
-    if probe and alive:
-        out["healthy"] = _health(rec.get("host", "127.0.0.1"), int(rec.get("port") or 0)) == 200
-    address = (rec.get("options") or {}).get("cluster")
-    if nodes and alive and address:
-        from sage_llm.engine import cluster
-
-        out["cluster"] = cluster.nodes_view(str(address))
-    return out
 
 
 def start(opts: Any, timeout: float = 30.0) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from sage_llm.core.addresses import is_loopback
 from sage_llm.core.errors import UsageError
 
 DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -138,10 +139,6 @@ def _has_keys() -> bool:
     from sage_llm.gateway import keys  # a key file is what makes a gateway shared (keys.KeyRing.active)
 
     return keys.path().exists()
-
-
-def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _gateway_table() -> dict[str, Any]:

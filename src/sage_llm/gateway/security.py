@@ -21,10 +21,11 @@ and vLLM's admin routes under /v1 are refused (400): nothing can normalise outsi
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import re
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+from sage_llm.core.addresses import is_loopback
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 PROXY_METHODS = ("GET", "POST")  # vLLM's OpenAI routes; only POST may load a model
@@ -101,20 +102,11 @@ def _host_only(value: str) -> str:
     return value
 
 
-def _is_loopback_name(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def host_ok(host_header: str | None, bind_host: str) -> bool:
     if not host_header:
         return False  # HTTP/1.1 requires it; an empty Host is not ours (ollama#17721)
     host = _host_only(host_header)
-    return _is_loopback_name(host) or host == _host_only(bind_host)
+    return is_loopback(host) or host == _host_only(bind_host)
 
 
 def origin_ok(origin: str | None, bind_host: str, port: int, allowed: list[str]) -> bool:
@@ -128,7 +120,7 @@ def origin_ok(origin: str | None, bind_host: str, port: int, allowed: list[str])
     parts = urlsplit(origin)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return False
-    return _is_loopback_name(parts.hostname.lower()) or parts.hostname.lower() == _host_only(bind_host)
+    return is_loopback(parts.hostname.lower()) or parts.hostname.lower() == _host_only(bind_host)
 
 
 def key_ok(headers: Any, key: str) -> bool:

@@ -169,7 +169,7 @@ class WebAPI:
         async with self._monitor_lock:
             if self._frame is None or time.monotonic() - self._frame_at >= MONITOR_MIN_S:
                 if self._monitor is None:
-                    from sage_llm.observe.monitor import Monitor
+                    from sage_llm.engine.monitor import Monitor
 
                     self._monitor = Monitor(interval=1.0, history_s=300.0,
                                             include_external=self.gw.opts.external)
@@ -181,6 +181,7 @@ class WebAPI:
     async def logs(self, request: web.Request) -> web.StreamResponse:
         """The engine's log tail (`?n=`, default 200); `?follow=1`: Server-Sent Events, `line` per log line, `notice`
         (rotation, truncation) and `end` (the engine stopped or exited), like `sage-llm logs -f`."""
+        from sage_llm.engine import logtarget
         from sage_llm.observe import logs
 
         name = request.match_info["name"]
@@ -191,7 +192,7 @@ class WebAPI:
                                code="invalid_value") from None
         n = max(0, min(n, 5000))
         try:
-            target = await asyncio.to_thread(logs.resolve, name)
+            target = await asyncio.to_thread(logtarget.resolve, name)
         except SageLLMError as exc:
             raise GatewayError(404, exc.message, code="not_found") from None
         if request.query.get("follow") not in ("1", "true", "yes"):
@@ -206,7 +207,7 @@ class WebAPI:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[tuple[str, str]] = asyncio.Queue(10000)
         quit_ = threading.Event()
-        ended = logs.engine_ended(target)
+        ended = logtarget.engine_ended(target)
 
         def stop() -> str | None:
             return "client gone" if quit_.is_set() else ended()
@@ -263,7 +264,7 @@ class WebAPI:
     async def models(self, request: web.Request) -> web.Response:
         """`sage-llm models` (cached models with their size and the engines serving them) and `models recommend`
         (the curated list with the GPU fit), plus the downloads in progress."""
-        from sage_llm.models import catalog as models
+        from sage_llm.engine import catalog as models
 
         def collect() -> dict[str, Any]:
             found, warnings = models.local_models()
@@ -284,7 +285,7 @@ class WebAPI:
 
     async def pull(self, request: web.Request) -> web.Response:
         """{"model": ORG/NAME, "revision"?}: 202, then `pull` events on /api/events (bytes, total, state)."""
-        from sage_llm.models import catalog as models
+        from sage_llm.engine import catalog as models
 
         body = await self.gw._json_body(request)
         model = body.get("model")
@@ -340,7 +341,7 @@ class WebAPI:
 
     async def remove(self, request: web.Request) -> web.Response:
         """{"model": ORG/NAME}: deletes every cached copy; 409 while an engine serves it (nothing removed)."""
-        from sage_llm.models import catalog as models
+        from sage_llm.engine import catalog as models
 
         body = await self.gw._json_body(request)
         model = body.get("model")

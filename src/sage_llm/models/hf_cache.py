@@ -13,22 +13,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Any
 
+from sage_llm.core.paths import hub_cache_dir, repo_dir  # the cache's layout lives in core: observe/ watches it
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
-
-
-def hub_cache_dir() -> Path:
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "huggingface" / "hub"
-
-
-def repo_dir(repo_id: str, cache: Path | None = None) -> Path:
-    return (cache or hub_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
 
 
 def snapshot_path(repo_id: str, revision: str = "main", cache: Path | None = None) -> Path | None:
@@ -449,3 +436,8 @@ def download_size(model: str, revision: str = "main", timeout: float = 5.0) -> t
     small = sum(sz for n, sz in files if not n.endswith(WEIGHT_SUFFIXES + (".pth", ".h5", ".msgpack", ".onnx",
                                                                           ".ot", ".tflite")))
     return weights + small, None
+
+
+def hub_download_size(model: str) -> int | None:
+    """The download size the hub lists for `model` (None when it cannot tell): LoadProgress's size_lookup."""
+    return download_size(model, timeout=10.0)[0]

@@ -15,21 +15,29 @@ Tests inject a fake module with the same functions as pynvml through `set_backen
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import os
-import threading
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from sage_llm.core.errors import UsageError
+from sage_llm.core.records import Record, asdict, field
 
-_lock = threading.RLock()
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the `status` path skips it (core/records.py)
+if TYPE_CHECKING:
+    from typing import Any
+
+_lock = _thread.RLock()  # _thread, not threading: `status` imports this module and starts no thread
 _state: dict[str, Any] = {"init": False, "error": None, "nvml": None, "backend": None}
 
 # Files that exist wherever an NVIDIA driver is usable (bare metal, containers with the NVIDIA runtime, WSL).
 DRIVER_MARKERS = ("/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/dxg")
 NO_DRIVER = "no NVIDIA driver found on this machine (no /dev/nvidiactl), so no GPU is visible"
+
+
+def driver_present() -> bool:
+    """Whether an NVIDIA driver may be usable here (a file check: nothing is loaded)."""
+    return any(os.path.exists(p) for p in DRIVER_MARKERS)
 
 
 def _reason(exc: BaseException) -> str:
@@ -54,7 +62,7 @@ def _nvml() -> Any | None:
         _state["init"] = True
         module = _state["backend"]
         if module is None:
-            if not any(os.path.exists(p) for p in DRIVER_MARKERS):
+            if not driver_present():
                 _state["error"] = NO_DRIVER
                 return None
             try:
@@ -126,8 +134,7 @@ def _num(value: Any) -> int | None:
     return value
 
 
-@dataclass
-class GpuInfo:
+class GpuInfo(Record):
     index: int
     uuid: str | None
     name: str | None
@@ -152,8 +159,7 @@ class GpuInfo:
         return asdict(self)
 
 
-@dataclass
-class GpuProcess:
+class GpuProcess(Record):
     pid: int
     gpu_index: int
     gpu_uuid: str | None
@@ -161,8 +167,7 @@ class GpuProcess:
     type: str = "C"  # C (compute), G (graphics) or C+G
 
 
-@dataclass
-class Snapshot:
+class Snapshot(Record):
     gpus: list[GpuInfo] = field(default_factory=list)
     processes: list[GpuProcess] = field(default_factory=list)
     error: str | None = None

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-LINE_SPLIT = re.compile(r"\r\n|\r|\n")  # vLLM's CUDA-graph bar redraws with \r
-BLOCK = 64 * 1024
+from sage_llm.core.textfiles import BLOCK, LINE_SPLIT, tail_lines
 
 # vLLM: "(APIServer pid=1) INFO 11-25 08:00:22 [file.py:1] msg" (local time, no year); our own start header
 _VLLM_TS = re.compile(r"^(?:\S*\([\w-]+ pid=\d+\) )?[A-Z]+ (\d\d)-(\d\d) (\d\d):(\d\d):(\d\d) \[")
@@ -23,32 +22,6 @@ _HEADER_TS = re.compile(r"^===== sage llm start \S+ at (\d{4}-\d\d-\d\dT\d\d:\d\
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|secs|sec|s|mins|min|m|hrs|hr|h|days|day|d|w)(?![a-z])")
 _UNIT_S = {"ms": 0.001, "s": 1, "sec": 1, "secs": 1, "m": 60, "min": 60, "mins": 60, "h": 3600, "hr": 3600,
            "hrs": 3600, "d": 86400, "day": 86400, "days": 86400, "w": 604800}
-
-
-def tail_lines(path: str | Path, n: int = 20, block: int = BLOCK) -> list[str]:
-    """The last `n` non-empty lines of a file (split on \\n and \\r), reading only the end of it."""
-    if n <= 0:
-        return []
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            pos = fh.tell()
-            chunks: list[bytes] = []
-            seps = 0
-            while pos > 0 and seps <= n:
-                step = min(block, pos)
-                pos -= step
-                fh.seek(pos)
-                chunk = fh.read(step)
-                chunks.append(chunk)
-                seps += chunk.count(b"\n") + chunk.count(b"\r")
-    except OSError:
-        return []
-    data = b"".join(reversed(chunks))
-    lines = [ln for ln in LINE_SPLIT.split(data.decode("utf-8", "replace")) if ln.strip()]
-    if pos > 0 and lines:
-        lines = lines[1:]  # the first piece may be a partial line
-    return lines[-n:]
 
 
 def last_line(path: str | Path) -> str | None:
@@ -321,63 +294,3 @@ def follow(path: str | Path, stop: Callable[[], str | None] | None = None, poll:
     finally:
         if fh is not None:
             fh.close()
-
-
-@dataclass
-class LogTarget:
-    name: str
-    path: Path
-    record: object | None  # the EngineRecord while the engine is recorded
-
-
-def resolve(target: str | None, store: object | None = None) -> LogTarget:
-    """The log to show for NAME|PORT (optional when exactly one engine is recorded). A stopped engine's log is still
-    found by name."""
-    from sage_llm.core.errors import EngineNotFound, UsageError
-    from sage_llm.core.state import EngineRecord, StateStore
-
-    st = store if isinstance(store, StateStore) else StateStore()
-    records = [r for r in (st.load(n) for n in st.names()) if isinstance(r, EngineRecord)]
-    if target is None:
-        if len(records) == 1:
-            r = records[0]
-            return LogTarget(r.name, Path(r.log_file or st.log_path(r.name)), r)
-        if not records:
-            past = sorted(p.stem for p in st.logs.glob("*.log")) if st.logs.is_dir() else []
-            raise EngineNotFound("no engines are recorded" + (f"; logs of earlier engines: {', '.join(past)}"
-                                                              if past else ""),
-                                 hint="sage-llm logs NAME" if past else "start one: sage-llm start MODEL")
-        listing = ", ".join(f"{r.name} (port {r.port})" for r in records)
-        raise UsageError(f"{len(records)} engines are running; say which: {listing}",
-                         hint=f"e.g. `sage-llm logs {records[0].name}`")
-    from sage_llm.core.state import NAME_RE
-    from sage_llm.engine.targets import select
-
-    for r in select(target, records):
-        return LogTarget(r.name, Path(r.log_file or st.log_path(r.name)), r)
-    if NAME_RE.match(target) and st.log_path(target).exists():
-        return LogTarget(target, st.log_path(target), None)
-    known = ", ".join(r.name for r in records) or "none"
-    what = f"no engine on port {target}" if target.isdigit() else f"no engine or log named {target!r}"
-    raise EngineNotFound(f"{what} (engines: {known})", hint="see `sage-llm status`")
-
-
-def engine_ended(target: LogTarget, store: object | None = None) -> Callable[[], str | None]:
-    """For `follow(stop=...)`: a reason once the engine is stopped (record removed or replaced) or has exited."""
-    from sage_llm.core.state import EngineRecord, StateStore
-    from sage_llm.engine import process
-
-    st = store if isinstance(store, StateStore) else StateStore()
-    rec = target.record
-    if not isinstance(rec, EngineRecord):
-        return lambda: None
-
-    def check() -> str | None:
-        cur = st.load(rec.name)
-        if not isinstance(cur, EngineRecord) or cur.id != rec.id:
-            return f"engine {rec.name!r} was stopped"
-        if cur.pid and (born := process.birth_of(cur)) is not None and process.leader(cur.pid, born) is None:
-            return f"engine {rec.name!r} exited" + (f": {cur.error}" if cur.error else "")
-        return None
-
-    return check

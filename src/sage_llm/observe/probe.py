@@ -7,16 +7,20 @@ its own budget and never slows the others.
 
 from __future__ import annotations
 
+import _socket  # the C module: `socket`'s enums and selectors cost `status` ~1 ms (docs/benchmarks.md)
+import _thread
 import json
-import socket
-import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+
+from sage_llm.core.records import Record, field
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the `status` path skips it (core/records.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 
-@dataclass
-class Probe:
+
+class Probe(Record):
     host: str
     port: int
     reachable: bool = False  # a TCP connection was accepted
@@ -46,7 +50,7 @@ class ResolveTimeout(TimeoutError):
 
 def _is_ip(host: str, family: int) -> bool:
     try:
-        socket.inet_pton(family, host)
+        _socket.inet_pton(family, host)
     except OSError:
         return False
     return True
@@ -59,6 +63,9 @@ def resolve_address(host: str, port: int, family: int, deadline: float) -> Any:
     own (and `connect` with a name would call it outside any deadline): a slow resolver costs at most the budget."""
     if _is_ip(host, family):
         return (host, port)
+    import socket  # only for host names (as threading): the engines' own addresses need no lookup
+    import threading
+
     box: list[Any] = []
     done = threading.Event()
 
@@ -88,9 +95,9 @@ def http_get(host: str, port: int, path: str, deadline: float, headers: dict[str
     """GET with `Connection: close`, finished (name lookup included) by the absolute monotonic `deadline`; returns
     (status, body)."""
     host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
     address = resolve_address(host, port, family, deadline)
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = _socket.socket(family, _socket.SOCK_STREAM)
     try:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -190,19 +197,29 @@ def probe(host: str, port: int, timeout: float = 0.6, api_key: str | None = None
 
 
 def probe_many(targets: list[tuple[str, int, str | None]], timeout: float = 0.6) -> list[Probe]:
-    """Probe (host, port, api_key) targets in parallel threads; results in the same order."""
+    """Probe (host, port, api_key) targets in parallel threads; results in the same order. Plain `_thread` threads
+    (daemonic, as threading's daemon threads): `status` then skips importing threading (docs/benchmarks.md)."""
     results: list[Probe | None] = [None] * len(targets)
-
-    def work(i: int) -> None:
-        h, p, k = targets[i]
-        results[i] = probe(h, p, timeout, k)
-
     if len(targets) == 1:
-        work(0)
-    else:
-        threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(targets))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout * 2 + 1)
+        h, p, k = targets[0]
+        results[0] = probe(h, p, timeout, k)
+    elif targets:
+        left = [len(targets)]
+        count = _thread.allocate_lock()
+        all_done = _thread.allocate_lock()
+        all_done.acquire()
+
+        def work(i: int) -> None:
+            try:
+                h, p, k = targets[i]
+                results[i] = probe(h, p, timeout, k)
+            finally:
+                with count:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        all_done.release()
+
+        for i in range(len(targets)):
+            _thread.start_new_thread(work, (i,))
+        all_done.acquire(timeout=timeout * 2 + 1)
     return [r if r is not None else Probe(t[0], t[1], error="probe did not finish") for r, t in zip(results, targets)]

@@ -365,13 +365,6 @@ class LoadProgress:
             self.download.expected_bytes = size
 
 
-def hub_download_size(model: str) -> int | None:
-    """The download size the hub lists for `model` (None when it cannot tell): LoadProgress's size_lookup."""
-    from sage_llm.models import hf_cache
-
-    return hf_cache.download_size(model, timeout=10.0)[0]
-
-
 def _gib(n: int) -> str:
     if n >= 1024**3:
         return f"{n / 1024**3:.2f} GiB"
@@ -383,9 +376,9 @@ def _gib(n: int) -> str:
 def _repo_blobs(model: str | None, hf_cache: Path | None) -> Path | None:
     if not model or model.startswith(("/", ".", "~")) or model.count("/") != 1:
         return None
-    from sage_llm.models import hf_cache as cache
+    from sage_llm.core.paths import repo_dir
 
-    return cache.repo_dir(model, hf_cache) / "blobs"
+    return repo_dir(model, hf_cache) / "blobs"
 
 
 def find_run_start(path: Path, max_scan: int = 8 * 1024 * 1024, block: int = 256 * 1024) -> int:

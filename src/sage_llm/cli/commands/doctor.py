@@ -16,7 +16,7 @@ EPILOG = ("Checks: settings, engine environment and vLLM version, NVML and drive
 
 def doctor(json_: JsonOpt = False) -> None:
     """Check what breaks starts: each line ok, warn or fail, with the fix."""
-    from sage_llm.core import doctor as core
+    from sage_llm import doctor as core
 
     def show(c: core.Check) -> None:
         if json_:

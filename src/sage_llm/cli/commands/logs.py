@@ -30,6 +30,7 @@ def logs(
 ) -> None:
     """Show an engine's log (stdout and stderr of `vllm serve`), or with --audit the audit log."""
     from sage_llm.core.errors import UsageError
+    from sage_llm.engine import logtarget
     from sage_llm.observe import logs as core
 
     if lines is not None and lines < 0:
@@ -45,7 +46,7 @@ def logs(
         return
     if json_:
         raise UsageError("--json goes with --audit", hint="engine logs are plain text: sage-llm logs NAME")
-    tgt = core.resolve(target)
+    tgt = logtarget.resolve(target)
     if getattr(tgt.record, "cluster", None):
         from sage_llm.engine import cluster
 
@@ -71,7 +72,7 @@ def logs(
         return
     try:
         out.info(f"following {tgt.path} (Ctrl-C to stop)")  # in the try: a Ctrl-C right after it is clean too
-        for ev in core.follow(tgt.path, stop=core.engine_ended(tgt), start_offset=offset):
+        for ev in core.follow(tgt.path, stop=logtarget.engine_ended(tgt), start_offset=offset):
             if ev.kind == "line":
                 out.result(ev.text)
             elif ev.kind == "notice":

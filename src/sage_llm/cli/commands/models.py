@@ -36,8 +36,8 @@ def models_root(ctx: typer.Context, json_: JsonOpt = False) -> None:
 def list_models(json_: JsonOpt = False) -> None:
     """Models in the hub cache ($HF_HOME/hub or $HF_HUB_CACHE) and in any --download-dir a running engine uses: size,
     revisions, last used, architecture, context length, quantization, completeness, and the engines serving each."""
+    from sage_llm.engine.catalog import local_models
     from sage_llm.models import hf_cache
-    from sage_llm.models.catalog import local_models
 
     models, warnings = local_models()
     for w in warnings:
@@ -85,7 +85,7 @@ def pull(
 ) -> None:
     """Download a model into the hub cache, with a progress bar on stderr. Interrupted downloads resume. Honours
     HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE."""
-    from sage_llm.models.catalog import pull as do_pull
+    from sage_llm.engine.catalog import pull as do_pull
 
     bar = _Bar(f"pulling {repo_id}")
     try:
@@ -107,7 +107,7 @@ def pull(
 def rm(repo_id: RepoArg, yes: YesOpt = False, json_: JsonOpt = False) -> None:
     """Delete a model from the cache (every revision and partial download). Refuses while an engine serves it."""
     from sage_llm.core.errors import UsageError
-    from sage_llm.models.catalog import plan_remove, remove
+    from sage_llm.engine.catalog import plan_remove, remove
 
     plan = plan_remove(repo_id)
     where = ", ".join(sorted({m.repo_path for m in plan.entries}))
@@ -138,7 +138,7 @@ def import_(
 ) -> None:
     """Convert a GGUF file to a bf16 safetensors checkpoint in the hub cache, with the engine environment's Python
     (gguf and accelerate are installed there when missing). vLLM serves the result like any downloaded model."""
-    from sage_llm.models.catalog import check_repo_id, import_gguf
+    from sage_llm.engine.catalog import check_repo_id, import_gguf
 
     check_repo_id(as_)
     result = import_gguf(gguf, as_, progress=out.info, force=force)
@@ -155,7 +155,7 @@ def import_(
 @models_app.command("recommend", epilog="Examples: sage-llm models recommend | sage-llm models recommend --json")
 def recommend(json_: JsonOpt = False) -> None:
     """Curated models with the GPU memory each needs, and whether it fits the free memory of this machine's GPUs."""
-    from sage_llm.models.catalog import recommend as rows_for
+    from sage_llm.engine.catalog import recommend as rows_for
 
     rows, gpu_error = rows_for()
     if json_:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
+from sage_llm.api import LaunchOverrides  # at run time: the signature's annotations are resolved (cli/_launch.py)
 from sage_llm.cli import _complete
 from sage_llm.cli import _output as out
 from sage_llm.cli._launch import ExtraArg, launch_options
 from sage_llm.cli._options import JsonOpt
-
-if TYPE_CHECKING:
-    from sage_llm.api import LaunchOverrides
 
 EPILOG = ("Examples: sage-llm restart qwen | sage-llm restart qwen --max-model-len 8192 | "
           "sage-llm restart qwen --model Qwen/Qwen2.5-3B-Instruct | sage-llm restart qwen -- --enable-prefix-caching")

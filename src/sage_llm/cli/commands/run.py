@@ -15,15 +15,13 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from sage_llm.api import LaunchRequest  # at run time: the signature's annotations are resolved (cli/_launch.py)
 from sage_llm.cli import _output as out
 from sage_llm.cli import _signals
 from sage_llm.cli._launch import ExtraArg, ModelArg, launch_options
 from sage_llm.cli.commands import start as start_cmd
-
-if TYPE_CHECKING:
-    from sage_llm.api import LaunchRequest
 
 EPILOG = ("Examples: sage-llm run Qwen/Qwen2.5-7B-Instruct --port 8001 | sage-llm run ./my-model --max-model-len 4096 "
           "| sage-llm run MODEL -- --enable-prefix-caching   (Ctrl-C stops the engine)")
@@ -49,6 +47,7 @@ def _run(launch: LaunchRequest) -> None:
     from sage_llm import api
     from sage_llm.core.errors import EngineFailed, SageLLMError
     from sage_llm.core.state import EngineRecord, StateStore
+    from sage_llm.engine import logtarget
     from sage_llm.observe import logs as logtools
 
     launch.wait = True
@@ -76,8 +75,8 @@ def _run(launch: LaunchRequest) -> None:
         out.info(f"engine {rec.name!r} ready{took}: {rec.served_model_name} at {rec.base_url} (pid {rec.pid})")
         out.info(f"streaming its log; Ctrl-C stops the engine (from elsewhere: sage-llm chat {rec.name} | "
                  f"sage-llm stop {rec.name})")
-        target = logtools.LogTarget(rec.name, Path(rec.log_file), rec)
-        ended = logtools.engine_ended(target, store)
+        target = logtarget.LogTarget(rec.name, Path(rec.log_file), rec)
+        ended = logtarget.engine_ended(target, store)
         for ev in logtools.follow(target.path, stop=ended, poll=0.1, check_every=0.5, sleep=sigs.sleep):
             sigs.check()
             if ev.kind == "line":

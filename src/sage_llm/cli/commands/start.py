@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from sage_llm.api import LaunchRequest  # at run time: the signature's annotations are resolved (cli/_launch.py)
 from sage_llm.cli import _output as out
 from sage_llm.cli._launch import ExtraArg, ModelArg, launch_options
 from sage_llm.cli._options import JsonOpt
@@ -13,7 +14,6 @@ from sage_llm.cli._options import JsonOpt
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from sage_llm.api import LaunchRequest
 
 EPILOG = (
     "Examples: sage-llm start Qwen/Qwen2.5-1.5B-Instruct | "

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
+from sage_llm.api import LaunchOverrides  # at run time: the signature's annotations are resolved (cli/_launch.py)
 from sage_llm.cli import _complete
 from sage_llm.cli._launch import ExtraArg, launch_options
 from sage_llm.cli._options import JsonOpt
 from sage_llm.cli.commands.restart import print_result
-
-if TYPE_CHECKING:
-    from sage_llm.api import LaunchOverrides
 
 EPILOG = ("Examples: sage-llm switch qwen Qwen/Qwen2.5-3B-Instruct | "
           "sage-llm switch qwen Qwen/Qwen2.5-3B-Instruct --rolling && sage-llm status qwen --json | "

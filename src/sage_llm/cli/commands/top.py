@@ -1,4 +1,4 @@
-"""`sage-llm top`: a full-screen live dashboard of GPUs and engines. Data comes from sage_llm.observe.monitor; this
+"""`sage-llm top`: a full-screen live dashboard of GPUs and engines. Data comes from sage_llm.engine.monitor; this
 file only draws it (Rich) and runs the loop (refresh every -n seconds; `q` or Ctrl-C quits and restores the
 terminal)."""
 
@@ -84,7 +84,7 @@ def render(frame: Any) -> Any:
     from rich.console import Group
     from rich.text import Text
 
-    from sage_llm.observe.monitor import sparkline
+    from sage_llm.engine.monitor import sparkline
 
     minutes = frame.history_s / 60
     span = f"{minutes:.0f} min" if minutes >= 1 else f"{frame.history_s:.0f} s"
@@ -173,7 +173,7 @@ def top(
     """Live dashboard: GPUs (utilisation, memory, temperature, power) and engines (state, VRAM, requests, KV cache,
     tokens/s, time to first token), with sparklines. Press q or Ctrl-C to quit."""
     from sage_llm.core.errors import UsageError
-    from sage_llm.observe.monitor import Monitor
+    from sage_llm.engine.monitor import Monitor
 
     if not interval > 0 or interval < 0.1:
         raise UsageError(f"-n {interval:g} is too short", hint="give the refresh period in seconds, 0.1 or more")
