@@ -1,5 +1,5 @@
 """Shared by the proxy benches (bench_proxy_stacks.py, bench_gateway.py): the fast upstream, relay/proxy processes,
-one measured load run (the `sage llm bench` load generator, in-process) with the proxy's CPU time and the upstream's
+one measured load run (the `sage-llm bench` load generator, in-process) with the proxy's CPU time and the upstream's
 token counters around it, and the LiteLLM side-by-side proxy.
 
 Everything listens on 127.0.0.1 only.
@@ -192,7 +192,7 @@ def litellm(binary: Path, upstream_port: int, model: str, workdir: Path, port: i
 
 def measure(port: int, model: str, concurrency: int, requests: int, upstream_port: int,
             proxy: Proc | None = None, max_tokens: int = TOKENS) -> dict[str, Any]:
-    """One load run against 127.0.0.1:port (the loadgen of `sage llm bench`, raw transport, in this process): TTFT,
+    """One load run against 127.0.0.1:port (the loadgen of `sage-llm bench`, raw transport, in this process): TTFT,
     throughput, and when `proxy` is given the proxy's CPU over the run. The upstream's own token counter, read
     directly, must grow by exactly the tokens the client received (nothing lost or duplicated on the way)."""
     cfg = loadgen.BenchConfig(base_url=f"http://127.0.0.1:{port}/v1", model=model, concurrency=concurrency,

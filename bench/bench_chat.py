@@ -1,6 +1,6 @@
 """Chat budgets (issue 5), against local fake servers so only our own overhead is timed.
 
-1. Renderer: `sage llm chat -p` with its stdout on a pseudo-terminal (Markdown rendering on) keeps up with
+1. Renderer: `sage-llm chat -p` with its stdout on a pseudo-terminal (Markdown rendering on) keeps up with
    >= 5,000 tokens/s from a fast local stream. The fake cloud API streams a Markdown reply as fast as it can; the
    chat's own stats line gives the tokens/s it consumed (each token is rendered before the next is read), and
    getrusage gives the chat process's CPU time (minus that of the same command with a 1-token reply: CPU per
@@ -257,7 +257,7 @@ def cli_ttft(name: str) -> tuple[float, float]:
 
 
 def cold_ttft(name: str, env: dict[str, str]) -> float:
-    """A fresh `sage llm chat NAME -p hi` process: from spawn to its first byte on stdout."""
+    """A fresh `sage-llm chat NAME -p hi` process: from spawn to its first byte on stdout."""
     t0 = time.perf_counter()
     p = subprocess.Popen([str(BIN / "sage-llm"), "chat", name, "-p", "hi", "--plain"], env=env,
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

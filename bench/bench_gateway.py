@@ -7,7 +7,7 @@ Engine 1 is the upstream of every load run; the 8 engines are what GET /api/loca
 The proxy is a command template (--proxy-cmd). By default the real `sage-llm gateway run` when this checkout has it
 (in the same home, so it routes by model to the engines it finds there), else the aiohttp relay prototype
 (bench/relays/relay_aiohttp.py); --gateway / --prototype force one.
-Client: the `sage llm bench` load generator (sage_llm.bench.loadgen, raw transport) in this process.
+Client: the `sage-llm bench` load generator (sage_llm.bench.loadgen, raw transport) in this process.
 
 Budgets checked (direct and proxy alternate within each round; medians over the rounds):
   added TTFT p50 <= 1 ms at concurrency 1; added p50 <= 2 ms and added p99 <= 10 ms at 16

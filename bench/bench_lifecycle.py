@@ -1,6 +1,6 @@
 """Lifecycle budgets (issue 2), measured against the fake vLLM so only our own overhead is timed.
 
-* `sage llm status --json` with 4 engines recorded: median <= 100 ms and <= 1.6x `python -c "import typer"`,
+* `sage-llm status --json` with 4 engines recorded: median <= 100 ms and <= 1.6x `python -c "import typer"`,
   the two timed interleaved in the same run.
 * `start` returns <= 250 ms after the engine first answers /health with 200 (the fake logs when it starts listening).
 * `stop` returns <= 0.5 s after the engine's last process exits (the fake logs when it exits).

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark of `sage llm bench`'s load generator (sage_llm.bench.loadgen).
+"""Benchmark of `sage-llm bench`'s load generator (sage_llm.bench.loadgen).
 
 1. Client ceiling: requests/s at concurrency 64 against tests/fakes/fast_sse.py, a minimal asyncio SSE server in its
    own process (8 tokens per request, no delay), so the client, not the server, is what is measured. Target: >= 2,000
@@ -56,7 +56,7 @@ def client_ceiling(port: int, runs: int, requests: int, concurrency: int, transp
 
 
 def real_engine(port: int, runs: int) -> list[dict]:
-    """Start the CPU engine with the tiny model through `sage llm start`, bench it at 1, 4, 16, stop it."""
+    """Start the CPU engine with the tiny model through `sage-llm start`, bench it at 1, 4, 16, stop it."""
     engine = os.environ.get("SAGE_LLM_ENGINE_DIR")
     if not engine:
         raise SystemExit("--engine needs SAGE_LLM_ENGINE_DIR (run `make engine`)")

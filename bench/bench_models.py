@@ -1,8 +1,8 @@
-"""`sage llm models --json` on a Hugging Face cache of 200 repos: median <= 300 ms (issue 4).
+"""`sage-llm models --json` on a Hugging Face cache of 200 repos: median <= 300 ms (issue 4).
 
 The cache is built in a temp dir with the same layout writer `models import` uses: 200 model repos with config.json,
 tokenizer files and a small safetensors blob; every 10th has a second revision, every 25th an interrupted download.
-Timed end to end as a user runs it (a fresh `sage llm models --json` process), interleaved with `python -c "import
+Timed end to end as a user runs it (a fresh `sage-llm models --json` process), interleaved with `python -c "import
 typer"` (the floor of any Typer CLI) and with huggingface_hub's own `scan_cache_dir()` (import + scan, for
 comparison: what listing through huggingface_hub would cost).
 

@@ -5,7 +5,7 @@
    between its lines; meanwhile `LoadProgress.poll()` runs every 0.25 s (the rate `start --wait` redraws at) and
    every 0.05 s (wait_ready's own poll rate, the worst case). The CPU time of the polling thread divided by the
    wall time is the share of one core it adds. Budget: <= 2 %.
-2. `sage llm logs -n 100` on a 1 GB log: `logs.tail(path, 100)` in-process, and the whole command as a fresh
+2. `sage-llm logs -n 100` on a 1 GB log: `logs.tail(path, 100)` in-process, and the whole command as a fresh
    process. Budget: <= 100 ms for the read.
 
 Usage: .venv/bin/python bench/bench_progress.py [--runs 5] [--big /tmp/dir] [--keep-big]
@@ -156,8 +156,8 @@ def main() -> None:
             t = time.perf_counter()
             subprocess.run([*cmd[:4], "--help"], env=env, capture_output=True, check=False)
             base.append(time.perf_counter() - t)
-        print(f"`sage llm logs big -n 100` on 1 GB, fresh process ({len(runs)} runs): median "
-              f"{statistics.median(runs) * 1000:.0f} ms, max {max(runs) * 1000:.0f} ms; `sage llm logs --help` "
+        print(f"`sage-llm logs big -n 100` on 1 GB, fresh process ({len(runs)} runs): median "
+              f"{statistics.median(runs) * 1000:.0f} ms, max {max(runs) * 1000:.0f} ms; `sage-llm logs --help` "
               f"(interpreter + CLI start, no read): median {statistics.median(base) * 1000:.0f} ms")
     finally:
         if not args.keep_big and not args.big:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Which HTTP server + client for `sage llm gateway` (issue 16): minimal streaming relays of each stack, measured
+"""Which HTTP server + client for `sage-llm gateway` (issue 16): minimal streaming relays of each stack, measured
 against the same upstream, directly and through each relay, in the same run.
 
 Upstream: tests/fakes/fast_sse.py, 64 tokens 1 ms apart (the issue's anchor). Relays (bench/relays/, each a small

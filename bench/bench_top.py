@@ -1,4 +1,4 @@
-"""CPU used by `sage llm top` at 1 Hz with 4 engines (issue 3 budget: <= 3% of one core).
+"""CPU used by `sage-llm top` at 1 Hz with 4 engines (issue 3 budget: <= 3% of one core).
 
 Four fake vLLM engines are started (only our own overhead is measured; they answer /metrics like vLLM) and kept busy
 with a trickle of chat requests, so every frame has changing counters, histograms and sparklines. `top -n 1` runs in
@@ -53,7 +53,7 @@ def _drain(fd: int, counter: list[int], stop: threading.Event) -> None:
             return
         if not data:
             return
-        counter[0] += data.count(b"sage llm top ")
+        counter[0] += data.count(b"sage-llm top ")
 
 
 def one_run(env: dict[str, str], seconds: float, warmup: float) -> dict:
@@ -114,7 +114,7 @@ def main() -> None:
             subprocess.run([sage, "stop", "--all"], env=env, capture_output=True)
     cpu = [r["cpu_percent"] for r in runs]
     print(json.dumps({
-        "benchmark": "sage llm top -n 1, 4 fake engines under a request trickle",
+        "benchmark": "sage-llm top -n 1, 4 fake engines under a request trickle",
         "machine": machine(),
         "external_engines_also_shown": external,
         "runs": runs,

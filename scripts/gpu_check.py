@@ -4,7 +4,7 @@
     python3 scripts/gpu_check.py [--out DIR] [--fake] [--budget 240] [--repeat 11] [--top-seconds 5]
 
 Run through scripts/gpu_check.sh on a lent GPU machine (docs/gpu.md, "Verifying on a real GPU"). Stdlib only; the
-`sage llm` commands it runs are the real CLI (`python -m sage_llm`), the engine is the stand-in
+`sage-llm` commands it runs are the real CLI (`python -m sage_llm`), the engine is the stand-in
 tests/fakes/fake_vllm.py whose two children (EngineCore-like, Worker-like) hold 2 GiB and 3 GiB of GPU memory with
 torch (tests/fakes/fake_gpu.py). Modes:
 
@@ -148,7 +148,7 @@ def parse_smi_apps(text: str) -> list[tuple[int, int]]:
 def last_frame(raw: bytes) -> str:
     """The last full-screen frame `top` drew, as plain text."""
     text = raw.decode("utf-8", "replace")
-    start = text.rfind("sage llm top ")
+    start = text.rfind("sage-llm top ")
     frame = text[start:] if start >= 0 else text
     frame = ANSI.sub("", frame.replace("\r\n", "\n")).replace("\r", "")
     return "\n".join(line.rstrip() for line in frame.splitlines()).strip() + "\n"
@@ -356,7 +356,7 @@ class Runner:
             env["PATH"] = f"{fakebin}{os.pathsep}{env.get('PATH', '')}"
             env["FAKE_GPU_LEDGER"] = str(ledger)
             env["SAGE_LLM_CHECK_FAKE_NVML"] = str(ledger)
-        # the hook is on PYTHONPATH of every `sage llm` run (it does nothing unless told), so timings compare alike
+        # the hook is on PYTHONPATH of every `sage-llm` run (it does nothing unless told), so timings compare alike
         env["PYTHONPATH"] = os.pathsep.join([str(HOOK)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
                                                             if p])
         return env
@@ -642,7 +642,7 @@ class Runner:
                 if not data:
                     return
                 raw.extend(data)
-                for _ in range(data.count(b"sage llm top ")):
+                for _ in range(data.count(b"sage-llm top ")):
                     marks.append((time.monotonic(), cpu_ticks(proc.pid)))
 
         stop = threading.Event()

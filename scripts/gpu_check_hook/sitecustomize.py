@@ -1,6 +1,6 @@
 """Test-only start-up hook for scripts/gpu_check.py; never part of the package, never read by sage-llm itself.
 
-scripts/gpu_check.py puts this folder on PYTHONPATH of the `sage llm` processes it runs, and only of those; Python
+scripts/gpu_check.py puts this folder on PYTHONPATH of the `sage-llm` processes it runs, and only of those; Python
 imports this file at start-up (site.py). It does nothing unless one of these is set:
 
   SAGE_LLM_CHECK_FAKE_NVML=DIR   sage_llm.observe.gpu talks to a fake NVML fed by the ledger DIR (tests/fakes/fake_gpu.py),

@@ -123,9 +123,9 @@ def test_parsing_nvidia_smi_and_top_frames() -> None:
     assert gpu_check.parse_smi_apps("123, 2560\n456, 3584\n") == [(123, 2560), (456, 3584)]
     assert gpu_check.parse_smi_apps("No running processes found\n") == []
     assert gpu_check.parse_smi_apps("789, [N/A]\n") == [(789, 0)]  # MIG: no per-process figure
-    raw = (b"\x1b[?1049h\x1b[Hsage llm top  10:00:00  old\r\n\x1b[2J\x1b[H\x1b[1msage llm top  10:00:01\x1b[0m  x\r\n"
+    raw = (b"\x1b[?1049h\x1b[Hsage-llm top  10:00:00  old\r\n\x1b[2J\x1b[H\x1b[1msage-llm top  10:00:01\x1b[0m  x\r\n"
            b"GPU  NAME\r\n0    \x1b[32mH200\x1b[0m   \r\n\x1b[?1049l")
-    assert gpu_check.last_frame(raw) == "sage llm top  10:00:01  x\nGPU  NAME\n0    H200\n"
+    assert gpu_check.last_frame(raw) == "sage-llm top  10:00:01  x\nGPU  NAME\n0    H200\n"
 
 
 def test_a_stale_carried_package_is_named(tmp_path: Path) -> None:
