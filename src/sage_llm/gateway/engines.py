@@ -300,7 +300,7 @@ def start(profile: Any, engine_port: int, timeout: float, on_progress: Any = Non
         pipeline_parallel_size=last.get("pipeline_parallel_size"),
         dtype=last.get("dtype"), enforce_eager=bool(last.get("enforce_eager")), download_dir=last.get("download_dir"),
         trust_remote_code=bool(last.get("trust_remote_code")), api_key_env=var, extra_args=extra,
-        timeout=timeout, wait=True, engine_env=engine_env,
+        timeout=timeout, wait=True, engine_env=engine_env, name=profile.engine_name(),
     )
     launch = api.resolve_launch(request)
     launch.port_explicit = port is not None
