@@ -5,9 +5,8 @@ to make room for its own model."""
 
 from __future__ import annotations
 
-from tests.gateway.test_machine import Eng, World, resolve, run, settle
-
 from sage_llm.gateway.machine import Model, State
+from tests.gateway.test_machine import Eng, World, resolve, run, settle
 
 S = State
 
@@ -17,7 +16,8 @@ async def up(w: World, m: Model, name: str) -> Eng:
     e = Eng(name, model=m.group or m.key)
     resolve(w.fx.last("start", m.key), e)
     await settle()
-    assert m.state == S.READY and m.engine is e
+    assert m.state == S.READY
+    assert m.engine is e
     return e
 
 
@@ -32,16 +32,21 @@ async def test_a_model_in_use_is_kept_at_min_replicas_and_a_dead_replica_is_repl
     await settle()
     assert w.fx.count("start", "a#2") == 1
     r2 = w.s.models["a#2"]
-    assert r2.group == "a" and r2.index == 2 and r2.profile.replica == 2 and r2.state == S.LOADING
+    assert r2.group == "a"
+    assert r2.index == 2
+    assert r2.profile.replica == 2
+    assert r2.state == S.LOADING
     await up(w, a, "a-1")
     assert (await f).name == "a-1"
     await up(w, r2, "a-2")
     assert [o.key for o in w.s.ready_members(a)] == ["a", "a#2"]
     w.s._down(r2, r2.engine, "died")  # replica 2 crashes: the model still serves, and replica 2 comes back
-    assert r2.state == S.AVAILABLE and a.state == S.READY
+    assert r2.state == S.AVAILABLE
+    assert a.state == S.READY
     w.s.tick()
     await settle()
-    assert w.fx.count("start", "a#2") == 2 and r2.state == S.LOADING
+    assert w.fx.count("start", "a#2") == 2
+    assert r2.state == S.LOADING
 
 
 @run
@@ -110,7 +115,8 @@ async def test_it_scales_out_only_while_requests_keep_waiting_and_never_past_max
     w.now[0] += 100
     w.s.tick()
     await settle()
-    assert "a#3" not in w.s.models and w.fx.count("start") == 2  # max_replicas 2
+    assert "a#3" not in w.s.models
+    assert w.fx.count("start") == 2
 
 
 @run
@@ -129,14 +135,17 @@ async def test_replicas_past_min_stop_after_their_ttl_the_first_min_only_togethe
     w.now[0] += 40
     w.s.tick()
     await settle()
-    assert r3.state == S.STOPPING and w.fx.count("stop", "a-3") == 1
-    assert a.state == S.READY and r2.state == S.READY
+    assert r3.state == S.STOPPING
+    assert w.fx.count("stop", "a-3") == 1
+    assert a.state == S.READY
+    assert r2.state == S.READY
     resolve(w.fx.last("stop", "a-3"), "stopped")
     await settle()
     w.now[0] += 61
     w.s.tick()
     await settle()
-    assert a.state == S.STOPPING and r2.state == S.STOPPING  # all idle for the TTL: the model unloads whole
+    assert a.state == S.STOPPING
+    assert r2.state == S.STOPPING
 
 
 @run
@@ -147,8 +156,10 @@ async def test_max_engines_counts_every_replica_and_a_sibling_is_not_evicted_for
     r3 = w.s.slot(a, 3)
     w.s.submit(w.s._decide_load, r3)
     await settle()
-    assert w.fx.count("start", "a#3") == 0 and w.fx.count("stop") == 0  # no room; siblings are not victims
-    assert r3.state == S.AVAILABLE and w.events[-1]["event"] == "failed"
+    assert w.fx.count("start", "a#3") == 0
+    assert w.fx.count("stop") == 0
+    assert r3.state == S.AVAILABLE
+    assert w.events[-1]["event"] == "failed"
     b = w.add("b")
     fb = w.s.acquire(b)
     await settle()
@@ -172,4 +183,6 @@ async def test_a_request_for_a_replica_that_left_goes_to_a_ready_sibling() -> No
     r2 = w.s.models["a#2"]
     w.s._down(r2, r2.engine, "stopped")
     e = await w.s.acquire(r2)  # the router chose replica 2 a moment before it went
-    assert e.name == "a-1" and a.inflight == 1 and r2.inflight == 0
+    assert e.name == "a-1"
+    assert a.inflight == 1
+    assert r2.inflight == 0
