@@ -46,6 +46,9 @@ def test_two_replicas_serve_one_model_and_a_conversation_keeps_its_replica(gatew
     assert (c["min_replicas"], c["max_replicas"]) == (2, 2)
     assert [r["replica"] for r in c["replicas"]] == [1, 2]
     assert all("#" not in m["id"] for m in gw.client.get("/v1/models").json()["data"])
+    engines = {e["name"]: e for e in gw.client.get("/api/engines").json()["engines"]}
+    assert {engines[n]["replica"] for n in two} == {1, 2}
+    assert all(engines[n]["node"] is None for n in two)  # engines of this machine
 
 
 def test_a_request_to_a_dead_replica_is_retried_on_the_other_and_the_replica_is_replaced(gateway) -> None:
