@@ -51,10 +51,7 @@ async def test_a_model_in_use_is_kept_at_min_replicas_and_a_dead_replica_is_repl
 
 @run
 async def test_a_replica_held_failed_after_two_crashes_is_replaced_by_the_next_slot() -> None:
-    w = World()
-    a = w.add("a", min_replicas=2, max_replicas=2)
-    await load_group(w, a)
-    r2 = w.s.models["a#2"]
+    w, a, r2 = await two_ready()
     for _ in range(2):
         w.s._down(r2, r2.engine, "died")
         if r2.state == S.AVAILABLE:
@@ -65,6 +62,14 @@ async def test_a_replica_held_failed_after_two_crashes_is_replaced_by_the_next_s
     w.s.tick()
     await settle()
     assert w.fx.count("start", "a#3") == 1  # another slot takes its place: the model keeps two replicas
+
+
+async def two_ready() -> tuple[World, Model, Model]:
+    """A world whose model `a` (min_replicas 2) serves on two ready replicas, a-1 and a-2."""
+    w = World()
+    a = w.add("a", min_replicas=2, max_replicas=2)
+    await load_group(w, a)
+    return w, a, w.s.models["a#2"]
 
 
 async def load_group(w: World, a: Model) -> None:
@@ -177,10 +182,7 @@ async def load_group_of(w: World, a: Model, n: int) -> None:
 
 @run
 async def test_a_request_for_a_replica_that_left_goes_to_a_ready_sibling() -> None:
-    w = World()
-    a = w.add("a", min_replicas=2, max_replicas=2)
-    await load_group(w, a)
-    r2 = w.s.models["a#2"]
+    w, a, r2 = await two_ready()
     w.s._down(r2, r2.engine, "stopped")
     e = await w.s.acquire(r2)  # the router chose replica 2 a moment before it went
     assert e.name == "a-1"

@@ -73,6 +73,8 @@ def test_a_request_to_a_dead_replica_is_retried_on_the_other_and_the_replica_is_
     # the dead replica is replaced: two ready replicas again, a fresh process in the dead one's place
     wait_for(lambda: len(ready_replicas(gw)) == 2 and all(
         (rec := StateStore().load(n)) is not None and rec.pid != dead.pid for n in ready_replicas(gw)), timeout=60)
+    # every lease was handed back: the failed attempt's and the retry's (an idle model can unload after its TTL)
+    wait_for(lambda: all(r["in_flight"] == 0 for r in card(gw, MODEL_A)["replicas"]))
 
 
 def _alive(pid: int) -> bool:
@@ -102,3 +104,20 @@ def test_replicas_flag_and_config_are_checked(gateway, tmp_path) -> None:
     assert options.resolve(replicas=[f"{MODEL_A}=2"]).profiles[MODEL_A].max_replicas == 2  # the flag wins
     opts = options.GatewayOptions.from_json(options.resolve(replicas=[f"{MODEL_A}=2:4"]).to_json())
     assert (opts.profiles[MODEL_A].min_replicas, opts.profiles[MODEL_A].max_replicas) == (2, 4)  # `gateway start`
+
+
+def test_a_restarted_gateway_adopts_each_replica_into_its_slot(gateway, home) -> None:
+    from tests.gateway.conftest import engine_starts
+
+    gw = gateway(replicas=[f"{MODEL_A}=2"], keep_engines=True)
+    assert session_chat(gw, "s0").status_code == 200
+    two = wait_for(lambda: len(ready_replicas(gw)) == 2 and ready_replicas(gw))
+    gw.stop()
+    assert engine_starts(home) == 2
+    again = gateway(replicas=[f"{MODEL_A}=2"])
+    assert wait_for(lambda: ready_replicas(again) == two)  # both found again, each in its own slot
+    c = card(again, MODEL_A)
+    assert [(r["replica"], r["engine"]) for r in c["replicas"]] == [(1, two[0]), (2, two[1])]
+    for i in range(8):
+        assert session_chat(again, f"s{i}").status_code == 200
+    assert engine_starts(home) == 2  # nothing started twice
