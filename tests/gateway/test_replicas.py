@@ -121,3 +121,30 @@ def test_a_restarted_gateway_adopts_each_replica_into_its_slot(gateway, home) ->
     for i in range(8):
         assert session_chat(again, f"s{i}").status_code == 200
     assert engine_starts(home) == 2  # nothing started twice
+
+
+def test_it_scales_out_while_requests_wait_and_in_after_the_ttl(gateway, tmp_path, monkeypatch) -> None:
+    import threading
+
+    from tests.gateway.test_lifecycle import held, write_config
+
+    write_config(tmp_path, f'[gateway.models."{MODEL_A}"]\nmin_replicas = 1\nmax_replicas = 2\ncapacity = 1\n')
+    gate = tmp_path / "reply-gate"
+    monkeypatch.setenv("FAKE_VLLM_REPLY_GATE", str(gate))
+    gw = gateway(ttl="2s")
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda i=i: results.append(session_chat(gw, f"s{i}").status_code))
+               for i in range(3)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(held(tmp_path, "reply-gate")) == 3, timeout=30)  # 3 in flight on a capacity of 1
+    assert len(ready_replicas(gw)) == 1
+    # 2 waiting per replica, above the threshold (1) for scale_out_s (3 s): a second replica starts
+    two = wait_for(lambda: len(ready_replicas(gw)) == 2 and ready_replicas(gw), timeout=60)
+    gate.touch()
+    for t in threads:
+        t.join(30)
+    assert results == [200, 200, 200]
+    # idle past the TTL: the replica past min_replicas stops, then the model (all of its replicas idle)
+    wait_for(lambda: ready_replicas(gw) == [] and card(gw, MODEL_A)["state"] == "available", timeout=60)
+    assert StateStore().load(two[1]) is None
