@@ -148,3 +148,21 @@ def test_it_scales_out_while_requests_wait_and_in_after_the_ttl(gateway, tmp_pat
     # idle past the TTL: the replica past min_replicas stops, then the model (all of its replicas idle)
     wait_for(lambda: ready_replicas(gw) == [] and card(gw, MODEL_A)["state"] == "available", timeout=60)
     assert StateStore().load(two[1]) is None
+
+
+def test_stopping_the_model_stops_every_replica_and_none_comes_back(gateway) -> None:
+    gw = gateway(replicas=[f"{MODEL_A}=2"])
+    assert session_chat(gw, "s0").status_code == 200
+    two = wait_for(lambda: len(ready_replicas(gw)) == 2 and ready_replicas(gw))
+    r = gw.post("/api/local-engine/stop", {"model": MODEL_A})
+    assert r.status_code == 200, r.text
+    wait_for(lambda: all(StateStore().load(n) is None for n in two))
+    c = card(gw, MODEL_A)
+    assert c["state"] == "available"
+    assert [x["state"] for x in c["replicas"]] == ["available", "available"]
+
+    async def tick() -> None:
+        gw.gw.router.machine.tick()
+
+    gw.call(tick)  # a tick after the stop keeps nothing up: the model is not in use
+    assert all(x["engine"] is None for x in card(gw, MODEL_A)["replicas"])

@@ -747,7 +747,7 @@ class Scheduler:
             root.pressure_since = None
         by_index = {o.index: o for o in members}
         index = 1
-        while len(active) < min(want, p.max_replicas) and index <= p.max_replicas + 2 * p.min_replicas:
+        while len(active) < min(want, p.max_replicas) and index <= p.slots:
             o = by_index.get(index) if index > 1 else root
             index += 1
             if o is None:

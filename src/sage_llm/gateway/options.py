@@ -69,6 +69,11 @@ class Profile:
     def replicated(self) -> bool:
         return self.max_replicas > 1
 
+    @property
+    def slots(self) -> int:
+        """The highest replica number used: past max_replicas when replicas held failed were replaced."""
+        return self.max_replicas + 2 * self.min_replicas
+
     def engine_name(self) -> str | None:
         """The engine name a replicated model's engines get (`NAME`, `NAME-r2`, ...), so that a second replica is
         never mistaken for the first (a start without a name returns the engine already serving the model) and a

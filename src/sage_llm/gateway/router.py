@@ -181,7 +181,7 @@ class Router:
             root = self.machine.models.get(key)
             p = root.profile if root is not None else None
             if root is not None and p is not None and p.replicated and e.managed:
-                for index in range(2, p.max_replicas + 1):  # a replica of a gateway that ran before: adopted
+                for index in range(2, p.slots + 1):  # a replica of a gateway that ran before: adopted
                     if e.name == replace(p, replica=index).engine_name():
                         return self.machine.slot(root, index).key
             self.names.setdefault(key, key)
@@ -235,6 +235,9 @@ class Router:
             return Backend("local", self.opts.upstreams[name], None, None, name, None)
         if not load:
             m = self.find(name)
+            ready = self.machine.ready_members(m) if m is not None else []
+            if m is not None and ready:
+                m = min(ready, key=lambda o: o.inflight)  # a model with replicas: its least busy ready one
             if m is None or m.state != State.READY or m.engine is None:
                 raise GatewayError(409, f"model {name!r} is not loaded; a GET never loads a model (send a POST "
                                    "request naming it, or POST /api/local-engine/start)", code="model_not_loaded",
@@ -361,10 +364,17 @@ class Router:
         return m, fut
 
     async def stop_model(self, m: Model, reason: str = "requested") -> str:
+        """Stop `m`: a model with replicas stops all of them (decided at once, so none is kept up meanwhile); a
+        replica named by its engine stops alone (and is started again while its model is in use below
+        min_replicas)."""
+        members = [o for o in self.machine.group(m) if o is m or o.engine is not None or o.state in (
+            State.LOADING, State.STOPPING)] if m.group is None else [m]
+        futs = [self.machine.stop(o, reason) for o in members]
         try:
-            return await asyncio.shield(self.machine.stop(m, reason))
+            done = await asyncio.shield(asyncio.gather(*futs))
         except Refused as exc:
             raise GatewayError.of(exc) from None
+        return done[0] if len(done) == 1 else "; ".join(done)
 
     # -------------------------------------------------------------------------------------------- loops
     def start_loops(self) -> None:

@@ -277,8 +277,9 @@ class Gateway:
         target = body.get("model") or body.get("name")
         if target is not None and not isinstance(target, str):
             raise GatewayError(400, "`model` must be a model id (or `name` an engine name)", code="invalid_value")
-        running = [m for m in self.router.models() if (m.engine is not None and m.engine.managed)
-                   or m.state == State.LOADING]
+        running = [m for m in self.router.models() if m.group is None and any(
+            (o.engine is not None and o.engine.managed) or o.state == State.LOADING
+            for o in self.router.machine.group(m))]
         if target is None:
             if len(running) != 1:
                 names = ", ".join(m.key for m in running) or "none"
