@@ -9,8 +9,8 @@ import time
 from rich.console import Console
 
 from sage_llm.cli.commands.top import render
+from sage_llm.engine.monitor import EngineRow, Frame
 from sage_llm.engine.view import EngineView
-from sage_llm.observe.monitor import EngineRow, Frame
 
 
 def test_status_json_names_the_node_of_a_cluster_engine_and_null_here() -> None:
