@@ -370,11 +370,13 @@ class Router:
         members = [o for o in self.machine.group(m) if o is m or o.engine is not None or o.state in (
             State.LOADING, State.STOPPING)] if m.group is None else [m]
         futs = [self.machine.stop(o, reason) for o in members]
-        try:
-            done = await asyncio.shield(asyncio.gather(*futs))
-        except Refused as exc:
-            raise GatewayError.of(exc) from None
-        return done[0] if len(done) == 1 else "; ".join(done)
+        done = await asyncio.shield(asyncio.gather(*futs, return_exceptions=True))
+        for r in done:
+            if isinstance(r, Refused):
+                raise GatewayError.of(r)
+            if isinstance(r, BaseException):
+                raise r
+        return "; ".join(str(r) for r in done)
 
     # -------------------------------------------------------------------------------------------- loops
     def start_loops(self) -> None:

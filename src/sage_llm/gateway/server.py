@@ -424,6 +424,7 @@ class Gateway:
                                               f"{type(exc).__name__}", "server_error", "upstream_unavailable")
                     self.router.release(backend)
                     backend, again.retried = again, True
+                    headers.pop("Authorization", None)
                     if backend.api_key:
                         headers["Authorization"] = f"Bearer {backend.api_key}"
             try:
