@@ -384,3 +384,38 @@ def test_dead_node_fails_its_engines_and_the_next_agent_there_sweeps_them(cli, c
     assert code == 0, err
     assert StateStore().names() == []
     assert _entries(cluster["state"]["b"]) == []
+
+
+def test_the_gateway_routes_to_an_engine_started_with_start_cluster_and_shows_its_node(cli, cluster):
+    """An engine placed on node B by hand (`start --cluster`) is served through a gateway of this machine (started
+    without --cluster): routed by its model name, its node in /api/engines."""
+    import httpx
+
+    code, out, err = cli("start", "org/model-c", "--name", "c3", "--cluster", cluster["address"], "--node", "node_b",
+                         "--port", str(free_port()))
+    assert code == 0, err
+    gw_port = free_port()
+    code, out, err = cli("gateway", "start", "--port", str(gw_port), "--engine-port", str(free_port()),
+                         "--no-external", "--no-fallback", "--json")
+    assert code == 0, err
+    try:
+        url = f"http://127.0.0.1:{gw_port}"
+        deadline = time.monotonic() + 60
+        while True:  # the gateway's refresh finds the engine through its record and its agent
+            models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+            if any(m["id"] == "org/model-c" and m["state"] == "ready" for m in models):
+                break
+            assert time.monotonic() < deadline, models
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                       json={"model": "org/model-c", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-sage-llm-engine"] == "c3"
+        engines = {e["name"]: e for e in httpx.get(f"{url}/api/engines", timeout=10).json()["engines"]}
+        assert engines["c3"]["node"] == "127.0.0.1"
+        assert engines["c3"]["managed_by_gateway"] is False  # not the gateway's: never unloaded by it
+    finally:
+        code, _out, err = cli("gateway", "stop")
+        assert code == 0, err
+        code, _out, err = cli("stop", "c3")
+        assert code == 0, err

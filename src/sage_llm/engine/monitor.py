@@ -29,6 +29,7 @@ class EngineRow:
     progress: float | None = None
     model: str | None = None
     port: int | None = None
+    node: str | None = None  # the Ray node of an engine placed on a cluster; None: this machine
     pid: int | None = None
     vram_bytes: int | None = None
     gpus: list[int] = field(default_factory=list)
@@ -161,7 +162,7 @@ class Monitor:
         for v in self.views:
             rows[_key(v)] = EngineRow(key=_key(v), name=v.name or f"port {v.port}", state=v.state, managed=v.managed,
                                       stage=v.stage, progress=v.progress, model=v.served_model_name or v.model,
-                                      port=v.port, pid=v.pid)
+                                      port=v.port, pid=v.pid, node=v.node)
         for v, (text, err) in zip(targets, results):
             row = rows[_key(v)]
             if text is None:

@@ -50,12 +50,18 @@ class EngineView(Record):
             return ("key" if self.key_seen else "none"), None
         return ("none" if self.managed else None), None
 
+    @property
+    def node(self) -> str | None:
+        """The Ray node an engine placed on a cluster runs on (its address), None for an engine of this machine."""
+        return (self.cluster or {}).get("node_address") or (self.cluster or {}).get("node_ip") or None
+
     def to_json(self) -> dict[str, Any]:
         keys = ("name", "managed", "state", "model", "served_model_name", "host", "port", "base_url", "pid",
                 "started_at", "uptime_s", "log_file", "error", "stage", "progress", "gpu_memory_bytes", "gpus",
                 "max_model_len", "dtype", "processes")
         doc = {k: getattr(self, k) for k in keys}
         doc["auth"], doc["key_source"] = self.auth()
+        doc["node"] = self.node
         if self.ray is not None:
             doc["ray"] = self.ray
         if self.cluster is not None:

@@ -52,6 +52,7 @@ class Engine:
     stage: str | None = None
     progress: float | None = None
     static: bool = False  # a --upstream route
+    node: str | None = None  # the Ray node it runs on (engines placed on a cluster); None: this machine
 
     def names(self) -> set[str]:
         return {n for n in (self.served, self.model) if n}
@@ -125,7 +126,7 @@ def inspect(exclude_ports: set[int] | None = None, with_gpu: bool = True, extern
                           base_url=f"http://{host}:{v.port}", state=v.state, managed=v.managed, owned=owned,
                           api_key=key, port=v.port, pid=v.pid, error=v.error, gpu_memory_bytes=v.gpu_memory_bytes,
                           started_at=v.started_at, max_model_len=v.max_model_len, settings=dict(v.settings or {}),
-                          stage=v.stage, progress=v.progress))
+                          stage=v.stage, progress=v.progress, node=v.node))
     return out, views
 
 
@@ -300,7 +301,7 @@ def start(profile: Any, engine_port: int, timeout: float, on_progress: Any = Non
         pipeline_parallel_size=last.get("pipeline_parallel_size"),
         dtype=last.get("dtype"), enforce_eager=bool(last.get("enforce_eager")), download_dir=last.get("download_dir"),
         trust_remote_code=bool(last.get("trust_remote_code")), api_key_env=var, extra_args=extra,
-        timeout=timeout, wait=True, engine_env=engine_env,
+        timeout=timeout, wait=True, engine_env=engine_env, name=profile.engine_name(),
     )
     launch = api.resolve_launch(request)
     launch.port_explicit = port is not None

@@ -26,7 +26,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Protocol
 
@@ -146,6 +146,9 @@ class Model:
     blocked_by: set[str] = field(default_factory=set)  # victims being stopped to make room for this load
     settle: list[float] = field(default_factory=list)
     wake: bool = False  # the decided load wakes its sleeping engine
+    group: str | None = None  # a replica slot: the key of the model it is a replica of (None: the model itself)
+    index: int = 1  # which replica (the model itself is 1; its slots `KEY#2`, `KEY#3`, ...)
+    pressure_since: float | None = None  # a replicated model: since when its replicas have had requests waiting
     t0: float = 0.0
 
     @property
@@ -154,7 +157,7 @@ class Model:
 
     @property
     def loadable(self) -> bool:
-        return self.profile is not None and (self.cached or bool(self.profile.configured))
+        return self.profile is not None and (self.cached or bool(self.profile.configured) or self.group is not None)
 
     @property
     def pinned(self) -> bool:
@@ -174,6 +177,8 @@ class Config:
     max_queue: int = 64
     ttl: float = 900.0
     sleep: bool = False  # put evicted engines to sleep (GPU only; Effects.sleep says no where it cannot)
+    scale_out_waiting: float = 1.0  # waiting requests per ready replica that, held for scale_out_s, add a replica
+    scale_out_s: float = 3.0
 
 
 class Scheduler:
@@ -296,6 +301,9 @@ class Scheduler:
             fut.set_result(m.engine)
 
     def _acquire(self, m: Model, fut: asyncio.Future[Any]) -> None:
+        if m.group is not None and (m.state != S.READY or self.models.get(m.key) is not m):
+            root = self.models.get(m.group)  # the replica chosen is no longer ready: its model decides
+            m = self._ready_member(root) or root if root is not None else m
         if self.models.get(m.key) is not m:
             fut.set_exception(Refused(404, f"model {m.key} is no longer served here", "invalid_request_error",
                                       "model_not_found", param="model"))
@@ -594,6 +602,7 @@ class Scheduler:
         """The least recently used idle unpinned engine of ours (asleep ones too when memory, not count, is short)."""
         states = (S.READY, S.SLEEPING) if asleep_too else (S.READY,)
         cands = [o for o in self.models.values() if o is not exclude and o.owned and o.state in states
+                 and (o.group or o.key) != (exclude.group or exclude.key)
                  and o.inflight == 0 and not o.pinned and o.op is None and not o.waiters]
         return min(cands, key=lambda o: o.last_used, default=None)
 
@@ -663,10 +672,91 @@ class Scheduler:
                     or m.state not in (S.READY, S.SLEEPING):
                 continue
             ttl = m.profile.ttl if m.profile is not None and m.profile.ttl is not None else self.cfg.ttl
-            if ttl > 0 and now - m.last_used >= ttl:
+            last = m.last_used
+            if m.profile is not None and m.profile.replicated and m.index <= m.profile.min_replicas:
+                members = self.group(m)  # the first min_replicas replicas go together, once all of them idled
+                if any(o.inflight or o.waiters for o in members):
+                    continue
+                last = max(o.last_used for o in members)
+            if ttl > 0 and now - last >= ttl:
                 m.reason = "idle"
                 self._to(m, S.STOPPING, reason="idle")
                 self._run(m, "stop", self.fx.stop(m.engine), self._stopped)
+        for m in list(self.models.values()):
+            if m.group is None and m.profile is not None and m.profile.replicated:
+                self._scale(m)
+
+    # ----------------------------------------------------------------------------------------------- replicas
+    def group(self, m: Model) -> list[Model]:
+        """A model's replicas: the model itself (replica 1), then its slots `KEY#2`, `KEY#3`, ... in order."""
+        root = self.models.get(m.group) if m.group is not None else m
+        if root is None:
+            return [m]
+        return [root] + sorted((o for o in self.models.values() if o.group == root.key), key=lambda o: o.index)
+
+    def slot(self, root: Model, index: int) -> Model:
+        """Replica `index` of `root` (2 and up), created when first needed; it starts with `root`'s profile."""
+        key = f"{root.key}#{index}"
+        s = self.models.get(key)
+        if s is None:
+            s = self.model(key)
+            s.group, s.index = root.key, index
+        if root.profile is not None:
+            s.profile = replace(root.profile, replica=index)
+        return s
+
+    def ready_members(self, m: Model) -> list[Model]:
+        return [o for o in self.group(m) if o.state == S.READY and o.engine is not None]
+
+    def _ready_member(self, root: Model | None) -> Model | None:
+        if root is None:
+            return None
+        ready = self.ready_members(root)
+        return min(ready, key=lambda o: (o.inflight, o.index)) if ready else None
+
+    def scale(self, root: Model) -> None:
+        self.submit(self._scale, root)
+
+    def _scale(self, root: Model) -> None:
+        """A replicated model in use keeps min_replicas engines (a dead replica is replaced: a crashed slot held
+        failed is skipped for the next free one), and gets one more, up to max_replicas, once the requests waiting
+        per ready replica (outstanding beyond an engine's capacity) stayed above scale_out_waiting for
+        scale_out_s. Scaling in is the TTL's (`_tick`): replicas past min_replicas stop after their own idle TTL."""
+        p = root.profile
+        if p is None or not p.replicated or root.group is not None or self.models.get(root.key) is not root \
+                or self.closing:
+            return
+        members = self.group(root)
+        active = [o for o in members if o.state in (S.LOADING, S.READY) or (o.state == S.STOPPING
+                                                                             and o.reason is None)]
+        if not any(o.state == S.READY or (o.state == S.LOADING and o.waiters) for o in members):
+            root.pressure_since = None
+            return  # not in use: nothing to keep up
+        want = p.min_replicas
+        ready = [o for o in members if o.state == S.READY]
+        now = self.clock()
+        waiting = sum(max(0, o.inflight - p.seqs()) for o in ready) / max(1, len(ready))
+        if ready and waiting > self.cfg.scale_out_waiting and len(active) < p.max_replicas:
+            if root.pressure_since is None:
+                root.pressure_since = now
+            elif now - root.pressure_since >= self.cfg.scale_out_s:
+                want = len(active) + 1
+                root.pressure_since = None
+                self.publish("scale", model=root.key, replicas=want, waiting_per_replica=round(waiting, 2))
+        else:
+            root.pressure_since = None
+        by_index = {o.index: o for o in members}
+        index = 1
+        while len(active) < min(want, p.max_replicas) and index <= p.slots:
+            o = by_index.get(index) if index > 1 else root
+            index += 1
+            if o is None:
+                o = self.slot(root, index - 1)
+            elif o in active or o.state == S.STOPPING or (o.state == S.FAILED and now < o.hold_until):
+                continue
+            if o.state in (S.AVAILABLE, S.FAILED, S.SLEEPING) and o.loadable:
+                self._decide_load(o)
+                active.append(o)
 
     # ----------------------------------------------------------------------------------------------- observing
     def epochs(self) -> dict[str, int]:

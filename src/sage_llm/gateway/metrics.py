@@ -25,6 +25,9 @@ class Metrics:
         self.swaps = 0
         self.load_seconds: dict[str, float] = {}
         self.states: dict[str, int] = defaultdict(int)  # model state -> how many models are in it
+        # (model, engine, reason) -> n: the replica each request of a replicated model went to, and why. Bounded:
+        # models the gateway serves, engines it started (at most max_replicas per model), balance's five reasons
+        self.choices: dict[tuple[str, str, str], int] = defaultdict(int)
 
     def state(self, model: str, old: str | None, new: str | None) -> None:
         """A model changed state (machine.Scheduler._to): the models-by-state gauge."""
@@ -41,6 +44,9 @@ class Metrics:
                 h[i] += 1
         h[-2] += seconds
         h[-1] += 1
+
+    def choice(self, model: str, engine: str, reason: str) -> None:
+        self.choices[(model, engine, reason)] += 1
 
     def load(self, model: str, ok: bool, seconds: float | None = None) -> None:
         self.loads[(model, "ok" if ok else "failed")] += 1
@@ -90,6 +96,12 @@ class Metrics:
         for st, n in sorted(self.states.items()):
             if st != "gone":
                 out.append(f"sage_llm_gateway_models{_labels({'state': st})} {n}")
+        out += ["# HELP sage_llm_gateway_replica_choices_total Requests of replicated models by the replica chosen "
+                "and why (affinity, spill, least, only, load, retry).",
+                "# TYPE sage_llm_gateway_replica_choices_total counter"]
+        for (model, engine, reason), n in sorted(self.choices.items()):
+            out.append(f"sage_llm_gateway_replica_choices_total"
+                       f"{_labels({'model': model, 'engine': engine, 'reason': reason})} {n}")
         out += ["# HELP sage_llm_gateway_engine_gpu_memory_bytes GPU memory held by each engine's process tree.",
                 "# TYPE sage_llm_gateway_engine_gpu_memory_bytes gauge"]
         for e in engines:

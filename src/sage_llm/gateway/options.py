@@ -55,11 +55,63 @@ class Profile:
     aliases: list[str] = field(default_factory=list)
     configured: bool = False  # from the config file (else: cached model, or last-used flags)
     settings: dict[str, Any] = field(default_factory=dict)  # last-used launch settings of a previous engine
+    min_replicas: int = 1  # engines kept while the model is in use (`replicas = N` sets both)
+    max_replicas: int = 1  # engines the gateway may scale out to under load
+    capacity: int | None = None  # requests one engine serves at once (vLLM's max_num_seqs); None: from args, or 256
+    replica: int = 1  # which replica this profile starts (1 = the model's first engine); set by the machine
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "args": self.args, "gpu_memory_utilization": self.gpu_memory_utilization,
                 "quantization": self.quantization, "ttl": self.ttl, "pinned": self.pinned, "aliases": self.aliases,
-                "configured": self.configured}
+                "configured": self.configured, "min_replicas": self.min_replicas, "max_replicas": self.max_replicas}
+
+    @property
+    def replicated(self) -> bool:
+        return self.max_replicas > 1
+
+    @property
+    def slots(self) -> int:
+        """The highest replica number used: past max_replicas when replicas held failed were replaced."""
+        return self.max_replicas + 2 * self.min_replicas
+
+    def engine_name(self) -> str | None:
+        """The engine name a replicated model's engines get (`NAME`, `NAME-r2`, ...), so that a second replica is
+        never mistaken for the first (a start without a name returns the engine already serving the model) and a
+        restarted gateway finds each replica again; None for a model with one engine (the usual name)."""
+        if not self.replicated:
+            return None
+        from sage_llm.engine.targets import slug
+
+        return slug(self.model) + ("" if self.replica <= 1 else f"-r{self.replica}")
+
+    def seqs(self) -> int:
+        """Requests one engine serves at once: `capacity`, else --max-num-seqs in args, else vLLM's default."""
+        if self.capacity:
+            return self.capacity
+        args = list(self.args) or list((self.settings or {}).get("extra_args") or [])
+        for i, a in enumerate(args):
+            if a.startswith("--max-num-seqs="):
+                return max(1, int(a.split("=", 1)[1])) if a.split("=", 1)[1].isdigit() else DEFAULT_SEQS
+            if a == "--max-num-seqs" and i + 1 < len(args) and args[i + 1].isdigit():
+                return max(1, int(args[i + 1]))
+        return DEFAULT_SEQS
+
+
+DEFAULT_SEQS = 256  # vLLM's default max_num_seqs
+
+
+def parse_replicas(raw: Any, what: str) -> tuple[int, int]:
+    """`N` or `MIN:MAX` (1 <= MIN <= MAX <= 64) -> (min, max); UsageError naming `what` otherwise."""
+    text = str(raw).strip()
+    m = re.fullmatch(r"(\d+)(?::(\d+))?", text) if not isinstance(raw, bool) else None
+    lo, hi = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, 0)
+    if not m or not 1 <= lo <= hi <= MAX_REPLICAS:
+        raise UsageError(f"{what} {raw!r} is not a replica count",
+                         hint=f"give N or MIN:MAX with 1 <= MIN <= MAX <= {MAX_REPLICAS}, e.g. 2 or 1:4")
+    return lo, hi
+
+
+MAX_REPLICAS = 64
 
 
 @dataclass
@@ -84,6 +136,9 @@ class GatewayOptions:
     profiles: dict[str, Profile] = field(default_factory=dict)
     tls_cert: str | None = None  # PEM certificate (chain) and private key files: serve HTTPS
     tls_key: str | None = None
+    replicas: dict[str, str] = field(default_factory=dict)  # MODEL -> "N" or "MIN:MAX" (--replicas: over the config)
+    scale_out_waiting: float = 1.0  # waiting requests per replica that, held for scale_out_s, start one more
+    scale_out_s: float = 3.0
 
     def to_json(self) -> dict[str, Any]:
         return {"host": self.host, "port": self.port, "ttl": self.ttl, "max_engines": self.max_engines,
@@ -91,13 +146,14 @@ class GatewayOptions:
                 "max_queue": self.max_queue, "max_body": self.max_body, "load_timeout": self.load_timeout,
                 "stop_engines_on_exit": self.stop_engines_on_exit, "sleep": self.sleep,
                 "upstreams": self.upstreams, "allowed_origins": self.allowed_origins, "external": self.external,
-                "tls_cert": self.tls_cert, "tls_key": self.tls_key}
+                "tls_cert": self.tls_cert, "tls_key": self.tls_key, "replicas": self.replicas}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GatewayOptions:
         known = set(cls.__dataclass_fields__) - {"profiles"}
         opts = cls(**{k: v for k, v in data.items() if k in known})
         opts.profiles = read_profiles()
+        apply_replicas(opts)
         return opts
 
     @property
@@ -133,6 +189,16 @@ class GatewayOptions:
             return None
         return (f"the gateway on {self.host} serves plain HTTP: keys travel in clear text on the network "
                 f"(pass --tls-cert/--tls-key, or put a TLS proxy in front)")
+
+
+def apply_replicas(opts: GatewayOptions) -> None:
+    """--replicas MODEL=N|MIN:MAX onto the profiles (a model without a config table gets one of its own)."""
+    for model, raw in opts.replicas.items():
+        lo, hi = parse_replicas(raw, f"--replicas {model}=")
+        p = opts.profiles.get(model)
+        if p is None:
+            p = opts.profiles[model] = Profile(model=model)
+        p.min_replicas, p.max_replicas = lo, hi
 
 
 def _has_keys() -> bool:
@@ -194,6 +260,20 @@ def read_profiles() -> dict[str, Profile]:
         for key in ("quantization", "max_model_len"):
             if key in t:
                 setattr(p, key, str(t[key]))
+        if "replicas" in t:
+            p.min_replicas, p.max_replicas = parse_replicas(t["replicas"],
+                                                            f"{where}: gateway.models.{model!r}.replicas =")
+        if "min_replicas" in t or "max_replicas" in t:
+            lo = t.get("min_replicas", 1)
+            hi = t.get("max_replicas", max(lo, 1) if isinstance(lo, int) else lo)
+            p.min_replicas, p.max_replicas = parse_replicas(f"{lo}:{hi}", f"{where}: gateway.models.{model!r}."
+                                                            "min_replicas:max_replicas =")
+        if "capacity" in t:
+            c = t["capacity"]
+            if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+                raise UsageError(f"{where}: gateway.models.{model!r}.capacity = {c!r} is not a positive whole number",
+                                 hint="the engine's --max-num-seqs, e.g. capacity = 64")
+            p.capacity = c
         out[model] = p
     return out
 
@@ -203,7 +283,7 @@ def resolve(host: str | None = None, port: int | None = None, ttl: str | None = 
             upstreams: list[str] | None = None, engine_port: int | None = None, sleep: bool | None = None,
             keep_engines: bool | None = None, max_queue: int | None = None,
             allowed_origins: list[str] | None = None, external: bool | None = None, tls_cert: str | None = None,
-            tls_key: str | None = None) -> GatewayOptions:
+            tls_key: str | None = None, replicas: list[str] | None = None) -> GatewayOptions:
     """Flags (None = not given) > SAGE_LLM_GATEWAY_* env > [gateway] in the config file > defaults; validated.
     Raises UsageError (exit 2) naming the bad value before anything starts."""
     table = _gateway_table()
@@ -282,4 +362,12 @@ def resolve(host: str | None = None, port: int | None = None, ttl: str | None = 
 
     opts.load_timeout = float(settings.get("start_timeout"))  # SAGE_LLM_STARTUP_TIMEOUT, as `start` waits
     opts.profiles = read_profiles()
+    for item in replicas or []:
+        model, _, count = str(item).partition("=")
+        if not model or not count:
+            raise UsageError(f"--replicas {item!r} is not MODEL=N", hint="e.g. --replicas Qwen/Qwen2.5-0.5B-Instruct=2 "
+                             "(or MODEL=MIN:MAX to scale with load)")
+        parse_replicas(count, f"--replicas {model}=")
+        opts.replicas[model] = count
+    apply_replicas(opts)
     return opts

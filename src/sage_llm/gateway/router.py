@@ -8,11 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sage_llm.core.errors import SageLLMError
-from sage_llm.gateway import engines
+from sage_llm.gateway import balance, engines
 from sage_llm.gateway.events import EventBus
 from sage_llm.gateway.machine import Config, Model, Refused, Scheduler, State
 from sage_llm.gateway.metrics import Metrics
@@ -54,15 +54,23 @@ class Backend:
     model: str | None  # rewrite the body's `model` to this (virtual names), else None
     slot: Model | None = None
     handle: Any = None  # the engines.Engine routed to (local)
+    retried: bool = False  # this is the one retry of a request whose first replica failed before any byte
 
 
-def card(m: Model) -> dict[str, Any]:
+def card(m: Model, members: list[Model] | None = None) -> dict[str, Any]:
     e = m.engine
-    return {"id": m.key, "object": "model", "created": 0, "owned_by": "sage-llm",
-            "state": m.state.value, "loadable": m.loadable, "engine": e.name if e else None,
-            "managed_by_gateway": m.owned, "pinned": m.pinned,
-            "aliases": list(m.profile.aliases) if m.profile else [], "error": m.error,
-            "stage": m.stage, "progress": m.progress}
+    out = {"id": m.key, "object": "model", "created": 0, "owned_by": "sage-llm",
+           "state": m.state.value, "loadable": m.loadable, "engine": e.name if e else None,
+           "managed_by_gateway": m.owned, "pinned": m.pinned,
+           "aliases": list(m.profile.aliases) if m.profile else [], "error": m.error,
+           "stage": m.stage, "progress": m.progress}
+    if m.profile is not None and m.profile.replicated:
+        out["replicas"] = [{"replica": o.index, "state": o.state.value, "engine": o.engine.name if o.engine else None,
+                            "in_flight": o.inflight, "error": o.error} for o in members or [m]]
+        out["min_replicas"], out["max_replicas"] = m.profile.min_replicas, m.profile.max_replicas
+        if m.state != State.READY and any(o.state == State.READY for o in members or []):
+            out["state"] = State.READY.value  # served by another replica while its first one is down
+    return out
 
 
 class Router:
@@ -74,7 +82,9 @@ class Router:
         self.own_ports = own_ports
         self.effects = effects or engines.EngineEffects(opts)
         self.machine = Scheduler(self.effects, Config(max_engines=opts.max_engines, max_queue=opts.max_queue,
-                                                      ttl=opts.ttl, sleep=opts.sleep), bus.publish, metrics)
+                                                      ttl=opts.ttl, sleep=opts.sleep,
+                                                      scale_out_waiting=opts.scale_out_waiting,
+                                                      scale_out_s=opts.scale_out_s), bus.publish, metrics)
         self.names: dict[str, str] = {}
         self.engines: list[engines.Engine] = []  # every engine seen at the last refresh
         self.views: list[Any] = []
@@ -113,21 +123,25 @@ class Router:
         return self.machine.model(key)
 
     def _alias(self, name: str | None, key: str) -> None:
+        slot = self.machine.models.get(key)
+        if slot is not None and slot.group is not None:
+            key = slot.group  # a replica answers to its model's names
         if name and name not in VIRTUAL_MODELS:
             self.names[name] = key
 
     def models(self) -> list[Model]:
+        """Every engine slot: the models and their replicas (`KEY#2`, ...)."""
         return list(self.machine.models.values())
 
     def find(self, name: str) -> Model | None:
-        models = self.machine.models
+        models = {k: m for k, m in self.machine.models.items() if m.group is None}
         key = name if name in models else self.names.get(name)
         if key is None or key not in models:
             key = next((k for k, m in models.items() if m.profile and name in m.profile.aliases), None)
         return models.get(key) if key else None
 
     def catalog(self) -> list[dict[str, Any]]:
-        cards = [card(m) for m in self.machine.models.values()]
+        cards = [card(m, self.machine.group(m)) for m in self.machine.models.values() if m.group is None]
         for model in self.opts.upstreams:
             cards.append({"id": model, "object": "model", "created": 0, "owned_by": "upstream", "state": "ready",
                           "loadable": False, "engine": model, "managed_by_gateway": False, "pinned": False,
@@ -161,6 +175,15 @@ class Router:
 
         def key_of(e: engines.Engine) -> str:
             key = e.model if e.managed and e.model else (e.served or e.model or e.name)
+            held = self.engine_of(e.name)
+            if held is not None:
+                return held.key  # the slot that holds it already (a replica keeps its slot)
+            root = self.machine.models.get(key)
+            p = root.profile if root is not None else None
+            if root is not None and p is not None and p.replicated and e.managed:
+                for index in range(2, p.slots + 1):  # a replica of a gateway that ran before: adopted
+                    if e.name == replace(p, replica=index).engine_name():
+                        return self.machine.slot(root, index).key
             self.names.setdefault(key, key)
             return key
 
@@ -202,7 +225,8 @@ class Router:
         m = self.find(settings.get("default_model"))
         return m if m is not None and m.loadable else None
 
-    async def route(self, model: str | None, load: bool = True) -> Backend:
+    async def route(self, model: str | None, load: bool = True, body: dict[str, Any] | None = None,
+                    headers: Any = None) -> Backend:
         """Where a request naming `model` goes; loads the model first if needed (may wait). With `load=False` (GET
         requests: no state change on a GET) only a model already being served is routed to. A local backend is
         leased: call `release` when the request ends."""
@@ -211,6 +235,9 @@ class Router:
             return Backend("local", self.opts.upstreams[name], None, None, name, None)
         if not load:
             m = self.find(name)
+            ready = self.machine.ready_members(m) if m is not None else []
+            if m is not None and ready:
+                m = min(ready, key=lambda o: o.inflight)  # a model with replicas: its least busy ready one
             if m is None or m.state != State.READY or m.engine is None:
                 raise GatewayError(409, f"model {name!r} is not loaded; a GET never loads a model (send a POST "
                                    "request naming it, or POST /api/local-engine/start)", code="model_not_loaded",
@@ -240,9 +267,52 @@ class Router:
             shown = ", ".join(self.known_names()) or "none"
             raise GatewayError(404, f"The model `{name}` does not exist here. Models: {shown}",
                                code="model_not_found", param="model")
-        engine = await self._acquire(m)
+        slot, reason = self._pick(m, body, headers)
+        engine = await self._acquire(slot)
         served = engine.served or m.key
-        return self._local(m, engine, rewrite=served if served != name else None)
+        return self._chosen(m, slot, engine, reason, rewrite=served if served != name else None)
+
+    def _pick(self, m: Model, body: dict[str, Any] | None, headers: Any, exclude: frozenset[str] = frozenset(),
+              ) -> tuple[Model, str | None]:
+        """The replica of `m` that answers (balance.choose among the ready ones), or `m` itself (which loads it)
+        when none is ready or the model has one engine; with the reason of the choice."""
+        if m.profile is None or not m.profile.replicated:
+            return m, None
+        self.machine.scale(m)
+        ready = [o for o in self.machine.ready_members(m) if o.engine.name not in exclude]
+        seqs = m.profile.seqs()
+        choice = balance.choose([balance.Replica(o.engine.name, getattr(o.engine, "node", None), o.inflight, seqs)
+                                 for o in ready], body, headers)
+        if choice is None:
+            return m, "load"
+        return next(o for o in ready if o.engine.name == choice.replica.engine), choice.reason
+
+    def _chosen(self, m: Model, slot: Model, engine: engines.Engine, reason: str | None, rewrite: str | None
+                ) -> Backend:
+        slot = self.engine_of(engine.name) or slot  # the machine leases another ready replica if `slot` left
+        backend = self._local(slot, engine, rewrite)
+        if reason is not None:
+            self.metrics.choice(m.key, engine.name, reason)
+        return backend
+
+    async def retry(self, failed: Backend, body: dict[str, Any] | None, headers: Any) -> Backend | None:
+        """A request to `failed` broke before any byte reached the client: once more, on another ready replica of
+        the same model (balance.retry_target's rule), or None. The caller releases `failed`."""
+        slot = failed.slot
+        root = self.machine.models.get(slot.group) if slot is not None and slot.group else slot
+        if root is None or root.profile is None or not root.profile.replicated:
+            return None
+        target, _ = self._pick(root, body, headers, exclude=frozenset({failed.engine}))
+        if target.state != State.READY or target.engine is None or target.engine.name == failed.engine:
+            return None
+        try:
+            engine = await self._acquire(target)
+        except GatewayError:
+            return None
+        if engine.name == failed.engine:
+            self.machine.release(target)
+            return None
+        return self._chosen(root, target, engine, "retry", failed.model)
 
     async def _acquire(self, m: Model) -> engines.Engine:
         fut = self.machine.acquire(m)
@@ -294,10 +364,19 @@ class Router:
         return m, fut
 
     async def stop_model(self, m: Model, reason: str = "requested") -> str:
-        try:
-            return await asyncio.shield(self.machine.stop(m, reason))
-        except Refused as exc:
-            raise GatewayError.of(exc) from None
+        """Stop `m`: a model with replicas stops all of them (decided at once, so none is kept up meanwhile); a
+        replica named by its engine stops alone (and is started again while its model is in use below
+        min_replicas)."""
+        members = [o for o in self.machine.group(m) if o is m or o.engine is not None or o.state in (
+            State.LOADING, State.STOPPING)] if m.group is None else [m]
+        futs = [self.machine.stop(o, reason) for o in members]
+        done = await asyncio.shield(asyncio.gather(*futs, return_exceptions=True))
+        for r in done:
+            if isinstance(r, Refused):
+                raise GatewayError.of(r)
+            if isinstance(r, BaseException):
+                raise r
+        return "; ".join(str(r) for r in done)
 
     # -------------------------------------------------------------------------------------------- loops
     def start_loops(self) -> None:

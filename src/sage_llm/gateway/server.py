@@ -277,8 +277,9 @@ class Gateway:
         target = body.get("model") or body.get("name")
         if target is not None and not isinstance(target, str):
             raise GatewayError(400, "`model` must be a model id (or `name` an engine name)", code="invalid_value")
-        running = [m for m in self.router.models() if (m.engine is not None and m.engine.managed)
-                   or m.state == State.LOADING]
+        running = [m for m in self.router.models() if m.group is None and any(
+            (o.engine is not None and o.engine.managed) or o.state == State.LOADING
+            for o in self.router.machine.group(m))]
         if target is None:
             if len(running) != 1:
                 names = ", ".join(m.key for m in running) or "none"
@@ -349,7 +350,8 @@ class Gateway:
         label = self._metric_label(model)
         self.access.allow_model(model)  # 403 naming the key's model rule (before anything loads)
         try:
-            backend = await self.router.route(model, load=request.method == "POST")
+            backend = await self.router.route(model, load=request.method == "POST", body=body,
+                                              headers=request.headers)
         except GatewayError as exc:
             self.metrics.request(label, "none", exc.status, time.monotonic() - t0)
             return from_gateway_error(exc)
@@ -360,21 +362,18 @@ class Gateway:
             except bodies.BodyRefused as exc:
                 self.router.release(backend)  # the route's lease on the model
                 return error_response(400, str(exc), code="invalid_json")
-        if path.startswith("/v1/"):
-            url = yarl.URL(backend.v1_base + path[3:], encoded=True)  # exactly the bytes proxy_path checked
-        elif backend.root is not None:
-            url = yarl.URL(backend.root + path)
-        else:
+        url = _upstream_url(backend, path)
+        if url is None:
             self.router.release(backend)
             return error_response(404, f"{path} is served by local engines only", code="not_found")
         key = caller.get()
         if key is None:
-            return await self._relay(request, backend, url, raw, label, t0)
+            return await self._relay(request, backend, path, raw, label, t0, body=body)
         relayed = False
         try:
             async with self.share.admit(key, backend, body, raw, label) as (meter, raw):  # fair turn, limits, usage
                 relayed = True
-                return await self._relay(request, backend, url, raw, label, t0, meter)
+                return await self._relay(request, backend, path, raw, label, t0, meter, body)
         finally:
             if not relayed:  # refused (429) or the client left while waiting for its turn: hand the lease back
                 self.router.release(backend)
@@ -389,8 +388,9 @@ class Gateway:
         slot = self.router.find(model)
         return slot.key if slot is not None else "other"
 
-    async def _relay(self, request: web.Request, backend: Backend, url: yarl.URL, raw: bytes, label: str,
-                     t0: float, meter: Meter | None = None) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, backend: Backend, path: str, raw: bytes, label: str,
+                     t0: float, meter: Meter | None = None, body: dict[str, Any] | None = None
+                     ) -> web.StreamResponse:
         assert self.session is not None
         # the body is relayed as the upstream encoded it: ask for what the client accepts (identity when it says
         # nothing; aiohttp would ask for gzip), and pass Content-Encoding on
@@ -405,14 +405,28 @@ class Gateway:
         code = 502  # the route holds a lease on the model: released in `finally`
         resp: web.StreamResponse | None = None
         try:
-            try:
-                up_cm = self.session.request(request.method, url, data=raw or None, headers=headers, params=params)
-                up = await up_cm.__aenter__()
-            except (aiohttp.ClientError, OSError) as exc:
-                if backend.source == "local":
-                    self.router.engine_failed(backend)
-                return error_response(502, f"{backend.source} upstream {backend.engine} is not answering: "
-                                      f"{type(exc).__name__}", "server_error", "upstream_unavailable")
+            while True:
+                url = _upstream_url(backend, path)
+                assert url is not None  # checked before the relay; a retry goes to the same kind of backend
+                try:
+                    up_cm = self.session.request(request.method, url, data=raw or None, headers=headers,
+                                                 params=params)
+                    up = await up_cm.__aenter__()
+                    break
+                except (aiohttp.ClientError, OSError) as exc:
+                    if backend.source == "local":
+                        self.router.engine_failed(backend)
+                    # nothing reached the client yet: once more on another replica of the model, if it has one
+                    again = await self.router.retry(backend, body, request.headers) if backend.source == "local" \
+                        and not backend.retried else None
+                    if again is None:
+                        return error_response(502, f"{backend.source} upstream {backend.engine} is not answering: "
+                                              f"{type(exc).__name__}", "server_error", "upstream_unavailable")
+                    self.router.release(backend)
+                    backend, again.retried = again, True
+                    headers.pop("Authorization", None)
+                    if backend.api_key:
+                        headers["Authorization"] = f"Bearer {backend.api_key}"
             try:
                 code = up.status
                 resp = web.StreamResponse(status=up.status)
@@ -472,6 +486,14 @@ class Gateway:
             self.metrics.request(label, backend.source, code, time.monotonic() - t0)
             if meter is not None:
                 meter.finish(code)
+
+
+def _upstream_url(backend: Backend, path: str) -> yarl.URL | None:
+    if path.startswith("/v1/"):
+        return yarl.URL(backend.v1_base + path[3:], encoded=True)  # exactly the bytes proxy_path checked
+    if backend.root is not None:
+        return yarl.URL(backend.root + path)
+    return None
 
 
 async def _serve(opts: GatewayOptions, ready: Any = None) -> Gateway:

@@ -146,9 +146,11 @@ class WebAPI:
                         "stage": e.stage, "progress": e.progress, "error": e.error,
                         "max_model_len": e.max_model_len,
                         "gpu_memory_utilization": (e.settings or {}).get("gpu_memory_utilization"),
-                        "quantization": (e.settings or {}).get("quantization")})
-        loading = [{"model": s.key, "stage": s.stage, "progress": s.progress} for s in models
-                   if s.state == "loading"]
+                        "quantization": (e.settings or {}).get("quantization"),
+                        "node": e.node, "replica": slot.index if slot is not None and slot.profile is not None
+                        and slot.profile.replicated else None})
+        loading = [{"model": s.group or s.key, "replica": s.index, "stage": s.stage, "progress": s.progress}
+                   for s in models if s.state == "loading"]
         return web.json_response({"engines": sorted(out, key=lambda x: x["name"]), "loading": loading,
                                   "local_engine": await self._local()})
 

@@ -130,11 +130,13 @@ def render(frame: Any) -> Any:
             spark = sparkline(e.generation_history, SPARK_WIDTH, frame.history_s, frame.now)
             ttft = _ms(e.ttft_p50_s) + ("" if e.ttft_recent or e.ttft_p50_s is None else "*")
             kv_pct = None if e.kv_cache_usage is None else e.kv_cache_usage * 100
-            rows.append([e.name, [(state, STATE_STYLE.get(e.state, ""))], model, _num(e.port, "{}"),
+            port = _num(e.port, "{}") if not any(x.node for x in frame.engines) else f"{e.node or 'here'}:{e.port}"
+            rows.append([e.name, [(state, STATE_STYLE.get(e.state, ""))], model, port,
                          _gib(e.vram_bytes), ",".join(map(str, e.gpus)) or "-", _num(e.running), _num(e.waiting),
                          _bar(e.kv_cache_usage, 8), _num(kv_pct, "{:.0f}%"), _num(e.prompt_tps, "{:.1f}"),
                          _num(e.generation_tps, "{:.1f}"), ttft, [(spark, "magenta")]])
-        parts += _grid([("ENGINE", "l"), ("STATE", "l"), ("MODEL", "l"), ("PORT", "r"), ("VRAM GiB", "r"),
+        where = "NODE:PORT" if any(x.node for x in frame.engines) else "PORT"  # engines on a Ray cluster
+        parts += _grid([("ENGINE", "l"), ("STATE", "l"), ("MODEL", "l"), (where, "r"), ("VRAM GiB", "r"),
                         ("GPU", "l"), ("RUN", "r"), ("WAIT", "r"), ("KV", "l"), ("", "r"), ("PROMPT t/s", "r"),
                         ("GEN t/s", "r"), ("TTFT p50", "r"), (f"GEN t/s, last {span}", "l")], rows)
         if any(e.ttft_p50_s is not None and not e.ttft_recent for e in frame.engines):

@@ -104,6 +104,7 @@ function renderEngines() {
       el("dl", {},
         el("dt", {text: "Model"}), el("dd", {text: v.served_model_name || v.model || "–"}),
         el("dt", {text: "Port"}), el("dd", {text: v.port ?? "–"}),
+        el("dt", {text: "Node"}), el("dd", {class: "node", text: v.node || "this machine"}),
         el("dt", {text: "GPU memory"}), el("dd", {text: gb}),
         el("dt", {text: "Context"}), el("dd", {class: "context", text: v.max_model_len != null ?
           `${v.max_model_len.toLocaleString("en-US")} tokens` : "–"}),
