@@ -71,8 +71,11 @@ def gateway(fake_vllm, hub, monkeypatch: pytest.MonkeyPatch, stop_all):
         refresh = kw.pop("refresh_s", 0.3)
         tick = kw.pop("tick_s", 0.1)
         max_body = kw.pop("max_body", None)
+        place_s = kw.pop("place_s", None)
         opts = options.resolve(**kw)
         opts.refresh_s, opts.tick_s = refresh, tick
+        if place_s is not None:
+            opts.place_s = place_s
         if max_body:
             opts.max_body = max_body
         box: dict[str, Any] = {}

@@ -47,6 +47,7 @@ class Eng:
     settings: dict | None = None
     stage: str | None = None
     progress: float | None = None
+    node_id: str | None = None
 
 
 class FakeEffects:
@@ -55,13 +56,16 @@ class FakeEffects:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any, asyncio.Future[Any]]] = []
         self.present_ = True
+        self.near: dict[str, str | None] = {}  # the node each start was asked to go to
 
     def _call(self, name: str, arg: Any) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.calls.append((name, arg, fut))
         return fut
 
-    def start(self, key: str, profile: Any, port: int | None, on_progress: Any) -> asyncio.Future[Any]:
+    def start(self, key: str, profile: Any, port: int | None, on_progress: Any, near: str | None = None
+              ) -> asyncio.Future[Any]:
+        self.near[key] = near
         return self._call("start", key)
 
     def cancel_start(self, key: str) -> asyncio.Future[Any]:
@@ -419,6 +423,52 @@ async def test_no_room_and_nothing_to_evict_is_a_503_naming_why() -> None:
     assert exc.value.code == "no_memory"
     assert "needs 10 GiB" in exc.value.message
     assert b.state == S.AVAILABLE
+
+
+@run
+async def test_no_room_on_a_cluster_evicts_on_the_node_where_the_load_fits_and_sends_it_there() -> None:
+    """Per node: making room for a model that fits only on node X evicts an idle engine on X (even when one on Y is
+    the least recently used), and the retried start is asked to go to X."""
+    w = World()
+    a, b, c = w.add("a"), w.add("b"), w.add("c")
+    ea = await load(w, "a")
+    ea.node_id = "node-y"  # Y: used longest ago
+    w.now[0] += 10
+    eb = await load(w, "b")
+    eb.node_id = "node-x"  # X
+    w.now[0] += 10
+    fc = w.s.acquire(c)
+    await settle()
+    assert w.fx.near["c"] is None  # first try: Ray's choice
+    resolve(w.fx.last("start", "c"), exc=NoRoom("no node has 1 GPU free", nodes=frozenset({"node-x"})))
+    await settle()
+    assert b.state == S.STOPPING  # the one on X
+    assert a.state == S.READY  # not the older one on Y
+    resolve(w.fx.last("stop", "e-b"), "ok")
+    await settle()
+    assert w.fx.count("start", "c") == 2
+    assert w.fx.near["c"] == "node-x"
+    resolve(w.fx.last("start", "c"), Eng("e-c", node_id="node-x"))
+    await settle()
+    assert (await fc).name == "e-c"
+    assert c.near is None
+
+
+@run
+async def test_no_room_on_a_cluster_with_nothing_idle_on_those_nodes_is_a_503() -> None:
+    w = World()
+    a, c = w.add("a"), w.add("c")
+    ea = await load(w, "a")
+    ea.node_id = "node-y"
+    fc = w.s.acquire(c)
+    await settle()
+    resolve(w.fx.last("start", "c"), exc=NoRoom("no node has 1 GPU free", nodes=frozenset({"node-x"})))
+    await settle()
+    with pytest.raises(Refused) as exc:
+        await fc
+    assert exc.value.code == "no_memory"
+    assert a.state == S.READY  # nothing on another node was stopped for it
+    assert w.fx.count("stop") == 0
 
 
 # ------------------------------------------------------------------------------------------------- sleep

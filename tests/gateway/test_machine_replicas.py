@@ -188,3 +188,68 @@ async def test_a_request_for_a_replica_that_left_goes_to_a_ready_sibling() -> No
     assert e.name == "a-1"
     assert a.inflight == 1
     assert r2.inflight == 0
+
+
+@run
+async def test_keeping_min_replicas_up_never_evicts_another_model_so_the_two_cannot_evict_each_other() -> None:
+    """Another model's request evicted an idle replica (room by --max-engines, or by a cluster's GPUs): the load
+    that brings the replica back is a background one, which finds no room and waits REFILL_HOLD_S instead of
+    evicting that model in turn."""
+    from sage_llm.gateway.machine import REFILL_HOLD_S, NoRoom
+
+    w, a, r2 = await two_ready()
+    w.now[0] += 5
+    a.last_used = w.now[0]  # replica 1 used last: replica 2 is the least recently used
+    b = w.add("b")
+    fb = w.s.acquire(b)
+    await settle()
+    resolve(w.fx.last("start", "b"), exc=NoRoom("no node has 1 GPU free", nodes=None))
+    await settle()
+    assert r2.state == S.STOPPING
+    resolve(w.fx.last("stop", "a-2"), "ok")
+    await settle()
+    await up(w, b, "b-1")
+    await fb
+    w.s.release(b)
+    w.s.tick()  # model a is in use below min_replicas: replica 2 comes back, in the background
+    await settle()
+    assert w.fx.count("start", "a#2") == 2
+    resolve(w.fx.last("start", "a#2"), exc=NoRoom("no node has 1 GPU free", nodes=None))
+    await settle()
+    assert b.state == S.READY  # not evicted for it
+    assert w.fx.count("stop") == 1
+    assert r2.state == S.AVAILABLE
+    w.s.tick()
+    await settle()
+    assert w.fx.count("start", "a#2") == 2  # held off
+    w.now[0] += REFILL_HOLD_S + 1
+    w.s.tick()
+    await settle()
+    assert w.fx.count("start", "a#2") == 3  # tried again later
+
+
+@run
+async def test_a_replica_is_not_brought_back_while_another_models_request_waits_for_the_room_it_left() -> None:
+    """The room an evicted replica left is for the load that evicted it: keeping min_replicas up waits until that
+    load is over (else the refill takes the room and the load evicts a second replica)."""
+    from sage_llm.gateway.machine import NoRoom
+
+    w, a, r2 = await two_ready()
+    w.now[0] += 5
+    a.last_used = w.now[0]
+    b = w.add("b")
+    fb = w.s.acquire(b)
+    await settle()
+    resolve(w.fx.last("start", "b"), exc=NoRoom("no node has 1 GPU free", nodes=frozenset({None})))
+    await settle()
+    resolve(w.fx.last("stop", "a-2"), "ok")
+    await settle()
+    assert w.fx.count("start", "b") == 2  # b's start again, for the room made
+    w.s.tick()
+    await settle()
+    assert w.fx.count("start", "a#2") == 1  # not brought back while b's request waits
+    await up(w, b, "b-1")
+    await fb
+    w.s.tick()
+    await settle()
+    assert w.fx.count("start", "a#2") == 2  # now

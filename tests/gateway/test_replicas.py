@@ -104,6 +104,15 @@ def test_replicas_flag_and_config_are_checked(gateway, tmp_path) -> None:
     assert options.resolve(replicas=[f"{MODEL_A}=2"]).profiles[MODEL_A].max_replicas == 2  # the flag wins
     opts = options.GatewayOptions.from_json(options.resolve(replicas=[f"{MODEL_A}=2:4"]).to_json())
     assert (opts.profiles[MODEL_A].min_replicas, opts.profiles[MODEL_A].max_replicas) == (2, 4)  # `gateway start`
+    write_config(tmp_path, '[gateway]\nscale_out_waiting = 2.5\nscale_out_after = "10s"\nplace_timeout = "20s"\n')
+    opts = options.GatewayOptions.from_json(options.resolve().to_json())
+    assert (opts.scale_out_waiting, opts.scale_out_s, opts.place_s) == (2.5, 10.0, 20.0)
+    for bad, words in (("scale_out_waiting = 0", "is not a positive number"),
+                       ('scale_out_waiting = "x"', "is not a positive number"),
+                       ('scale_out_after = "soon"', "is not a duration"), ('place_timeout = "0"', "more than 0")):
+        write_config(tmp_path, f"[gateway]\n{bad}\n")
+        with pytest.raises(UsageError, match=words):
+            options.resolve()
 
 
 def test_a_restarted_gateway_adopts_each_replica_into_its_slot(gateway, home) -> None:

@@ -16,6 +16,7 @@ import os
 import secrets
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,8 +58,17 @@ def check_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+_CONNECTING = threading.Lock()  # a gateway's threads (starts, refresh, liveness) connect at once: one ray.init
+
+
 def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:
-    """Connect this process to the cluster (once per address), or UsageError when it does not answer in `timeout`."""
+    """Connect this process to the cluster (once per address), or UsageError when it does not answer in `timeout`.
+    Thread-safe: callers racing to connect share one `ray.init`."""
+    with _CONNECTING:
+        return _connect(address, timeout)
+
+
+def _connect(address: str, timeout: float) -> Any:
     from sage_llm.engine.vllm import ray_address_is_loopback
 
     host, port = check_address(address)
@@ -82,8 +92,6 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:
                          hint="check the address and that `ray start --head` runs there") from None
     if ray.is_initialized():
         ray.shutdown()
-    import threading
-
     _quiet(ray)
     failure: list[BaseException] = []
 
@@ -155,7 +163,6 @@ def nodes_view(address: str, timeout: float = CONNECT_TIMEOUT_S) -> dict[str, An
     """The cluster's nodes as Ray sees them (`gateway status`): {"address", "nodes": cluster_nodes()}, or
     {"address", "error"} when the cluster cannot be asked. Bounded: joining and asking together take at most
     `timeout` seconds; a Ray call that hangs past it is left behind in a daemon thread, never waited for."""
-    import threading
 
     result: dict[str, Any] = {}
 
@@ -210,6 +217,19 @@ def choose_node(nodes: list[dict[str, Any]], node: str | None, gpus: int) -> dic
     return chosen
 
 
+def preferred_node(nodes: list[dict[str, Any]], gpus: int, spread: dict[str, int], avoid: set[str]) -> str | None:
+    """The node (id) a new replica should go to when it has room (the caller asks Ray for it softly; Ray still
+    decides whether it fits): among the alive nodes with `gpus` GPUs in all and not in `avoid` (node ids), the one
+    holding the fewest engines of the model (`spread`: node id -> count), then the most free GPUs, then free CPUs.
+    None when no node is preferable to another (no replica anywhere yet and nothing to avoid): Ray's choice then."""
+    cands = [n for n in nodes if n["alive"] and n["resources"].get("GPU", 0) >= gpus and n["node_id"] not in avoid]
+    if not cands or (not avoid and not any(spread.values())):
+        return None
+    best = min(cands, key=lambda n: (spread.get(n["node_id"], 0), -n["free"].get("GPU", 0),
+                                     -n["free"].get("CPU", 0), n["node_id"]))
+    return str(best["node_id"])
+
+
 def gpus_for(spec: LaunchSpec, nodes: list[dict[str, Any]]) -> int:
     """GPUs one cluster engine asks Ray for: tensor x pipeline parallel size (data-parallel replicas are vLLM's own
     business on the node); 0 on a cluster without any GPU (CPU engines, placed by CPU nodes alone)."""
@@ -236,10 +256,27 @@ def _get_actor(ray: Any, name: str) -> Any | None:
 
 
 # ------------------------------------------------------------------------------------------------------ start
+class NotPlaced(SageLLMError):
+    """No node had the engine's GPUs free within `place_within` seconds (the gateway then makes room). `nodes`: the
+    ids of the alive nodes that could hold it once engines there stop (enough GPUs in all)."""
+
+    def __init__(self, message: str, nodes: list[str], hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.nodes = nodes
+
+
 def start(spec: LaunchSpec, address: str, node: str | None = None, name: str | None = None, wait: bool = True,
-          timeout: float = 900.0, store: StateStore | None = None, on_progress: Any = None) -> StartResult:
+          timeout: float = 900.0, store: StateStore | None = None, on_progress: Any = None,
+          owner: str | None = None, prefer: str | None = None, place_within: float | None = None,
+          spread: dict[str, int] | None = None, avoid: set[str] | None = None) -> StartResult:
     """Place the engine on a node of the cluster, start it there through its agent, record it, and (with `wait`)
-    wait until it serves. Bad input (unknown node, not enough GPUs, unreachable cluster): UsageError, nothing left."""
+    wait until it serves. Bad input (unknown node, not enough GPUs, unreachable cluster): UsageError, nothing left.
+
+    For the gateway: `owner` marks the record as the gateway's (record.cluster["gateway"]); `prefer` names a node
+    (id or address) Ray should use when it has room (soft affinity: another node otherwise); without it, `spread`
+    (node id -> engines of the same model there) and `avoid` (ids of nodes suspected dead) choose the
+    preferred node (preferred_node). `place_within`: when Ray has placed the agent nowhere after that many seconds,
+    it is withdrawn and NotPlaced raised."""
     from sage_llm.core.state import EngineRecord, StateStore, utcnow_iso, validate_name
     from sage_llm.engine.manager import StartResult
     from sage_llm.engine.targets import slug
@@ -255,6 +292,10 @@ def start(spec: LaunchSpec, address: str, node: str | None = None, name: str | N
     nodes = cluster_nodes(ray)
     gpus = gpus_for(spec, nodes)
     target = choose_node(nodes, node, gpus)
+    if target is None and prefer is None and (spread or avoid):
+        prefer = preferred_node(nodes, gpus, spread or {}, avoid or set())
+    soft = None if target is not None or prefer is None else next(
+        (n for n in nodes if n["alive"] and prefer in (n["node_id"], n["address"])), None)
     with store.lock():
         if store.load(chosen) is not None:
             raise UsageError(f"engine {chosen!r} is already recorded",
@@ -269,13 +310,17 @@ def start(spec: LaunchSpec, address: str, node: str | None = None, name: str | N
             state="launching", settings=spec.settings(), api_key_env=spec.api_key_env,
             cluster={"address": address, "node": node, "node_id": target["node_id"] if target else None,
                      "node_ip": target["address"] if target else None, "agent": actor_name(chosen),
-                     "namespace": NAMESPACE, "gpus": gpus, "pid": None, "node_log_file": None},
+                     "namespace": NAMESPACE, "gpus": gpus, "pid": None, "node_log_file": None,
+                     **({"gateway": owner} if owner else {})},
         )
         store.save(record)
     options: dict[str, Any] = {"name": actor_name(chosen), "namespace": NAMESPACE, "lifetime": "detached",
                                "num_cpus": 0, "num_gpus": gpus, "max_restarts": 0}
     if target is not None:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(target["node_id"], soft=False)
+    elif soft is not None:  # that node while it has room; anywhere Ray finds room otherwise
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(soft["node_id"], soft=True,
+                                                                        _spill_on_unavailable=True)
     agent = _agent_class(ray).options(**options).remote(chosen, engine_id, _spec_doc(spec))
     t0 = time.time()
     deadline = time.monotonic() + timeout
@@ -296,6 +341,13 @@ def start(spec: LaunchSpec, address: str, node: str | None = None, name: str | N
             on_progress({"elapsed_s": time.time() - t0, "log_line": "waiting for Ray to place the engine",
                          "record": record, "stage": "pending", "progress": None, "detail": None,
                          "stage_elapsed_s": time.time() - t0, "snapshot": None})
+        if place_within is not None and time.time() - t0 > place_within and not _leased(agent):
+            _abandon(ray, agent, record, store)
+            alive = [n for n in cluster_nodes(ray) if n["alive"] and n["resources"].get("GPU", 0) >= gpus]
+            fits = [n["node_id"] for n in alive if target is None or n["node_id"] == target["node_id"]]
+            raise NotPlaced(f"no node of the cluster has {gpus} GPU(s) free for {spec.model} (free: "
+                            f"{_describe_free(cluster_nodes(ray))})", fits,
+                            hint="stop an engine of the cluster, or add a node")
         if time.monotonic() > deadline:
             _abandon(ray, agent, record, store)
             raise EngineFailed(f"engine {chosen!r} was not placed within {timeout:g} s: no node has {gpus} GPU(s) "
@@ -316,6 +368,19 @@ def start(spec: LaunchSpec, address: str, node: str | None = None, name: str | N
     if wait:
         result.ready_after_s = _wait_ready(ray, agent, record, store, deadline, t0, on_progress)
     return result
+
+
+def _leased(agent: Any) -> bool:
+    """Has Ray given the agent a worker on some node (its resources are held; it is being created), rather than
+    still waiting for a node with the resources free? The GCS actor table has its worker's pid from the lease on
+    (0 before): under load a worker takes seconds to start, which is not "no room"."""
+    from ray._private.state import actors
+
+    try:
+        entry = actors(actor_id=agent._actor_id.hex())
+    except Exception:
+        return True  # cannot tell: keep waiting rather than make room for nothing
+    return bool((entry or {}).get("Pid"))
 
 
 def bind_host(host: str, node_ip: str) -> str:
@@ -587,6 +652,37 @@ def _orphan_alive(ray: Any, cluster_agent: Any, info: dict[str, Any], engine_id:
     except Exception:
         return False
     return any(e["engine_id"] == engine_id and e["alive"] for e in entries)
+
+
+def liveness(rec: EngineRecord, timeout: float = 3.0) -> str:
+    """After a request to a cluster engine broke off: "alive", "died" (its agent says the engine exited, or the agent
+    is gone or unreachable and nothing listens on the engine's port) or "unknown" (Ray did not answer in time and
+    the port still answers). Bounded by `timeout` (twice, at most), never raising."""
+    info = rec.cluster or {}
+    answer: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            ray = connect(info["address"], timeout=timeout)
+            agent = _get_actor(ray, rec.name)
+            if agent is None:
+                answer["state"] = "gone"
+                return
+            st = ray.get(agent.poll.remote(1), timeout=timeout)
+            answer["state"] = "alive" if st["alive"] else "died"
+        except Exception as exc:  # an actor on a dead node, a GCS gone: decided by the port below
+            answer["error"] = type(exc).__name__
+
+    asker = threading.Thread(target=ask, daemon=True, name="ray-liveness")
+    asker.start()
+    asker.join(timeout + 0.5)
+    if answer.get("state") in ("alive", "died"):
+        return str(answer["state"])
+    try:
+        with socket.create_connection((rec.host, int(rec.port)), timeout=min(timeout, 1.0)):
+            return "unknown"  # something still listens there
+    except OSError:
+        return "died"
 
 
 # ------------------------------------------------------------------------------------------------------- logs

@@ -169,6 +169,29 @@ def _port_free(host: str, port: int) -> bool:
     return process.port_is_free(host, port)
 
 
+def _claim_port(host: str, first: int) -> tuple[int, int]:
+    """The first port from `first` that is free on `host` and not claimed by another agent of this machine (two
+    agents launching at once, e.g. two replicas on one node, would otherwise both pick it: vLLM binds only after
+    its load). A claim is flock(2) on `<tmp>/sage-llm-ports-<uid>/<port>.lock`; the engine inherits the locked file
+    and holds the claim while it lives. Returns (port, the lock's fd)."""
+    import fcntl
+    import tempfile
+
+    d = Path(tempfile.gettempdir()) / f"sage-llm-ports-{os.getuid()}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    port = first
+    while port <= 65535:
+        if _port_free(host, port):
+            fd = os.open(d / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return port, fd
+            except OSError:
+                os.close(fd)
+        port += 1
+    raise RuntimeError(f"no free port from {first} on {host}")
+
+
 def _no_nice() -> None:
     """In the engine's child: the Ray worker runs niced (15); vLLM must not."""
     with contextlib.suppress(OSError):
@@ -219,11 +242,7 @@ class EngineAgent:
                              hint="set it in the environment of `ray start` on every node (the key never travels "
                                   "through Ray)")
         cmd = envs.resolve_vllm()
-        port = spec.port
-        for _ in range(200):
-            if port <= 65535 and _port_free(spec.host, port):
-                break
-            port += 1
+        port, port_lock = _claim_port(spec.host, spec.port)
         spec.port = port
         argv = build_argv(cmd.prefix, spec)
         cpu_engine = cmd.kind == "cpu" or not _has_gpu()
@@ -249,9 +268,11 @@ class EngineAgent:
         fd = os.open(log_file, os.O_WRONLY | os.O_APPEND, 0o600)
         try:
             self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True, close_fds=True, preexec_fn=_no_nice)
+                                          start_new_session=True, close_fds=True, preexec_fn=_no_nice,
+                                          pass_fds=(port_lock,))  # the engine holds its port's claim while it lives
         finally:
             os.close(fd)
+            os.close(port_lock)
         info = process.read_stat(self.popen.pid)
         me = process.read_stat(os.getpid())
         self.entry = {

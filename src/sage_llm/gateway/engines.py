@@ -52,7 +52,8 @@ class Engine:
     stage: str | None = None
     progress: float | None = None
     static: bool = False  # a --upstream route
-    node: str | None = None  # the Ray node it runs on (engines placed on a cluster); None: this machine
+    node: str | None = None  # the Ray node it runs on (engines placed on a cluster): its address; None: this machine
+    node_id: str | None = None  # that node's Ray id (what identifies it: loopback clusters share one address)
 
     def names(self) -> set[str]:
         return {n for n in (self.served, self.model) if n}
@@ -81,11 +82,21 @@ def started_here() -> list[str]:
     """Names of the recorded engines this process started, including those still loading."""
     from sage_llm.core.state import EngineRecord, StateStore
 
-    return [r.name for r in StateStore().all() if isinstance(r, EngineRecord) and r.api_key_env in _STARTED]
+    return [r.name for r in StateStore().all() if isinstance(r, EngineRecord) and start_token(r) in _STARTED]
 
 
 def is_owned(api_key_env: str | None) -> bool:
     return engine_keys.is_gateway_key(api_key_env)
+
+
+def start_token(rec: Any) -> str | None:
+    """What marks an engine as a gateway's and names the start that made it: the key variable of an engine of this
+    machine (SAGE_LLM_GW_KEY_<hex>), the `gateway` entry of a cluster engine's record (its key is the cluster's
+    variable, the same for every engine on the nodes). None: not a gateway's engine."""
+    if is_owned(rec.api_key_env):
+        return str(rec.api_key_env)
+    token = (rec.cluster or {}).get("gateway")
+    return str(token) if token else None
 
 
 # ------------------------------------------------------------------------------------------------------ inspect
@@ -115,18 +126,19 @@ def inspect(exclude_ports: set[int] | None = None, with_gpu: bool = True, extern
         if v.port is None or v.state == "stopped":
             continue
         rec = v.record
-        owned = rec is not None and is_owned(rec.api_key_env)
+        owned = rec is not None and start_token(rec) is not None
         key = None
-        if owned:
+        if rec is not None and is_owned(rec.api_key_env):
             key = key_for(rec.api_key_env)
         elif rec is not None:
-            key = api_key_for(rec)
+            key = api_key_for(rec)  # a cluster engine's: the cluster key variable of this environment
         host = url_host(v.host or "127.0.0.1")
         out.append(Engine(name=v.name or f"external-{v.port}", model=v.model, served=v.served_model_name,
                           base_url=f"http://{host}:{v.port}", state=v.state, managed=v.managed, owned=owned,
                           api_key=key, port=v.port, pid=v.pid, error=v.error, gpu_memory_bytes=v.gpu_memory_bytes,
                           started_at=v.started_at, max_model_len=v.max_model_len, settings=dict(v.settings or {}),
-                          stage=v.stage, progress=v.progress, node=v.node))
+                          stage=v.stage, progress=v.progress, node=v.node,
+                          node_id=(v.cluster or {}).get("node_id")))
     return out, views
 
 
@@ -196,8 +208,28 @@ def alive_state(engine: Engine) -> str:
         rec = StateStore().load(engine.name)
         if not isinstance(rec, EngineRecord) or rec.state == "stopping":
             return "stopped"
+        if rec.cluster:
+            from sage_llm.engine import cluster
+
+            said = cluster.liveness(rec)
+            if said == "died" and rec.cluster.get("node_id"):
+                SUSPECTS[rec.cluster["node_id"]] = time.monotonic() + SUSPECT_S
+            return "died" if said == "died" else "alive"  # unknown: the next refresh asks its agent again
         return "alive" if process.leader(rec.pid, rec.create_time) is not None else "died"
     return "alive" if alive(engine) else "died"
+
+
+SUSPECT_S = 60.0
+SUSPECTS: dict[str, float] = {}  # node id -> until when: an engine there died and its agent did not answer
+
+
+def suspects() -> set[str]:
+    """Nodes where an engine just died without its agent answering (a node dying before Ray says so): new engines
+    are preferably placed elsewhere for a minute."""
+    now = time.monotonic()
+    for node in [n for n, until in SUSPECTS.items() if until <= now]:
+        del SUSPECTS[node]
+    return set(SUSPECTS)
 
 
 def cache_stamp() -> Any:
@@ -271,6 +303,29 @@ def is_cpu_engine() -> bool:
     return cmd.kind == "cpu" or (cmd.kind is None and gpu.gpu_count() == 0)
 
 
+def launch_request(profile: Any, **given: Any) -> Any:
+    """The api.LaunchRequest for `profile`: its own settings, else those its model's last engine was started with
+    (`profile.settings`); `given` adds the rest (port, key variable, extra arguments, timeout, cluster...)."""
+    from sage_llm import api
+
+    last = dict(profile.settings or {})
+    return api.LaunchRequest(
+        model=profile.model, host="127.0.0.1", name=profile.engine_name(), wait=True,
+        served_model_name=last.get("served_model_name") if not profile.configured else None,
+        quantization=profile.quantization or last.get("quantization"),
+        max_model_len=profile.max_model_len or last.get("max_model_len"),
+        tensor_parallel_size=last.get("tensor_parallel_size"),
+        pipeline_parallel_size=last.get("pipeline_parallel_size"), dtype=last.get("dtype"),
+        enforce_eager=bool(last.get("enforce_eager")), download_dir=last.get("download_dir"),
+        trust_remote_code=bool(last.get("trust_remote_code")), **given)
+
+
+def extra_args(profile: Any) -> list[str]:
+    """vLLM arguments for `profile`: its own, else those its model's last engine was started with."""
+    last = dict(profile.settings or {})
+    return list(profile.args) if profile.configured or profile.args else list(last.get("extra_args") or [])
+
+
 def start(profile: Any, engine_port: int, timeout: float, on_progress: Any = None, sleep_mode: bool = False,
           port: int | None = None, var: str | None = None) -> Engine:
     """Start `profile.model` through sage_llm.api (blocking until it serves, or raising the same EngineFailed `start`
@@ -283,7 +338,7 @@ def start(profile: Any, engine_port: int, timeout: float, on_progress: Any = Non
     host_memory_check(profile.model, cpu)
     last = dict(profile.settings or {})
     util = profile.gpu_memory_utilization or last.get("gpu_memory_utilization") or settings.get("gpu_util")
-    extra = list(profile.args) if profile.configured or profile.args else list(last.get("extra_args") or [])
+    extra = extra_args(profile)
     if sleep_mode and not cpu and "--enable-sleep-mode" not in extra:
         extra.append("--enable-sleep-mode")
     from sage_llm.gateway import engine_env as inherited
@@ -292,18 +347,9 @@ def start(profile: Any, engine_port: int, timeout: float, on_progress: Any = Non
     engine_env = {**inherited.overrides(), var: key_for(var)}  # no gateway secrets, no vLLM switch that opens it up
     if sleep_mode and not cpu:
         engine_env[SLEEP_ENV] = "1"  # sleep routes exist only in dev mode; the engine stays on loopback
-    request = api.LaunchRequest(
-        model=profile.model, host="127.0.0.1", port=port or engine_port, gpu_memory_utilization=float(util),
-        served_model_name=last.get("served_model_name") if not profile.configured else None,
-        quantization=profile.quantization or last.get("quantization"),
-        max_model_len=profile.max_model_len or last.get("max_model_len"),
-        tensor_parallel_size=last.get("tensor_parallel_size"),
-        pipeline_parallel_size=last.get("pipeline_parallel_size"),
-        dtype=last.get("dtype"), enforce_eager=bool(last.get("enforce_eager")), download_dir=last.get("download_dir"),
-        trust_remote_code=bool(last.get("trust_remote_code")), api_key_env=var, extra_args=extra,
-        timeout=timeout, wait=True, engine_env=engine_env, name=profile.engine_name(),
-    )
-    launch = api.resolve_launch(request)
+    launch = api.resolve_launch(launch_request(profile, port=port or engine_port, gpu_memory_utilization=float(util),
+                                               api_key_env=var, extra_args=extra, timeout=timeout,
+                                               engine_env=engine_env))
     launch.port_explicit = port is not None
     result = api.start(launch, on_progress=on_progress)
     rec = result.record
@@ -311,6 +357,38 @@ def start(profile: Any, engine_port: int, timeout: float, on_progress: Any = Non
                   state="ready", managed=True, owned=is_owned(rec.api_key_env), api_key=key_for(rec.api_key_env)
                   if is_owned(rec.api_key_env) else None, port=rec.port, pid=rec.pid,
                   started_at=rec.started_at, settings=dict(rec.settings or {}))
+
+
+def start_on_cluster(profile: Any, opts: Any, timeout: float, on_progress: Any = None, token: str | None = None,
+                     near: str | None = None) -> Engine:
+    """Start `profile.model` on a node of `opts.cluster` through its agent (engine/cluster.py), as the gateway's
+    engine (`token` in its record). Its key is the cluster's variable, read on the node; Ray's accounting places it
+    (`profile.node` pins it; `near`, a node where room was just made, is preferred; replicas of the model prefer
+    nodes without one). cluster.NotPlaced when no node has its GPUs free within opts.place_s."""
+    from sage_llm import api
+    from sage_llm.core.state import EngineRecord, StateStore
+    from sage_llm.engine import cluster
+
+    last = dict(profile.settings or {})
+    launch = api.resolve_launch(launch_request(
+        profile, port=opts.engine_port, api_key_env=opts.cluster_key_env, timeout=timeout, cluster=opts.cluster,
+        node=profile.node, gpu_memory_utilization=profile.gpu_memory_utilization or last.get("gpu_memory_utilization"),
+        extra_args=extra_args(profile)))
+    spread: dict[str, int] = {}
+    for r in StateStore().all():  # where this model's engines already run: a new replica prefers another node
+        if isinstance(r, EngineRecord) and r.cluster and r.model == profile.model and r.cluster.get("node_id"):
+            spread[r.cluster["node_id"]] = spread.get(r.cluster["node_id"], 0) + 1
+    result = cluster.start(launch.spec, opts.cluster, node=launch.node, name=launch.name, wait=True,
+                           timeout=launch.timeout, on_progress=on_progress, owner=token, prefer=near,
+                           place_within=opts.place_s, spread=spread, avoid=suspects())
+    rec = result.record
+    from sage_llm.core.addresses import url_host
+
+    return Engine(name=rec.name, model=rec.model, served=rec.served_model_name,
+                  base_url=f"http://{url_host(rec.host)}:{rec.port}", state="ready", managed=True, owned=True,
+                  api_key=os.environ.get(opts.cluster_key_env), port=rec.port, started_at=rec.started_at,
+                  settings=dict(rec.settings or {}), node=(rec.cluster or {}).get("node_ip"),
+                  node_id=(rec.cluster or {}).get("node_id"))
 
 
 def stop(name: str, timeout: float | None = None) -> str:
@@ -365,7 +443,8 @@ class EngineEffects:
                 ) -> tuple[list[Engine], list[Any]]:
         return inspect(exclude_ports, with_gpu, external)
 
-    async def start(self, key: str, profile: Any, port: int | None, on_progress: Any) -> Engine:
+    async def start(self, key: str, profile: Any, port: int | None, on_progress: Any, near: str | None = None
+                    ) -> Engine:
         import asyncio
 
         from sage_llm.core.errors import UsageError
@@ -382,6 +461,14 @@ class EngineEffects:
             return exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
 
         try:
+            if self.opts.cluster:
+                from sage_llm.engine.cluster import NotPlaced
+
+                try:
+                    return await asyncio.to_thread(start_on_cluster, profile, self.opts, self.opts.load_timeout, hop,
+                                                   var, near)
+                except NotPlaced as exc:
+                    raise NoRoom(said(exc), nodes=frozenset(exc.nodes)) from None
             return await asyncio.to_thread(start, profile, self.opts.engine_port, self.opts.load_timeout, hop,
                                            self.opts.sleep, port, var)
         except (InsufficientGpuMemory, NotEnoughMemory) as exc:
@@ -408,7 +495,7 @@ class EngineEffects:
 
             deadline = time.monotonic() + 10.0
             while time.monotonic() < deadline and self._starting.get(key) == var:
-                names = [r.name for r in StateStore().all() if isinstance(r, EngineRecord) and r.api_key_env == var]
+                names = [r.name for r in StateStore().all() if isinstance(r, EngineRecord) and start_token(r) == var]
                 if names:
                     for n in names:
                         stop(n)
@@ -432,7 +519,7 @@ class EngineEffects:
     async def sleep(self, engine: Engine) -> bool:
         import asyncio
 
-        if self.cpu is not False or not await asyncio.to_thread(host_ram_holds, engine.model):
+        if self.cpu is not False or engine.node or not await asyncio.to_thread(host_ram_holds, engine.model):
             return False  # no sleep mode (CPU build), or host RAM cannot hold the weights: stop it instead
         try:
             return await sleep(self.session, engine, level=1)

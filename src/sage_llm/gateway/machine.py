@@ -34,6 +34,7 @@ FAILURE_HOLD_S = 60.0
 CRASH_WINDOW_S = 600.0
 VRAM_SETTLE_S = (0.5, 1.0, 2.0)  # waits before retrying a start after an unload: free VRAM shows up late
 FREED_RECENTLY_S = 5.0
+REFILL_HOLD_S = 30.0  # a replica that found no room to keep min_replicas up is tried again after this
 
 
 class State(str, Enum):
@@ -75,11 +76,14 @@ class Refused(Exception):
 
 
 class NoRoom(Exception):
-    """Raised by `Effects.start`: the engine would not fit (GPU pre-flight or host RAM); `message` says why."""
+    """Raised by `Effects.start`: the engine would not fit (GPU pre-flight or host RAM, or no node of the cluster has
+    its GPUs free); `message` says why. `nodes`: on a cluster, the ids of the nodes where it would fit once engines
+    there stop (room is made there and nowhere else); None: this machine."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, nodes: frozenset[str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.nodes = nodes
 
 
 class BadInput(Exception):
@@ -101,8 +105,9 @@ class LoadFailed(Exception):
 class Effects(Protocol):
     """What the machine asks of the world (gateway/engines.py: EngineEffects; the tests: a fake)."""
 
-    def start(self, key: str, profile: Any, port: int | None, on_progress: Callable[[dict[str, Any]], None]
-              ) -> Awaitable[Any]: ...  # -> Engine; NoRoom / BadInput / LoadFailed
+    def start(self, key: str, profile: Any, port: int | None, on_progress: Callable[[dict[str, Any]], None],
+              near: str | None = None) -> Awaitable[Any]: ...  # -> Engine; NoRoom / BadInput / LoadFailed
+    # near: the node where room was just made for it (a cluster's; None: this machine or Ray's choice)
 
     def cancel_start(self, key: str) -> Awaitable[None]: ...  # stop whatever the start of `key` launched
 
@@ -150,6 +155,9 @@ class Model:
     index: int = 1  # which replica (the model itself is 1; its slots `KEY#2`, `KEY#3`, ...)
     pressure_since: float | None = None  # a replicated model: since when its replicas have had requests waiting
     t0: float = 0.0
+    near: str | None = None  # on a cluster: the node where room was made for this load (its engine goes there)
+    background: bool = False  # a load that keeps min_replicas up (no request waits on it): it never evicts
+    refill_after: float = 0.0  # a background load found no room: not tried again before then
 
     @property
     def owned(self) -> bool:
@@ -448,7 +456,8 @@ class Scheduler:
     def _decide_load(self, m: Model) -> None:
         """A load is decided: the model holds its room from now on (LOADING, op "room" until it is launched)."""
         self._seq += 1
-        m.seq, m.t0, m.error, m.settle = self._seq, self.clock(), None, list(VRAM_SETTLE_S)
+        m.seq, m.t0, m.error, m.settle, m.near = self._seq, self.clock(), None, list(VRAM_SETTLE_S), None
+        m.background = False
         m.op, m.wake = "room", m.state == S.SLEEPING and m.engine is not None
         if m.wake:
             self._to(m, S.LOADING, "waking")
@@ -479,6 +488,8 @@ class Scheduler:
             leaving = [o for o in holders if o.state == S.STOPPING]
             if len(holders) - len(leaving) < self.cfg.max_engines:
                 continue  # room is being freed
+            if self._quiet_refill(m, f"--max-engines {self.cfg.max_engines} reached"):
+                continue
             victim = self._victim(m, asleep_too=False)
             if victim is not None:
                 m.blocked_by.add(victim.key)
@@ -496,7 +507,8 @@ class Scheduler:
             self._run(m, "wake", self.fx.wake(m.engine), self._woke)
             return
         m.engine = None
-        self._run(m, "start", self.fx.start(m.key, m.profile, m.port, self._progress_cb(m)), self._loaded)
+        self._run(m, "start", self.fx.start(m.key, m.profile, m.port, self._progress_cb(m), near=m.near),
+                  self._loaded)
 
     def _progress_cb(self, m: Model) -> Callable[[dict[str, Any]], None]:
         last: list[Any] = [None]
@@ -522,10 +534,13 @@ class Scheduler:
             self._ready(m, load_s=round(self.clock() - m.t0, 3))
             return
         if isinstance(exc, NoRoom):
-            victim = self._victim(m, asleep_too=True)
+            if self._quiet_refill(m, exc.message):
+                return
+            victim = self._victim(m, asleep_too=True, nodes=exc.nodes)
             m.op = "room"
             if victim is not None:
                 m.blocked_by.add(victim.key)
+                m.near = victim.engine.node_id if exc.nodes is not None else None
                 self._evict(victim)
                 return
             if m.settle and self.clock() - self.freed_at < FREED_RECENTLY_S:
@@ -557,6 +572,16 @@ class Scheduler:
         if self._current(m, token) and m.state == S.LOADING and m.op == "settle":
             m.op = "room"
 
+    def _quiet_refill(self, m: Model, message: str) -> bool:
+        """A background load (keeping min_replicas up, no request waiting) that found no room gives up for
+        REFILL_HOLD_S instead of evicting another model's idle engine: otherwise the two would evict each other."""
+        if not m.background or m.waiters:
+            return False
+        m.op, m.background, m.refill_after = None, False, self.clock() + REFILL_HOLD_S
+        m.error = f"no room for replica {m.index} of {m.group or m.key}: {message}; tried again in {REFILL_HOLD_S:g} s"
+        self._to(m, S.AVAILABLE if m.loadable else S.GONE, "failed", error=m.error)
+        return True
+
     def _no_room(self, m: Model, message: str) -> None:
         m.op = None
         self._fail_waiters(m, Refused(503, message, code="no_memory", retry_after=self.retry_after(m)))
@@ -567,7 +592,7 @@ class Scheduler:
 
     def _ready(self, m: Model, event: str | None = None, **data: Any) -> None:
         self._to(m, S.READY, event, **data)
-        m.op, m.port, m.error, m.last_used = None, None, None, self.clock()
+        m.op, m.port, m.error, m.last_used, m.near = None, None, None, self.clock(), None
         waiters, m.waiters = m.waiters, []
         for fut, leased in waiters:
             if leased:
@@ -598,12 +623,14 @@ class Scheduler:
         return max(1.0, round(known or 30.0))
 
     # ----------------------------------------------------------------------------------------------- unloading
-    def _victim(self, exclude: Model, asleep_too: bool) -> Model | None:
-        """The least recently used idle unpinned engine of ours (asleep ones too when memory, not count, is short)."""
+    def _victim(self, exclude: Model, asleep_too: bool, nodes: frozenset[str] | None = None) -> Model | None:
+        """The least recently used idle unpinned engine of ours (asleep ones too when memory, not count, is short);
+        `nodes`: only one running on those nodes of a cluster (where the load would fit once it is gone)."""
         states = (S.READY, S.SLEEPING) if asleep_too else (S.READY,)
         cands = [o for o in self.models.values() if o is not exclude and o.owned and o.state in states
                  and (o.group or o.key) != (exclude.group or exclude.key)
-                 and o.inflight == 0 and not o.pinned and o.op is None and not o.waiters]
+                 and o.inflight == 0 and not o.pinned and o.op is None and not o.waiters
+                 and (nodes is None or o.engine.node_id in nodes)]
         return min(cands, key=lambda o: o.last_used, default=None)
 
     def _evict(self, m: Model, reason: str = "evicted") -> None:
@@ -745,6 +772,9 @@ class Scheduler:
                 self.publish("scale", model=root.key, replicas=want, waiting_per_replica=round(waiting, 2))
         else:
             root.pressure_since = None
+        if want <= p.min_replicas and any(o.state == S.LOADING and o.waiters and (o.group or o.key) != root.key
+                                          for o in self.models.values()):
+            return  # a request of another model waits for a load (maybe for room just made): it goes first
         by_index = {o.index: o for o in members}
         index = 1
         while len(active) < min(want, p.max_replicas) and index <= p.slots:
@@ -754,8 +784,11 @@ class Scheduler:
                 o = self.slot(root, index - 1)
             elif o in active or o.state == S.STOPPING or (o.state == S.FAILED and now < o.hold_until):
                 continue
+            if now < o.refill_after and want <= p.min_replicas:
+                break  # no room a moment ago: another slot would find none either
             if o.state in (S.AVAILABLE, S.FAILED, S.SLEEPING) and o.loadable:
                 self._decide_load(o)
+                o.background = want <= p.min_replicas and not o.waiters
                 active.append(o)
 
     # ----------------------------------------------------------------------------------------------- observing

@@ -59,11 +59,13 @@ class Profile:
     max_replicas: int = 1  # engines the gateway may scale out to under load
     capacity: int | None = None  # requests one engine serves at once (vLLM's max_num_seqs); None: from args, or 256
     replica: int = 1  # which replica this profile starts (1 = the model's first engine); set by the machine
+    node: str | None = None  # with --cluster: the node its engines go to (as `start --node`); None: Ray chooses
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "args": self.args, "gpu_memory_utilization": self.gpu_memory_utilization,
                 "quantization": self.quantization, "ttl": self.ttl, "pinned": self.pinned, "aliases": self.aliases,
-                "configured": self.configured, "min_replicas": self.min_replicas, "max_replicas": self.max_replicas}
+                "configured": self.configured, "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "node": self.node}
 
     @property
     def replicated(self) -> bool:
@@ -112,6 +114,7 @@ def parse_replicas(raw: Any, what: str) -> tuple[int, int]:
 
 
 MAX_REPLICAS = 64
+CLUSTER_KEY_ENV = "SAGE_LLM_CLUSTER_KEY"
 
 
 @dataclass
@@ -139,6 +142,9 @@ class GatewayOptions:
     replicas: dict[str, str] = field(default_factory=dict)  # MODEL -> "N" or "MIN:MAX" (--replicas: over the config)
     scale_out_waiting: float = 1.0  # waiting requests per replica that, held for scale_out_s, start one more
     scale_out_s: float = 3.0
+    cluster: str | None = None  # HOST:PORT of a Ray head: loads are placed on the cluster's nodes
+    cluster_key_env: str = CLUSTER_KEY_ENV  # the engines' key on the nodes: read there, never sent through Ray
+    place_s: float = 5.0  # with --cluster: seconds Ray may take to place an engine before the gateway makes room
 
     def to_json(self) -> dict[str, Any]:
         return {"host": self.host, "port": self.port, "ttl": self.ttl, "max_engines": self.max_engines,
@@ -146,7 +152,9 @@ class GatewayOptions:
                 "max_queue": self.max_queue, "max_body": self.max_body, "load_timeout": self.load_timeout,
                 "stop_engines_on_exit": self.stop_engines_on_exit, "sleep": self.sleep,
                 "upstreams": self.upstreams, "allowed_origins": self.allowed_origins, "external": self.external,
-                "tls_cert": self.tls_cert, "tls_key": self.tls_key, "replicas": self.replicas}
+                "tls_cert": self.tls_cert, "tls_key": self.tls_key, "replicas": self.replicas,
+                "cluster": self.cluster, "cluster_key_env": self.cluster_key_env, "place_s": self.place_s,
+                "scale_out_waiting": self.scale_out_waiting, "scale_out_s": self.scale_out_s}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GatewayOptions:
@@ -268,6 +276,11 @@ def read_profiles() -> dict[str, Profile]:
             hi = t.get("max_replicas", max(lo, 1) if isinstance(lo, int) else lo)
             p.min_replicas, p.max_replicas = parse_replicas(f"{lo}:{hi}", f"{where}: gateway.models.{model!r}."
                                                             "min_replicas:max_replicas =")
+        if "node" in t:
+            if not isinstance(t["node"], str) or not t["node"].strip():
+                raise UsageError(f"{where}: gateway.models.{model!r}.node = {t['node']!r} is not a node name",
+                                 hint='a node id, address, hostname or custom resource, e.g. node = "gpu-box-2"')
+            p.node = t["node"].strip()
         if "capacity" in t:
             c = t["capacity"]
             if isinstance(c, bool) or not isinstance(c, int) or c < 1:
@@ -283,7 +296,8 @@ def resolve(host: str | None = None, port: int | None = None, ttl: str | None = 
             upstreams: list[str] | None = None, engine_port: int | None = None, sleep: bool | None = None,
             keep_engines: bool | None = None, max_queue: int | None = None,
             allowed_origins: list[str] | None = None, external: bool | None = None, tls_cert: str | None = None,
-            tls_key: str | None = None, replicas: list[str] | None = None) -> GatewayOptions:
+            tls_key: str | None = None, replicas: list[str] | None = None, cluster: str | None = None,
+            cluster_key_env: str | None = None) -> GatewayOptions:
     """Flags (None = not given) > SAGE_LLM_GATEWAY_* env > [gateway] in the config file > defaults; validated.
     Raises UsageError (exit 2) naming the bad value before anything starts."""
     table = _gateway_table()
@@ -370,4 +384,52 @@ def resolve(host: str | None = None, port: int | None = None, ttl: str | None = 
         parse_replicas(count, f"--replicas {model}=")
         opts.replicas[model] = count
     apply_replicas(opts)
+    raw = pick(None, "SAGE_LLM_GATEWAY_SCALE_OUT_WAITING", "scale_out_waiting", 1.0)
+    try:
+        opts.scale_out_waiting = float(raw) if not isinstance(raw, bool) else -1.0
+    except ValueError:
+        opts.scale_out_waiting = -1.0
+    if not 0 < opts.scale_out_waiting <= 10000:
+        raise UsageError(f"scale_out_waiting {raw!r} is not a positive number",
+                         hint="requests waiting per replica that start one more, e.g. scale_out_waiting = 2")
+    opts.scale_out_s = parse_duration(pick(None, "SAGE_LLM_GATEWAY_SCALE_OUT_AFTER", "scale_out_after", 3.0),
+                                      "scale_out_after")
+    opts.place_s = parse_duration(pick(None, "SAGE_LLM_GATEWAY_PLACE_TIMEOUT", "place_timeout", 5.0), "place_timeout")
+    if opts.place_s <= 0:
+        raise UsageError("place_timeout must be more than 0", hint='e.g. place_timeout = "10s"')
+    opts.cluster = pick(cluster, "SAGE_LLM_GATEWAY_CLUSTER", "cluster", None) or None
+    opts.cluster_key_env = str(pick(cluster_key_env, "SAGE_LLM_GATEWAY_CLUSTER_KEY_ENV", "cluster_key_env",
+                                    CLUSTER_KEY_ENV))
+    if opts.cluster is not None:
+        check_cluster(opts)
+    elif any(p.node for p in opts.profiles.values()):
+        model = next(m for m, p in opts.profiles.items() if p.node)
+        raise UsageError(f"gateway.models.{model!r}.node needs a cluster", hint="pass --cluster HOST:PORT (or "
+                         "cluster = \"HOST:PORT\" in [gateway]), or remove the node key")
     return opts
+
+
+def check_cluster(opts: GatewayOptions) -> None:
+    """--cluster: a Ray head's HOST:PORT that answers, Ray installed, and the engines' key variable set here (the
+    same variable must be set on every node, in the environment of `ray start`). UsageError otherwise."""
+    import importlib.util
+    import socket
+
+    from sage_llm.engine.cluster import INSTALL_HINT, check_address
+
+    host, port = check_address(str(opts.cluster))
+    if not VAR_RE.match(opts.cluster_key_env):
+        raise UsageError(f"--cluster-key-env {opts.cluster_key_env!r} is not a variable name",
+                         hint=f"give the NAME of an environment variable, e.g. {CLUSTER_KEY_ENV}")
+    if not os.environ.get(opts.cluster_key_env):
+        raise UsageError(f"--cluster needs the engines' key in ${opts.cluster_key_env}, which is not set or empty",
+                         hint=f"export {opts.cluster_key_env}=<a long random secret> here and in the environment "
+                              "of `ray start` on every node (the key never travels through Ray)")
+    if importlib.util.find_spec("ray") is None:
+        raise UsageError("--cluster needs Ray, which is not installed", hint=INSTALL_HINT)
+    try:
+        with socket.create_connection((host, port), timeout=5.0):
+            pass
+    except OSError as exc:
+        raise UsageError(f"the Ray cluster at {opts.cluster} is unreachable ({exc.strerror or exc})",
+                         hint="check the address and that `ray start --head` runs there") from None

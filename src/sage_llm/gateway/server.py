@@ -505,6 +505,12 @@ async def _serve(opts: GatewayOptions, ready: Any = None) -> Gateway:
 
 
 async def _serve_locked(opts: GatewayOptions, ready: Any = None) -> Gateway:
+    from concurrent.futures import ThreadPoolExecutor
+
+    # the effects' blocking calls (a start blocks a thread for the whole load; a Ray call up to its timeout) run in
+    # threads: asyncio's default pool has cpu_count + 4 of them, which a few loads on a small machine would use up,
+    # leaving the refresh, liveness checks and stops queued behind them
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="gw"))
     gw = Gateway(opts)
     runner = web.AppRunner(gw.app(), handler_cancellation=True, access_log=None)
     await runner.setup()

@@ -56,6 +56,12 @@ OriginOpt = Annotated[list[str] | None, typer.Option("--allow-origin", help="A w
 ReplicasOpt = Annotated[list[str] | None, typer.Option("--replicas", help="MODEL=N (N engines of MODEL) or "
                                                        "MODEL=MIN:MAX (scale with load); repeatable. Each replica "
                                                        "counts toward --max-engines.", show_default=False)]
+ClusterOpt = Annotated[str | None, typer.Option("--cluster", help="HOST:PORT of a Ray head: place the engines the "
+                                                "gateway loads on the cluster's nodes (Ray chooses where they fit).",
+                                                show_default=False)]
+ClusterKeyOpt = Annotated[str | None, typer.Option("--cluster-key-env", help="NAME of the variable holding the "
+                                                   "engines' key, set here and on every node (default "
+                                                   "SAGE_LLM_CLUSTER_KEY).", show_default=False)]
 
 
 def _resolve(p: dict[str, Any]) -> Any:
@@ -65,7 +71,8 @@ def _resolve(p: dict[str, Any]) -> Any:
                            api_key_env=p["api_key_env"], fallback=p["fallback"], upstreams=p["upstream"],
                            engine_port=p["engine_port"], sleep=p["sleep"], keep_engines=p["keep_engines"] or None,
                            allowed_origins=p["allow_origin"], external=p["external"], tls_cert=p["tls_cert"],
-                           tls_key=p["tls_key"], replicas=p["replicas"])
+                           tls_key=p["tls_key"], replicas=p["replicas"], cluster=p["cluster"],
+                           cluster_key_env=p["cluster_key_env"])
 
 
 @gateway_app.command("run", epilog=EPILOG)
@@ -73,7 +80,8 @@ def run(host: HostOpt = None, port: PortOpt = None, ttl: TtlOpt = None, max_engi
         api_key_env: KeyOpt = None, fallback: FallbackOpt = None, upstream: UpstreamOpt = None,
         engine_port: EnginePortOpt = None, sleep: SleepOpt = None, keep_engines: KeepOpt = False,
         external: ExternalOpt = None, allow_origin: OriginOpt = None, tls_cert: TlsCertOpt = None,
-        tls_key: TlsKeyOpt = None, replicas: ReplicasOpt = None) -> None:
+        tls_key: TlsKeyOpt = None, replicas: ReplicasOpt = None, cluster: ClusterOpt = None,
+        cluster_key_env: ClusterKeyOpt = None) -> None:
     """Run the gateway in the foreground. Ctrl-C stops it and the engines it started (unless --keep-engines)."""
     opts = _resolve(locals())
     from sage_llm.gateway import server
@@ -102,7 +110,8 @@ def start(host: HostOpt = None, port: PortOpt = None, ttl: TtlOpt = None, max_en
           api_key_env: KeyOpt = None, fallback: FallbackOpt = None, upstream: UpstreamOpt = None,
           engine_port: EnginePortOpt = None, sleep: SleepOpt = None, keep_engines: KeepOpt = False,
           external: ExternalOpt = None, allow_origin: OriginOpt = None, tls_cert: TlsCertOpt = None,
-          tls_key: TlsKeyOpt = None, replicas: ReplicasOpt = None, json_: JsonOpt = False) -> None:
+          tls_key: TlsKeyOpt = None, replicas: ReplicasOpt = None, cluster: ClusterOpt = None,
+          cluster_key_env: ClusterKeyOpt = None, json_: JsonOpt = False) -> None:
     """Start the gateway in the background, recorded in the state directory (`gateway status` shows it)."""
     p = dict(locals())
     opts = _resolve(p)
