@@ -77,3 +77,26 @@ def test_without_ray_the_error_says_what_to_install(monkeypatch, cli):
 def test_bind_host_is_the_node_address_unless_given():
     assert cluster.bind_host("127.0.0.1", "10.0.0.2") == "10.0.0.2"
     assert cluster.bind_host("0.0.0.0", "10.0.0.2") == "0.0.0.0"
+
+
+def _spec(**kw) -> LaunchSpec:
+    return LaunchSpec(model="org/m", host="127.0.0.1", port=8000, gpu_memory_utilization=0.9, **kw)
+
+
+@pytest.mark.parametrize(("kw", "gpus"), [({}, 1), ({"tensor_parallel_size": 2}, 2),
+                                          ({"extra_args": ["--tensor-parallel-size", "2"]}, 2),
+                                          ({"extra_args": ["-tp", "4", "--pipeline-parallel-size=2"]}, 8),
+                                          ({"pipeline_parallel_size": 2, "extra_args": ["-tp=2"]}, 4)])
+def test_an_engine_asks_ray_for_tp_x_pp_gpus_given_as_options_or_after_the_double_dash(kw, gpus):
+    assert cluster.gpus_for(_spec(**kw), NODES) == gpus
+    assert cluster.gpus_for(_spec(**kw), [NODES[0]]) == 0  # a cluster without GPUs: CPU engines, none asked
+
+
+def test_a_new_replica_prefers_the_node_with_room_and_fewest_of_its_model_and_avoids_suspects():
+    b2 = _node("d" * 56, "10.0.0.4", 4, 3)
+    nodes = [*NODES, b2]
+    assert cluster.preferred_node(nodes, 1, {}, set()) is None  # nothing to spread from: Ray's own choice
+    assert cluster.preferred_node(nodes, 1, {"b" * 56: 1}, set()) == "d" * 56  # another node than its sibling's
+    assert cluster.preferred_node(nodes, 1, {"b" * 56: 1, "d" * 56: 1}, set()) == "d" * 56  # tie: more free GPUs
+    assert cluster.preferred_node(nodes, 1, {}, {"d" * 56}) == "b" * 56  # a node suspected dead is avoided
+    assert cluster.preferred_node(nodes, 8, {"b" * 56: 1}, set()) is None  # only the dead node has 8 GPUs

@@ -235,7 +235,9 @@ def gpus_for(spec: LaunchSpec, nodes: list[dict[str, Any]]) -> int:
     business on the node); 0 on a cluster without any GPU (CPU engines, placed by CPU nodes alone)."""
     if not any(n["alive"] and n["resources"].get("GPU", 0) > 0 for n in nodes):
         return 0
-    return (spec.tensor_parallel_size or 1) * (spec.pipeline_parallel_size or 1)
+    from sage_llm.engine.vllm import model_parallel
+
+    return model_parallel(spec)
 
 
 def actor_name(name: str) -> str:

@@ -193,15 +193,35 @@ def concrete_dtype(value: str | None) -> str | None:
             "bfloat16": "bfloat16"}.get(value or "")
 
 
-def dtype_from_args(args: list[str]) -> str | None:
-    """The --dtype given after `--` (`--dtype X` or `--dtype=X`; the last one wins, as in argparse), else None."""
+def arg_value(args: list[str], *names: str) -> str | None:
+    """The value of an option given after `--` under any of `names` (`NAME X` or `NAME=X`; the last one wins, as in
+    argparse), else None."""
     found = None
     for i, arg in enumerate(args):
-        if arg == "--dtype" and i + 1 < len(args):
+        if arg in names and i + 1 < len(args):
             found = args[i + 1]
-        elif arg.startswith("--dtype="):
+        elif "=" in arg and arg.split("=", 1)[0] in names:
             found = arg.split("=", 1)[1]
     return found
+
+
+def dtype_from_args(args: list[str]) -> str | None:
+    """The --dtype given after `--`, else None."""
+    return arg_value(args, "--dtype")
+
+
+def _size(value: int | None, args: list[str], *names: str) -> int:
+    """A parallel size: the option's value, else the one given after `--` (vLLM reads those too), else 1."""
+    if value:
+        return value
+    raw = arg_value(args, *names)
+    return int(raw) if raw is not None and raw.isdigit() and int(raw) > 0 else 1
+
+
+def model_parallel(spec: LaunchSpec) -> int:
+    """GPUs one copy of the model spans: tensor x pipeline parallel size (as options or after `--`)."""
+    return (_size(spec.tensor_parallel_size, spec.extra_args, "--tensor-parallel-size", "-tp")
+            * _size(spec.pipeline_parallel_size, spec.extra_args, "--pipeline-parallel-size", "-pp"))
 
 
 def choose_dtype(spec: LaunchSpec, cpu_engine: bool, quantized: bool = False, fp32_weight_bytes: int | None = None,
@@ -312,7 +332,7 @@ CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 
 def world_size(spec: LaunchSpec) -> int:
     """Processes one engine runs on this node: tensor x pipeline x data parallel ranks."""
-    return (spec.tensor_parallel_size or 1) * (spec.pipeline_parallel_size or 1) * (spec.data_parallel_size or 1)
+    return model_parallel(spec) * _size(spec.data_parallel_size, spec.extra_args, "--data-parallel-size", "-dp")
 
 
 def gpus_needed(spec: LaunchSpec) -> int:
