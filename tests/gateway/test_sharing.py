@@ -191,6 +191,23 @@ def test_roles_models_and_hot_reload(gateway, home: Path, caplog) -> None:
         assert r.status_code == 403, (method, path)
         assert "needs an admin key" in r.json()["error"]["message"]
     assert gw.client.get("/api/local-engine/status", headers=bearer(alice)).status_code == 200
+    # a user key sees only the models it may use: in /v1/models, a model card, /api/gateway and an error's list
+    listed = {m["id"] for m in gw.client.get("/v1/models", headers=bearer(alice)).json()["data"]}
+    assert listed == {MODEL_A}
+    assert {MODEL_A, MODEL_B} <= {m["id"] for m in gw.client.get("/v1/models", headers=bearer(bob)).json()["data"]}
+    assert gw.client.get(f"/v1/models/{MODEL_B}", headers=bearer(alice)).status_code == 404
+    assert gw.client.get(f"/v1/models/{MODEL_B}", headers=bearer(bob)).status_code == 200
+    assert {m["id"] for m in gw.client.get("/api/gateway", headers=bearer(alice)).json()["models"]} == {MODEL_A}
+    r = gw.client.get("/v1/models/org/Nothing", headers=bearer(alice))
+    assert r.status_code == 404
+    assert MODEL_A in r.text
+    assert MODEL_B not in r.text
+    _, carol = keys.add("carol", "user", [MODEL_A, "org/Nothing*"])
+    r = gw.post("/v1/chat/completions", {"model": "org/Nothing-1", "messages": [{"role": "user", "content": "x"}]},
+                headers=bearer(carol))
+    assert r.status_code == 404, r.text
+    assert MODEL_A in r.json()["error"]["message"]
+    assert MODEL_B not in r.json()["error"]["message"]
 
     r = gw.post("/api/local-engine/stop", {"model": MODEL_A}, headers=bearer(bob))
     assert r.status_code == 200, r.text

@@ -91,6 +91,17 @@ class Access:
         if rule is not None:
             raise GatewayError(403, rule, code="model_not_allowed", param="model")
 
+    @staticmethod
+    def allows(name: str) -> bool:
+        """May the caller's key use the model `name` (no key: yes)?"""
+        key = caller.get()
+        return key is None or key.model_rule(name) is None
+
+    def visible(self, cards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The model cards the caller's key may use (by id or an alias): a key never learns of models outside its
+        patterns from /v1/models or an error's list of models (no key, or no key file: all)."""
+        return [c for c in cards if any(self.allows(n) for n in [c["id"], *c.get("aliases", [])])]
+
     def describe(self) -> dict[str, Any]:
         """For GET /api/gateway: whether keys are required, the key file's state, and the caller's key (the panel
         shows what its role allows)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -148,8 +149,11 @@ class Router:
                           "aliases": [], "error": None, "stage": None, "progress": None})
         return sorted(cards, key=lambda c: ({"ready": 0, "loading": 1, "sleeping": 2}.get(c["state"], 3), c["id"]))
 
-    def known_names(self) -> list[str]:
-        return sorted({*self.machine.models, *self.opts.upstreams})
+    def known_names(self, shown: Callable[[str], bool] | None = None) -> list[str]:
+        """Model names for an error's list ("Models: ..."): replica slots left out, and with `shown` only those it
+        allows (the caller's key's)."""
+        names = {k for k in self.machine.models if "#" not in k} | set(self.opts.upstreams)
+        return sorted(n for n in names if shown is None or shown(n))
 
     def engine_of(self, name: str) -> Model | None:
         """The model whose engine is called `name`."""
@@ -226,7 +230,7 @@ class Router:
         return m if m is not None and m.loadable else None
 
     async def route(self, model: str | None, load: bool = True, body: dict[str, Any] | None = None,
-                    headers: Any = None) -> Backend:
+                    headers: Any = None, shown: Callable[[str], bool] | None = None) -> Backend:
         """Where a request naming `model` goes; loads the model first if needed (may wait). With `load=False` (GET
         requests: no state change on a GET) only a model already being served is routed to. A local backend is
         leased: call `release` when the request ends."""
@@ -264,8 +268,8 @@ class Router:
             if self.opts.fallback:
                 with contextlib.suppress(GatewayError):
                     return self._cloud(name, False)
-            shown = ", ".join(self.known_names()) or "none"
-            raise GatewayError(404, f"The model `{name}` does not exist here. Models: {shown}",
+            names = ", ".join(self.known_names(shown)) or "none"  # `shown`: those the caller's key may use
+            raise GatewayError(404, f"The model `{name}` does not exist here. Models: {names}",
                                code="model_not_found", param="model")
         slot, reason = self._pick(m, body, headers)
         engine = await self._acquire(slot)

@@ -158,15 +158,16 @@ class Gateway:
         return web.json_response({"status": "ok", "service": "sage-llm-gateway", "version": __version__})
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": self.router.catalog()})
+        return web.json_response({"object": "list", "data": self.access.visible(self.router.catalog())})
 
     async def model_card(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        for card in self.router.catalog():
+        for card in self.access.visible(self.router.catalog()):
             if card["id"] == name or name in card.get("aliases", []):
                 return web.json_response(card)
         return error_response(404, f"The model `{name}` does not exist here. Models: "
-                              f"{', '.join(self.router.known_names()) or 'none'}", code="model_not_found",
+                              f"{', '.join(self.router.known_names(self.access.allows)) or 'none'}",
+                              code="model_not_found",
                               param="model")
 
     async def prometheus(self, request: web.Request) -> web.Response:
@@ -181,7 +182,7 @@ class Gateway:
                 "url": f"{self.opts.scheme}://{self.opts.host if ':' not in self.opts.host else f'[{self.opts.host}]'}:"
                        f"{self.opts.port}/v1",
                 "uptime_s": round(time.time() - self.started, 1), "queued": self.router.queued,
-                "options": self.opts.to_json(), "models": self.router.catalog(),
+                "options": self.opts.to_json(), "models": self.access.visible(self.router.catalog()),
                 "access": {**self.access.describe(), "engines": self.share.describe()}}
 
     async def gateway_info(self, request: web.Request) -> web.Response:
@@ -351,7 +352,7 @@ class Gateway:
         self.access.allow_model(model)  # 403 naming the key's model rule (before anything loads)
         try:
             backend = await self.router.route(model, load=request.method == "POST", body=body,
-                                              headers=request.headers)
+                                              headers=request.headers, shown=self.access.allows)
         except GatewayError as exc:
             self.metrics.request(label, "none", exc.status, time.monotonic() - t0)
             return from_gateway_error(exc)
