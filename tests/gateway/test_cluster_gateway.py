@@ -213,3 +213,21 @@ def test_a_gateway_without_cluster_never_imports_ray(cli, fake_vllm, hub) -> Non
     finally:
         code, _out, err = cli("gateway", "stop")
         assert code == 0, err
+
+
+def test_a_cluster_gone_after_the_start_is_a_503_to_retry_not_a_400(gateway, monkeypatch) -> None:
+    """The head answered when the gateway started, then went away: a load is refused with 503 (a passing fault, the
+    client may retry), not 400 (its request was fine), and nothing is left recorded."""
+    import socket
+
+    monkeypatch.setenv("SAGE_LLM_CLUSTER_KEY", KEY)
+    head = socket.socket()
+    head.bind(("127.0.0.1", 0))
+    head.listen(4)
+    address = f"127.0.0.1:{head.getsockname()[1]}"
+    gw = gateway(cluster=address, fallback=False)
+    head.close()
+    r = chat(gw, MODEL_A)
+    assert r.status_code == 503, r.text
+    assert "unreachable" in r.json()["error"]["message"]
+    assert records() == {}

@@ -38,6 +38,11 @@ INSTALL_HINT = "pip install 'sage-llm[ray]' (Ray 2.60.0, the version of the clus
 
 
 # ------------------------------------------------------------------------------------------------- connecting
+class Unreachable(UsageError):
+    """The cluster does not answer or does not let this process join: a usage error for the CLI (exit 2), a
+    passing fault for a long-lived caller such as the gateway (503, try again), not bad input."""
+
+
 def ray_module() -> Any:
     """Ray, or a UsageError saying what to install."""
     try:
@@ -88,7 +93,7 @@ def _connect(address: str, timeout: float) -> Any:
         with socket.create_connection((host, port), timeout=timeout):
             pass
     except OSError as exc:
-        raise UsageError(f"the Ray cluster at {address} is unreachable ({exc.strerror or exc})",
+        raise Unreachable(f"the Ray cluster at {address} is unreachable ({exc.strerror or exc})",
                          hint="check the address and that `ray start --head` runs there") from None
     if ray.is_initialized():
         ray.shutdown()
@@ -107,11 +112,11 @@ def _connect(address: str, timeout: float) -> Any:
     joiner.start()
     joiner.join(JOIN_TIMEOUT_S)
     if joiner.is_alive():
-        raise UsageError(f"the Ray cluster at {address} accepts connections but did not let this machine join "
+        raise Unreachable(f"the Ray cluster at {address} accepts connections but did not let this machine join "
                          f"within {JOIN_TIMEOUT_S:g} s", hint="is it a Ray 2.60.0 head, and does it advertise an "
                          "address this machine reaches (`ray start --head --node-ip-address ...`)?")
     if failure:
-        raise UsageError(f"cannot join the Ray cluster at {address}: {str(failure[0]).splitlines()[0][:200]}",
+        raise Unreachable(f"cannot join the Ray cluster at {address}: {str(failure[0]).splitlines()[0][:200]}",
                          hint="the head must run Ray 2.60.0 (`ray --version`) and be reachable from here") from None
     connect._address = address  # type: ignore[attr-defined]
     return ray

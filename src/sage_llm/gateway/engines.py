@@ -462,13 +462,15 @@ class EngineEffects:
 
         try:
             if self.opts.cluster:
-                from sage_llm.engine.cluster import NotPlaced
+                from sage_llm.engine.cluster import NotPlaced, Unreachable
 
                 try:
                     return await asyncio.to_thread(start_on_cluster, profile, self.opts, self.opts.load_timeout, hop,
                                                    var, near)
                 except NotPlaced as exc:
                     raise NoRoom(said(exc), nodes=frozenset(exc.nodes)) from None
+                except Unreachable as exc:  # the head is down or restarting: 503, not the client's mistake
+                    raise LoadFailed(said(exc)) from None
             return await asyncio.to_thread(start, profile, self.opts.engine_port, self.opts.load_timeout, hop,
                                            self.opts.sleep, port, var)
         except (InsufficientGpuMemory, NotEnoughMemory) as exc:
