@@ -231,3 +231,17 @@ def test_a_cluster_gone_after_the_start_is_a_503_to_retry_not_a_400(gateway, mon
     assert r.status_code == 503, r.text
     assert "unreachable" in r.json()["error"]["message"]
     assert records() == {}
+
+
+def test_a_gateway_whose_key_differs_from_the_nodes_says_so_and_leaves_nothing(cluster, gateway, monkeypatch) -> None:
+    """The nodes' SAGE_LLM_CLUSTER_KEY is another value than the gateway's: the engine would refuse every request.
+    The load fails with 503 naming the variable, and the engine it started is stopped."""
+    monkeypatch.setenv("SAGE_LLM_CLUSTER_KEY", "sk-some-other-value")
+    gw = gateway(cluster=cluster["address"], fallback=False, place_s=1.5)
+    r = chat(gw, MODEL_A)
+    assert r.status_code == 503, r.text
+    message = r.json()["error"]["message"]
+    assert "refuses this gateway's key" in message
+    assert "$SAGE_LLM_CLUSTER_KEY" in message
+    assert "sk-some-other-value" not in r.text
+    assert records() == {}

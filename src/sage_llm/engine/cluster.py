@@ -126,7 +126,12 @@ def _quiet(ray: Any) -> None:
     """Ray's driver prints the cluster's error messages ("The node ... missed too many heartbeats") to stdout, which
     would break `status --json`; `status` reports dead nodes and agents itself. With SAGE_LLM_DEBUG they go to
     stderr."""
+    import logging
+
     from ray._private import worker
+
+    if not os.environ.get("SAGE_LLM_DEBUG"):  # "SIGTERM handler is not set because current thread is not the main
+        logging.getLogger("ray").setLevel(logging.ERROR)  # thread" and the like, in the gateway's log at each join
 
     def to_stderr(data: dict[str, Any], ignore_prefix: bool = False) -> None:
         if os.environ.get("SAGE_LLM_DEBUG"):

@@ -65,6 +65,13 @@ def _vllm_cmdline(cmdline: list[str]) -> dict[str, Any] | None:
     return info
 
 
+def _engine_id(proc: process.ProcInfo) -> str | None:
+    try:
+        return process.Proc.of(proc).environ().get("SAGE_LLM_ENGINE_ID")
+    except (PermissionError, ProcessLookupError):
+        return None
+
+
 def discover_external(records: list[EngineRecord | CorruptRecord], local_port: int | None = None,
                       table: dict[int, process.ProcInfo] | None = None) -> list[EngineView]:
     """vLLM servers this tool did not start: by command line, and on SAGE_LOCAL_ENGINE_PORT by /v1/models."""
@@ -83,6 +90,11 @@ def discover_external(records: list[EngineRecord | CorruptRecord], local_port: i
         info = _vllm_cmdline(cmd)
         if info is not None:
             candidates.append((proc, info))
+    # an engine of ours placed on a Ray cluster whose node is this machine: its record holds the node's pid, not
+    # this machine's view of it; it is known by the engine id in its environment
+    placed = {r.id for r in records if isinstance(r, EngineRecord) and r.cluster}
+    if placed:
+        candidates = [(p, i) for p, i in candidates if _engine_id(p) not in placed]
     cand_pids = {p.pid for p, _ in candidates}
     for proc, info in candidates:
         if proc.ppid in cand_pids or info["port"] in found:

@@ -366,6 +366,7 @@ def start_on_cluster(profile: Any, opts: Any, timeout: float, on_progress: Any =
     (`profile.node` pins it; `near`, a node where room was just made, is preferred; replicas of the model prefer
     nodes without one). cluster.NotPlaced when no node has its GPUs free within opts.place_s."""
     from sage_llm import api
+    from sage_llm.core.errors import EngineFailed
     from sage_llm.core.state import EngineRecord, StateStore
     from sage_llm.engine import cluster
 
@@ -382,8 +383,19 @@ def start_on_cluster(profile: Any, opts: Any, timeout: float, on_progress: Any =
                            timeout=launch.timeout, on_progress=on_progress, owner=token, prefer=near,
                            place_within=opts.place_s, spread=spread, avoid=suspects())
     rec = result.record
-    from sage_llm.core.addresses import url_host
+    from sage_llm.core.addresses import reachable_host, url_host
+    from sage_llm.observe import probe
 
+    key = os.environ.get(opts.cluster_key_env)
+    seen = probe.probe(reachable_host(rec.host), int(rec.port), timeout=5.0, api_key=key)
+    if seen.models_status == 401:  # the node's variable holds another key: every request would be refused
+        node = (rec.cluster or {}).get("node_ip")
+        with contextlib.suppress(SageLLMError):
+            stop(rec.name)
+        raise EngineFailed(f"the engine on node {node} refuses this gateway's key: ${opts.cluster_key_env} on the "
+                           "node differs from this machine's",
+                           hint=f"set the same {opts.cluster_key_env} in the environment of `ray start` on every node "
+                                "and of the gateway, then restart those")
     return Engine(name=rec.name, model=rec.model, served=rec.served_model_name,
                   base_url=f"http://{url_host(rec.host)}:{rec.port}", state="ready", managed=True, owned=True,
                   api_key=os.environ.get(opts.cluster_key_env), port=rec.port, started_at=rec.started_at,
