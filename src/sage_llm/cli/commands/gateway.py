@@ -97,6 +97,9 @@ def run(host: HostOpt = None, port: PortOpt = None, ttl: TtlOpt = None, max_engi
         gw.bus.listeners.append(show)
         host_ = opts.host if ":" not in opts.host else f"[{opts.host}]"
         out.result(f"gateway ready: {opts.scheme}://{host_}:{opts.port}/v1 (pid {__import__('os').getpid()})")
+        if opts.cluster:
+            out.info(f"cluster {opts.cluster}: engines are placed on its nodes (their key: ${opts.cluster_key_env}, "
+                     "read on each node)")
         out.hint("models: GET /v1/models | management: /api/local-engine/status | events: /api/events | "
                  "Ctrl-C stops it")
 
