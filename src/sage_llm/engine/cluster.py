@@ -667,9 +667,10 @@ def _orphan_alive(ray: Any, cluster_agent: Any, info: dict[str, Any], engine_id:
 
 
 def liveness(rec: EngineRecord, timeout: float = 3.0) -> str:
-    """After a request to a cluster engine broke off: "alive", "died" (its agent says the engine exited, or the agent
-    is gone or unreachable and nothing listens on the engine's port) or "unknown" (Ray did not answer in time and
-    the port still answers). Bounded by `timeout` (twice, at most), never raising."""
+    """After a request to a cluster engine broke off: "alive", "died" (its agent says the engine exited), "lost" (the
+    agent is gone or does not answer, and nothing listens on the engine's port: the node itself may be down) or
+    "unknown" (Ray did not answer in time and the port still answers). Bounded by `timeout` (twice, at most), never
+    raising."""
     info = rec.cluster or {}
     answer: dict[str, Any] = {}
 
@@ -694,7 +695,7 @@ def liveness(rec: EngineRecord, timeout: float = 3.0) -> str:
         with socket.create_connection((rec.host, int(rec.port)), timeout=min(timeout, 1.0)):
             return "unknown"  # something still listens there
     except OSError:
-        return "died"
+        return "lost"
 
 
 # ------------------------------------------------------------------------------------------------------- logs

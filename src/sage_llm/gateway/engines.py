@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,24 +213,27 @@ def alive_state(engine: Engine) -> str:
             from sage_llm.engine import cluster
 
             said = cluster.liveness(rec)
-            if said == "died" and rec.cluster.get("node_id"):
-                SUSPECTS[rec.cluster["node_id"]] = time.monotonic() + SUSPECT_S
-            return "died" if said == "died" else "alive"  # unknown: the next refresh asks its agent again
+            if said == "lost" and rec.cluster.get("node_id"):  # its node may be going down before Ray says so
+                with _SUSPECTS_LOCK:
+                    SUSPECTS[rec.cluster["node_id"]] = time.monotonic() + SUSPECT_S
+            return "died" if said in ("died", "lost") else "alive"  # unknown: the next refresh asks its agent
         return "alive" if process.leader(rec.pid, rec.create_time) is not None else "died"
     return "alive" if alive(engine) else "died"
 
 
 SUSPECT_S = 60.0
 SUSPECTS: dict[str, float] = {}  # node id -> until when: an engine there died and its agent did not answer
+_SUSPECTS_LOCK = threading.Lock()  # written and read by the effects' worker threads
 
 
 def suspects() -> set[str]:
     """Nodes where an engine just died without its agent answering (a node dying before Ray says so): new engines
     are preferably placed elsewhere for a minute."""
     now = time.monotonic()
-    for node in [n for n, until in SUSPECTS.items() if until <= now]:
-        del SUSPECTS[node]
-    return set(SUSPECTS)
+    with _SUSPECTS_LOCK:
+        for node in [n for n, until in SUSPECTS.items() if until <= now]:
+            del SUSPECTS[node]
+        return set(SUSPECTS)
 
 
 def cache_stamp() -> Any:
