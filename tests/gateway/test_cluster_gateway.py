@@ -9,9 +9,11 @@ engines' key is SAGE_LLM_CLUSTER_KEY, set in the gateway's environment and in ev
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import time
 
 import httpx
 import pytest
@@ -245,3 +247,31 @@ def test_a_gateway_whose_key_differs_from_the_nodes_says_so_and_leaves_nothing(c
     assert "$SAGE_LLM_CLUSTER_KEY" in message
     assert "sk-some-other-value" not in r.text
     assert records() == {}
+
+
+def test_a_replica_whose_node_went_silent_is_forgotten_at_once_and_replaced(on_cluster) -> None:
+    """A node going down before Ray declares it dead: the engine's port refuses and its agent does not answer (here:
+    the engine SIGKILLed and the agent SIGSTOPped). Requests are retried on the other replica; the lost one is not
+    stopped through its agent (that waits out a minute of timeouts) but forgotten, and its replacement serves
+    within seconds."""
+    gw = on_cluster(replicas=[f"{MODEL_A}=2"], refresh_s=3600)
+    assert chat(gw, MODEL_A).status_code == 200
+    two = wait_for(lambda: len(ready_replicas(gw)) == 2 and ready_replicas(gw), timeout=60)
+    lost = records()[two[0]]
+    agent_pid = lost.cluster["agent_pid"]
+    os.kill(agent_pid, signal.SIGSTOP)
+    try:
+        os.kill(lost.cluster["pid"], signal.SIGKILL)
+        t0 = time.monotonic()
+        results = [chat(gw, MODEL_A, f"s{i}") for i in range(8)]
+        assert [r.status_code for r in results] == [200] * 8
+
+        def replaced() -> bool:
+            now, recs = ready_replicas(gw), records()
+            return len(now) == 2 and all(n in recs and recs[n].id != lost.id for n in now)
+
+        wait_for(replaced, timeout=40)  # stopping it through its silent agent would take over 60 s
+        print(f"replaced {time.monotonic() - t0:.1f} s after the engine died")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(agent_pid, signal.SIGCONT)

@@ -565,6 +565,18 @@ def stop(rec: EngineRecord, grace: float, force: bool, store: StateStore) -> Sto
     return outcome
 
 
+def abandon_record(rec: EngineRecord, store: StateStore) -> None:
+    """Give up on a cluster engine whose node is lost: kill its agent (Ray does it asynchronously; no answer is
+    awaited) and forget its record. Whatever of the engine is left on the node is stopped by the next agent started
+    there (`sweep`). Bounded: the join is the only wait."""
+    with contextlib.suppress(Exception):
+        ray = connect((rec.cluster or {})["address"])
+        agent = _get_actor(ray, rec.name)
+        if agent is not None:
+            ray.kill(agent)
+    store.forget(rec.name, rec.id)
+
+
 # ----------------------------------------------------------------------------------------------------- status
 def attach(views: list[EngineView], store: StateStore, timeout: float = 4.0) -> None:
     """Live state of every cluster engine's view, from its agent (bounded; a cluster that does not answer makes the

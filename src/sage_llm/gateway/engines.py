@@ -417,6 +417,19 @@ def stop(name: str, timeout: float | None = None) -> str:
     return outcome.message
 
 
+def forget_lost(name: str) -> None:
+    """A cluster engine whose node stopped answering: its agent is killed without waiting for an answer and its
+    record removed at once (a stop would wait out the agent's timeouts), so that the replica's replacement can take
+    its name; what is left on the node is stopped by the next agent started there."""
+    from sage_llm.core.state import EngineRecord, StateStore
+    from sage_llm.engine import cluster
+
+    store = StateStore()
+    rec = store.load(name)
+    if isinstance(rec, EngineRecord) and rec.cluster:
+        cluster.abandon_record(rec, store)
+
+
 def quantization_methods() -> tuple[str, ...]:
     """The `--quantization` values vLLM takes (what POST /api/local-engine/start accepts)."""
     from sage_llm.engine.vllm import QUANTIZATION_METHODS
@@ -530,7 +543,9 @@ class EngineEffects:
     async def sweep(self, engine: Engine) -> None:
         import asyncio
 
-        if engine.managed:
+        if engine.managed and engine.node_id is not None and engine.node_id in suspects():
+            await asyncio.to_thread(forget_lost, engine.name)  # its node is going down: nothing there answers
+        elif engine.managed:
             with contextlib.suppress(SageLLMError):
                 await asyncio.to_thread(stop, engine.name)
 

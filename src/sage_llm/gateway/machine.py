@@ -34,7 +34,7 @@ FAILURE_HOLD_S = 60.0
 CRASH_WINDOW_S = 600.0
 VRAM_SETTLE_S = (0.5, 1.0, 2.0)  # waits before retrying a start after an unload: free VRAM shows up late
 FREED_RECENTLY_S = 5.0
-REFILL_HOLD_S = 30.0  # a replica that found no room to keep min_replicas up is tried again after this
+REFILL_HOLD_S = 5.0  # a replica that found no room to keep min_replicas up is tried again after this
 
 
 class State(str, Enum):
