@@ -197,12 +197,15 @@ def test_a_dead_replica_is_retried_around_and_replaced_and_a_restarted_gateway_a
             if isinstance(a, dict)} & {f"sage-llm-engine:{n}" for n in kept} == set()
 
 
-def test_a_gateway_without_cluster_never_imports_ray(cli, fake_vllm, hub) -> None:
-    """Ray is installed here, yet a detached gateway started without --cluster that loads and serves a model has
-    none of Ray in its process (its shared library would be mapped)."""
+@pytest.mark.parametrize("on_a_cluster", [False, True])
+def test_a_gateway_never_imports_ray(cli, fake_vllm, hub, cluster, monkeypatch, on_a_cluster) -> None:
+    """Ray is installed here, yet a detached gateway that loads and serves a model has none of Ray in its process
+    (its shared library would be mapped): without --cluster, and with it (its Ray worker process holds the driver)."""
+    monkeypatch.setenv("SAGE_LLM_CLUSTER_KEY", KEY)
     port = free_port()
+    extra = ["--cluster", cluster["address"]] if on_a_cluster else []
     code, out, err = cli("gateway", "start", "--port", str(port), "--engine-port", str(free_port()), "--no-external",
-                         "--no-fallback", "--json")
+                         "--no-fallback", "--json", *extra)
     assert code == 0, err
     pid = __import__("json").loads(out)["pid"]
     try:
@@ -212,27 +215,63 @@ def test_a_gateway_without_cluster_never_imports_ray(cli, fake_vllm, hub) -> Non
         assert httpx.get(f"http://127.0.0.1:{port}/api/local-engine/status", timeout=10).status_code == 200
         maps = open(f"/proc/{pid}/maps").read()
         assert "_raylet" not in maps
+        if on_a_cluster:
+            assert any(r.cluster for r in records().values())  # it was placed on the cluster
     finally:
         code, _out, err = cli("gateway", "stop")
         assert code == 0, err
 
 
-def test_a_cluster_gone_after_the_start_is_a_503_to_retry_not_a_400(gateway, monkeypatch) -> None:
-    """The head answered when the gateway started, then went away: a load is refused with 503 (a passing fault, the
-    client may retry), not 400 (its request was fine), and nothing is left recorded."""
-    import socket
+def test_the_head_gone_never_takes_the_gateway_down_loads_get_503_and_the_rest_serves(gateway, monkeypatch, tmp_path
+                                                                                        ) -> None:
+    """Ray ends a driver whose head (GCS) has been gone for a while (60 s by default, 3 s here): the gateway holds no
+    Ray driver of its own (its worker process does), so it lives on. A load is refused with 503 (the cluster is
+    unreachable: a passing fault, not the client's mistake), /health answers, and the gateway never maps Ray."""
+    import subprocess
 
     monkeypatch.setenv("SAGE_LLM_CLUSTER_KEY", KEY)
-    head = socket.socket()
-    head.bind(("127.0.0.1", 0))
-    head.listen(4)
-    address = f"127.0.0.1:{head.getsockname()[1]}"
-    gw = gateway(cluster=address, fallback=False)
-    head.close()
-    r = chat(gw, MODEL_A)
-    assert r.status_code == 503, r.text
-    assert "unreachable" in r.json()["error"]["message"]
-    assert records() == {}
+    monkeypatch.setenv("RAY_gcs_rpc_server_reconnect_timeout_s", "3")  # read by the worker's Ray driver
+    port, temp = free_port(), f"/tmp/rg{os.getpid() % 100000}"
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--num-cpus",
+                    "1", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp,
+                    "--min-worker-port", "24900", "--max-worker-port", "24999"], check=True, env=env,
+                   capture_output=True, timeout=120)
+    try:
+        gw = gateway(cluster=f"127.0.0.1:{port}", fallback=False)
+        _kill_head(temp)
+        deadline = time.monotonic() + 60
+        while True:  # the worker's driver ends once the head has been gone 3 s; the gateway does not
+            r = chat(gw, MODEL_A)
+            assert r.status_code == 503, r.text
+            assert "failed to load" in r.json()["error"]["message"]
+            if "ended" in r.text or "unreachable" in r.text or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        time.sleep(4)
+        assert gw.client.get("/health").status_code == 200
+        r = chat(gw, MODEL_A)
+        assert r.status_code == 503, r.text
+        assert records() == {}
+    finally:
+        _kill_head(temp)
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _kill_head(temp: str) -> None:
+    """SIGKILL the processes of the Ray head started with --temp-dir `temp` (only those: their command lines name it,
+    or their session directory under it)."""
+    from pathlib import Path
+
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if temp.encode() in (d / "cmdline").read_bytes():
+                os.kill(int(d.name), signal.SIGKILL)
 
 
 def test_a_gateway_whose_key_differs_from_the_nodes_says_so_and_leaves_nothing(cluster, gateway, monkeypatch) -> None:

@@ -156,7 +156,8 @@ def test_it_scales_out_while_requests_wait_and_in_after_the_ttl(gateway, tmp_pat
     assert results == [200, 200, 200]
     # idle past the TTL: the replica past min_replicas stops, then the model (all of its replicas idle)
     wait_for(lambda: ready_replicas(gw) == [] and card(gw, MODEL_A)["state"] == "available", timeout=60)
-    assert StateStore().load(two[1]) is None
+    wait_for(lambda: StateStore().load(two[1]) is None, timeout=60)  # its stop ends with the record (a loaded
+    # machine may still be stopping it when replica 1 is already gone)
 
 
 def test_stopping_the_model_stops_every_replica_and_none_comes_back(gateway) -> None:

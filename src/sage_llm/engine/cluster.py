@@ -333,7 +333,7 @@ def start(spec: LaunchSpec, address: str, node: str | None = None, name: str | N
     elif soft is not None:  # that node while it has room; anywhere Ray finds room otherwise
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(soft["node_id"], soft=True,
                                                                         _spill_on_unavailable=True)
-    agent = _agent_class(ray).options(**options).remote(chosen, engine_id, _spec_doc(spec))
+    agent = _agent_class(ray).options(**options).remote(chosen, engine_id, spec_doc(spec))
     t0 = time.time()
     deadline = time.monotonic() + timeout
     where_ref = agent.where.remote()
@@ -373,8 +373,9 @@ def start(spec: LaunchSpec, address: str, node: str | None = None, name: str | N
                            hint="the node needs sage-llm (and Ray 2.60.0) installed") from None
     if where.get("launch_error"):
         _abandon(ray, agent, record, store)
-        raise EngineFailed(f"engine {chosen!r} could not be started on {where['node_ip']}: {where['launch_error']}",
-                           hint="check the node's vLLM (`sage-llm doctor` there)")
+        said = where["launch_error"]
+        raise EngineFailed(f"engine {chosen!r} could not be started on {where['node_ip']}: {said}",
+                           hint=None if "(hint: " in said else "check the node's vLLM (`sage-llm doctor` there)")
     _record_launch(record, where, where["launched"], store)
     result = StartResult(record)
     if wait:
@@ -419,7 +420,8 @@ def _placed(where: dict[str, Any], record: EngineRecord, store: StateStore) -> N
         record.__dict__.update(current.__dict__)  # type: ignore[union-attr]
 
 
-def _spec_doc(spec: LaunchSpec) -> dict[str, Any]:
+def spec_doc(spec: LaunchSpec) -> dict[str, Any]:
+    """The spec as JSON (sent to the agent, and to the gateway's Ray worker)."""
     doc = asdict(spec)
     doc["extra_args"] = list(spec.extra_args)
     return doc
@@ -617,6 +619,9 @@ def _view(ray: Any, v: EngineView, nodes: dict[str, dict[str, Any]], timeout: fl
         v.state, v.error = "failed", rec.error or "engine failed"
         return
     agent = _get_actor(ray, rec.name)
+    if agent is None and rec.state == "launching" and _age_s(rec) < CALL_TIMEOUT_S:
+        v.state, v.stage = "starting", "pending"  # recorded a moment before its agent is created
+        return
     if agent is None:
         v.state = "failed"
         alive = _orphan_alive(ray, cluster_agent, info, rec.id, timeout)
@@ -654,6 +659,14 @@ def _view(ray: Any, v: EngineView, nodes: dict[str, dict[str, Any]], timeout: fl
         d = diagnose(st["lines"], {"port": rec.port, "model": rec.model, "name": rec.name})
         v.state = "failed"
         v.error = "engine exited unexpectedly" + (f": {d.message}" if d else "")
+
+
+def _age_s(rec: EngineRecord) -> float:
+    """Seconds since the record's start (a large number when its time cannot be read)."""
+    from sage_llm.core.state import parse_iso
+
+    started = parse_iso(rec.started_at)
+    return 1e9 if started is None else time.time() - started
 
 
 def describe_view(info: dict[str, Any]) -> str:

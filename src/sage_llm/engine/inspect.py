@@ -13,6 +13,7 @@ from sage_llm.engine.view import EngineView, apply_probe
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the `status` path skips it (core/records.py)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 
@@ -24,6 +25,18 @@ def _tree_procs(tree: process.Tree) -> list[dict[str, Any]]:
         except Exception:
             continue
     return out
+
+
+# How the live state of cluster engines is attached to their views: None, engine/cluster.attach in this process
+# (which imports Ray); the gateway sets its own (gateway/cluster_link.py: a separate process holds the Ray driver).
+cluster_attach: Callable[[list[EngineView], StateStore], None] | None = None
+
+
+def cluster_view(rec: EngineRecord) -> EngineView:
+    """The view of an engine on a Ray cluster before its agent is asked (cluster.attach fills in its state)."""
+    return EngineView(name=rec.name, managed=True, state="starting", model=rec.model,
+                      served_model_name=rec.served_model_name, host=rec.host, port=rec.port, base_url=rec.base_url,
+                      started_at=rec.started_at, log_file=rec.log_file, settings=rec.settings, record=rec)
 
 
 def inspect(store: StateStore | None = None, include_external: bool = True, probe_timeout: float = 0.6,
@@ -49,10 +62,7 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
             continue
         if rec.cluster:
             # on a node of a Ray cluster: its state comes from its agent (engine/cluster.py), below
-            views.append(EngineView(
-                name=rec.name, managed=True, state="starting", model=rec.model,
-                served_model_name=rec.served_model_name, host=rec.host, port=rec.port, base_url=rec.base_url,
-                started_at=rec.started_at, log_file=rec.log_file, settings=rec.settings, record=rec))
+            views.append(cluster_view(rec))
             continue
         tree = process.find_tree(rec.pid, process.birth_of(rec), rec.id, table)
         view = EngineView(
@@ -95,9 +105,12 @@ def inspect(store: StateStore | None = None, include_external: bool = True, prob
 
         ray_cluster.attach(views, store.root)
     if any(v.record is not None and v.record.cluster for v in views):
-        from sage_llm.engine import cluster  # Ray is imported only when cluster engines are recorded
+        if cluster_attach is not None:  # a long-lived caller asks its own Ray driver process
+            cluster_attach(views, store)
+        else:
+            from sage_llm.engine import cluster  # Ray is imported only when cluster engines are recorded
 
-        cluster.attach(views, store)
+            cluster.attach(views, store)
         for v in views:
             if v.cluster is not None and v.state == "ready":
                 ts = parse_iso(v.started_at)

@@ -23,6 +23,8 @@ from typing import Any
 
 from sage_llm.core import engine_keys
 from sage_llm.core.errors import SageLLMError
+from sage_llm.gateway import cluster_link
+from sage_llm.gateway.cluster_link import LINK
 
 KEY_PREFIX = engine_keys.KEY_PREFIX
 
@@ -210,9 +212,10 @@ def alive_state(engine: Engine) -> str:
         if not isinstance(rec, EngineRecord) or rec.state == "stopping":
             return "stopped"
         if rec.cluster:
-            from sage_llm.engine import cluster
-
-            said = cluster.liveness(rec)
+            try:
+                said = LINK.call("liveness", name=engine.name)
+            except SageLLMError:
+                said = "unknown"  # the cluster does not answer: the next refresh says more
             if said == "lost" and rec.cluster.get("node_id"):  # its node may be going down before Ray says so
                 with _SUSPECTS_LOCK:
                     SUSPECTS[rec.cluster["node_id"]] = time.monotonic() + SUSPECT_S
@@ -383,10 +386,12 @@ def start_on_cluster(profile: Any, opts: Any, timeout: float, on_progress: Any =
     for r in StateStore().all():  # where this model's engines already run: a new replica prefers another node
         if isinstance(r, EngineRecord) and r.cluster and r.model == profile.model and r.cluster.get("node_id"):
             spread[r.cluster["node_id"]] = spread.get(r.cluster["node_id"], 0) + 1
-    result = cluster.start(launch.spec, opts.cluster, node=launch.node, name=launch.name, wait=True,
-                           timeout=launch.timeout, on_progress=on_progress, owner=token, prefer=near,
-                           place_within=opts.place_s, spread=spread, avoid=suspects())
-    rec = result.record
+    name = LINK.call("start", limit=launch.timeout + 120, on_progress=on_progress, spec=cluster.spec_doc(launch.spec),
+                     address=opts.cluster, node=launch.node, name=launch.name, timeout=launch.timeout, owner=token,
+                     prefer=near, place_within=opts.place_s, spread=spread, avoid=sorted(suspects()))
+    rec = StateStore().load(name)
+    if not isinstance(rec, EngineRecord):
+        raise EngineFailed(f"engine {name!r} came up on the cluster but its record is gone (stopped meanwhile?)")
     from sage_llm.core.addresses import reachable_host, url_host
     from sage_llm.observe import probe
 
@@ -408,26 +413,47 @@ def start_on_cluster(profile: Any, opts: Any, timeout: float, on_progress: Any =
 
 
 def stop(name: str, timeout: float | None = None) -> str:
-    """Stop a managed engine (whole process tree, verified) through sage_llm.api; returns the outcome's message."""
+    """Stop a managed engine (whole process tree, verified) through sage_llm.api, or through the gateway's Ray worker
+    for an engine on a cluster; returns the outcome's message."""
     from sage_llm import api
+    from sage_llm.core.state import EngineRecord, StateStore
 
-    outcome = api.stop(name, timeout=timeout)
-    if not outcome.stopped:
-        raise SageLLMError(outcome.message, hint=f"see `sage-llm status {name}`")
-    return outcome.message
+    rec = StateStore().load(name)
+    if isinstance(rec, EngineRecord) and rec.cluster:
+        done = LINK.call("stop", name=name, grace=api.stop_grace(timeout))
+        stopped, message = bool(done["stopped"]), str(done["message"])
+    else:
+        outcome = api.stop(name, timeout=timeout)
+        stopped, message = outcome.stopped, outcome.message
+    if not stopped:
+        raise SageLLMError(message, hint=f"see `sage-llm status {name}`")
+    return message
+
+
+def use_cluster_link(address: str | None) -> None:
+    """The gateway's cluster engines are seen and handled through its Ray worker process (gateway/cluster_link.py),
+    never with Ray in this process; with `address` (--cluster) the worker joins that cluster now (bounded;
+    cluster.Unreachable, a UsageError, when it cannot)."""
+    from sage_llm.engine import inspect as engine_inspect
+
+    engine_inspect.cluster_attach = cluster_link.attach
+    if address:
+        LINK.call("join", address=address)
+
+
+def drop_cluster_link() -> None:
+    from sage_llm.engine import inspect as engine_inspect
+
+    engine_inspect.cluster_attach = None
+    LINK.close()
 
 
 def forget_lost(name: str) -> None:
     """A cluster engine whose node stopped answering: its agent is killed without waiting for an answer and its
     record removed at once (a stop would wait out the agent's timeouts), so that the replica's replacement can take
     its name; what is left on the node is stopped by the next agent started there."""
-    from sage_llm.core.state import EngineRecord, StateStore
-    from sage_llm.engine import cluster
-
-    store = StateStore()
-    rec = store.load(name)
-    if isinstance(rec, EngineRecord) and rec.cluster:
-        cluster.abandon_record(rec, store)
+    with contextlib.suppress(SageLLMError):
+        LINK.call("abandon", name=name)
 
 
 def quantization_methods() -> tuple[str, ...]:

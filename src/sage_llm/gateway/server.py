@@ -512,6 +512,14 @@ async def _serve_locked(opts: GatewayOptions, ready: Any = None) -> Gateway:
     # threads: asyncio's default pool has cpu_count + 4 of them, which a few loads on a small machine would use up,
     # leaving the refresh, liveness checks and stops queued behind them
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="gw"))
+    await asyncio.to_thread(engines.use_cluster_link, opts.cluster)  # Ray lives in a worker process of its own
+    try:
+        return await _serve_linked(opts, ready)
+    finally:
+        await asyncio.to_thread(engines.drop_cluster_link)
+
+
+async def _serve_linked(opts: GatewayOptions, ready: Any = None) -> Gateway:
     gw = Gateway(opts)
     runner = web.AppRunner(gw.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
