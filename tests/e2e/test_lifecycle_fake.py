@@ -119,9 +119,14 @@ def test_explicit_busy_port_is_refused_and_owner_untouched(cli, fake_vllm, home)
 
 
 def test_auto_port_skips_busy_one(cli, fake_vllm, monkeypatch, stop_all):
-    busy = free_port(span=3)  # this one held below, the next ones reserved for the engine that skips it
     with socket.socket() as s:
-        s.bind(("127.0.0.1", busy))
+        for _ in range(20):  # another program on the machine may take a free port before we bind it: take another
+            busy = free_port(span=3)  # this one held below, the next ones reserved for the engine that skips it
+            try:
+                s.bind(("127.0.0.1", busy))
+                break
+            except OSError:
+                continue
         s.listen(1)
         monkeypatch.setenv("SAGE_LOCAL_ENGINE_PORT", str(busy))
         code, out, err = cli("start", "org/auto")
