@@ -631,6 +631,8 @@ async def test_a_stop_from_outside_is_not_a_crash_and_is_noticed_before_routing(
 
 @run
 async def test_two_crashes_in_the_window_hold_the_model_failed() -> None:
+    """A crash is counted; its engine is swept (STOPPING) before the model is loadable again; the second within
+    the window holds it failed."""
     w = World()
     a = w.add("a")
     e = await load(w, "a", name="e1")
@@ -638,13 +640,18 @@ async def test_two_crashes_in_the_window_hold_the_model_failed() -> None:
     await settle()
     resolve(w.fx.last("alive"), "died")
     await settle()
+    assert a.state == S.STOPPING  # what is left of it goes first
+    assert w.fx.count("sweep", "e1") == 1
+    resolve(w.fx.last("sweep", "e1"), None)
+    await settle()
     assert a.state == S.AVAILABLE
     assert len(a.crashes) == 1
-    assert w.fx.count("sweep", "e1") == 1
     e = await load(w, "a", name="e2")
     w.s.engine_failed(a, e)
     await settle()
     resolve(w.fx.last("alive"), "died")
+    await settle()
+    resolve(w.fx.last("sweep", "e2"), None)
     await settle()
     assert a.state == S.FAILED
     assert "died 2 times" in (a.error or "")
@@ -748,6 +755,9 @@ async def test_refresh_tells_a_crash_from_a_stop() -> None:
     await load(w, "a")
     w.s.observe([Eng("e-a", model="a", state="failed")], ["a"], w.s.epochs(), {}, lambda k: Profile(model=k),
                 lambda n, k: None, key_of)
+    await settle()
+    resolve(w.fx.last("sweep", "e-a"), None)
+    await settle()
     assert a.state == S.AVAILABLE
     assert len(a.crashes) == 1
     await load(w, "a", name="e-b")

@@ -40,12 +40,22 @@ async def test_a_model_in_use_is_kept_at_min_replicas_and_a_dead_replica_is_repl
     assert (await f).name == "a-1"
     await up(w, r2, "a-2")
     assert [o.key for o in w.s.ready_members(a)] == ["a", "a#2"]
-    w.s._down(r2, r2.engine, "died")  # replica 2 crashes: the model still serves, and replica 2 comes back
-    assert r2.state == S.AVAILABLE
-    assert a.state == S.READY
+    w.s._down(r2, r2.engine, "died")  # replica 2 crashes: the model still serves, and is kept at two replicas
+    assert r2.state == S.STOPPING  # what is left of replica 2 (its record, its name) is being removed...
     w.s.tick()
     await settle()
-    assert w.fx.count("start", "a#2") == 2
+    assert w.fx.count("start", "a#2") == 1  # ...so it is not started again under that name meanwhile,
+    assert w.fx.count("start", "a#3") == 1  # the next slot takes its place at once
+    resolve(w.fx.last("sweep", "a-2"), None)
+    await settle()
+    assert r2.state == S.AVAILABLE
+    assert a.state == S.READY
+    await up(w, w.s.models["a#3"], "a-3")
+    assert [o.key for o in w.s.ready_members(a)] == ["a", "a#3"]
+    w.s._down(w.s.models["a#3"], w.s.models["a#3"].engine, "died")
+    w.s.tick()
+    await settle()
+    assert w.fx.count("start", "a#2") == 2  # a free slot again: the lowest is used
     assert r2.state == S.LOADING
 
 
@@ -54,6 +64,9 @@ async def test_a_replica_held_failed_after_two_crashes_is_replaced_by_the_next_s
     w, a, r2 = await two_ready()
     for _ in range(2):
         w.s._down(r2, r2.engine, "died")
+        await settle()
+        resolve(w.fx.last("sweep", "a-2"), None)
+        await settle()
         if r2.state == S.AVAILABLE:
             w.s.tick()
             await settle()

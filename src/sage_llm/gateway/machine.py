@@ -440,17 +440,38 @@ class Scheduler:
             return
         m.crashes = [t for t in m.crashes if now - t < CRASH_WINDOW_S] + [now]
         if engine.owned or engine.managed:
-            self._detach(self.fx.sweep(engine))  # what is left of it, and its record
+            # what is left of it, and its record, go first: an engine started in its place before that would find
+            # its name taken. Requests meanwhile wait, as for any stop, and load it again after
+            m.reason = "died"
+            self._to(m, S.STOPPING, reason="died", engine=engine.name)
+            self._run(m, "sweep", self.fx.sweep(engine), self._swept)
+            return
+        self._dead(m, engine)
+
+    def _swept(self, m: Model, token: int, _result: Any, exc: BaseException | None) -> None:
+        if not self._current(m, token) or m.state != S.STOPPING:
+            return
+        m.op, m.reason = None, None
+        self.freed_at = self.clock()
+        self._dead(m, m.engine)
+
+    def _dead(self, m: Model, engine: Any) -> None:
+        """After a death: held failed at the second within CRASH_WINDOW_S, else loadable again (and loaded again
+        at once when requests wait)."""
+        name = engine.name if engine is not None else m.key
         m.engine = None
         if len(m.crashes) >= 2:
-            m.error = (f"engine {engine.name} died {len(m.crashes)} times in {int(CRASH_WINDOW_S / 60)} minutes; not "
-                       f"restarting it automatically (see `sage-llm logs {engine.name}`; POST /api/local-engine/start"
+            m.error = (f"engine {name} died {len(m.crashes)} times in {int(CRASH_WINDOW_S / 60)} minutes; not "
+                       f"restarting it automatically (see `sage-llm logs {name}`; POST /api/local-engine/start"
                        " retries)")
-            m.hold_until = now + CRASH_WINDOW_S
-            self._to(m, S.FAILED, error=m.error, engine=engine.name)
+            m.hold_until = self.clock() + CRASH_WINDOW_S
+            self._to(m, S.FAILED, error=m.error, engine=name)
+            self._fail_waiters(m, Refused(503, f"model {m.key} failed: {m.error}", code="model_load_failed",
+                                          retry_after=CRASH_WINDOW_S))
             return
-        m.error = f"engine {engine.name} died; the next request restarts it"
-        self._to(m, S.AVAILABLE if m.loadable else S.GONE, "failed", error=m.error, engine=engine.name)
+        m.error = f"engine {name} died; the next request restarts it"
+        self._to(m, S.AVAILABLE if m.loadable else S.GONE, "failed", error=m.error, engine=name)
+        self._after_stop(m)
 
     # ----------------------------------------------------------------------------------------------- loading
     def _decide_load(self, m: Model) -> None:
