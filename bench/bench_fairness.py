@@ -15,7 +15,8 @@ Cost: the same gateway with 100 keys defined (and accounting on) against no keys
 (no token delay): gateway CPU per request (its process tree, /proc schedstat) at concurrency 16, and TTFT p50 at
 concurrency 1. Alternating, medians over --rounds.
 
-  python bench/bench_fairness.py [--rounds 3] [--b-requests 6] [--baseline-src /work/main/src] [--json OUT]
+  python bench/bench_fairness.py [--rounds 3] [--b-requests 6] [--baseline-src /work/main/src] [--src SRC]
+                                 [--cost-only] [--client-usage] [--json OUT]
 Everything listens on 127.0.0.1. Prints a Markdown table for docs/benchmarks.md.
 """
 
@@ -164,12 +165,14 @@ def main() -> int:
     ap.add_argument("--baseline-src", default="/work/main/src")
     ap.add_argument("--json", dest="json_out")
     ap.add_argument("--cost-only", action="store_true", help="skip the fairness runs")
+    ap.add_argument("--src", type=Path, default=ROOT / "src", help="source tree of the gateways under test (another "
+                    "checkout's src/ compares builds; default this checkout's)")
     ap.add_argument("--client-usage", action="store_true", help="clients ask for stream usage themselves (both "
                     "gateways then relay the same frames: isolates what the extra usage frame costs)")
     args = ap.parse_args()
     if args.client_usage:
         CLIENT_USAGE["stream_options"] = {"include_usage": True}
-    src = ROOT / "src"
+    src = args.src
     base = Path(args.baseline_src)
     if not (base / "sage_llm" / "gateway" / "server.py").exists():
         raise SystemExit(f"--baseline-src {base} has no sage_llm gateway")
