@@ -230,6 +230,8 @@ class KeyRing:
         return self._stamp is not None
 
     def refresh(self) -> None:
+        if self._stamp is None and self.error is None and not os.access(self._where, os.F_OK):
+            return  # still no key file (the open loopback mode): one syscall, no exception raised per request
         try:
             st = os.stat(self._where)
             stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)

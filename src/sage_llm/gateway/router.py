@@ -326,6 +326,13 @@ class Router:
 
     async def _acquire(self, m: Model) -> engines.Engine:
         fut = self.machine.acquire(m)
+        if fut.done() and not fut.cancelled():  # the usual case, a ready engine: leased at once, nothing to wait for
+            exc = fut.exception()
+            if isinstance(exc, Refused):
+                raise GatewayError.of(exc) from None
+            if exc is not None:
+                raise exc
+            return fut.result()  # type: ignore[no-any-return]
         try:
             return await asyncio.shield(fut)  # type: ignore[no-any-return]
         except Refused as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -507,10 +508,15 @@ class Gateway:
 
 def _upstream_url(backend: Backend, path: str) -> yarl.URL | None:
     if path.startswith("/v1/"):
-        return yarl.URL(backend.v1_base + path[3:], encoded=True)  # exactly the bytes proxy_path checked
+        return _url(backend.v1_base + path[3:], True)  # exactly the bytes proxy_path checked
     if backend.root is not None:
-        return yarl.URL(backend.root + path)
+        return _url(backend.root + path, False)
     return None
+
+
+@functools.lru_cache(maxsize=512)  # engines x routes: a handful; a URL is immutable, so one is shared
+def _url(text: str, encoded: bool) -> yarl.URL:
+    return yarl.URL(text, encoded=encoded)
 
 
 async def _serve(opts: GatewayOptions, ready: Any = None) -> Gateway:
