@@ -53,3 +53,22 @@ def test_the_session_header_is_found_in_any_case_from_a_request_or_a_mapping() -
     assert plain is not None
     assert plain.startswith("session:")
     assert affinity_key(body, CIMultiDict({"Host": "h"})) == affinity_key(body)  # no session: the prompt's prefix
+
+
+def test_a_key_without_a_token_limit_keeps_only_a_minute_of_spent_tokens(tmp_path, monkeypatch) -> None:
+    """Regression: every finished request of a key appended (time, tokens) to its window, and only a key with a
+    tokens_per_minute limit ever trimmed it: a gateway serving unlimited keys grew by one entry per request."""
+    from sage_llm.gateway import fairshare
+    from sage_llm.gateway.usage import Meter, UsageLog
+
+    clock = [1000.0]
+    monkeypatch.setattr(fairshare.time, "monotonic", lambda: clock[0])
+    share = fairshare.Share(UsageLog(tmp_path), {})
+    for _ in range(600):  # ten minutes of one request a second
+        meter = Meter("alice", "org/m", True, share._done)
+        meter.prompt, meter.completion = 3, 5
+        meter.finish(200)
+        clock[0] += 1.0
+    assert 59 <= len(share.spent["alice"]) <= 61
+    assert sum(n for _, n in share.spent["alice"]) <= 61 * 8
+    share.usage.close()

@@ -156,7 +156,11 @@ class Share:
     def _done(self, meter: Meter, status: int, stream: bool) -> None:
         tokens = meter.prompt + meter.completion
         if tokens:
-            self.spent[meter.key].append((time.monotonic(), tokens))
+            now = time.monotonic()
+            spent = self.spent[meter.key]
+            spent.append((now, tokens))
+            while spent[0][0] <= now - WINDOW_S:  # only the last minute counts: a key without a tokens_per_minute
+                spent.popleft()  # limit (never checked in _limits) must not keep every request it ever made
         self.usage.record(meter.key, meter.model, status, meter.prompt, meter.completion, stream)
 
     def admit(self, key: Key, backend: Backend, body: dict[str, Any] | None, raw: bytes, label: str) -> Admission:
