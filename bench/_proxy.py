@@ -169,8 +169,10 @@ def litellm_bin(path: str | None = None) -> Path | None:
     return p if p.exists() else None
 
 
-def litellm(binary: Path, upstream_port: int, model: str, workdir: Path, port: int | None = None) -> Proc:
-    """LiteLLM's proxy in front of the upstream: one worker, no master key, the local cost map (no network)."""
+def litellm(binary: Path, upstream_port: int, model: str, workdir: Path, port: int | None = None,
+            master_key: str | None = None) -> Proc:
+    """LiteLLM's proxy in front of the upstream: one worker, the local cost map (no network); no master key, or
+    `master_key` (passed in its environment, LITELLM_MASTER_KEY: every request must then carry it)."""
     port = port or free_port()
     cfg = workdir / "litellm.yaml"
     cfg.write_text("model_list:\n"
@@ -184,6 +186,9 @@ def litellm(binary: Path, upstream_port: int, model: str, workdir: Path, port: i
                LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY="true")
     for var in ("LITELLM_MASTER_KEY", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
         env.pop(var, None)
+    if master_key:
+        env["LITELLM_MASTER_KEY"] = master_key
+        env.pop("LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY")
     # LiteLLM's /health calls the models; /health/liveliness is its plain "up" answer
     return Proc("litellm", [str(binary), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
                             "--num_workers", "1"], port, env=env, ready_timeout=180.0,

@@ -15,7 +15,8 @@ Cost: the same gateway with 100 keys defined (and accounting on) against no keys
 (no token delay): gateway CPU per request (its process tree, /proc schedstat) at concurrency 16, and TTFT p50 at
 concurrency 1. Alternating, medians over --rounds.
 
-  python bench/bench_fairness.py [--rounds 3] [--b-requests 6] [--baseline-src /work/main/src] [--json OUT]
+  python bench/bench_fairness.py [--rounds 3] [--b-requests 6] [--baseline-src /work/main/src] [--src SRC]
+                                 [--cost-only] [--client-usage] [--json OUT]
 Everything listens on 127.0.0.1. Prints a Markdown table for docs/benchmarks.md.
 """
 
@@ -26,6 +27,8 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import secrets as secrets_mod
 import statistics
 import sys
 import tempfile
@@ -85,6 +88,7 @@ def gateway(name: str, src: Path, home: Path, upstream: int, keys: int = 0, capa
     return px.Proc(name, cmd, port, env=env, cwd=home), secrets
 
 
+CONTENT = re.compile(rb'"content": ?"tok')  # the fake's own spacing, or LiteLLM's re-encoded chunks
 CLIENT_USAGE: dict[str, Any] = {}  # --client-usage: every client asks for the usage chunk itself
 
 
@@ -97,7 +101,7 @@ async def ttft(session: aiohttp.ClientSession, port: int, key: str | None) -> fl
         if r.status != 200:
             raise SystemExit(f"HTTP {r.status} from port {port}: {(await r.text())[:300]}")
         async for chunk in r.content.iter_any():
-            if first is None and b'"content": "tok' in chunk:
+            if first is None and CONTENT.search(chunk):
                 first = time.perf_counter() - t0
     assert first is not None, "no content token in the stream"
     return first
@@ -164,12 +168,19 @@ def main() -> int:
     ap.add_argument("--baseline-src", default="/work/main/src")
     ap.add_argument("--json", dest="json_out")
     ap.add_argument("--cost-only", action="store_true", help="skip the fairness runs")
+    ap.add_argument("--litellm", nargs="?", const="", default=None, metavar="BIN",
+                    help="cost part: LiteLLM's proxy with a master key too, side by side (its virtual keys need a "
+                    "database LiteLLM reaches through prisma, not installed here); BIN defaults to "
+                    f"{px.LITELLM_VENV}/bin/litellm")
+    ap.add_argument("--litellm-requests", type=int, default=160, help="LiteLLM's CPU run (it serves ~15 req/s)")
+    ap.add_argument("--src", type=Path, default=ROOT / "src", help="source tree of the gateways under test (another "
+                    "checkout's src/ compares builds; default this checkout's)")
     ap.add_argument("--client-usage", action="store_true", help="clients ask for stream usage themselves (both "
                     "gateways then relay the same frames: isolates what the extra usage frame costs)")
     args = ap.parse_args()
     if args.client_usage:
         CLIENT_USAGE["stream_options"] = {"include_usage": True}
-    src = ROOT / "src"
+    src = args.src
     base = Path(args.baseline_src)
     if not (base / "sage_llm" / "gateway" / "server.py").exists():
         raise SystemExit(f"--baseline-src {base} has no sage_llm gateway")
@@ -201,9 +212,20 @@ def main() -> int:
         keyed_gw, secrets100 = gateway("keyed", src, work / "keyed", c_port, keys=100, capacity=None)
         procs += [open_gw.start(), keyed_gw.start()]
         cost: dict[str, list[tuple[float, float]]] = {"open": [], "keyed": []}
+        ll: px.Proc | None = None
+        master = "sk-" + secrets_mod.token_urlsafe(24)
+        if args.litellm is not None:
+            binary = px.litellm_bin(args.litellm or None)
+            if binary is None:
+                raise SystemExit(f"--litellm: no LiteLLM at {args.litellm or px.LITELLM_VENV}")
+            ll = px.litellm(binary, c_port, MODEL, work, port=free_port(), master_key=master)
+            procs.append(ll.start())
+            cost["litellm"] = []
         for _ in range(args.rounds):
             cost["open"].append(asyncio.run(cost_run(open_gw, None, 16, args.cost_requests)))
             cost["keyed"].append(asyncio.run(cost_run(keyed_gw, secrets100["user050"], 16, args.cost_requests)))
+            if ll is not None:
+                cost["litellm"].append(asyncio.run(cost_run(ll, master, 16, args.litellm_requests)))
     finally:
         for p in reversed(procs):
             p.stop()
@@ -228,6 +250,11 @@ def main() -> int:
           f"{(cpu['keyed'] / cpu['open'] - 1) * 100:+.1f} % |")
     print(f"| TTFT p50 at c=1 | {t1['open'] * 1000:.2f} ms | {t1['keyed'] * 1000:.2f} ms | "
           f"{(t1['keyed'] - t1['open']) * 1000:+.2f} ms |")
+    if "litellm" in cpu:
+        print(f"\nLiteLLM (master key), same engine, same run: CPU per request {cpu['litellm'] * 1e6:.0f} us "
+              f"({cpu['litellm'] / cpu['keyed']:.1f}x this gateway with 100 keys); TTFT p50 at c=1 "
+              f"{t1['litellm'] * 1000:.2f} ms ({(t1['litellm'] - t1['keyed']) * 1000:+.2f} ms against it: the same "
+              "engine behind one hop each)")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=2))
     ok = med["fair"] <= med["idle"] + slot and occ["occ_fair"] >= 0.9

@@ -13,7 +13,7 @@ Fake vLLM engines (tests/fakes/fake_vllm.py) of fixed capacity (--max-num-seqs 4
   4. a replica SIGKILLed at concurrency 32: requests that failed before their first byte (goal: 0), streams cut
      after their first byte (they end with the error event), and the time until two replicas serve again.
 
-  python bench/bench_replicas.py [--requests 320] [--json OUT]
+  python bench/bench_replicas.py [--requests 320] [--hop 200] [--hop-only] [--src SRC] [--json OUT]
 Prints a Markdown table for docs/benchmarks.md.
 """
 
@@ -42,11 +42,11 @@ TOKENS = 32
 DELAY_S = 0.01
 
 
-def gateway(home: Path, replicas: int) -> px.Proc:
+def gateway(home: Path, replicas: int, src: Path = ROOT / "src") -> px.Proc:
     home.mkdir(parents=True, exist_ok=True)
     config = home / "llm.toml"
     config.write_text(f'[gateway.models."{MODEL}"]\nargs = ["--max-num-seqs", "{CAPACITY}"]\nreplicas = {replicas}\n')
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SAGE_LLM_HOME": str(home), "SAGE_LLM_CONFIG": str(config),
+    env = {**os.environ, "PYTHONPATH": str(src), "SAGE_LLM_HOME": str(home), "SAGE_LLM_CONFIG": str(config),
            "SAGE_LLM_VLLM": f"{sys.executable} {FAKE_VLLM}", "FAKE_VLLM_LOAD_S": "0.5",
            "FAKE_VLLM_TOKEN_DELAY_S": str(DELAY_S), "FAKE_VLLM_REPLY": " ".join(["tok"] * TOKENS)}
     port = free_port()
@@ -185,11 +185,14 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
-        for n in (1, 2):
-            gw = gateway(base / f"home-{n}", n).start()
+        for n in (2,) if args.hop_only else (1, 2):
+            gw = gateway(base / f"home-{n}", n, args.src).start()
             os.environ["SAGE_LLM_HOME"] = str(base / f"home-{n}")
             try:
                 await warm(s, gw.port, n)
+                if args.hop_only:
+                    out["direct_ms"], out["via_ms"] = await hop(s, gw.port, args.hop)
+                    continue
                 out[f"throughput_{n}"] = await saturate(s, gw.port, args.requests, 32)
                 if n == 2:
                     out["direct_ms"], out["via_ms"] = await hop(s, gw.port, args.hop)
@@ -197,7 +200,8 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                     out["kill"] = await kill_under_load(s, gw.port, 32, 2.0)
             finally:
                 gw.stop()
-    out["ratio"] = out["throughput_2"] / out["throughput_1"]
+    if not args.hop_only:
+        out["ratio"] = out["throughput_2"] / out["throughput_1"]
     return out
 
 
@@ -206,12 +210,21 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=320)
     ap.add_argument("--hop", type=int, default=200)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--src", type=Path, default=ROOT / "src", help="source tree of the gateway under test (another "
+                    "checkout's src/ compares builds; default this checkout's)")
+    ap.add_argument("--hop-only", action="store_true", help="only the hop (2 replicas), e.g. to alternate builds")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-replicas-") as tmp:
         res = asyncio.run(run(args, Path(tmp)))
     res["machine"] = machine()
+    print(f"machine: {res['machine']}; gateway from {args.src}")
+    if args.hop_only:
+        print(f"TTFT p50 direct / through the gateway: {res['direct_ms']:.2f} / {res['via_ms']:.2f} ms "
+              f"({res['via_ms'] - res['direct_ms']:+.2f} ms)")
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
+        return 0
     k = res["kill"]
-    print(f"machine: {res['machine']}")
     print("| measure | result | goal |\n|---|---|---|")
     print(f"| throughput at c=32, 1 / 2 replicas | {res['throughput_1']:.1f} / {res['throughput_2']:.1f} req/s "
           f"(x{res['ratio']:.2f}) | >= x1.8 |")

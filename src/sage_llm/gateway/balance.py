@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 AFFINITY_MESSAGES = 4
 AFFINITY_BYTES = 2048
 SESSION_HEADERS = ("x-session-id", "x-session", "x-user-id")
@@ -64,9 +66,11 @@ class Choice:
 def affinity_key(body: Mapping[str, Any] | None, headers: Mapping[str, str] | None = None) -> str | None:
     """The conversation key of a request, or None when it has none (no session, no user, no prompt)."""
     if headers:
-        lower = {k.lower(): v for k, v in headers.items()}
+        # a request's headers (case-insensitive already) are asked directly; a plain mapping is lowered first
+        get = headers.get if isinstance(headers, (CIMultiDict, CIMultiDictProxy)) else \
+            {k.lower(): v for k, v in headers.items()}.get
         for name in SESSION_HEADERS:
-            value = lower.get(name)
+            value = get(name)
             if value:
                 return "session:" + _digest(value.encode("utf-8", "replace")[:AFFINITY_BYTES])
     if not isinstance(body, Mapping):

@@ -27,6 +27,7 @@ import time
 from collections import defaultdict, deque
 from typing import Any
 
+from sage_llm.gateway import bodies
 from sage_llm.gateway.keys import Key
 from sage_llm.gateway.options import Profile
 from sage_llm.gateway.router import Backend, GatewayError
@@ -155,7 +156,11 @@ class Share:
     def _done(self, meter: Meter, status: int, stream: bool) -> None:
         tokens = meter.prompt + meter.completion
         if tokens:
-            self.spent[meter.key].append((time.monotonic(), tokens))
+            now = time.monotonic()
+            spent = self.spent[meter.key]
+            spent.append((now, tokens))
+            while spent[0][0] <= now - WINDOW_S:  # only the last minute counts: a key without a tokens_per_minute
+                spent.popleft()  # limit (never checked in _limits) must not keep every request it ever made
         self.usage.record(meter.key, meter.model, status, meter.prompt, meter.completion, stream)
 
     def admit(self, key: Key, backend: Backend, body: dict[str, Any] | None, raw: bytes, label: str) -> Admission:
@@ -167,8 +172,11 @@ class Share:
         if body is not None and body.get("stream") is True:
             opts = body.get("stream_options")
             if not (isinstance(opts, dict) and opts.get("include_usage")):
+                absent = "stream_options" not in body
                 body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
-                raw = json.dumps(body).encode()
+                # a new key is appended to the bytes as sent (no re-encoding); a present one is replaced by one
+                raw = bodies.add_member(raw, "stream_options", body["stream_options"]) if absent else \
+                    json.dumps(body).encode()
                 strip = True
         queue = None
         if backend.source == "local":

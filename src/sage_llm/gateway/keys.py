@@ -60,7 +60,7 @@ class Key:
 
     def model_rule(self, model: str) -> str | None:
         """None when this key may use `model`; else the refusal naming the rule."""
-        if any(fnmatch.fnmatchcase(model, p) for p in self.models):
+        if self.models == ("*",) or any(fnmatch.fnmatchcase(model, p) for p in self.models):  # "*": every key's default
             return None
         return (f"key {self.name!r} may not use model {model!r}: its models are {', '.join(self.models)} "
                 f"(an admin changes that with `sage-llm gateway keys add {self.name} --models PATTERN` after "
@@ -217,6 +217,7 @@ class KeyRing:
 
     def __init__(self, root: Path | None = None) -> None:
         self.path = path(root)
+        self._where = str(self.path)  # os.stat of a str: no Path conversion per request
         self.by_hash: dict[str, Key] = {}
         self.error: str | None = None
         self._stamp: tuple[int, int, int] | None = None
@@ -229,8 +230,10 @@ class KeyRing:
         return self._stamp is not None
 
     def refresh(self) -> None:
+        if self._stamp is None and self.error is None and not os.access(self._where, os.F_OK):
+            return  # still no key file (the open loopback mode): one syscall, no exception raised per request
         try:
-            st = os.stat(self.path)
+            st = os.stat(self._where)
             stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
         except FileNotFoundError:
             stamp = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
 from typing import Any
 
@@ -19,7 +20,9 @@ def _labels(d: dict[str, str]) -> str:
 class Metrics:
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str], int] = defaultdict(int)  # (model, source, code) -> n
-        self.latency: dict[tuple[str, str], list[float]] = {}  # (model, source) -> bucket counts + [sum, count]
+        # (model, source) -> per-bucket counts (not cumulative: one increment per request; the exposition sums
+        # them) + [sum, count]
+        self.latency: dict[tuple[str, str], list[float]] = {}
         self.loads: dict[tuple[str, str], int] = defaultdict(int)  # (model, result) -> n
         self.unloads: dict[tuple[str, str], int] = defaultdict(int)  # (model, reason) -> n
         self.swaps = 0
@@ -38,10 +41,12 @@ class Metrics:
 
     def request(self, model: str, source: str, code: int, seconds: float) -> None:
         self.requests[(model, source, str(code))] += 1
-        h = self.latency.setdefault((model, source), [0.0] * (len(BUCKETS) + 2))
-        for i, b in enumerate(BUCKETS):
-            if seconds <= b:
-                h[i] += 1
+        h = self.latency.get((model, source))
+        if h is None:
+            h = self.latency[(model, source)] = [0.0] * (len(BUCKETS) + 2)
+        i = bisect_left(BUCKETS, seconds)  # the first bucket with seconds <= its bound (len(BUCKETS): +Inf only)
+        if i < len(BUCKETS):
+            h[i] += 1
         h[-2] += seconds
         h[-1] += 1
 
@@ -68,9 +73,11 @@ class Metrics:
                 "# TYPE sage_llm_gateway_request_duration_seconds histogram"]
         for (model, source), h in sorted(self.latency.items()):
             lab = {"model": model, "source": source}
+            below = 0
             for i, b in enumerate(BUCKETS):
+                below += int(h[i])
                 out.append(f"sage_llm_gateway_request_duration_seconds_bucket{_labels({**lab, 'le': str(b)})} "
-                           f"{int(h[i])}")
+                           f"{below}")
             out.append(f"sage_llm_gateway_request_duration_seconds_bucket{_labels({**lab, 'le': '+Inf'})} "
                        f"{int(h[-1])}")
             out.append(f"sage_llm_gateway_request_duration_seconds_sum{_labels(lab)} {h[-2]:.6f}")

@@ -135,11 +135,16 @@ class Router:
         return list(self.machine.models.values())
 
     def find(self, name: str) -> Model | None:
-        models = {k: m for k, m in self.machine.models.items() if m.group is None}
-        key = name if name in models else self.names.get(name)
-        if key is None or key not in models:
-            key = next((k for k, m in models.items() if m.profile and name in m.profile.aliases), None)
-        return models.get(key) if key else None
+        """The model (never a replica slot) called `name`: its key, a name it answers to, or a profile's alias."""
+        models = self.machine.models  # two lookups, no copy: this runs twice per request
+        m = models.get(name)
+        if m is None or m.group is not None:
+            key = self.names.get(name)
+            m = models.get(key) if key is not None else None
+            if m is None or m.group is not None:
+                m = next((o for o in models.values() if o.group is None and o.profile and name in o.profile.aliases),
+                         None)
+        return m
 
     def catalog(self) -> list[dict[str, Any]]:
         cards = [card(m, self.machine.group(m)) for m in self.machine.models.values() if m.group is None]
@@ -293,7 +298,8 @@ class Router:
 
     def _chosen(self, m: Model, slot: Model, engine: engines.Engine, reason: str | None, rewrite: str | None
                 ) -> Backend:
-        slot = self.engine_of(engine.name) or slot  # the machine leases another ready replica if `slot` left
+        if slot.engine is not engine:  # the machine leased another ready replica: `slot` left meanwhile
+            slot = self.engine_of(engine.name) or slot
         backend = self._local(slot, engine, rewrite)
         if reason is not None:
             self.metrics.choice(m.key, engine.name, reason)
@@ -320,6 +326,13 @@ class Router:
 
     async def _acquire(self, m: Model) -> engines.Engine:
         fut = self.machine.acquire(m)
+        if fut.done() and not fut.cancelled():  # the usual case, a ready engine: leased at once, nothing to wait for
+            exc = fut.exception()
+            if isinstance(exc, Refused):
+                raise GatewayError.of(exc) from None
+            if exc is not None:
+                raise exc
+            return fut.result()  # type: ignore[no-any-return]
         try:
             return await asyncio.shield(fut)  # type: ignore[no-any-return]
         except Refused as exc:

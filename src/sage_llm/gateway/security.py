@@ -20,6 +20,7 @@ and vLLM's admin routes under /v1 are refused (400): nothing can normalise outsi
 
 from __future__ import annotations
 
+import functools
 import hmac
 import re
 from typing import Any
@@ -44,7 +45,11 @@ class PathRefused(ValueError):
 def proxy_path(raw_target: str) -> str:
     """The raw path of `raw_target` (the request target as sent, query string cut off) when it is plainly a /v1/
     route: the caller forwards exactly these bytes (`yarl.URL(..., encoded=True)`). PathRefused otherwise."""
-    raw = raw_target.split("?", 1)[0]
+    return _checked_path(raw_target.split("?", 1)[0])
+
+
+@functools.lru_cache(maxsize=256)  # a client uses a handful of routes; a refusal is not cached (it raises)
+def _checked_path(raw: str) -> str:
     shown = raw if len(raw) <= 120 else raw[:117] + "..."
     if not _PATH_CHARS.match(raw) or _BAD_ESCAPE.search(raw):
         raise PathRefused(f"path {shown!r} is not allowed: no encoded dots, slashes, backslashes or percent signs")

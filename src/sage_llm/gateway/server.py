@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -369,12 +370,12 @@ class Gateway:
             return error_response(404, f"{path} is served by local engines only", code="not_found")
         key = caller.get()
         if key is None:
-            return await self._relay(request, backend, path, raw, label, t0, body=body)
+            return await self._relay(request, backend, path, raw, label, t0, body=body, url=url)
         relayed = False
         try:
             async with self.share.admit(key, backend, body, raw, label) as (meter, raw):  # fair turn, limits, usage
                 relayed = True
-                return await self._relay(request, backend, path, raw, label, t0, meter, body)
+                return await self._relay(request, backend, path, raw, label, t0, meter, body, url)
         finally:
             if not relayed:  # refused (429) or the client left while waiting for its turn: hand the lease back
                 self.router.release(backend)
@@ -390,9 +391,10 @@ class Gateway:
         return slot.key if slot is not None else "other"
 
     async def _relay(self, request: web.Request, backend: Backend, path: str, raw: bytes, label: str,
-                     t0: float, meter: Meter | None = None, body: dict[str, Any] | None = None
-                     ) -> web.StreamResponse:
+                     t0: float, meter: Meter | None = None, body: dict[str, Any] | None = None,
+                     url: yarl.URL | None = None) -> web.StreamResponse:
         assert self.session is not None
+        url_for: Backend | None = backend if url is not None else None  # the backend `url` was made for
         # the body is relayed as the upstream encoded it: ask for what the client accepts (identity when it says
         # nothing; aiohttp would ask for gzip), and pass Content-Encoding on
         headers = {"Accept": request.headers.get("Accept", "*/*"),
@@ -401,17 +403,20 @@ class Gateway:
             headers["Content-Type"] = "application/json"
         if backend.api_key:
             headers["Authorization"] = f"Bearer {backend.api_key}"
-        params = {k: v for k, v in request.query.items() if k != "model"} if request.method == "GET" else \
-            dict(request.query)
+        params: dict[str, str] | None = None  # None, not {}: aiohttp then leaves the URL as it is
+        if request.query_string:
+            params = {k: v for k, v in request.query.items() if k != "model"} if request.method == "GET" else \
+                dict(request.query)
         code = 502  # the route holds a lease on the model: released in `finally`
         resp: web.StreamResponse | None = None
         try:
             while True:
-                url = _upstream_url(backend, path)
+                if url is None or url_for is not backend:
+                    url, url_for = _upstream_url(backend, path), backend
                 assert url is not None  # checked before the relay; a retry goes to the same kind of backend
                 try:
                     up_cm = self.session.request(request.method, url, data=raw or None, headers=headers,
-                                                 params=params)
+                                                 params=params or None)
                     up = await up_cm.__aenter__()
                     break
                 except (aiohttp.ClientError, OSError) as exc:
@@ -445,11 +450,23 @@ class Gateway:
                     resp.headers["X-Accel-Buffering"] = "no"
                 elif up.content_length is not None:
                     resp.content_length = up.content_length
+                # bytes that came with the upstream's head (vLLM's first SSE event, or a whole small answer) go out
+                # in one write with our head: one send and one wake-up of the client less. Without them the head
+                # goes out at once, as before (a client sees 200 while the engine is still in prefill)
+                try:
+                    first = up.content.read_nowait()
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    first = b""  # the upstream broke already: the loop's read meets the same error
+                if first:
+                    resp._send_headers_immediately = False  # aiohttp >= 3.11; ignored by older ones
                 await resp.prepare(request)
                 broke: BaseException | None = None
                 while True:
                     try:
-                        chunk = await up.content.readany()
+                        if first:
+                            chunk, first = first, b""
+                        else:
+                            chunk = await up.content.readany()
                     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                         broke = exc
                         break
@@ -491,10 +508,15 @@ class Gateway:
 
 def _upstream_url(backend: Backend, path: str) -> yarl.URL | None:
     if path.startswith("/v1/"):
-        return yarl.URL(backend.v1_base + path[3:], encoded=True)  # exactly the bytes proxy_path checked
+        return _url(backend.v1_base + path[3:], True)  # exactly the bytes proxy_path checked
     if backend.root is not None:
-        return yarl.URL(backend.root + path)
+        return _url(backend.root + path, False)
     return None
+
+
+@functools.lru_cache(maxsize=512)  # engines x routes: a handful; a URL is immutable, so one is shared
+def _url(text: str, encoded: bool) -> yarl.URL:
+    return yarl.URL(text, encoded=encoded)
 
 
 async def _serve(opts: GatewayOptions, ready: Any = None) -> Gateway:

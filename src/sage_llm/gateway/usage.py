@@ -15,6 +15,7 @@ sums those files. The running gateway also keeps totals for Prometheus, labelled
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -33,6 +34,9 @@ KEEP = 5
 BODY_CAP = 8 * 1024 * 1024  # a non-streamed answer larger than this is relayed but not parsed for usage
 HOLD_CAP = 64 * 1024  # bytes of an unfinished SSE event held back at most
 USAGE_MARK = b'"usage"'
+
+
+_string = functools.lru_cache(maxsize=1024)(json.dumps)  # key names and model labels: a bounded set
 
 
 def path(root: Path | None = None) -> Path:
@@ -75,9 +79,10 @@ class UsageLog:
         t[1] += prompt
         t[2] += completion
         t[3] += error
-        line = (json.dumps({"t": round(time.time(), 3), "key": key, "model": model, "status": status,
-                            "prompt_tokens": prompt, "completion_tokens": completion, "stream": stream,
-                            "error": error}, separators=(",", ":")) + "\n").encode()
+        # the line json.dumps(..., separators=(",", ":")) writes, formatted directly (a few us less per request)
+        line = (f'{{"t":{round(time.time(), 3)!r},"key":{_string(key)},"model":{_string(model)},"status":{status:d},'
+                f'"prompt_tokens":{prompt:d},"completion_tokens":{completion:d},'
+                f'"stream":{"true" if stream else "false"},"error":{"true" if error else "false"}}}\n').encode()
         try:
             if self._size + len(line) > self.rotate_bytes:
                 self._rotate()
