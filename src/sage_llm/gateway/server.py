@@ -415,8 +415,10 @@ class Gateway:
                     url, url_for = _upstream_url(backend, path), backend
                 assert url is not None  # checked before the relay; a retry goes to the same kind of backend
                 try:
+                    on_node = backend.handle is not None and getattr(backend.handle, "node", None)
                     up_cm = self.session.request(request.method, url, data=raw or None, headers=headers,
-                                                 params=params or None)
+                                                 params=params or None, **({"timeout": NODE_CONNECT} if on_node
+                                                                           else {}))
                     up = await up_cm.__aenter__()
                     break
                 except (aiohttp.ClientError, OSError) as exc:
@@ -517,6 +519,11 @@ def _upstream_url(backend: Backend, path: str) -> yarl.URL | None:
 @functools.lru_cache(maxsize=512)  # engines x routes: a handful; a URL is immutable, so one is shared
 def _url(text: str, encoded: bool) -> yarl.URL:
     return yarl.URL(text, encoded=encoded)
+
+
+# an engine on another node of a cluster: a connection that is not accepted within 3 s means the node is gone
+# (a link down drops packets instead of refusing them); the request is then retried on another replica
+NODE_CONNECT = aiohttp.ClientTimeout(total=None, sock_connect=3)
 
 
 async def _serve(opts: GatewayOptions, ready: Any = None) -> Gateway:
