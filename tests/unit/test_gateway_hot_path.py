@@ -72,3 +72,20 @@ def test_a_key_without_a_token_limit_keeps_only_a_minute_of_spent_tokens(tmp_pat
     assert 59 <= len(share.spent["alice"]) <= 61
     assert sum(n for _, n in share.spent["alice"]) <= 61 * 8
     share.usage.close()
+
+
+def test_upstream_sockets_notice_a_peer_gone_silent() -> None:
+    """The gateway's upstream sockets probe a silent peer (keep-alive after 5 s, 3 probes 2 s apart) and give up on
+    data unacknowledged for 12 s: a node whose link went down fails the requests on its reused connections."""
+    import socket
+
+    from sage_llm.gateway import server
+
+    assert server._socket_factory() == {"socket_factory": server._upstream_socket}  # the aiohttp installed here
+    info = socket.getaddrinfo("127.0.0.1", 80, type=socket.SOCK_STREAM)[0]
+    with server._upstream_socket(info) as s:
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 5
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 2
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 12000

@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -103,7 +104,8 @@ class Gateway:
 
     async def _startup(self, app: web.Application) -> None:
         self.bus.loop = asyncio.get_running_loop()
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, enable_cleanup_closed=True)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, enable_cleanup_closed=True,
+                                         **_socket_factory())
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                              cookie_jar=aiohttp.DummyCookieJar(),  # a relay keeps no cookies
                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
@@ -519,6 +521,30 @@ def _upstream_url(backend: Backend, path: str) -> yarl.URL | None:
 @functools.lru_cache(maxsize=512)  # engines x routes: a handful; a URL is immutable, so one is shared
 def _url(text: str, encoded: bool) -> yarl.URL:
     return yarl.URL(text, encoded=encoded)
+
+
+def _upstream_socket(addr_info: Any) -> socket.socket:
+    """A socket to an upstream that notices a peer gone silent (a node whose link or power went, which drops packets
+    instead of refusing them): keep-alive probes after 5 s of silence, 2 s apart, 3 unanswered end it; sent data not
+    acknowledged for 12 s ends it too. A request pending on it then fails (retried on another replica before its
+    first byte; a started stream ends with the error event) instead of waiting forever on a reused connection.
+    The peer's kernel answers the probes, so an engine busy in a long prefill is never cut."""
+    family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", 12000)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    return sock
+
+
+def _socket_factory() -> dict[str, Any]:
+    """`socket_factory` for aiohttp's connector where it takes one (aiohttp >= 3.12); older ones keep the defaults."""
+    import inspect
+
+    return {"socket_factory": _upstream_socket} if "socket_factory" in inspect.signature(
+        aiohttp.TCPConnector.__init__).parameters else {}
 
 
 # an engine on another node of a cluster: a connection that is not accepted within 3 s means the node is gone
