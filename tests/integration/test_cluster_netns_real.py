@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import time
@@ -25,6 +26,7 @@ from tests.support.discipline import skip_or_fail
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 VENV_BIN = netns.VENV_BIN
+KEY_ENV = "SAGE_LLM_CLUSTER_KEY"
 
 
 def _engine_pids(engine_id: str) -> list[int]:
@@ -48,9 +50,11 @@ def netns_cluster(tmp_path, _tiny_cache):
     why = netns.missing()
     if why:
         skip_or_fail(why)
-    env_a = {"SAGE_LLM_NODE_STATE_DIR": str(tmp_path / "node-a")}
-    env_b = {"SAGE_LLM_NODE_STATE_DIR": str(tmp_path / "node-b"), "HF_HUB_OFFLINE": "1",
-             "HF_HUB_CACHE": str(_tiny_cache), "SAGE_LLM_VLLM": str(engine_dir() / "bin" / "vllm")}
+    key = {KEY_ENV: secrets.token_urlsafe(24)}  # what a gateway with --cluster gives its engines: read on the node
+    hub = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(_tiny_cache)}
+    env_a = {"SAGE_LLM_NODE_STATE_DIR": str(tmp_path / "node-a"), **key, **hub}
+    env_b = {"SAGE_LLM_NODE_STATE_DIR": str(tmp_path / "node-b"), **key, **hub,
+             "SAGE_LLM_VLLM": str(engine_dir() / "bin" / "vllm")}
     with netns.ray_cluster(2, node_env=[env_a, env_b], node_args=[["--num-cpus", "1"], ["--num-cpus", "1"]]) as c:
         a, b = c.nodes
         client_env = {**a.env, "SAGE_LLM_HOME": str(tmp_path / "client"), "NO_COLOR": "1", "COLUMNS": "200"}
@@ -151,3 +155,60 @@ def test_real_engine_on_node_b_chat_from_a_then_stop_ray_stop_and_raylet_kill(ne
     assert r.returncode == 0, r.stderr[-2000:]
     print(f"node death detected in {detected_s:.1f} s")
 
+
+
+CHAT = """
+import sys
+from openai import OpenAI
+
+client = OpenAI(base_url=sys.argv[1], api_key="unused", timeout=600, max_retries=0)
+r = client.chat.completions.with_raw_response.create(model=sys.argv[2], temperature=0, max_tokens=32,
+                                                     messages=[{"role": "user", "content": "Say hello"}])
+print(r.headers.get("x-sage-llm-engine"))
+print(r.parse().choices[0].message.content)
+"""
+
+GET = """
+import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())
+"""
+
+
+def test_gateway_on_a_loads_a_real_engine_on_node_b_on_demand_then_stop_leaves_nothing(netns_cluster, tiny_model):
+    """`gateway start --cluster` on node A, the tiny model pinned to node B (`node = "node_b"`): the first chat
+    request (the openai client, on A) loads a real CPU vLLM on B through the agent, the answer comes through the
+    gateway, /api/engines shows the engine on B, and `gateway stop` on A leaves nothing on B."""
+    cli, a, b, tmp, head = (netns_cluster[k] for k in ("cli", "a", "b", "tmp", "head"))
+    node_state = tmp / "node-b"
+    shm_before = set(os.listdir("/dev/shm"))
+    home = tmp / "client"
+    home.mkdir(exist_ok=True)
+    config = home / "llm.toml"
+    config.write_text(f'[gateway.models."{tiny_model}"]\nnode = "node_b"\n'
+                      'args = ["--enforce-eager", "--max-model-len", "512"]\n')
+    py = str(VENV_BIN / "python")
+    env = {**a.env, "SAGE_LLM_HOME": str(home), "SAGE_LLM_CONFIG": str(config)}
+    t0 = time.monotonic()
+    r = a.nsexec(str(VENV_BIN / "sage-llm"), "gateway", "start", "--cluster", head, "--port", "8901", "--ttl", "0",
+                 "--no-fallback", "--no-external", check=False, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    try:
+        r = a.nsexec(py, "-c", CHAT, "http://127.0.0.1:8901/v1", tiny_model, check=False, env=env, timeout=700)
+        assert r.returncode == 0, r.stderr[-3000:]
+        engine, reply = r.stdout.splitlines()[:2]
+        served_s = time.monotonic() - t0
+        assert TINY_REPLY in reply
+        views = json.loads(a.nsexec(py, "-c", GET, "http://127.0.0.1:8901/api/engines", env=env).stdout)
+        view = next(e for e in views["engines"] if e["name"] == engine)
+        assert view["node"] == b.ip, view
+        assert view["managed_by_gateway"] is True, view
+        rec = json.loads((home / "engines" / f"{engine}.json").read_text())
+        assert _engine_pids(rec["id"]), "the engine's processes run on node B"
+        assert f":{view['port']} " in b.nsexec("ss", "-ltnH").stdout  # it listens on node B
+    finally:
+        stop = a.nsexec(str(VENV_BIN / "sage-llm"), "gateway", "stop", check=False, env=env, timeout=300)
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    _nothing_left(rec["id"], node_state, shm_before)
+    assert f":{view['port']} " not in b.nsexec("ss", "-ltnH").stdout
+    print(f"gateway start to the first answer from node B: {served_s:.1f} s; "
+          f"the whole test to nothing left: {time.monotonic() - t0:.1f} s")
