@@ -17,12 +17,16 @@ the nodes with a GPU left). Every engine reads its API key from SAGE_LLM_CLUSTER
      p50 per rep (goal: <= +1 ms);
   c. a node killed: bench/one is stopped (node D free), 32 workers stream to bench/two, the node of one replica is
      SIGKILLed (`node.kill()`: every process of the node at once); requests that failed before their first byte
-     (goal 0), streams cut after it, and the time until two replicas serve again (goal: a replica's load time +
-     5 s; the load time is bench/one's cold load through the gateway). The killed node is started again, and the
-     next rep kills the node of the other replica's successor.
+     (goal 0: no data frame of an answer reached the client: an error status, an error event first, a timeout
+     with nothing), streams cut after it (an error event or a timeout after data frames), and the time until two
+     replicas serve again (goal: a replica's load time + 5 s; the load time is bench/one's cold load through the
+     gateway). The killed node is started again; the next rep kills the node of the newest replica.
 
-  sudo .venv/bin/python bench/bench_cluster.py [--requests 192] [--reps 3] [--hop 50] [--kills 2] [--json OUT]
-Prints a Markdown table for docs/benchmarks.md.
+  sudo .venv/bin/python bench/bench_cluster.py [--requests 192] [--reps 3] [--hop 50] [--kills 2] [--fast-death]
+                                               [--silent] [--json OUT] [--gateway-log PATH]
+--fast-death: the head declares a node dead after 2 missed health checks 1 s apart (Ray's default: 5, 3 s apart);
+--silent: the killed node's link goes down first, so nothing answers for it (by default its network namespace
+outlives it and resets connections to its dead ports). Prints a Markdown table for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aiohttp
 from _common import FAKE_VLLM, ROOT, machine
-from bench_replicas import CAPACITY, DELAY_S, TOKENS, stream
+from bench_replicas import CAPACITY, DELAY_S, TOKENS
 
 sys.path.insert(0, str(ROOT))
 from tests.support import netns
@@ -57,6 +61,37 @@ FAST_DEATH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 
 
 def body(model: str) -> dict[str, Any]:
     return {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def stream(s: aiohttp.ClientSession, url: str, payload: dict[str, Any], headers: dict[str, str] | None = None
+                 ) -> dict[str, Any]:
+    """One streamed request, read frame by frame: status, engine, TTFT (first content token), `frames` (data
+    frames from the engine before any error event: 0 means nothing of an answer reached the client), whether it
+    ended well (`[DONE]`, no error event), else what ended it (a stream silent for --read-timeout s times out)."""
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"status": None, "engine": None, "ttft": None, "frames": 0, "done": False,
+                           "error_event": False, "exc": None}
+    buf = b""
+    try:
+        async with s.post(url, json=payload, headers=headers or {}) as r:
+            out["status"], out["engine"] = r.status, r.headers.get("x-sage-llm-engine")
+            async for chunk in r.content.iter_any():
+                buf += chunk
+                *frames, buf = buf.split(b"\n\n")
+                for frame in frames:
+                    if frame.startswith(b"data: [DONE]"):
+                        out["done"] = True
+                    elif b'"error"' in frame:
+                        out["error_event"] = True
+                    elif frame.startswith(b"data:") and not out["error_event"]:
+                        out["frames"] += 1
+                        if out["ttft"] is None and b'"content": "tok' in frame:
+                            out["ttft"] = time.perf_counter() - t0
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        out["exc"] = type(exc).__name__
+    out["ok"] = out["status"] == 200 and out["done"] and not out["error_event"] and out["exc"] is None
+    out["elapsed"] = time.perf_counter() - t0
+    return out
 
 
 def config(home: Path) -> Path:
@@ -129,7 +164,7 @@ async def saturate(c: Client, model: str, n: int, conc: int) -> float:
         while left[0] > 0:
             left[0] -= 1
             r = await stream(c.s, c.chat, body(model), {"x-session-id": f"w{i}-{left[0]}"})
-            if r["status"] != 200 or r["ttft"] is None:
+            if not r["ok"]:
                 raise SystemExit(f"{model}: a request failed during saturation: {r}")
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(conc)))
@@ -145,17 +180,17 @@ async def hop(c: Client, pairs: int, key: str) -> tuple[float, float, str]:
     via, direct = [], []
     for _ in range(pairs):
         r = await stream(c.s, c.chat, body(TWO), {"x-session-id": "hop"})
-        if r["engine"] != first["engine"] or r["ttft"] is None:
+        if r["engine"] != first["engine"] or not r["ok"]:
             raise SystemExit(f"the hop's session moved or failed: {r}")
         via.append(r["ttft"])
         d = await stream(c.s, direct_url, body(TWO), auth)
-        if d["status"] != 200 or d["ttft"] is None:
+        if not d["ok"]:
             raise SystemExit(f"a direct request to {direct_url} failed: {d}")
         direct.append(d["ttft"])
     return statistics.median(direct) * 1000, statistics.median(via) * 1000, eng["node"]
 
 
-async def kill_under_load(c: Client, cluster: netns.Cluster, conc: int, before_s: float = 2.0,
+async def kill_under_load(c: Client, cluster: netns.Cluster, conc: int, silent: bool = False, before_s: float = 2.0,
                           after_s: float = 2.0, timeout: float = 90) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     stop = asyncio.Event()
@@ -174,7 +209,7 @@ async def kill_under_load(c: Client, cluster: netns.Cluster, conc: int, before_s
     victim = next(n for n in cluster.nodes if n.ip == victim_ip)
     loop = asyncio.get_running_loop()
     killed_at = time.monotonic()
-    await loop.run_in_executor(None, victim.kill)
+    await loop.run_in_executor(None, victim.kill, silent)
     replaced: float | None = None
     after: dict[str, str] = {}
     while time.monotonic() - killed_at < timeout:
@@ -187,23 +222,25 @@ async def kill_under_load(c: Client, cluster: netns.Cluster, conc: int, before_s
     await asyncio.sleep(after_s)
     stop.set()
     await asyncio.gather(*workers)
-    failed = [r for r in results if r["status"] != 200 or (r["bytes"] == 0 and not r["ttft"])]
-    cut = [r for r in results if r["status"] == 200 and r["error_event"]]
+    failed = [r for r in results if not r["ok"] and r["frames"] == 0]
+    cut = [r for r in results if not r["ok"] and r["frames"] > 0]
     return {"requests": len(results), "failed_before_first_byte": len(failed), "streams_cut_after_first_byte": len(cut),
+            "timed_out": sum(1 for r in failed + cut if r["exc"] == "TimeoutError"),
             "replacement_s": replaced, "killed": victim.name, "before": before, "after": after, "models": card,
-            "failures": [{k: v for k, v in r.items() if k in ("status", "exc", "bytes")} for r in failed[:5]]}
+            "failures": [{k: r[k] for k in ("status", "exc", "error_event", "elapsed")} for r in failed[:5]]}
 
 
 async def drive(args: argparse.Namespace, cluster: netns.Cluster, key: str) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": []}
     conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=args.read_timeout)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
         c = Client(s)
         await c.healthy()
         t0 = time.monotonic()
         first = await stream(s, c.chat, body(ONE))
         out["load_s"] = time.monotonic() - t0  # a cold on-demand load on the cluster, to the first token
-        if first["status"] != 200:
+        if not first["ok"]:
             raise SystemExit(f"{ONE}: the first request failed: {first}")
         await stream(s, c.chat, body(TWO))
         out["replicas_ready_s"] = await c.wait_ready(TWO, 2)
@@ -221,7 +258,7 @@ async def drive(args: argparse.Namespace, cluster: netns.Cluster, key: str) -> d
         out["kills"] = []
         loop = asyncio.get_running_loop()
         for _ in range(args.kills):
-            k = await kill_under_load(c, cluster, 32)
+            k = await kill_under_load(c, cluster, 32, args.silent)
             out["kills"].append(k)
             dead = cluster.node(k["killed"])
             await loop.run_in_executor(None, dead.ray_start)  # the machine is back: room for the next replacement
@@ -251,7 +288,8 @@ def table(res: dict[str, Any]) -> str:
     landed = [sorted(set(k["after"].values()) - set(k["before"].values())) for k in kills]
     rows = [
         f"machine: {res['machine']}; Ray declares a node dead after "
-        + ("2 missed health checks 1 s apart" if res["fast_death"] else "Ray's default health checks"),
+        + ("2 missed health checks 1 s apart" if res["fast_death"] else "Ray's default health checks")
+        + ("; the killed node's link down first (silent)" if res["silent"] else ""),
         f"placement: {res['placement']} (nodes: {res['nodes']})",
         "| measure | median | each run | goal |", "|---|---|---|---|",
         f"| throughput at c=32, 1 / 2 replicas (req/s) | {fmt(m['one'], '{:.1f}')} / {fmt(m['two'], '{:.1f}')} "
@@ -261,7 +299,7 @@ def table(res: dict[str, Any]) -> str:
         + " | <= +1 ms |",
         "| node killed at c=32: failed before the first byte / cut after it / requests | | "
         + "; ".join(f"{k['failed_before_first_byte']} / {k['streams_cut_after_first_byte']} / {k['requests']}"
-                    for k in kills) + " | 0 / - / - |",
+                    + (f" ({k['timed_out']} timed out)" if k["timed_out"] else "") for k in kills) + " | 0 / - / - |",
         f"| two replicas serve again after the kill (s) | {fmt(m['replacement_s'])} | "
         + ", ".join(f"{fmt(k['replacement_s'])} ({k['killed']} killed, new on {','.join(n) or '-'})"
                     for k, n in zip(kills, landed, strict=True))
@@ -283,6 +321,10 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=2)
     ap.add_argument("--fast-death", action="store_true", help="the head declares a node dead after 2 missed health "
                     "checks 1 s apart (Ray's default: 5 missed, 3 s apart)")
+    ap.add_argument("--silent", action="store_true", help="the killed node's link goes down first: nothing answers "
+                    "(by default its kernel still resets connections to the dead ports)")
+    ap.add_argument("--read-timeout", type=float, default=30.0, help="the client gives up on a request that "
+                    "received nothing for this long (s)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--gateway-log", type=Path, help="keep the gateway's log there")
     args = ap.parse_args()
@@ -314,7 +356,7 @@ def main() -> int:
                 if args.gateway_log:
                     shutil.copy(base / "home" / "gateway.log", args.gateway_log)
             res["nodes"] = {n.name: n.ip for n in cluster.nodes}
-            res["fast_death"] = args.fast_death
+            res["fast_death"], res["silent"] = args.fast_death, args.silent
     res["machine"] = machine()
     res["summary"] = summary(res)
     print(table(res))

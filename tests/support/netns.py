@@ -15,9 +15,9 @@ also on a failure or KeyboardInterrupt:
     node_b, ... pin work to a node).
 
 Each Node offers `nsexec(...)` (a command to completion inside its namespaces), `popen(...)` (a long-lived process
-inside them, e.g. a gateway), `kill()`, `ray_start()` (again after `ray stop` or `kill()`: a killed node boots a new
-PID namespace first), `raylet_pid()`, and `netns()`: the calling thread's sockets in the node's network namespace
-(a load generator "on" node A without a subprocess).
+inside them, e.g. a gateway), `kill()` (`kill(silent=True)`: its link down first), `ray_start()` (again after `ray
+stop` or `kill()`: a killed node boots a new PID namespace first), `raylet_pid()`, and `netns()`: the calling
+thread's sockets in the node's network namespace (a load generator "on" node A without a subprocess).
 
 Needs root and iproute2, util-linux (`unshare`, `nsenter`) and procps (`pgrep`); `missing()` says what is absent.
 Traffic stays on the namespaces' own links: nothing is routed out of them.
@@ -126,6 +126,7 @@ class Node:
     ray_args: list[str]
     is_head: bool = False
     temp_dir: str = ""
+    link: str = ""  # its veth, in its network namespace
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def boot(self) -> None:
@@ -167,6 +168,7 @@ class Node:
     def ray_start(self) -> None:
         """`ray start` on the node (booting its PID namespace first when it is down)."""
         if not self.alive:
+            run("ip", "-n", self.ns, "link", "set", self.link, "up")  # after kill(silent=True)
             self.boot()
         role = (["--head", "--port", str(RAY_PORT), "--include-dashboard", "false"] if self.is_head
                 else ["--address", self.head])
@@ -184,9 +186,12 @@ class Node:
         out = run("pgrep", "-f", f"raylet.*{self.temp_dir}", check=False).stdout.split()
         return int(out[0]) if out else None
 
-    def kill(self) -> None:
-        """SIGKILL the namespace's pid 1: the kernel kills every process in the node at once (its network
-        namespace stays, with its address: a dead machine whose NIC still answers with resets)."""
+    def kill(self, silent: bool = False) -> None:
+        """SIGKILL the namespace's pid 1: the kernel kills every process in the node at once. Its network namespace
+        stays, with its address, and answers connections to the dead ports with resets; `silent`: its link goes
+        down first, so nothing answers at all (packets to it are dropped, as to a machine without power)."""
+        if silent:
+            run("ip", "-n", self.ns, "link", "set", self.link, "down")
         pid = self.init_pid()
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -268,6 +273,7 @@ def _link(nodes: list[Node], tag: str, cleanup: list[list[str]]) -> None:
                 "netns", br)
             run("ip", "-n", br, "link", "set", f"{tag}p{i}", "master", "br0", "up")
     for i, node in enumerate(nodes):
+        node.link = f"{tag}v{i}"
         run("ip", "-n", node.ns, "addr", "add", f"{node.ip}/24", "dev", f"{tag}v{i}")
         run("ip", "-n", node.ns, "link", "set", f"{tag}v{i}", "up")
         run("ip", "-n", node.ns, "link", "set", "lo", "up")
