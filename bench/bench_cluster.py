@@ -202,7 +202,8 @@ async def kill_under_load(c: Client, cluster: netns.Cluster, conc: int, silent: 
             results.append(await stream(c.s, c.chat, body(TWO), {"x-session-id": f"k{i}-{k}"}))
     before = await c.nodes_of(TWO)
     if len(before) != 2:
-        raise SystemExit(f"{TWO}: expected 2 ready replicas before the kill, found {before}")
+        raise SystemExit(f"{TWO}: expected 2 ready replicas before the kill, found {before}; "
+                         f"{await c.get('/v1/models')}; {await c.get('/api/engines')}")
     workers = [asyncio.ensure_future(worker(i)) for i in range(conc)]
     await asyncio.sleep(before_s)
     victim_engine, victim_ip = sorted(before.items())[-1]
@@ -230,7 +231,7 @@ async def kill_under_load(c: Client, cluster: netns.Cluster, conc: int, silent: 
             "failures": [{k: r[k] for k in ("status", "exc", "error_event", "elapsed")} for r in failed[:5]]}
 
 
-async def drive(args: argparse.Namespace, cluster: netns.Cluster, key: str) -> dict[str, Any]:
+async def drive(args: argparse.Namespace, cluster: netns.Cluster, key: str, home: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": []}
     conn = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=args.read_timeout)
@@ -260,6 +261,12 @@ async def drive(args: argparse.Namespace, cluster: netns.Cluster, key: str) -> d
         for _ in range(args.kills):
             k = await kill_under_load(c, cluster, 32, args.silent)
             out["kills"].append(k)
+            if k["replacement_s"] is None:  # what the gateway and Ray say, for the report
+                k["records"] = {p.stem: {f: doc.get(f) for f in ("state", "port", "error", "cluster")}
+                                for p in sorted((home / "engines").glob("*.json"))
+                                for doc in [json.loads(p.read_text())]}
+                k["ray_status"] = (await loop.run_in_executor(None, lambda: cluster.nodes[0].nsexec(
+                    str(netns.VENV_BIN / "ray"), "status", "-v", "--address", cluster.head, check=False))).stdout
             dead = cluster.node(k["killed"])
             await loop.run_in_executor(None, dead.ray_start)  # the machine is back: room for the next replacement
             await loop.run_in_executor(None, cluster.wait_nodes)
@@ -347,7 +354,7 @@ def main() -> int:
             gw = start_gateway(a, base / "home", key, cluster.head)
             try:
                 with a.netns():
-                    res = asyncio.run(drive(args, cluster, key))
+                    res = asyncio.run(drive(args, cluster, key, base / "home"))
             except BaseException:
                 print((base / "home" / "gateway.log").read_text(errors="replace")[-3000:], file=sys.stderr)
                 raise

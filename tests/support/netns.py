@@ -243,7 +243,16 @@ class Cluster:
     def wait_nodes(self, names: set[str] | None = None, timeout: float = 120) -> None:
         """Until the head counts exactly `names` (default: every node) alive."""
         want = {n.name for n in self.nodes} if names is None else names
-        wait(lambda: self.alive_nodes() == want, timeout, f"Ray nodes {sorted(want)} alive", interval=1.0)
+        seen: list[set[str]] = [set()]
+
+        def alive() -> bool:
+            seen[0] = self.alive_nodes()
+            return seen[0] == want
+
+        try:
+            wait(alive, timeout, f"Ray nodes {sorted(want)} alive", interval=1.0)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc} (alive at the end: {sorted(seen[0])})") from None
 
 
 def _claim_subnet(cleanup: list[list[str]]) -> tuple[str, str]:
