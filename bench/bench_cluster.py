@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import secrets
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -149,6 +149,16 @@ class Client:
                 raise SystemExit(f"{model}: {n} replica(s) not ready in {timeout:.0f} s: {models}")
             await asyncio.sleep(0.05)
         return time.monotonic() - t0
+
+    async def recent_events(self, seconds: float = 2.0) -> list[str]:
+        """The data lines /api/events replays (its recent history) and sends within `seconds`."""
+        lines: list[str] = []
+        with contextlib.suppress(asyncio.TimeoutError, aiohttp.ClientError):
+            async with self.s.get(self.base + "/api/events", timeout=aiohttp.ClientTimeout(total=seconds)) as r:
+                async for line in r.content:
+                    if line.startswith(b"data:"):
+                        lines.append(line.decode(errors="replace").strip())
+        return lines
 
     async def nodes_of(self, model: str) -> dict[str, str]:
         """Engine name -> node address, for the model's ready replicas."""
@@ -265,6 +275,7 @@ async def drive(args: argparse.Namespace, cluster: netns.Cluster, key: str, home
                 k["records"] = {p.stem: {f: doc.get(f) for f in ("state", "port", "error", "cluster")}
                                 for p in sorted((home / "engines").glob("*.json"))
                                 for doc in [json.loads(p.read_text())]}
+                k["events"] = await c.recent_events()
                 k["ray_status"] = (await loop.run_in_executor(None, lambda: cluster.nodes[0].nsexec(
                     str(netns.VENV_BIN / "ray"), "status", "-v", "--address", cluster.head, check=False))).stdout
             dead = cluster.node(k["killed"])
@@ -315,11 +326,6 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def interrupted(signum: int, frame: object) -> None:
-    """SIGTERM as Ctrl-C: the namespaces, links, route and processes are removed on the way out."""
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--requests", type=int, default=192, help="requests per saturation run")
@@ -335,7 +341,6 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--gateway-log", type=Path, help="keep the gateway's log there")
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, interrupted)
     why = netns.missing()
     if why:
         print(f"bench_cluster: {why}", file=sys.stderr)

@@ -212,3 +212,100 @@ def test_gateway_on_a_loads_a_real_engine_on_node_b_on_demand_then_stop_leaves_n
     assert f":{view['port']} " not in b.nsexec("ss", "-ltnH").stdout
     print(f"gateway start to the first answer from node B: {served_s:.1f} s; "
           f"the whole test to nothing left: {time.monotonic() - t0:.1f} s")
+
+
+def test_gateway_replaces_the_replica_of_a_killed_node_on_another_node(tmp_path):
+    """Issue 23, faults, in the namespace tier with Ray's default health checks (fake engines of fixed capacity: no
+    vLLM needed). A gateway with --cluster on node A runs a model as 2 replicas (nodes B, C, D have one logical GPU
+    each). Under load (16 streaming clients), the node of one replica is killed (every process at once): no request
+    fails before its first byte (each is retried on the other replica), and two replicas serve again, neither on
+    the dead node, within a generous deadline (the engine loads in 0.3 s; bench/bench_cluster.py times it)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from tests.conftest import FAKE_VLLM
+
+    why = netns.missing()
+    if why:
+        skip_or_fail(why)
+    key = {KEY_ENV: secrets.token_urlsafe(24), "SAGE_LLM_VLLM": f"{netns.VENV_BIN / 'python'} {FAKE_VLLM}",
+           "FAKE_VLLM_LOAD_S": "0.3", "FAKE_VLLM_TOKEN_DELAY_S": "0.01", "FAKE_VLLM_REPLY": " ".join(["tok"] * 32)}
+    envs = [{"SAGE_LLM_NODE_STATE_DIR": str(tmp_path / f"node-{x}"), **key} for x in "abcd"]
+    args = [["--num-cpus", "1", "--num-gpus", "0"]] + [["--num-cpus", "1", "--num-gpus", "1"]] * 3
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "llm.toml").write_text('[gateway.models."org/rep"]\nreplicas = 2\nargs = ["--max-num-seqs", "4"]\n')
+    with netns.ray_cluster(4, node_env=envs, node_args=args) as c:
+        a = c.nodes[0]
+        opts = {"host": "127.0.0.1", "port": 8901, "ttl": 0, "external": False, "fallback": False, "cluster": c.head}
+        env = {**a.env, "SAGE_LLM_HOME": str(home), "SAGE_LLM_CONFIG": str(home / "llm.toml")}
+        with open(home / "gateway.log", "wb") as log:
+            gw = a.popen([str(VENV_BIN / "python"), "-m", "sage_llm.gateway", "--options", json.dumps(opts)], env=env,
+                         stdout=log, stderr=log)
+        try:
+            with a.netns(), httpx.Client(base_url="http://127.0.0.1:8901", timeout=60) as http:
+                chat = {"model": "org/rep", "messages": [{"role": "user", "content": "hi"}]}
+
+                def answers() -> bool:
+                    with contextlib.suppress(httpx.TransportError):  # not listening yet
+                        return http.post("/v1/chat/completions", json=chat).status_code == 200
+                    return False
+
+                def serving() -> dict[str, str]:
+                    """engine -> node of the ready replicas"""
+                    with contextlib.suppress(httpx.HTTPError):
+                        card = next(m for m in http.get("/v1/models").json()["data"] if m["id"] == "org/rep")
+                        ready = {r["engine"] for r in card.get("replicas", []) if r["state"] == "ready"}
+                        return {e["name"]: e["node"] for e in http.get("/api/engines").json()["engines"]
+                                if e["name"] in ready}
+                    return {}
+
+                _wait(answers, 120, "a first answer")
+                before = _wait(lambda: (lambda s: s if len(s) == 2 else None)(serving()), 120, "two replicas")
+                assert len(set(before.values())) == 2, before  # on distinct nodes
+                stop = threading.Event()
+                failed_before_first_byte: list[str] = []
+
+                def client(i: int) -> int:
+                    """Streams requests until told to stop; records those that failed before any data frame."""
+                    n = 0
+                    while not stop.is_set():
+                        n += 1
+                        frames, outcome = 0, "no [DONE]"
+                        try:
+                            with http.stream("POST", "/v1/chat/completions", json={**chat, "stream": True},
+                                             headers={"x-session-id": f"c{i}-{n}"}) as r:
+                                for line in r.iter_lines():
+                                    if line.startswith("data: [DONE]"):
+                                        outcome = "ok"
+                                    elif '"error"' in line:
+                                        outcome = f"error event: {line[:200]}"
+                                        break
+                                    elif line.startswith("data:"):
+                                        frames += 1
+                                if r.status_code != 200:
+                                    outcome = f"status {r.status_code}"
+                        except httpx.HTTPError as exc:
+                            outcome = f"{type(exc).__name__}: {exc}"
+                        if outcome != "ok" and frames == 0:
+                            failed_before_first_byte.append(outcome)
+                    return n
+
+                with ThreadPoolExecutor(16) as pool:  # threads made here: in A's network namespace too
+                    load = [pool.submit(client, i) for i in range(16)]
+                    _wait(lambda: all(f.running() for f in load), 30, "the clients")
+                    victim = next(n for n in c.nodes if n.ip == sorted(before.items())[-1][1])
+                    victim.kill()
+                    t0 = time.monotonic()
+                    try:
+                        _wait(lambda: (lambda s: len(s) == 2 and victim.ip not in s.values())(serving()), 120,
+                              f"two replicas serving again, none on the killed {victim.name}")
+                    finally:
+                        stop.set()
+                        total = sum(f.result() for f in load)
+                print(f"replaced {time.monotonic() - t0:.1f} s after the kill of {victim.name}; {total} requests")
+                assert failed_before_first_byte == [], failed_before_first_byte[:5]
+        finally:
+            gw.stop()

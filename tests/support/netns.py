@@ -19,6 +19,8 @@ inside them, e.g. a gateway), `kill()` (`kill(silent=True)`: its link down first
 stop` or `kill()`: a killed node boots a new PID namespace first), `raylet_pid()`, and `netns()`: the calling
 thread's sockets in the node's network namespace (a load generator "on" node A without a subprocess).
 
+SAGE_LLM_NETNS_KEEP_LOGS=DIR keeps each node's Ray logs (DIR/node_x) when the nodes are removed.
+
 Needs root and iproute2, util-linux (`unshare`, `nsenter`) and procps (`pgrep`); `missing()` says what is absent.
 Traffic stays on the namespaces' own links: nothing is routed out of them.
 """
@@ -305,6 +307,7 @@ def ray_cluster(n: int, *, node_env: Sequence[Mapping[str, str]] = (), node_args
     tag = f"sl{os.getpid() % 100000}"
     cleanup: list[list[str]] = []
     nodes: list[Node] = []
+    term = _interrupt_on_term()
     try:
         subnet, prefix = _claim_subnet(cleanup)
         head = f"{prefix}.1:{RAY_PORT}"
@@ -325,8 +328,29 @@ def ray_cluster(n: int, *, node_env: Sequence[Mapping[str, str]] = (), node_args
         cluster.wait_nodes()
         yield cluster
     finally:
+        keep = os.environ.get("SAGE_LLM_NETNS_KEEP_LOGS")  # a directory: each node's Ray logs are copied there
         for node in reversed(nodes):
             node.kill()
+            if keep:
+                with contextlib.suppress(OSError):
+                    shutil.copytree(Path(node.temp_dir) / "session_latest" / "logs", Path(keep) / node.name,
+                                    dirs_exist_ok=True)
             shutil.rmtree(node.temp_dir, ignore_errors=True)
         for cmd in reversed(cleanup):
             run(*cmd, check=False)
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
+
+
+def _interrupt_on_term() -> Any:
+    """SIGTERM raises KeyboardInterrupt while the nodes exist (main thread only), so that a terminated test run or
+    benchmark still removes them; returns the handler to restore (None: not installed)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
