@@ -1,9 +1,14 @@
-"""`start --cluster` with the real CPU vLLM on a two-node Ray cluster, each node in a network + PID namespace of this
-test's own (tests/support/netns.py: a veth pair on a blackholed test subnet; Ray's `ray stop` walks every process it
-can see, so each node gets its own PID namespace and /proc). The engine runs on node B; the CLI runs on node A.
+"""The cluster on Ray nodes in network + PID namespaces of this test's own (tests/support/netns.py: a veth pair, or a
+bridge for more nodes, on a blackholed test subnet; Ray's `ray stop` walks every process it can see, so each node
+gets its own PID namespace and /proc):
+* `start --cluster` with the real CPU vLLM: the engine on node B, the CLI on node A (about 5 minutes on 2 cores);
+* a gateway with `--cluster` on node A loads the real CPU vLLM on node B on demand (about 45 s: some 30-35 s from
+  `gateway start` to the first answer, most of it vLLM's load);
+* a node killed under load, fake engines (about 1 minute when the replacement comes; 2.5 when it does not).
 
 Network rules: the test subnet is blackholed in the root namespace first (a mistaken packet cannot leave the
-machine) and the route is removed at cleanup; traffic stays on the veth pair. Needs root, `ip`, `unshare`, `nsenter`.
+machine) and the route is removed at cleanup; traffic stays on the namespaces' links. Needs root, `ip`, `unshare`,
+`nsenter`, `pgrep`.
 """
 
 from __future__ import annotations
