@@ -237,6 +237,7 @@ async def kill_under_load(c: Client, cluster: netns.Cluster, conc: int, silent: 
     cut = [r for r in results if not r["ok"] and r["frames"] > 0]
     return {"requests": len(results), "failed_before_first_byte": len(failed), "streams_cut_after_first_byte": len(cut),
             "timed_out": sum(1 for r in failed + cut if "Timeout" in (r["exc"] or "")),
+            "cut_by_error_event": sum(1 for r in cut if r["error_event"]),
             "replacement_s": replaced, "killed": victim.name, "before": before, "after": after, "models": card,
             "failures": [{k: r[k] for k in ("status", "exc", "error_event", "elapsed")} for r in failed[:5]]}
 
