@@ -4,7 +4,7 @@ gets its own PID namespace and /proc):
 * `start --cluster` with the real CPU vLLM: the engine on node B, the CLI on node A (about 5 minutes on 2 cores);
 * a gateway with `--cluster` on node A loads the real CPU vLLM on node B on demand (about 45 s: some 30-35 s from
   `gateway start` to the first answer, most of it vLLM's load);
-* a node killed under load, fake engines (about 1 minute when the replacement comes; 2.5 when it does not).
+* a node killed under load, fake engines (about 30 s; 2.5 minutes when the replacement does not come).
 
 Network rules: the test subnet is blackholed in the root namespace first (a mistaken packet cannot leave the
 machine) and the route is removed at cleanup; traffic stays on the namespaces' links. Needs root, `ip`, `unshare`,
