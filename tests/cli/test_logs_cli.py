@@ -152,3 +152,27 @@ def test_follow_shows_a_line_written_between_the_tail_and_the_follow(cli, fake_v
     assert written
     assert "test done; stopped following" in err
     assert out.count("INFO between the tail and the follow") == 1
+
+
+def test_an_engine_gone_while_stop_removes_it_was_stopped_not_exited(home) -> None:
+    """`sage-llm stop` marks the record `stopping`, signals, waits, then removes the record: between the engine's
+    exit and the removal, `run` and `logs -f` must say it was stopped (run exits 0), not that it exited by itself."""
+    import subprocess
+    import sys
+
+    from sage_llm.core.state import EngineRecord, StateStore, utcnow_iso
+    from sage_llm.engine import logtarget, process
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    info = process.read_stat(child.pid)
+    child.wait()  # a pid that was ours and is gone
+    store = StateStore()
+    rec = EngineRecord(name="gone", model="org/m", served_model_name="org/m", host="127.0.0.1", port=1, id="ab" * 8,
+                       log_file=str(home / "gone.log"), started_at=utcnow_iso(), state="running", pid=child.pid,
+                       create_time=info.create_time if info else None)
+    store.save(rec)
+    target = logtarget.LogTarget("gone", home / "gone.log", rec)
+    assert "exited" in (logtarget.engine_ended(target, store)() or "")
+    rec.state = "stopping"
+    store.save(rec)
+    assert logtarget.engine_ended(target, store)() == "engine 'gone' was stopped"

@@ -62,6 +62,8 @@ def engine_ended(target: LogTarget, store: object | None = None) -> Callable[[],
         if not isinstance(cur, EngineRecord) or cur.id != rec.id:
             return f"engine {rec.name!r} was stopped"
         if cur.pid and (born := process.birth_of(cur)) is not None and process.leader(cur.pid, born) is None:
+            if cur.state == "stopping":  # `sage-llm stop` is removing it: gone before its record
+                return f"engine {rec.name!r} was stopped"
             return f"engine {rec.name!r} exited" + (f": {cur.error}" if cur.error else "")
         return None
 

@@ -87,7 +87,9 @@ def _run(launch: LaunchRequest) -> None:
                 settled = True
                 out.info(f"-- {ev.text}")
                 current = store.load(rec.name)
-                if isinstance(current, EngineRecord) and current.id == rec.id:
+                # `sage-llm stop` from elsewhere marks the record "stopping" before its signal and removes it once
+                # nothing is left: an engine gone with its record still there in that state was stopped, not dead
+                if isinstance(current, EngineRecord) and current.id == rec.id and current.state != "stopping":
                     # it died by itself: leave the record (status explains it) and fail like `start` does
                     view_error = api.explain_exit(rec)
                     raise EngineFailed(f"engine {rec.name!r} exited" + (f": {view_error}" if view_error else ""),
