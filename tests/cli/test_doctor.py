@@ -81,10 +81,16 @@ def test_missing_engine_fails_with_the_install_fix(cli, nv: FakeNVML, monkeypatc
     assert lines[i + 1].startswith("      fix: ")
 
 
-def test_busy_gpu_and_busy_port_are_warnings_with_fixes(cli, healthy: int, nv: FakeNVML) -> None:
+def test_busy_gpu_and_busy_port_are_warnings_with_fixes(cli, healthy: int, nv: FakeNVML, monkeypatch) -> None:
     nv.devices[0].used = 70 * GiB
     with socket.socket() as s:
-        s.bind(("127.0.0.1", healthy))
+        for _ in range(20):  # another program may take the reserved port before we bind it: take another then
+            try:
+                s.bind(("127.0.0.1", healthy))
+                break
+            except OSError:
+                healthy = free_port()
+                monkeypatch.setenv("SAGE_LOCAL_ENGINE_PORT", str(healthy))
         s.listen()
         code, stdout, _ = cli("doctor", "--json")
     assert code == 0  # warnings only
